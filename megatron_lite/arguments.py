@@ -1,0 +1,127 @@
+"""Command line built from the config dataclasses, with Megatron's flag names and model presets."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+
+from megatron_lite.config import (FAMILIES, LR_DECAY_STYLES, Config, ConfigError, ModelConfig,
+                                  ParallelConfig, TrainConfig, field_docs)
+
+# Shapes of well-known models. Vocabulary size is not part of a preset: it comes from the tokenizer.
+PRESETS: dict[str, dict] = {
+    # CPU demo: trains visibly in a few minutes on two cores.
+    "tiny": dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4,
+                 num_query_groups=2, seq_length=128),
+    "tiny-gpt2": dict(family="gpt2", num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128),
+    # GPT-2 small, 124M parameters.
+    "gpt2-small": dict(family="gpt2", num_layers=12, hidden_size=768, num_attention_heads=12,
+                       seq_length=1024, max_position_embeddings=1024),
+    # TinyLlama-1.1B's shape.
+    "llama-1b": dict(family="llama", num_layers=22, hidden_size=2048, num_attention_heads=32,
+                     num_query_groups=4, ffn_hidden_size=5632, seq_length=2048),
+    # Llama-3-8B's shape.
+    "llama-8b": dict(family="llama", num_layers=32, hidden_size=4096, num_attention_heads=32,
+                     num_query_groups=8, ffn_hidden_size=14336, seq_length=8192, rotary_base=500000.0),
+}
+
+# Fields that are not flags: derived at run time, never typed by a user.
+_DERIVED = {"vocab_size", "data_parallel_size", "tensor_model_parallel_size",
+            "pipeline_model_parallel_size"}
+_CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda")}
+# Megatron's names where ours would differ, and the short aliases Megatron users type.
+_ALIASES: dict[str, list[str]] = {}
+
+
+def _base_type(annotation: str | type) -> tuple[type, bool]:
+    """(element type, is_list) of a field annotation such as 'int | None' or 'list[str] | None'."""
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(
+        hint, types.UnionType) else [hint]
+    base = args[0]
+    if typing.get_origin(base) is list:
+        return typing.get_args(base)[0], True
+    return base, False
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in _DERIVED:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *_ALIASES.get(f.name, [])]
+        base, is_list = _base_type(f.type)
+        help_text = docs.get(f.name, "")
+        if base is bool:
+            group.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(*names, dest=f.name, type=base, nargs="+" if is_list else None,
+                               choices=_CHOICES.get(f.name), default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_gpt.py", description="Pretrain a GPT with megatron_lite.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
+                        help="Model preset; any model flag overrides its value.")
+    for cls in (ModelConfig, ParallelConfig, TrainConfig):
+        _add_dataclass_flags(parser, cls)
+    return parser
+
+
+class _ErrorRaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Flags -> validated Config. Raises ConfigError with a one-line message on bad input."""
+    parser = build_parser()
+    parser.__class__ = _ErrorRaisingParser
+    given = vars(parser.parse_args(argv))
+    preset = given.pop("model")
+    if preset not in PRESETS:
+        raise ConfigError(f"--model={preset} is unknown; allowed: {', '.join(sorted(PRESETS))}")
+    model_kwargs = dict(PRESETS[preset])
+
+    def pick(cls: type, base: dict) -> dict:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return {**base, **{k: v for k, v in given.items() if k in names}}
+
+    config = Config(model=ModelConfig(**pick(ModelConfig, model_kwargs)),
+                    parallel=ParallelConfig(**pick(ParallelConfig, {})),
+                    train=TrainConfig(**pick(TrainConfig, {})))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != 1:
+        raise ConfigError(f"WORLD_SIZE={world_size}: this build trains in one process only; "
+                          "launch with --nproc-per-node 1 or plain python")
+    config.validate()
+    if config.train.load is not None and not os.path.isdir(config.train.load):
+        raise ConfigError(f"--load={config.train.load} does not exist or is not a directory")
+    return config
+
+
+def flags_markdown() -> str:
+    """The flags table README.md shows (a test keeps the two in sync)."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |",
+            f"| `--model` | `tiny` | preset: {', '.join(f'`{p}`' for p in PRESETS)}; flags override it |"]
+    for cls in (ModelConfig, ParallelConfig, TrainConfig):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in _DERIVED:
+                continue
+            flags = ", ".join(f"`{n}`" for n in ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])])
+            shown = "" if f.default in (None, dataclasses.MISSING) else f"`{f.default}`"
+            rows.append(f"| {flags} | {shown} | {docs.get(f.name, '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(flags_markdown())

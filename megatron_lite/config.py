@@ -1,0 +1,249 @@
+"""The three configuration dataclasses and their validation.
+
+Each field carries a one-line docstring (the string literal under it); `arguments.py` turns
+those into `--help` text, so the CLI and the code never disagree on what a field means.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, value and what is allowed."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _require_positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value is not None and value > 0, f"{_flag(name)}={value} must be a positive number")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+FAMILIES = ("llama", "gpt2")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"
+    """Architecture family: llama (RMSNorm, RoPE, SwiGLU, GQA, untied head) or gpt2 (LayerNorm, learned positions, GELU, tied embeddings)."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: int | None = None
+    """Number of key/value heads for grouped-query attention (default: one per query head)."""
+    ffn_hidden_size: int | None = None
+    """Width of the MLP (default: 4*hidden for gpt2, 8/3*hidden rounded up to 64 for llama)."""
+    seq_length: int = 128
+    """Tokens per training sample."""
+    max_position_embeddings: int | None = None
+    """Size of the learned position table for gpt2 (default: seq_length); the RoPE context for llama."""
+    vocab_size: int = 258
+    """Tokenizer vocabulary size (set from the tokenizer, before padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (times tp) so the embedding shards evenly."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the layer norms."""
+    rotary_base: float = 10000.0
+    """RoPE base frequency (llama family)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight init; output projections use std/sqrt(2*num_layers)."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.ffn_hidden_size is None and self.hidden_size:
+            if self.family == "gpt2":
+                self.ffn_hidden_size = 4 * self.hidden_size
+            else:
+                self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.family == "gpt2"
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Megatron's rule: round the vocabulary up to a multiple of divisible_by * tp."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def validate(self) -> None:
+        _require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
+        _require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                          "ffn_hidden_size", "seq_length", "max_position_embeddings", "vocab_size",
+                          "make_vocab_size_divisible_by", "norm_epsilon", "init_method_std")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"--hidden-size={self.hidden_size} is not divisible by "
+                 f"--num-attention-heads={self.num_attention_heads}")
+        _require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"--num-attention-heads={self.num_attention_heads} is not divisible by "
+                 f"--num-query-groups={self.num_query_groups}")
+        if self.family == "llama":
+            _require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (hidden/heads) must be even for RoPE")
+        if self.family == "gpt2":
+            _require(self.seq_length <= self.max_position_embeddings,
+                     f"--seq-length={self.seq_length} exceeds the gpt2 position table "
+                     f"--max-position-embeddings={self.max_position_embeddings}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"{_flag(name)}={value} must be in [0, 1)")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each layer's weights (Megatron tensor parallelism)."""
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the layers into pipeline stages."""
+    data_parallel_size: int = 1
+    """Model replicas; derived as world_size / (tp * pp), never set by hand."""
+
+    def validate(self) -> None:
+        _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                          "data_parallel_size")
+
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Samples per forward/backward pass on one rank."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks and microbatches."""
+    train_iters: int = 200
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of decay."""
+    lr_warmup_iters: int = 20
+    """Steps of linear warmup from 0 to --lr."""
+    lr_decay_iters: int | None = None
+    """Steps over which the lr decays to --min-lr (default: --train-iters)."""
+    lr_decay_style: str = "cosine"
+    """Shape of the decay after warmup: cosine, linear or constant."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    bf16: bool = False
+    """Compute in bfloat16 (autocast) with fp32 master weights and optimizer state."""
+    seed: int = 1234
+    """Seed of weights, data order and dropout."""
+    save: str | None = None
+    """Directory to write checkpoints to."""
+    save_interval: int | None = None
+    """Save a checkpoint every N steps (and at the end) when --save is set."""
+    load: str | None = None
+    """Directory to resume from (its latest checkpoint)."""
+    exit_interval: int | None = None
+    """Stop (saving first when --save is set) once the iteration is a multiple of N; the schedule still spans --train-iters."""
+    log_interval: int = 10
+    """Print one log line every N steps."""
+    log_dir: str | None = None
+    """Where metrics.jsonl is appended (default: the --save directory, else none)."""
+    eval_interval: int = 100
+    """Evaluate on the validation split every N steps (0 disables)."""
+    eval_iters: int = 10
+    """Global batches per evaluation."""
+    data_path: list[str] | None = None
+    """Dataset prefix(es); without it a small built-in corpus is used."""
+    split: str = "98,2,0"
+    """Train/valid/test proportions of the data."""
+    data_cache_dir: str | None = None
+    """Where tokenized data caches go (default: ~/.cache/megatron_lite)."""
+    device: str | None = None
+    """cpu or cuda (default: cuda when available)."""
+
+    def num_microbatches(self, data_parallel_size: int = 1) -> int:
+        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+
+    def validate(self, data_parallel_size: int = 1) -> None:
+        _require_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval",
+                          "eval_iters")
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            lower = max(per_step, self.global_batch_size // per_step * per_step)
+            raise ConfigError(
+                f"--global-batch-size={self.global_batch_size} is not divisible by --micro-batch-size="
+                f"{self.micro_batch_size} x data-parallel size {data_parallel_size} = {per_step}; "
+                f"nearest valid values: {lower} or {lower + per_step}")
+        _require(self.lr >= 0 and self.min_lr >= 0, f"--lr={self.lr} and --min-lr={self.min_lr} must be >= 0")
+        _require(self.min_lr <= self.lr, f"--min-lr={self.min_lr} must not exceed --lr={self.lr}")
+        _require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters={self.lr_warmup_iters} must be >= 0")
+        _require(self.lr_decay_style in LR_DECAY_STYLES,
+                 f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
+        if self.lr_decay_iters is not None:
+            _require(self.lr_decay_iters > 0, f"--lr-decay-iters={self.lr_decay_iters} must be positive")
+        _require(self.clip_grad >= 0, f"--clip-grad={self.clip_grad} must be >= 0 (0 disables clipping)")
+        _require(self.weight_decay >= 0, f"--weight-decay={self.weight_decay} must be >= 0")
+        _require(self.eval_interval >= 0, f"--eval-interval={self.eval_interval} must be >= 0 (0 disables)")
+        if self.exit_interval is not None:
+            _require(self.exit_interval > 0, f"--exit-interval={self.exit_interval} must be positive")
+        if self.save_interval is not None:
+            _require(self.save_interval > 0, f"--save-interval={self.save_interval} must be positive")
+        _require(self.device in (None, "cpu", "cuda"), f"--device={self.device} is unknown; allowed: cpu, cuda")
+        weights = self.split.replace("/", ",").split(",")
+        _require(len(weights) == 3 and all(w.strip().replace(".", "", 1).isdigit() for w in weights)
+                 and sum(float(w) for w in weights) > 0,
+                 f"--split={self.split} must be three non-negative numbers like 98,2,0")
+
+
+@dataclass
+class Config:
+    """Everything one run needs; `arguments.parse_args` builds it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.parallel.validate()
+        self.train.validate(self.parallel.data_parallel_size)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each dataclass field, read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]

@@ -1,0 +1,73 @@
+"""Samples of seq_length + 1 tokens and the order in which ranks consume them.
+
+The loader's only state is the number of samples consumed so far: sample k of the run is
+always the same, so a resumed run continues exactly where the saved one stopped.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+class TokenWindowDataset:
+    """Non-overlapping windows of seq_length + 1 tokens over one token stream, shuffled per epoch.
+
+    Sample i lives in epoch i // windows; each epoch visits every window once in an order
+    drawn from (seed, epoch), so asking for more samples than windows repeats the data
+    rather than failing.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_length: int, seed: int, shuffle: bool = True) -> None:
+        self.tokens = tokens
+        self.seq_length = seq_length
+        self.windows = (len(tokens) - 1) // seq_length
+        if self.windows < 1:
+            raise ValueError(f"a split of {len(tokens)} tokens is shorter than one sample of "
+                             f"seq_length+1={seq_length + 1} tokens")
+        self.seed = seed
+        self.shuffle = shuffle
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.windows
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            rng = np.random.RandomState((self.seed + epoch) % 2**32)
+            self._orders[epoch] = rng.permutation(self.windows) if self.shuffle else np.arange(self.windows)
+        return self._orders[epoch]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        window = self._order(index // self.windows)[index % self.windows]
+        start = window * self.seq_length
+        return self.tokens[start: start + self.seq_length + 1].astype(np.int64)
+
+
+def microbatch_indices(consumed_samples: int, micro_batch_size: int, global_batch_size: int,
+                       dp_rank: int = 0, dp_size: int = 1) -> list[list[int]]:
+    """Sample indices of each of this rank's microbatches for the global batch starting at consumed_samples.
+
+    As in Megatron's pretraining sampler, the global batch is cut into chunks of
+    micro_batch_size * dp_size consecutive samples and rank r takes the r-th slice of each
+    chunk; the union over ranks is exactly the single-device global batch.
+    """
+    chunk = micro_batch_size * dp_size
+    return [list(range(start + dp_rank * micro_batch_size, start + (dp_rank + 1) * micro_batch_size))
+            for start in range(consumed_samples, consumed_samples + global_batch_size, chunk)]
+
+
+def collate(dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """tokens = sample[:-1], labels = sample[1:], and a loss mask of ones."""
+    samples = torch.from_numpy(np.stack([dataset[i] for i in indices]))
+    tokens, labels = samples[:, :-1].contiguous(), samples[:, 1:].contiguous()
+    return {"tokens": tokens.to(device), "labels": labels.to(device),
+            "loss_mask": torch.ones(labels.shape, dtype=torch.float32, device=device)}
+
+
+def global_batch(dataset, consumed_samples: int, micro_batch_size: int, global_batch_size: int,
+                 device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's microbatches of the next global batch."""
+    for indices in microbatch_indices(consumed_samples, micro_batch_size, global_batch_size, dp_rank, dp_size):
+        yield collate(dataset, indices, device)

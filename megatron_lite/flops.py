@@ -1,0 +1,46 @@
+"""Model FLOPs and MFU, with Megatron-LM's formula.
+
+Per step, for global batch B, sequence s, L layers, hidden h, query groups g out of n heads,
+MLP width f (times 3/2 when gated), padded vocabulary V:
+
+    FLOPs = 12 * B * s * L * h^2 * [ (1 + g/n + s/h)  +  (f/h) * gate  +  V / (2 * L * h) ]
+
+The 12 is 2 FLOPs per multiply-add times 3 for forward + backward (the backward costs two
+forwards). Term by term: QKV + output projections (1 + g/n), the attention scores and
+weighted sum (s/h; the causal mask is not discounted, as in Megatron), the MLP, and the
+logits. For g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
+Activation recomputation is not counted: MFU measures useful model work only.
+"""
+from __future__ import annotations
+
+from megatron_lite.config import ModelConfig
+
+# Dense bf16 peak TFLOP/s (no sparsity) by device-name substring; the first match wins.
+PEAK_TFLOPS_BF16 = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 125.0),
+)
+
+
+def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
+    """Model FLOPs of one optimizer step (forward + backward) over the whole global batch."""
+    h, s, layers = config.hidden_size, config.seq_length, config.num_layers
+    gate = 1.5 if config.family == "llama" else 1.0
+    attention = 1 + config.num_query_groups / config.num_attention_heads + s / h
+    mlp = config.ffn_hidden_size / h * gate
+    logits = config.padded_vocab_size() / (2 * layers * h)
+    return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """Dense bf16 peak of a known accelerator; None on CPU or an unknown device."""
+    if not device_name:
+        return None
+    for key, peak in PEAK_TFLOPS_BF16:
+        if key in device_name:
+            return peak
+    return None

@@ -1,0 +1,60 @@
+"""The per-interval log line (Megatron's shape) and its JSON twin in metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20 if sys.platform != "darwin" else kb / 2**30
+
+
+class MetricsLogger:
+    """Prints Megatron-shaped lines on the logging rank and appends records to metrics.jsonl."""
+
+    def __init__(self, log_dir: str | None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(log_dir) / "metrics.jsonl" if log_dir and enabled else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def training(self, record: dict) -> None:
+        """record holds iteration, train_iters, consumed_samples, elapsed_ms, lr, global_batch_size,
+        lm_loss, grad_norm, tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb."""
+        if not self.enabled:
+            return
+        mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
+        print(f" iteration {record['iteration']:8d}/{record['train_iters']:8d} |"
+              f" consumed samples: {record['consumed_samples']:12d} |"
+              f" elapsed time per iteration (ms): {record['elapsed_ms']:.1f} |"
+              f" learning rate: {record['lr']:.6E} |"
+              f" global batch size: {record['global_batch_size']:5d} |"
+              f" lm loss: {record['lm_loss']:.6E} |"
+              f" grad norm: {record['grad_norm']:.3f} |"
+              f" tokens/s: {record['tokens_per_s']:.0f} |"
+              f" TFLOP/s/GPU: {record['tflops_per_gpu']:.3f} |"
+              f" MFU: {mfu} |"
+              f" peak memory (GB): {record['peak_memory_gb']:.3f} |", flush=True)
+        self._write({"kind": "train", **record})
+
+    def validation(self, iteration: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        ppl = math.exp(min(20.0, loss))
+        print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} |"
+              f" lm loss PPL: {ppl:.6E} |", flush=True)
+        self._write({"kind": "validation", "iteration": iteration, "lm_loss": loss, "lm_loss_ppl": ppl})

@@ -1,0 +1,22 @@
+"""Pretrain a GPT: `torchrun --nproc-per-node 1 pretrain_gpt.py --model tiny` (or plain `python`)."""
+from __future__ import annotations
+
+import sys
+
+from megatron_lite.arguments import parse_args
+from megatron_lite.config import ConfigError
+from megatron_lite.training import pretrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+        pretrain(config)
+    except ConfigError as exc:
+        print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""pretrain_gpt.py as a user runs it: the log line, the metrics file, and one-line errors."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+        "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "2"]
+LOG_LINE = re.compile(
+    r" iteration +(\d+)/ +(\d+) \| consumed samples: +(\d+) \| elapsed time per iteration \(ms\): [\d.]+ \|"
+    r" learning rate: [\d.E+-]+ \| global batch size: +(\d+) \| lm loss: [\d.E+-]+ \| grad norm: [\d.]+ \|"
+    r" tokens/s: \d+ \| TFLOP/s/GPU: [\d.]+ \| MFU: (n/a|[\d.]+%) \|")
+
+
+def run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "pretrain_gpt.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_cli_run_logs_and_writes_metrics(tmp_path: Path) -> None:
+    result = run(TINY + ["--log-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    lines = [m for m in map(LOG_LINE.search, result.stdout.splitlines()) if m]
+    assert [(m.group(1), m.group(2), m.group(3), m.group(4)) for m in lines] == [("2", "4", "8", "4"), ("4", "4", "16", "4")]
+    assert "validation loss at iteration 4 | lm loss value:" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train", "train", "validation"]
+    assert records[1]["iteration"] == 4 and records[1]["tokens_per_s"] > 0 and records[1]["mfu"] is None
+
+
+def test_torchrun_single_process(tmp_path: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1"]
+    result = run(TINY + ["--train-iters", "2", "--save", str(tmp_path)], launcher)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bad_flag_is_one_line_and_nonzero() -> None:
+    result = run(["--hidden-size", "100", "--num-attention-heads", "3"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pretrain_gpt.py: error: --hidden-size=100 is not divisible by --num-attention-heads=3"]
+    assert result.stdout == ""

@@ -1,0 +1,47 @@
+"""Bad flags are refused with one message naming the flag, its value and what is allowed."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_lite.arguments import PRESETS, parse_args
+from megatron_lite.config import ConfigError
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden-size", "0"], r"--hidden-size=0 must be a positive number"),
+    (["--num-layers", "-2"], r"--num-layers=-2 must be a positive number"),
+    (["--hidden-size", "100", "--num-attention-heads", "3"], r"--hidden-size=100 is not divisible by --num-attention-heads=3"),
+    (["--num-attention-heads", "4", "--num-query-groups", "3"], r"--num-attention-heads=4 is not divisible by --num-query-groups=3"),
+    (["--global-batch-size", "10", "--micro-batch-size", "4"], r"--global-batch-size=10 is not divisible by --micro-batch-size=4 .* nearest valid values: 8 or 12"),
+    (["--model", "tiny-gpt2", "--seq-length", "256", "--max-position-embeddings", "128"], r"--seq-length=256 exceeds the gpt2 position table --max-position-embeddings=128"),
+    (["--model", "gpt-5"], r"--model.*invalid choice: 'gpt-5'"),
+    (["--load", "/nonexistent/ckpt"], r"--load=/nonexistent/ckpt does not exist"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], r"--min-lr=0.001 must not exceed --lr=0.0001"),
+    (["--split", "98,2"], r"--split=98,2 must be three"),
+    (["--hidden-dropout", "1.5"], r"--hidden-dropout=1.5 must be in \[0, 1\)"),
+    (["--micro-batch-size", "0"], r"--micro-batch-size=0 must be a positive number"),
+])
+def test_bad_flags_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_presets_and_overrides() -> None:
+    config = parse_args(["--model", "gpt2-small", "--num-layers", "2"])
+    assert config.model.family == "gpt2" and config.model.hidden_size == 768 and config.model.num_layers == 2
+    assert config.model.ffn_hidden_size == 4 * 768 and config.model.tie_embeddings
+    for name in PRESETS:
+        parse_args(["--model", name]).model.validate()
+
+
+def test_llama_defaults() -> None:
+    model = parse_args([]).model
+    assert model.family == "llama" and model.num_query_groups == 2
+    assert model.ffn_hidden_size % 64 == 0 and model.ffn_hidden_size >= 8 * model.hidden_size // 3
+
+
+def test_padded_vocab() -> None:
+    model = parse_args([]).model
+    model.vocab_size = 258
+    assert model.padded_vocab_size() == 384
+    assert model.padded_vocab_size(tp=4) == 512

@@ -1,0 +1,58 @@
+"""The model: shapes of both families, deterministic init, and that it can learn."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lite.model.gpt import GPTModel, init_weights
+from tiny import tiny_model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_output_shapes(family: str) -> None:
+    config = tiny_model(family)
+    model = GPTModel(config)
+    init_weights(model, config, seed=0)
+    tokens = torch.randint(0, config.vocab_size, (3, config.seq_length))
+    assert model(tokens).shape == (3, config.seq_length, config.vocab_size)
+    loss = model(tokens, tokens)
+    assert loss.shape == (3, config.seq_length) and loss.dtype == torch.float32
+    # At init the predictions are near uniform over the vocabulary.
+    assert abs(loss.mean().item() - torch.log(torch.tensor(float(config.vocab_size))).item()) < 0.5
+
+
+def test_family_structure() -> None:
+    llama, gpt2 = GPTModel(tiny_model("llama")), GPTModel(tiny_model("gpt2"))
+    llama_names = dict(llama.named_parameters())
+    gpt2_names = dict(gpt2.named_parameters())
+    assert "output_layer.weight" in llama_names and "output_layer.weight" not in gpt2_names
+    assert "position_embeddings.weight" in gpt2_names and "position_embeddings.weight" not in llama_names
+    assert "layers.0.input_layernorm.bias" in gpt2_names and "layers.0.input_layernorm.bias" not in llama_names
+    # GQA: 4 query heads of dim 8 + 2 key and 2 value heads.
+    assert llama_names["layers.0.self_attention.linear_qkv.weight"].shape == ((4 + 2 * 2) * 8, 32)
+    assert llama_names["layers.0.mlp.linear_fc1.weight"].shape[0] == 2 * tiny_model("llama").ffn_hidden_size
+
+
+def test_init_is_by_name_and_scaled() -> None:
+    config = tiny_model("llama", num_layers=8)
+    a, b = GPTModel(config), GPTModel(config)
+    init_weights(a, config, seed=3)
+    init_weights(b, config, seed=3)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    proj = a.layers[0].self_attention.linear_proj.weight.std().item()
+    qkv = a.layers[0].self_attention.linear_qkv.weight.std().item()
+    assert proj == pytest.approx(qkv / 4.0, rel=0.15)  # std / sqrt(2 * 8 layers)
+    assert not torch.equal(a.layers[0].mlp.linear_fc1.weight, a.layers[1].mlp.linear_fc1.weight)
+
+
+def test_causal() -> None:
+    config = tiny_model("llama")
+    model = GPTModel(config)
+    init_weights(model, config, seed=0)
+    tokens = torch.randint(0, config.vocab_size, (1, config.seq_length))
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % config.vocab_size
+    out_a, out_b = model(tokens), model(changed)
+    assert torch.equal(out_a[:, :-1], out_b[:, :-1])
+    assert not torch.equal(out_a[:, -1], out_b[:, -1])
