@@ -5,6 +5,7 @@ import sys
 
 from megatron_lite.arguments import parse_args
 from megatron_lite.config import ConfigError
+from megatron_lite.parallel_state import destroy_model_parallel
 from megatron_lite.training import pretrain
 
 
@@ -13,8 +14,11 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(argv)
         pretrain(config)
     except ConfigError as exc:
+        # Every rank validates the same flags, so every rank reports and exits: nothing hangs.
         print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        destroy_model_parallel()
     return 0
 
 

@@ -9,6 +9,7 @@ import typing
 
 from megatron_lite.config import (FAMILIES, LR_DECAY_STYLES, Config, ConfigError, ModelConfig,
                                   ParallelConfig, TrainConfig, field_docs)
+from megatron_lite.parallel_state import validate_layout
 
 # Shapes of well-known models. Vocabulary size is not part of a preset: it comes from the tokenizer.
 PRESETS: dict[str, dict] = {
@@ -28,11 +29,10 @@ PRESETS: dict[str, dict] = {
 }
 
 # Fields that are not flags: derived at run time, never typed by a user.
-_DERIVED = {"vocab_size", "data_parallel_size", "tensor_model_parallel_size",
-            "pipeline_model_parallel_size"}
+_DERIVED = {"vocab_size", "data_parallel_size", "pipeline_model_parallel_size"}
 _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda")}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
-_ALIASES: dict[str, list[str]] = {}
+_ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"]}
 
 
 def _base_type(annotation: str | type) -> tuple[type, bool]:
@@ -98,10 +98,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     config = Config(model=ModelConfig(**pick(ModelConfig, model_kwargs)),
                     parallel=ParallelConfig(**pick(ParallelConfig, {})),
                     train=TrainConfig(**pick(TrainConfig, {})))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != 1:
-        raise ConfigError(f"WORLD_SIZE={world_size}: this build trains in one process only; "
-                          "launch with --nproc-per-node 1 or plain python")
+    parallel = config.parallel
+    parallel.data_parallel_size = validate_layout(int(os.environ.get("WORLD_SIZE", "1")),
+                                                  parallel.tensor_model_parallel_size,
+                                                  parallel.pipeline_model_parallel_size)
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("WARNING: --sequence-parallel has no effect with --tensor-model-parallel-size=1; disabled",
+                  flush=True)
+        parallel.sequence_parallel = False
     config.validate()
     if config.train.load is not None and not os.path.isdir(config.train.load):
         raise ConfigError(f"--load={config.train.load} does not exist or is not a directory")

@@ -2,8 +2,13 @@
 
     SAVE_DIR/
       latest_checkpointed_iteration.txt    the iteration number, written last
-      iter_0000100/model_optim_rng.pt      model, optimizer, iteration, consumed samples,
-                                           RNG states and the config it was saved with
+      iter_0000100/
+        mp_rank_00/model_optim_rng.pt      tp rank 00's shard: model, optimizer, iteration,
+        mp_rank_01/model_optim_rng.pt      consumed samples, RNG state and the config and
+                                           layout it was saved with
+
+One file per tensor-parallel rank (Megatron's names), written by data-parallel rank 0:
+the other replicas hold the same values.
 
 A save goes to a temporary directory that is renamed into place, and the marker is replaced
 atomically after it, so a crash mid-save leaves the previous checkpoint and marker intact.
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megatron_lite import parallel_state
 from megatron_lite.config import Config, ConfigError
 
 MARKER = "latest_checkpointed_iteration.txt"
@@ -33,6 +39,13 @@ def checkpoint_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+def rank_file(root: str | Path, iteration: int) -> Path:
+    """This rank's file: mp_rank_TT, or mp_rank_TT_PPP when there are pipeline stages."""
+    grid = parallel_state.get_grid()
+    name = f"mp_rank_{grid.tp_rank:02d}" + (f"_{grid.pp_rank:03d}" if grid.pp > 1 else "")
+    return checkpoint_dir(root, iteration) / name / FILENAME
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -42,19 +55,28 @@ def _rng_state() -> dict:
 
 def save_checkpoint(root: str | Path, iteration: int, consumed_samples: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, config: Config) -> Path:
+    grid = parallel_state.get_grid()
     final = checkpoint_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"iteration": iteration, "consumed_samples": consumed_samples,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(), "config": dataclasses.asdict(config)}, tmp / FILENAME)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    marker_tmp = Path(root) / (MARKER + ".tmp")
-    marker_tmp.write_text(str(iteration))
-    os.replace(marker_tmp, Path(root) / MARKER)
+    if grid.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    parallel_state.barrier()
+    if grid.dp_rank == 0:
+        path = tmp / rank_file(root, iteration).relative_to(final)
+        path.parent.mkdir()
+        torch.save({"iteration": iteration, "consumed_samples": consumed_samples,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(), "config": dataclasses.asdict(config)}, path)
+    parallel_state.barrier()
+    if grid.rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = Path(root) / (MARKER + ".tmp")
+        marker_tmp.write_text(str(iteration))
+        os.replace(marker_tmp, Path(root) / MARKER)
+    parallel_state.barrier()
     return final
 
 
@@ -73,9 +95,9 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Restore in place; returns (iteration, consumed_samples). (0, 0) for a directory with no checkpoint."""
     iteration = latest_iteration(root)
     if iteration is None:
-        print(f"WARNING: --load={root} has no {MARKER}; training starts from scratch", flush=True)
+        parallel_state.print_rank_0(f"WARNING: --load={root} has no {MARKER}; training starts from scratch")
         return 0, 0
-    path = checkpoint_dir(root, iteration) / FILENAME
+    path = rank_file(root, iteration)
     if not path.exists():
         raise ConfigError(f"{path} is missing although {MARKER} names iteration {iteration}")
     try:
@@ -83,6 +105,10 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
     except Exception as exc:  # truncated or foreign files surface as many exception types
         raise ConfigError(f"cannot read checkpoint {path}: {exc}") from exc
     saved = state["config"]["model"]
+    saved_tp = state["config"]["parallel"]["tensor_model_parallel_size"]
+    if saved_tp != config.parallel.tensor_model_parallel_size:
+        raise ConfigError(f"checkpoint {path} was saved with tensor_model_parallel_size={saved_tp} but this run has "
+                          f"tensor_model_parallel_size={config.parallel.tensor_model_parallel_size}")
     for name in SHAPE_FIELDS:
         ours = getattr(config.model, name)
         if saved.get(name) != ours:

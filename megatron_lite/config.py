@@ -115,12 +115,27 @@ class ParallelConfig:
     """Ranks that split each layer's weights (Megatron tensor parallelism)."""
     pipeline_model_parallel_size: int = 1
     """Ranks that split the layers into pipeline stages."""
+    sequence_parallel: bool = False
+    """Split norms, dropout and the residual stream along the sequence across the tp group (needs tp > 1)."""
     data_parallel_size: int = 1
     """Model replicas; derived as world_size / (tp * pp), never set by hand."""
+    distributed_timeout_minutes: float = 5.0
+    """A collective waiting longer than this raises instead of hanging."""
 
     def validate(self) -> None:
         _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                          "data_parallel_size")
+                          "data_parallel_size", "distributed_timeout_minutes")
+
+    def validate_model(self, model: "ModelConfig") -> None:
+        """The model must split evenly over the tensor-parallel group."""
+        tp = self.tensor_model_parallel_size
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            value = getattr(model, name)
+            _require(value % tp == 0, f"{_flag(name)}={value} is not divisible by --tensor-model-parallel-size={tp}")
+        if self.sequence_parallel:
+            _require(model.seq_length % tp == 0,
+                     f"--seq-length={model.seq_length} is not divisible by --tensor-model-parallel-size={tp}, "
+                     "which --sequence-parallel needs")
 
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
@@ -227,6 +242,7 @@ class Config:
     def validate(self) -> None:
         self.model.validate()
         self.parallel.validate()
+        self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
 
 

@@ -46,14 +46,3 @@ def learning_rate(iteration: int, cfg: TrainConfig) -> float:
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Scale grads so their global L2 norm is at most max_norm (0: measure only); returns the norm."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    if max_norm > 0:
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype))
-    return total.item()

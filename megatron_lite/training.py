@@ -9,15 +9,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from megatron_lite import parallel_state
 from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.data import build_train_valid_datasets
 from megatron_lite.data.loader import global_batch
 from megatron_lite.data.tokenizer import ByteTokenizer
+from megatron_lite.distributed.grad_clip import clip_grad_norm
+from megatron_lite.distributed.grad_sync import (allreduce_data_parallel_grads, allreduce_sequence_parallel_grads,
+                                                 average_across_data_parallel)
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.optimizer import build_optimizer, clip_grad_norm, learning_rate, set_learning_rate
+from megatron_lite.optimizer import build_optimizer, learning_rate, set_learning_rate
+from megatron_lite.parallel_state import print_rank_0
 
 
 def set_seed(seed: int) -> None:
@@ -35,7 +40,7 @@ def select_device(config: Config) -> torch.device:
         ok = torch.cuda.is_bf16_supported() if name == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
         if not ok:
             raise ConfigError(f"--bf16 is not supported on this {name} (no native bf16); drop --bf16 to train in fp32")
-    return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -70,15 +75,25 @@ def forward_backward_no_pipelining(model: nn.Module, microbatches, num_microbatc
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches, iteration: int,
                config: Config, device: torch.device) -> tuple[float, float, float]:
-    """One optimizer step; returns (loss, grad norm before clipping, lr)."""
+    """One optimizer step; returns (loss averaged over the global batch, grad norm before clipping, lr)."""
     cfg = config.train
     optimizer.zero_grad(set_to_none=True)
-    loss = forward_backward_no_pipelining(model, microbatches, cfg.num_microbatches(), device, cfg.bf16)
+    num_microbatches = cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
+    loss = forward_backward_no_pipelining(model, microbatches, num_microbatches, device, cfg.bf16)
+    allreduce_sequence_parallel_grads(model)
+    allreduce_data_parallel_grads(model)
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
     lr = learning_rate(iteration, cfg)
     set_learning_rate(optimizer, lr)
     optimizer.step()
-    return loss, grad_norm, lr
+    return average_across_data_parallel(loss), grad_norm, lr
+
+
+def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):
+    """This data-parallel rank's microbatches of the global batch starting at `consumed`."""
+    cfg = config.train
+    return global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
+                        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
 
 
 @torch.no_grad()
@@ -88,24 +103,26 @@ def evaluate(model: nn.Module, dataset, config: Config, device: torch.device) ->
     model.eval()
     losses = []
     for step in range(cfg.eval_iters):
-        for batch in global_batch(dataset, step * cfg.global_batch_size, cfg.micro_batch_size,
-                                  cfg.global_batch_size, device):
+        for batch in rank_microbatches(dataset, step * cfg.global_batch_size, config, device):
             with autocast(device, cfg.bf16):
                 losses.append(microbatch_loss(model, batch).item())
     model.train()
-    return float(np.mean(losses))
+    return average_across_data_parallel(float(np.mean(losses)))
 
 
 def pretrain(config: Config) -> dict:
     """Train as configured; returns {'losses': per-step losses, 'iteration': last step, 'valid_loss': ...}."""
-    cfg = config.train
+    cfg, par = config.train, config.parallel
+    grid = parallel_state.initialize_model_parallel(par.tensor_model_parallel_size,
+                                                    par.pipeline_model_parallel_size,
+                                                    par.distributed_timeout_minutes)
     device = select_device(config)
     set_seed(cfg.seed)
     config.model.vocab_size = ByteTokenizer().vocab_size
     config.model.validate()
     train_ds, valid_ds, data_description = build_train_valid_datasets(cfg, config.model.seq_length)
 
-    model = GPTModel(config.model)
+    model = GPTModel(config.model, par.sequence_parallel)
     init_weights(model, config.model, cfg.seed)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
@@ -113,17 +130,20 @@ def pretrain(config: Config) -> dict:
     if cfg.load:
         iteration, consumed = load_checkpoint(cfg.load, model, optimizer, config)
 
-    logger = MetricsLogger(cfg.log_dir or cfg.save)
+    logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=grid.rank == 0)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"> data: {data_description}; {len(train_ds)} train samples per epoch", flush=True)
-    print(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
-          f"{config.model.hidden_size}, {n_params:,} parameters, padded vocab {config.model.padded_vocab_size()}",
-          flush=True)
-    print(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
-          f"{cfg.micro_batch_size} x {cfg.num_microbatches()} microbatches, on {device}"
-          f"{' in bf16' if cfg.bf16 else ' in fp32'}", flush=True)
+    print_rank_0(f"> data: {data_description}; {len(train_ds)} train samples per epoch")
+    print_rank_0(f"> layout: world {grid.world_size} = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}"
+                 f"{', sequence parallel' if par.sequence_parallel else ''}; "
+                 + "; ".join(f"{kind} groups {ranks}" for kind, ranks in grid.layout.items() if len(ranks[0]) > 1))
+    print_rank_0(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
+                 f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
+                 f"{config.model.padded_vocab_size(grid.tp)}")
+    print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
+                 f"{cfg.micro_batch_size} x {cfg.num_microbatches(grid.dp)} microbatches x dp {grid.dp}, on "
+                 f"{device}{' in bf16' if cfg.bf16 else ' in fp32'}")
     if logger.path is not None:
-        print(f"> metrics: appended to {logger.path}", flush=True)
+        print_rank_0(f"> metrics: appended to {logger.path}")
 
     step_flops = flops_per_step(config.model, cfg.global_batch_size)
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
@@ -134,7 +154,7 @@ def pretrain(config: Config) -> dict:
     while iteration < cfg.train_iters:
         iteration += 1
         start = time.perf_counter()
-        batches = global_batch(train_ds, consumed, cfg.micro_batch_size, cfg.global_batch_size, device)
+        batches = rank_microbatches(train_ds, consumed, config, device)
         loss, grad_norm, lr = train_step(model, optimizer, batches, iteration, config, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -145,7 +165,7 @@ def pretrain(config: Config) -> dict:
         interval_norms.append(grad_norm)
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
             seconds = interval_seconds / len(interval_losses)
-            tflops = step_flops / seconds / 1e12
+            tflops = step_flops / seconds / 1e12 / grid.world_size
             logger.training({
                 "iteration": iteration, "train_iters": cfg.train_iters, "consumed_samples": consumed,
                 "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": cfg.global_batch_size,
@@ -161,8 +181,8 @@ def pretrain(config: Config) -> dict:
         save_now = bool(cfg.save_interval) and iteration % cfg.save_interval == 0
         if cfg.save and (save_now or exit_now or iteration == cfg.train_iters):
             path = save_checkpoint(cfg.save, iteration, consumed, model, optimizer, config)
-            print(f"> saved checkpoint at iteration {iteration} to {path}", flush=True)
+            print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
         if exit_now:
-            print(f"> exiting at iteration {iteration} (--exit-interval={cfg.exit_interval})", flush=True)
+            print_rank_0(f"> exiting at iteration {iteration} (--exit-interval={cfg.exit_interval})")
             break
     return {"losses": losses, "iteration": iteration, "valid_loss": valid_loss}

@@ -1,11 +1,26 @@
-"""Shared test setup: one cache directory for the built-in corpus per test session."""
+"""Shared test setup: one cache directory for the built-in corpus per test session, and
+the Triton interpreter for the kernel tests when there is no GPU."""
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
+
+# `triton.jit` chooses compile-or-interpret when it decorates, i.e. when a `kernels/`
+# module is first imported, so this must be set before any test module is collected.
+# It changes nothing for tests that launch no kernel: on CPU the ops call their
+# plain-torch reference unless MEGATRON_LITE_TRITON=1, which only `force_triton` sets.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("MEGATRON_LITE_CACHE", str(tmp_path_factory.mktemp("corpus_cache")))
+
+
+@pytest.fixture
+def force_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dispatch the ops in `kernels/` to Triton for this test, even on CPU tensors."""
+    monkeypatch.setenv("MEGATRON_LITE_TRITON", "1")

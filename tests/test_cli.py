@@ -47,3 +47,19 @@ def test_bad_flag_is_one_line_and_nonzero() -> None:
     assert result.stderr.strip().splitlines() == [
         "pretrain_gpt.py: error: --hidden-size=100 is not divisible by --num-attention-heads=3"]
     assert result.stdout == ""
+
+
+def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    result = run(TINY + ["--tp", "2", "--sp", "--save", str(tmp_path)], launcher)
+    assert result.returncode == 0, result.stderr
+    assert "world 2 = tp 2 x pp 1 x dp 1, sequence parallel" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 2  # rank 0 only
+    assert sorted(p.name for p in (tmp_path / "iter_0000004").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    other_layout = run(TINY + ["--train-iters", "6", "--load", str(tmp_path)], launcher)
+    assert "was saved with tensor_model_parallel_size=2 but this run has tensor_model_parallel_size=1" in other_layout.stderr
+    bad = run(TINY + ["--tp", "2", "--num-attention-heads", "2", "--num-query-groups", "1"], launcher)
+    assert bad.returncode != 0
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("pretrain_gpt.py: error:")]
+    assert errors == ["pretrain_gpt.py: error: --num-query-groups=1 is not divisible by "
+                      "--tensor-model-parallel-size=2"] * 2

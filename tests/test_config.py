@@ -45,3 +45,26 @@ def test_padded_vocab() -> None:
     model.vocab_size = 258
     assert model.padded_vocab_size() == 384
     assert model.padded_vocab_size(tp=4) == 512
+
+
+@pytest.mark.parametrize("world, argv, message", [
+    (4, ["--tp", "3"], r"world size 4 is not divisible by tensor-model-parallel size 3 x pipeline-model-parallel size 1 = 3"),
+    (4, ["--tp", "4", "--num-attention-heads", "4", "--num-query-groups", "2"], r"--num-query-groups=2 is not divisible by --tensor-model-parallel-size=4"),
+    (8, ["--tp", "8", "--num-attention-heads", "4", "--num-query-groups", "4"], r"--num-attention-heads=4 is not divisible by --tensor-model-parallel-size=8"),
+    (2, ["--tp", "2", "--ffn-hidden-size", "99"], r"--ffn-hidden-size=99 is not divisible by --tensor-model-parallel-size=2"),
+    (2, ["--tp", "2", "--sp", "--seq-length", "33"], r"--seq-length=33 is not divisible by --tensor-model-parallel-size=2, which --sequence-parallel needs"),
+])
+def test_bad_parallel_layouts_are_refused(monkeypatch, world: int, argv: list[str], message: str) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_sequence_parallel_without_tp_is_disabled(capsys) -> None:
+    assert parse_args(["--sp"]).parallel.sequence_parallel is False
+    assert "WARNING: --sequence-parallel has no effect" in capsys.readouterr().out
+
+
+def test_data_parallel_size_is_derived(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert parse_args(["--tp", "2", "--global-batch-size", "32"]).parallel.data_parallel_size == 4

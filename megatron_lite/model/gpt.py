@@ -8,53 +8,73 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.rope import rotary_angles
 from megatron_lite.model.transformer import TransformerLayer
+from megatron_lite.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                           enter_tensor_parallel_region, mark_sequence_parallel,
+                                           vocab_parallel_cross_entropy)
+from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron_lite.tensor_parallel.utils import full_shape, local_shard
 
 
 class GPTModel(nn.Module):
-    """Decoder-only transformer of either family (see ModelConfig.family)."""
+    """Decoder-only transformer of either family (see ModelConfig.family), sharded over the tp group.
 
-    def __init__(self, config: ModelConfig) -> None:
+    With sequence_parallel the residual stream between the embedding and the output layer
+    holds seq/tp tokens per rank.
+    """
+
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.config = config
-        vocab = config.padded_vocab_size()
-        self.word_embeddings = nn.Embedding(vocab, config.hidden_size)
+        self.sequence_parallel = sequence_parallel
+        vocab = config.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
+        self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
+        self.word_embeddings.weight.unpadded_rows = config.vocab_size
         if config.family == "gpt2":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-            self.rotary = None
+            # Under SP each rank adds the rows of its own positions only: a partial grad.
+            mark_sequence_parallel(self.position_embeddings, sequence_parallel)
         else:
             cos, sin = rotary_angles(max(config.seq_length, config.max_position_embeddings),
                                      config.head_dim, config.rotary_base)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
-        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
-        self.final_layernorm = build_norm(config.family, config.hidden_size, config.norm_epsilon)
+        self.layers = nn.ModuleList(TransformerLayer(config, sequence_parallel) for _ in range(config.num_layers))
+        self.final_layernorm = build_norm(config.family, config.hidden_size, config.norm_epsilon, sequence_parallel)
         if not config.tie_embeddings:
-            self.output_layer = nn.Linear(config.hidden_size, vocab, bias=False)
+            self.output_layer = ColumnParallelLinear(config.hidden_size, vocab, bias=False,
+                                                     sequence_parallel=sequence_parallel)
+            self.output_layer.weight.unpadded_rows = config.vocab_size
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if self.config.family == "gpt2":
+            seq = x.shape[1]
+            first = parallel_state.get_tensor_model_parallel_rank() * seq if self.sequence_parallel else 0
+            x = x + self.position_embeddings(torch.arange(first, first + seq, device=tokens.device))
+        return self.embedding_dropout(x)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, s, vocab] without labels; per-token fp32 loss [b, s] with them."""
-        x = self.word_embeddings(tokens)
-        rotary = None
-        if self.config.family == "gpt2":
-            x = x + self.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
-        else:
-            rotary = (self.rotary_cos, self.rotary_sin)
-        x = self.embedding_dropout(x)
+        x = self.embed(tokens)
+        rotary = None if self.config.family == "gpt2" else (self.rotary_cos, self.rotary_sin)
         for layer in self.layers:
             x = layer(x, rotary)
         x = self.final_layernorm(x)
-        weight = self.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
-        # The padded vocabulary entries are not tokens: drop their logits so they never
-        # take probability mass in the loss or show up in generated text.
-        logits = F.linear(x, weight[: self.config.vocab_size])
+        if self.config.tie_embeddings:
+            weight = self.word_embeddings.weight
+            logits = F.linear(enter_tensor_parallel_region(x, self.sequence_parallel), weight)
+        else:
+            logits = self.output_layer(x)
         if labels is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+            # Pad ids are not tokens: drop their logits.
+            return gather_from_tensor_model_parallel_region(logits)[..., : self.config.vocab_size]
+        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
 
 
 def _is_output_projection(name: str) -> bool:
@@ -66,9 +86,10 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
 
     Normal(0, std) for weights, std/sqrt(2*num_layers) for the projections that write into
     the residual stream (the GPT-2 paper's scaled init), zero biases, unit norm weights.
-    Seeding by name rather than by construction order makes the values independent of which
-    layers or which shard a rank happens to build, so parallel layouts start from exactly
-    the single-device weights.
+    Each rank draws the full tensor and keeps its shard (Megatron's CPU initialisation), and
+    seeding by name rather than by construction order makes the values independent of which
+    layers or shard a rank builds: every parallel layout starts from the single-device weights.
+    Vocabulary pad rows start at zero; they are never looked up nor scored, so they stay zero.
     """
     scaled_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
     with torch.no_grad():
@@ -80,5 +101,8 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
             else:
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
                 std = scaled_std if _is_output_projection(name) else config.init_method_std
-                full = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-                param.copy_(full)
+                shape = full_shape(param)
+                full = torch.zeros(shape)
+                rows = getattr(param, "unpadded_rows", shape[0])
+                full[:rows] = torch.empty((rows, *shape[1:])).normal_(0.0, std, generator=gen)
+                param.copy_(local_shard(full, param))

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_lite.tensor_parallel import mark_sequence_parallel
+
 
 class RMSNorm(nn.Module):
     """Llama's norm: x / rms(x) * weight, no mean subtraction and no bias."""
@@ -34,5 +36,9 @@ class LayerNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def build_norm(family: str, hidden_size: int, eps: float) -> nn.Module:
-    return RMSNorm(hidden_size, eps) if family == "llama" else LayerNorm(hidden_size, eps)
+def build_norm(family: str, hidden_size: int, eps: float, sequence_parallel: bool = False) -> nn.Module:
+    """The family's norm. Under sequence parallelism it sees only this rank's tokens, so its
+    params are flagged for the tp all-reduce of their grads."""
+    norm = RMSNorm(hidden_size, eps) if family == "llama" else LayerNorm(hidden_size, eps)
+    mark_sequence_parallel(norm, sequence_parallel)
+    return norm

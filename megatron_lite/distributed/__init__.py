@@ -1,0 +1,1 @@
+"""Gradient synchronisation across ranks and global gradient clipping."""

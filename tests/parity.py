@@ -1,0 +1,62 @@
+"""Train a few steps under any layout and collect what parity tests compare with one device.
+
+The same function runs in the test process (one device) and on every spawned rank; what it
+returns is gathered to full tensors, so results compare name by name.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_lite import parallel_state
+from megatron_lite.config import Config
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.optimizer import build_optimizer
+from megatron_lite.tensor_parallel.utils import gather_full
+from megatron_lite.training import rank_microbatches, set_seed, train_step
+
+
+class RandomTokens:
+    """Sample i is a fixed random token sequence, whatever rank asks for it."""
+
+    def __init__(self, vocab_size: int, seq_length: int, seed: int = 0) -> None:
+        self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        rng = np.random.RandomState((self.seed * 1_000_003 + index) % 2**32)
+        return rng.randint(0, self.vocab_size, self.seq_length + 1).astype(np.int64)
+
+
+def run_steps(config: Config, steps: int) -> dict:
+    """losses per step, full grads after step 1, full weights after the last step."""
+    par = config.parallel
+    parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                                             par.distributed_timeout_minutes)
+    set_seed(config.train.seed)
+    model = GPTModel(config.model, par.sequence_parallel)
+    init_weights(model, config.model, config.train.seed)
+    optimizer = build_optimizer(model, config.train)
+    dataset = RandomTokens(config.model.vocab_size, config.model.seq_length)
+    device = torch.device("cpu")
+    losses, grads = [], {}
+    for iteration in range(1, steps + 1):
+        batches = rank_microbatches(dataset, (iteration - 1) * config.train.global_batch_size, config, device)
+        losses.append(train_step(model, optimizer, batches, iteration, config, device)[0])
+        if iteration == 1:
+            grads = {n: gather_full(p, p.grad) for n, p in model.named_parameters()}
+    weights = {n: gather_full(p) for n, p in model.named_parameters()}
+    return {"losses": losses, "grads": grads, "weights": weights}
+
+
+def max_differences(reference: dict, result: dict, vocab_size: int) -> dict[str, float]:
+    """Largest relative loss difference and largest absolute grad / weight differences."""
+    def worst(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys(), set(a) ^ set(b)
+        # Vocabulary tables are padded differently per tp size; pad rows are not compared.
+        return max((a[n][:vocab_size] - b[n][:vocab_size]).abs().max().item() for n in a)
+    loss = max(abs(x - y) / abs(x) for x, y in zip(reference["losses"], result["losses"]))
+    return {"loss": loss, "grad": worst(reference["grads"], result["grads"]),
+            "weight": worst(reference["weights"], result["weights"])}
