@@ -7,7 +7,7 @@ import os
 import types
 import typing
 
-from megatron_lite.config import (FAMILIES, LR_DECAY_STYLES, Config, ConfigError, ModelConfig,
+from megatron_lite.config import (FAMILIES, LR_DECAY_STYLES, SCHEDULES, Config, ConfigError, ModelConfig,
                                   ParallelConfig, TrainConfig, field_docs)
 from megatron_lite.parallel_state import validate_layout
 
@@ -29,10 +29,13 @@ PRESETS: dict[str, dict] = {
 }
 
 # Fields that are not flags: derived at run time, never typed by a user.
-_DERIVED = {"vocab_size", "data_parallel_size", "pipeline_model_parallel_size"}
-_CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda")}
+_DERIVED = {"vocab_size", "data_parallel_size"}
+_CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda"),
+            "pipeline_schedule": SCHEDULES}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
-_ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"]}
+_ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
+                                  "pipeline_model_parallel_size": ["--pp"],
+                                  "virtual_pipeline_model_parallel_size": ["--vpp"]}
 
 
 def _base_type(annotation: str | type) -> tuple[type, bool]:
@@ -99,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
                     parallel=ParallelConfig(**pick(ParallelConfig, {})),
                     train=TrainConfig(**pick(TrainConfig, {})))
     parallel = config.parallel
+    per_chunk = parallel.num_layers_per_virtual_pipeline_stage
+    if per_chunk is not None:
+        stages = parallel.pipeline_model_parallel_size * per_chunk
+        if per_chunk <= 0 or config.model.num_layers % stages:
+            raise ConfigError(f"--num-layers={config.model.num_layers} is not divisible by pp * "
+                              f"--num-layers-per-virtual-pipeline-stage = {stages}")
+        parallel.virtual_pipeline_model_parallel_size = config.model.num_layers // stages
     parallel.data_parallel_size = validate_layout(int(os.environ.get("WORLD_SIZE", "1")),
                                                   parallel.tensor_model_parallel_size,
                                                   parallel.pipeline_model_parallel_size)

@@ -53,7 +53,7 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(root: str | Path, iteration: int, consumed_samples: int, model: nn.Module,
+def save_checkpoint(root: str | Path, iteration: int, consumed_samples: int, chunks: list[nn.Module],
                     optimizer: torch.optim.Optimizer, config: Config) -> Path:
     grid = parallel_state.get_grid()
     final = checkpoint_dir(root, iteration)
@@ -66,7 +66,7 @@ def save_checkpoint(root: str | Path, iteration: int, consumed_samples: int, mod
         path = tmp / rank_file(root, iteration).relative_to(final)
         path.parent.mkdir()
         torch.save({"iteration": iteration, "consumed_samples": consumed_samples,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model": [c.state_dict() for c in chunks], "optimizer": optimizer.state_dict(),
                     "rng": _rng_state(), "config": dataclasses.asdict(config)}, path)
     parallel_state.barrier()
     if grid.rank == 0:
@@ -90,7 +90,7 @@ def latest_iteration(root: str | Path) -> int | None:
     return int(text)
 
 
-def load_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer: torch.optim.Optimizer,
                     config: Config) -> tuple[int, int]:
     """Restore in place; returns (iteration, consumed_samples). (0, 0) for a directory with no checkpoint."""
     iteration = latest_iteration(root)
@@ -105,15 +105,16 @@ def load_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
     except Exception as exc:  # truncated or foreign files surface as many exception types
         raise ConfigError(f"cannot read checkpoint {path}: {exc}") from exc
     saved = state["config"]["model"]
-    saved_tp = state["config"]["parallel"]["tensor_model_parallel_size"]
-    if saved_tp != config.parallel.tensor_model_parallel_size:
-        raise ConfigError(f"checkpoint {path} was saved with tensor_model_parallel_size={saved_tp} but this run has "
-                          f"tensor_model_parallel_size={config.parallel.tensor_model_parallel_size}")
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size"):
+        saved_value, ours = state["config"]["parallel"][name], getattr(config.parallel, name)
+        if saved_value != ours:
+            raise ConfigError(f"checkpoint {path} was saved with {name}={saved_value} but this run has {name}={ours}")
     for name in SHAPE_FIELDS:
         ours = getattr(config.model, name)
         if saved.get(name) != ours:
             raise ConfigError(f"checkpoint {path} has {name}={saved.get(name)} but this run has {name}={ours}")
-    model.load_state_dict(state["model"])
+    for chunk, chunk_state in zip(chunks, state["model"]):
+        chunk.load_state_dict(chunk_state)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

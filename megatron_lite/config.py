@@ -28,6 +28,7 @@ def _flag(name: str) -> str:
 
 
 FAMILIES = ("llama", "gpt2")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 @dataclass
@@ -115,6 +116,12 @@ class ParallelConfig:
     """Ranks that split each layer's weights (Megatron tensor parallelism)."""
     pipeline_model_parallel_size: int = 1
     """Ranks that split the layers into pipeline stages."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B); default 1."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Alternative to --virtual-pipeline-model-parallel-size: layers per model chunk."""
+    pipeline_schedule: str | None = None
+    """gpipe, 1f1b or interleaved (default: interleaved when vpp > 1, else 1f1b)."""
     sequence_parallel: bool = False
     """Split norms, dropout and the residual stream along the sequence across the tp group (needs tp > 1)."""
     data_parallel_size: int = 1
@@ -122,12 +129,35 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 5.0
     """A collective waiting longer than this raises instead of hanging."""
 
+    @property
+    def vpp(self) -> int:
+        return self.virtual_pipeline_model_parallel_size or 1
+
+    @property
+    def schedule(self) -> str:
+        return self.pipeline_schedule or ("interleaved" if self.vpp > 1 else "1f1b")
+
     def validate(self) -> None:
         _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                           "data_parallel_size", "distributed_timeout_minutes")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            _require_positive(self, "virtual_pipeline_model_parallel_size")
+        pp, vpp = self.pipeline_model_parallel_size, self.vpp
+        _require(self.schedule in SCHEDULES,
+                 f"--pipeline-schedule={self.schedule} is unknown; allowed: {', '.join(SCHEDULES)}")
+        _require(vpp == 1 or pp > 1, f"--virtual-pipeline-model-parallel-size={vpp} needs "
+                                     f"--pipeline-model-parallel-size > 1 (it is {pp})")
+        _require(vpp == 1 or self.schedule == "interleaved",
+                 f"--pipeline-schedule={self.schedule} cannot run {vpp} model chunks per rank; "
+                 "use --pipeline-schedule interleaved (or leave it unset)")
+        _require(self.schedule != "interleaved" or vpp > 1,
+                 "--pipeline-schedule=interleaved needs --virtual-pipeline-model-parallel-size > 1")
 
     def validate_model(self, model: "ModelConfig") -> None:
-        """The model must split evenly over the tensor-parallel group."""
+        """The model must split evenly over the tensor- and pipeline-parallel groups."""
+        pp, vpp = self.pipeline_model_parallel_size, self.vpp
+        _require(model.num_layers % (pp * vpp) == 0,
+                 f"--num-layers={model.num_layers} is not divisible by pp*vpp={pp}*{vpp}={pp * vpp}")
         tp = self.tensor_model_parallel_size
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
             value = getattr(model, name)
@@ -244,6 +274,13 @@ class Config:
         self.parallel.validate()
         self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
+        m, pp = self.train.num_microbatches(self.parallel.data_parallel_size), self.parallel.pipeline_model_parallel_size
+        # Megatron's interleaved schedule runs microbatches in groups of pp.
+        _require(self.parallel.schedule != "interleaved" or m % pp == 0,
+                 f"the interleaved schedule needs the number of microbatches (global batch "
+                 f"{self.train.global_batch_size} / (micro batch {self.train.micro_batch_size} x dp "
+                 f"{self.parallel.data_parallel_size}) = {m}) to be a multiple of "
+                 f"--pipeline-model-parallel-size={pp}")
 
 
 def field_docs(cls: type) -> dict[str, str]:

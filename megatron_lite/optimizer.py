@@ -9,10 +9,11 @@ from torch import nn
 from megatron_lite.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over fp32 parameters; biases and norm weights (the 1-D tensors) get no weight decay."""
+def build_optimizer(chunks: list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the fp32 parameters of this rank's model chunks; biases and norm weights (the
+    1-D tensors) get no weight decay."""
     decay, no_decay = [], []
-    for param in model.parameters():
+    for param in (p for chunk in chunks for p in chunk.parameters()):
         if param.requires_grad:
             (no_decay if param.ndim == 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},

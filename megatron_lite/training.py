@@ -1,7 +1,6 @@
 """The training loop: build, step through global batches, log, evaluate, checkpoint."""
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 
@@ -16,13 +15,18 @@ from megatron_lite.data import build_train_valid_datasets
 from megatron_lite.data.loader import global_batch
 from megatron_lite.data.tokenizer import ByteTokenizer
 from megatron_lite.distributed.grad_clip import clip_grad_norm
-from megatron_lite.distributed.grad_sync import (allreduce_data_parallel_grads, allreduce_sequence_parallel_grads,
-                                                 average_across_data_parallel)
+from megatron_lite.distributed.grad_sync import (allreduce_data_parallel_grads, allreduce_embedding_grads,
+                                                 allreduce_sequence_parallel_grads, average_across_data_parallel)
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
-from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.model.gpt import init_weights
 from megatron_lite.optimizer import build_optimizer, learning_rate, set_learning_rate
 from megatron_lite.parallel_state import print_rank_0
+from megatron_lite.pipeline_parallel.model_runner import ModelRunner
+from megatron_lite.pipeline_parallel.partition import build_model_chunks
+from megatron_lite.pipeline_parallel.schedules import forward_only, run_schedule
+from megatron_lite.pipeline_parallel.trace import Trace
+from megatron_lite.tensor_parallel.mappings import all_reduce
 
 
 def set_seed(seed: int) -> None:
@@ -43,50 +47,43 @@ def select_device(config: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast (weights and optimizer stay fp32) or nothing."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def last_stage_loss(losses: list[float]) -> float:
+    """Mean microbatch loss of the step, known on the last pipeline stage, on every rank."""
+    grid = parallel_state.get_grid()
+    mean = float(np.mean(losses)) if losses else 0.0
+    if grid.pp > 1:
+        mean = all_reduce(torch.tensor([mean], dtype=torch.float64, device=_reduce_device()), group="pp").item()
+    return average_across_data_parallel(mean)
 
 
-def microbatch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean loss over the unmasked tokens of one microbatch."""
-    per_token = model(batch["tokens"], batch["labels"])
-    mask = batch["loss_mask"]
-    return (per_token * mask).sum() / mask.sum()
+def _reduce_device() -> torch.device | None:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
-def forward_backward_no_pipelining(model: nn.Module, microbatches, num_microbatches: int,
-                                   device: torch.device, bf16: bool) -> float:
-    """Gradient accumulation: backward each microbatch's loss / num_microbatches; returns the mean loss.
-
-    Dividing before backward makes the accumulated gradient that of the mean over the
-    global batch, so k microbatches of size b give the same step as one batch of k*b.
-    """
-    total = 0.0
-    for batch in microbatches:
-        with autocast(device, bf16):
-            loss = microbatch_loss(model, batch)
-        (loss / num_microbatches).backward()
-        total += loss.item()
-    return total / num_microbatches
+def microbatch_shape(config: Config) -> tuple[int, int, int]:
+    """Shape of the hidden states passed between pipeline stages: [micro batch, seq (/tp under SP), hidden]."""
+    par, seq = config.parallel, config.model.seq_length
+    return (config.train.micro_batch_size, seq // par.tensor_model_parallel_size if par.sequence_parallel else seq,
+            config.model.hidden_size)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches, iteration: int,
-               config: Config, device: torch.device) -> tuple[float, float, float]:
+def train_step(chunks: list[nn.Module], optimizer: torch.optim.Optimizer, microbatches, iteration: int,
+               config: Config, device: torch.device, trace: Trace | None = None) -> tuple[float, float, float]:
     """One optimizer step; returns (loss averaged over the global batch, grad norm before clipping, lr)."""
-    cfg = config.train
+    cfg, par = config.train, config.parallel
     optimizer.zero_grad(set_to_none=True)
     num_microbatches = cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
-    loss = forward_backward_no_pipelining(model, microbatches, num_microbatches, device, cfg.bf16)
-    allreduce_sequence_parallel_grads(model)
-    allreduce_data_parallel_grads(model)
-    grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+    runner = ModelRunner(chunks, list(microbatches), num_microbatches, microbatch_shape(config), device, cfg.bf16,
+                         trace)
+    run_schedule(runner, par.schedule, num_microbatches, par.vpp)
+    allreduce_embedding_grads(chunks)
+    allreduce_sequence_parallel_grads(chunks)
+    allreduce_data_parallel_grads(chunks)
+    grad_norm = clip_grad_norm([p for c in chunks for p in c.parameters() if p.requires_grad], cfg.clip_grad)
     lr = learning_rate(iteration, cfg)
     set_learning_rate(optimizer, lr)
     optimizer.step()
-    return average_across_data_parallel(loss), grad_norm, lr
+    return last_stage_loss(runner.losses), grad_norm, lr
 
 
 def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):
@@ -97,17 +94,29 @@ def rank_microbatches(dataset, consumed: int, config: Config, device: torch.devi
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, config: Config, device: torch.device) -> float:
+def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.device) -> float:
     """Mean loss over the first eval_iters global batches of the validation split (the same ones every time)."""
     cfg = config.train
-    model.eval()
+    for chunk in chunks:
+        chunk.eval()
     losses = []
     for step in range(cfg.eval_iters):
-        for batch in rank_microbatches(dataset, step * cfg.global_batch_size, config, device):
-            with autocast(device, cfg.bf16):
-                losses.append(microbatch_loss(model, batch).item())
-    model.train()
-    return average_across_data_parallel(float(np.mean(losses)))
+        batches = list(rank_microbatches(dataset, step * cfg.global_batch_size, config, device))
+        runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.bf16)
+        forward_only(runner, len(batches), config.parallel.vpp)
+        losses.extend(runner.losses)
+    for chunk in chunks:
+        chunk.train()
+    return last_stage_loss(losses)
+
+
+def describe_layout(grid: parallel_state.Grid, par) -> str:
+    """One line: the layout, the schedule and which global ranks form each group."""
+    extras = [", sequence parallel" if par.sequence_parallel else ""]
+    if grid.pp > 1:
+        extras.append(f", {par.schedule} schedule" + (f" over {par.vpp} chunks per rank" if par.vpp > 1 else ""))
+    groups = "; ".join(f"{kind} groups {ranks}" for kind, ranks in grid.layout.items() if len(ranks[0]) > 1)
+    return f"> layout: world {grid.world_size} = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}{''.join(extras)}; {groups}"
 
 
 def pretrain(config: Config) -> dict:
@@ -122,20 +131,19 @@ def pretrain(config: Config) -> dict:
     config.model.validate()
     train_ds, valid_ds, data_description = build_train_valid_datasets(cfg, config.model.seq_length)
 
-    model = GPTModel(config.model, par.sequence_parallel)
-    init_weights(model, config.model, cfg.seed)
-    model.to(device)
-    optimizer = build_optimizer(model, cfg)
+    chunks = build_model_chunks(config.model, par)
+    for chunk in chunks:
+        init_weights(chunk, config.model, cfg.seed)
+        chunk.to(device)
+    optimizer = build_optimizer(chunks, cfg)
     iteration, consumed = 0, 0
     if cfg.load:
-        iteration, consumed = load_checkpoint(cfg.load, model, optimizer, config)
+        iteration, consumed = load_checkpoint(cfg.load, chunks, optimizer, config)
 
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=grid.rank == 0)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
     print_rank_0(f"> data: {data_description}; {len(train_ds)} train samples per epoch")
-    print_rank_0(f"> layout: world {grid.world_size} = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}"
-                 f"{', sequence parallel' if par.sequence_parallel else ''}; "
-                 + "; ".join(f"{kind} groups {ranks}" for kind, ranks in grid.layout.items() if len(ranks[0]) > 1))
+    print_rank_0(describe_layout(grid, par))
     print_rank_0(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
                  f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
                  f"{config.model.padded_vocab_size(grid.tp)}")
@@ -155,7 +163,7 @@ def pretrain(config: Config) -> dict:
         iteration += 1
         start = time.perf_counter()
         batches = rank_microbatches(train_ds, consumed, config, device)
-        loss, grad_norm, lr = train_step(model, optimizer, batches, iteration, config, device)
+        loss, grad_norm, lr = train_step(chunks, optimizer, batches, iteration, config, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         interval_seconds += time.perf_counter() - start
@@ -175,12 +183,12 @@ def pretrain(config: Config) -> dict:
             interval_seconds, interval_losses, interval_norms = 0.0, [], []
         evaluate_now = cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters)
         if valid_ds is not None and evaluate_now:
-            valid_loss = evaluate(model, valid_ds, config, device)
+            valid_loss = evaluate(chunks, valid_ds, config, device)
             logger.validation(iteration, valid_loss)
         exit_now = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
         save_now = bool(cfg.save_interval) and iteration % cfg.save_interval == 0
         if cfg.save and (save_now or exit_now or iteration == cfg.train_iters):
-            path = save_checkpoint(cfg.save, iteration, consumed, model, optimizer, config)
+            path = save_checkpoint(cfg.save, iteration, consumed, chunks, optimizer, config)
             print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
         if exit_now:
             print_rank_0(f"> exiting at iteration {iteration} (--exit-interval={cfg.exit_interval})")

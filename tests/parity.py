@@ -10,8 +10,9 @@ import torch
 
 from megatron_lite import parallel_state
 from megatron_lite.config import Config
-from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.model.gpt import init_weights
 from megatron_lite.optimizer import build_optimizer
+from megatron_lite.pipeline_parallel.partition import build_model_chunks
 from megatron_lite.tensor_parallel.utils import gather_full
 from megatron_lite.training import rank_microbatches, set_seed, train_step
 
@@ -31,24 +32,44 @@ class RandomTokens:
 
 
 def run_steps(config: Config, steps: int) -> dict:
-    """losses per step, full grads after step 1, full weights after the last step."""
+    """losses per step, and of the parameters this rank holds (full over tp, keyed by their global
+    names): grads after step 1 and weights after the last step."""
     par = config.parallel
     parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                                              par.distributed_timeout_minutes)
     set_seed(config.train.seed)
-    model = GPTModel(config.model, par.sequence_parallel)
-    init_weights(model, config.model, config.train.seed)
-    optimizer = build_optimizer(model, config.train)
+    chunks = build_model_chunks(config.model, par)
+    for chunk in chunks:
+        init_weights(chunk, config.model, config.train.seed)
+    optimizer = build_optimizer(chunks, config.train)
+    named = [(n, p) for chunk in chunks for n, p in chunk.named_parameters()]
     dataset = RandomTokens(config.model.vocab_size, config.model.seq_length)
     device = torch.device("cpu")
     losses, grads = [], {}
     for iteration in range(1, steps + 1):
         batches = rank_microbatches(dataset, (iteration - 1) * config.train.global_batch_size, config, device)
-        losses.append(train_step(model, optimizer, batches, iteration, config, device)[0])
+        losses.append(train_step(chunks, optimizer, batches, iteration, config, device)[0])
         if iteration == 1:
-            grads = {n: gather_full(p, p.grad) for n, p in model.named_parameters()}
-    weights = {n: gather_full(p) for n, p in model.named_parameters()}
+            grads = {n: gather_full(p, p.grad) for n, p in named}
+    weights = {n: gather_full(p) for n, p in named}
     return {"losses": losses, "grads": grads, "weights": weights}
+
+
+def merge_ranks(results: list[dict]) -> dict:
+    """One result from every rank's: rank 0's losses, and the union of the parameters the ranks hold.
+
+    A parameter held by several ranks (replicated over dp or tp, or the tied embedding on the
+    first and last stage) must be identical on all of them.
+    """
+    merged = {"losses": results[0]["losses"], "grads": {}, "weights": {}}
+    for result in results:
+        assert result["losses"] == merged["losses"]
+        for kind in ("grads", "weights"):
+            for name, tensor in result[kind].items():
+                if name in merged[kind]:
+                    torch.testing.assert_close(tensor, merged[kind][name], rtol=0, atol=1e-6)
+                merged[kind][name] = tensor
+    return merged
 
 
 def max_differences(reference: dict, result: dict, vocab_size: int) -> dict[str, float]:

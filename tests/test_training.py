@@ -11,7 +11,9 @@ from megatron_lite.data.loader import microbatch_indices
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.optimizer import build_optimizer, learning_rate
-from megatron_lite.training import forward_backward_no_pipelining, pretrain, select_device
+from megatron_lite.pipeline_parallel.model_runner import ModelRunner
+from megatron_lite.pipeline_parallel.schedules import forward_backward_no_pipelining
+from megatron_lite.training import pretrain, select_device
 from tiny import tiny_config, tiny_model
 
 
@@ -21,17 +23,24 @@ def _fixed_batch(config, batch_size: int, seed: int = 0) -> dict[str, torch.Tens
     return {"tokens": data[:, :-1], "labels": data[:, 1:], "loss_mask": torch.ones(batch_size, config.seq_length)}
 
 
+def accumulate(model: GPTModel, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Forward and backward every microbatch into the grads; the mean microbatch loss."""
+    runner = ModelRunner([model], batches, len(batches), (), torch.device("cpu"), bf16=False)
+    forward_backward_no_pipelining(runner, len(batches))
+    return sum(runner.losses) / len(batches)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_overfits_a_fixed_batch(family: str) -> None:
     config = tiny_config(family, lr=3e-3)
     model = GPTModel(config.model)
     init_weights(model, config.model, seed=0)
-    optimizer = build_optimizer(model, config.train)
+    optimizer = build_optimizer([model], config.train)
     batch = _fixed_batch(config.model, 4)
     losses = []
     for _ in range(40):
         optimizer.zero_grad()
-        losses.append(forward_backward_no_pipelining(model, [batch], 1, torch.device("cpu"), bf16=False))
+        losses.append(accumulate(model, [batch]))
         optimizer.step()
     assert losses[-1] < 0.5 * losses[0], losses
 
@@ -41,10 +50,10 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
     big = _fixed_batch(config, 8)
     micro = [{k: v[i:i + 2] for k, v in big.items()} for i in range(0, 8, 2)]
     grads = []
-    for batches, k in (([big], 1), (micro, 4)):
+    for batches in ([big], micro):
         model = GPTModel(config)
         init_weights(model, config, seed=0)
-        loss = forward_backward_no_pipelining(model, batches, k, torch.device("cpu"), bf16=False)
+        loss = accumulate(model, batches)
         grads.append((loss, [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for a, b in zip(grads[0][1], grads[1][1]):

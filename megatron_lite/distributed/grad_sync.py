@@ -24,17 +24,33 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group: str, scale: float = 
         grad.copy_(synced)
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module) -> None:
+def _grads(chunks: list[nn.Module], flag: str | None = None) -> list[torch.Tensor]:
+    return [p.grad for c in chunks for p in c.parameters()
+            if p.grad is not None and (flag is None or getattr(p, flag, False))]
+
+
+def allreduce_sequence_parallel_grads(chunks: list[nn.Module]) -> None:
     """Sum over tp the grads of params replicated across tp that saw only this rank's tokens under SP."""
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    _all_reduce_coalesced(grads, "tp")
+    _all_reduce_coalesced(_grads(chunks, "sequence_parallel"), "tp")
 
 
-def allreduce_data_parallel_grads(model: nn.Module) -> None:
+def allreduce_embedding_grads(chunks: list[nn.Module]) -> None:
+    """Sum the grads of the tied word embedding held by the first and the last pipeline stage.
+
+    Both copies start equal and must stay equal: each gets the sum of the input-embedding
+    grad (first stage) and the output-layer grad (last stage), as the single tied tensor would.
+    """
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    grads = [c.word_embeddings.weight.grad for c in chunks
+             if hasattr(c, "word_embeddings") and c.word_embeddings.weight.grad is not None
+             and c.config.tie_embeddings]
+    _all_reduce_coalesced(grads, "embedding")
+
+
+def allreduce_data_parallel_grads(chunks: list[nn.Module]) -> None:
     """Average grads over the data-parallel replicas: each computed the loss of its slice of the batch."""
-    dp = parallel_state.get_data_parallel_world_size()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    _all_reduce_coalesced(grads, "dp", 1.0 / dp)
+    _all_reduce_coalesced(_grads(chunks), "dp", 1.0 / parallel_state.get_data_parallel_world_size())
 
 
 def average_across_data_parallel(value: float) -> float:

@@ -23,33 +23,45 @@ from megatron_lite.tensor_parallel.utils import full_shape, local_shard
 class GPTModel(nn.Module):
     """Decoder-only transformer of either family (see ModelConfig.family), sharded over the tp group.
 
-    With sequence_parallel the residual stream between the embedding and the output layer
-    holds seq/tp tokens per rank.
+    A pipeline stage builds only its part: the layers numbered `layer_numbers` (global
+    numbers, so parameter names and their init match the whole model), the embedding if it
+    is the first stage (pre_process) and the final norm, output layer and loss if it is the
+    last (post_process). With sequence_parallel the residual stream between the embedding
+    and the output layer holds seq/tp tokens per rank.
     """
 
-    def __init__(self, config: ModelConfig, sequence_parallel: bool = False) -> None:
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False, layer_numbers: range | None = None,
+                 pre_process: bool = True, post_process: bool = True) -> None:
         super().__init__()
         self.config = config
         self.sequence_parallel = sequence_parallel
+        self.pre_process, self.post_process = pre_process, post_process
         vocab = config.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
-        self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
-        self.word_embeddings.weight.unpadded_rows = config.vocab_size
-        if config.family == "gpt2":
+        if pre_process or (post_process and config.tie_embeddings):
+            self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
+            self.word_embeddings.weight.unpadded_rows = config.vocab_size
+            # A last stage that is not also the first keeps its own copy of the tied table
+            # for the output layer; the two copies' grads are summed every step.
+            self.word_embeddings.weight.shared_embedding = not pre_process
+        if pre_process and config.family == "gpt2":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
             # Under SP each rank adds the rows of its own positions only: a partial grad.
             mark_sequence_parallel(self.position_embeddings, sequence_parallel)
-        else:
+        if config.family == "llama":
             cos, sin = rotary_angles(max(config.seq_length, config.max_position_embeddings),
                                      config.head_dim, config.rotary_base)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
-        self.layers = nn.ModuleList(TransformerLayer(config, sequence_parallel) for _ in range(config.num_layers))
-        self.final_layernorm = build_norm(config.family, config.hidden_size, config.norm_epsilon, sequence_parallel)
-        if not config.tie_embeddings:
-            self.output_layer = ColumnParallelLinear(config.hidden_size, vocab, bias=False,
-                                                     sequence_parallel=sequence_parallel)
-            self.output_layer.weight.unpadded_rows = config.vocab_size
+        numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, sequence_parallel) for i in numbers})
+        if post_process:
+            self.final_layernorm = build_norm(config.family, config.hidden_size, config.norm_epsilon,
+                                              sequence_parallel)
+            if not config.tie_embeddings:
+                self.output_layer = ColumnParallelLinear(config.hidden_size, vocab, bias=False,
+                                                         sequence_parallel=sequence_parallel)
+                self.output_layer.weight.unpadded_rows = config.vocab_size
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
@@ -59,12 +71,16 @@ class GPTModel(nn.Module):
             x = x + self.position_embeddings(torch.arange(first, first + seq, device=tokens.device))
         return self.embedding_dropout(x)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [b, s, vocab] without labels; per-token fp32 loss [b, s] with them."""
-        x = self.embed(tokens)
+    def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, s, vocab] without labels, per-token fp32 loss [b, s] with them; a stage that
+        is not the last returns its hidden states. `hidden` is the input of a stage that is not the first."""
+        x = self.embed(tokens) if self.pre_process else hidden
         rotary = None if self.config.family == "gpt2" else (self.rotary_cos, self.rotary_sin)
-        for layer in self.layers:
+        for layer in self.layers.values():
             x = layer(x, rotary)
+        if not self.post_process:
+            return x
         x = self.final_layernorm(x)
         if self.config.tie_embeddings:
             weight = self.word_embeddings.weight

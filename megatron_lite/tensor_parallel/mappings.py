@@ -47,9 +47,10 @@ class CommMeter:
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
 
     def record(self, op: str, group: str, nbytes: int) -> None:
+        """Count one collective, or one point-to-point "send" (whose wire bytes are its bytes)."""
         n = parallel_state.get_grid().size(group)
         self.bytes[(op, group)] += nbytes
-        self.wire_bytes[(op, group)] += _RING_FACTOR[op] * (n - 1) / n * nbytes
+        self.wire_bytes[(op, group)] += nbytes if op == "send" else _RING_FACTOR[op] * (n - 1) / n * nbytes
         self.calls[(op, group)] += 1
 
     def reset(self) -> None:

@@ -1,7 +1,7 @@
-"""Run a function on N gloo ranks on this CPU, as torchrun would, and collect what each returns.
+"""Run a function on N local ranks, as torchrun would, and collect what each returns.
 
-Spawning costs seconds (each rank imports torch), so a test spawns once and its worker runs
-many checks, returning a dict of results the test asserts on in the parent process.
+Tests and tools use it to run real distributed code on one CPU (gloo). Spawning costs
+seconds (each rank imports torch), so a caller spawns once and its worker does many things.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, worker: Callable
 
 
 def run_on_ranks(worker: Callable, world_size: int, *args) -> list:
-    """worker(*args) on every rank (torch.distributed env set, not yet initialised); the results by rank."""
+    """worker(*args) on every rank (torch.distributed's environment set, not yet initialised);
+    the results by rank. `worker` must be importable by name (a module-level function)."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, worker, args), nprocs=world_size,
                            join=True, start_method="spawn")

@@ -1,0 +1,1 @@
+"""Pipeline parallelism: layer partitioning, neighbour p2p, schedules and their traces."""

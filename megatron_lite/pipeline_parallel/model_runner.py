@@ -1,0 +1,65 @@
+"""The stage runner that drives real model chunks through a schedule."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from megatron_lite.pipeline_parallel.trace import Trace
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast (weights and optimizer stay fp32) or nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the unmasked tokens of one microbatch."""
+    return (per_token * loss_mask).sum() / loss_mask.sum()
+
+
+class ModelRunner:
+    """Forward and backward passes of this rank's model chunks on the step's microbatches.
+
+    The last stage divides each microbatch's loss by the number of microbatches before its
+    backward, so the accumulated gradient is that of the mean loss over the global batch and
+    k microbatches of size b give the step of one batch of k*b.
+    """
+
+    dtype = torch.float32  # the residual stream stays fp32 under autocast: that is what flows between stages
+
+    def __init__(self, chunks: list[nn.Module], microbatches: list[dict[str, torch.Tensor]], num_microbatches: int,
+                 tensor_shape: tuple[int, ...], device: torch.device, bf16: bool, trace: Trace | None = None) -> None:
+        self.chunks, self.microbatches, self.num_microbatches = chunks, microbatches, num_microbatches
+        self.tensor_shape, self.device, self.bf16, self.trace = tensor_shape, device, bf16, trace
+        self.losses: list[float] = []
+
+    def _record(self, chunk: int, microbatch: int, kind: str, start: float) -> None:
+        if self.trace is not None:
+            self.trace.record(chunk, microbatch, kind, start, time.perf_counter())
+
+    def forward(self, chunk: int, microbatch: int, input_tensor: torch.Tensor | None) -> torch.Tensor:
+        start = time.perf_counter()
+        model, batch = self.chunks[chunk], self.microbatches[microbatch]
+        if input_tensor is not None:
+            input_tensor.requires_grad_()
+        with autocast(self.device, self.bf16):
+            output = model(tokens=batch["tokens"], labels=batch["labels"] if model.post_process else None,
+                           hidden=input_tensor)
+        if model.post_process:
+            loss = microbatch_loss(output, batch["loss_mask"])
+            self.losses.append(loss.item())
+            output = loss / self.num_microbatches
+        self._record(chunk, microbatch, "F", start)
+        return output
+
+    def backward(self, chunk: int, microbatch: int, input_tensor: torch.Tensor | None, output_tensor: torch.Tensor,
+                 output_grad: torch.Tensor | None) -> torch.Tensor | None:
+        start = time.perf_counter()
+        torch.autograd.backward(output_tensor, grad_tensors=output_grad)
+        self._record(chunk, microbatch, "B", start)
+        return None if input_tensor is None else input_tensor.grad
