@@ -1,0 +1,368 @@
+"""FlashAttention-2: exact attention without the [s, s] score matrix, forward and backward.
+
+Layout is SDPA's: q [b, nh, s, d], k/v [b, nkv, s, d], nh % nkv == 0 (GQA: query head h
+reads kv head h // (nh // nkv)).
+
+Forward, per block of BLOCK_M query rows: walk the key/value blocks keeping, per row,
+the running max m of the scores, the running sum l of exp(score - m) and the unnormalised
+output acc = sum exp(score - m) v. When a block raises the max to m', the old l and acc
+are rescaled by exp(m - m') (the online softmax); one division by l at the end. Scores are
+kept in base 2 (scaled by log2 e) so every exponential is an exp2. Only O and the row
+logsumexp (lse = m + log2 l, base 2 as well) are written: O(s) extra memory, not O(s^2).
+
+Backward recomputes the probabilities block by block from q, k and the saved lse,
+P = exp2(q k^T * scale * log2 e - lse), instead of storing them (FA2's trade: a second QK^T
+matmul for s^2 memory). With dP = dO V^T and delta = rowsum(dO * O) (= rowsum(P * dP)),
+the score gradient is dS = P * (dP - delta), and
+    dV = P^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K.
+delta is computed first by a small kernel. dK/dV are then computed per key block (looping
+over all query blocks and, for GQA, over every query head that shares the kv head, so the
+sum over the group needs no atomics), and dQ per query block by a second kernel.
+
+All matmuls accumulate in fp32 (tl.dot's accumulator) and the softmax statistics are fp32:
+bf16 probabilities summed over thousands of keys would lose the small terms. P and dS
+are cast to the input dtype only as matmul operands, as the tensor cores expect.
+
+Causal masking and the ragged tail (s not a multiple of the block) are applied only in the
+blocks that need them (the `MASK` constexpr); full blocks run unmasked.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import use_triton
+from kernels._common import ptr_add
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+DELTA_BLOCK = 64  # rows per program of the rowsum(dO * O) kernel
+
+
+def flash_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """torch SDPA with the kv heads repeated for each query head of their group."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
+
+
+@triton.jit
+def _program_tile(n_heads, BLOCK: tl.constexpr):
+    """This program's tile: grid axis 0 walks blocks of BLOCK sequence positions, axis 1
+    the (batch, head) pairs. Returns (first position, positions, batch, head, pair index)."""
+    start = tl.program_id(0) * BLOCK
+    bh = tl.program_id(1)
+    return start, start + tl.arange(0, BLOCK), bh // n_heads, bh % n_heads, bh
+
+
+@triton.jit
+def _head(T, b, h, stride_b, stride_h):
+    """Base pointer of head h of batch b."""
+    return ptr_add(ptr_add(T, b, stride_b), h, stride_h)
+
+
+@triton.jit
+def _rows_ptrs(base, rows, stride_s, HEAD_DIM: tl.constexpr):
+    """[len(rows), HEAD_DIM] pointers to positions `rows` of one head.
+
+    The head's base pointer already carries the int64 batch/head offset; within a head the
+    offsets stay int32 (s * stride_s is below 2**31 for any real layout, e.g. 128k positions
+    x 64 heads x 128 dims = 2**30), which keeps the per-element offset math in 32-bit
+    registers: int64 offsets for every [block, head_dim] element cost registers and spills.
+    """
+    return base + rows[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _load_rows(base, rows, stride_s, seqlen, HEAD_DIM: tl.constexpr):
+    """Positions `rows` of one head; those past the sequence read as zeros."""
+    return tl.load(_rows_ptrs(base, rows, stride_s, HEAD_DIM), mask=rows[:, None] < seqlen, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, stride_s, seqlen, value, HEAD_DIM: tl.constexpr):
+    tl.store(_rows_ptrs(base, rows, stride_s, HEAD_DIM), value.to(base.dtype.element_ty),
+             mask=rows[:, None] < seqlen)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, bh, rows, seqlen):
+    """The saved base-2 logsumexp and delta of query rows `rows` of head `bh`.
+    lse = +inf past the sequence makes those rows' recomputed P exactly 0."""
+    mask = rows < seqlen
+    lse = tl.load(ptr_add(LSE, bh, seqlen) + rows, mask=mask, other=float("inf"))
+    delta = tl.load(ptr_add(DELTA, bh, seqlen) + rows, mask=mask, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _visible(rows, cols, seqlen, CAUSAL: tl.constexpr):
+    """[rows, cols] mask of the keys each query may attend to."""
+    ok = cols[None, :] < seqlen
+    if CAUSAL:
+        ok = ok & (rows[:, None] >= cols[None, :])
+    return ok
+
+
+@triton.jit
+def _query_block_kv_ranges(start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): key blocks [0, split) are fully visible,
+    [split, end) need the mask (the diagonal when causal, else the ragged tail).
+    Needs BLOCK_M % BLOCK_N == 0, so that start_m is a key-block boundary."""
+    if CAUSAL:
+        split = start_m
+        end = tl.minimum(start_m + BLOCK_M, seqlen)
+    else:
+        split = (seqlen // BLOCK_N) * BLOCK_N
+        end = seqlen
+    return split, end
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, lo, hi, seqlen,
+               qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_head, cols, stride_ks, seqlen, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            s = tl.where(_visible(rows, cols, seqlen, CAUSAL), s, float("-inf"))
+        # In each call's first block every row sees a key, so m is finite from then on
+        # and exp2(m_i - m_new) never meets -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_rows(v_head, cols, stride_vs, seqlen, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, qk_scale, seqlen, n_heads, group,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
+    q = _load_rows(_head(Q, b, h, sqb, sqh), rows, sqs, seqlen, HEAD_DIM)
+    k_head, v_head = _head(K, b, h // group, skb, skh), _head(V, b, h // group, svb, svh)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    split, end = _query_block_kv_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, 0, split, seqlen,
+                               qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, split, end, seqlen,
+                               qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N)
+    _store_rows(_head(O, b, h, sob, soh), rows, sos, seqlen, acc / l_i[:, None], HEAD_DIM)
+    # Saved in the same base-2 units as the scores, so backward needs no conversion.
+    tl.store(ptr_add(LSE, bh, seqlen) + rows, m_i + tl.log2(l_i), mask=rows < seqlen)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, seqlen, n_heads, sob, soh, sos, sdb, sdh, sds,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    _, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
+    o = _load_rows(_head(O, b, h, sob, soh), rows, sos, seqlen, HEAD_DIM).to(tl.float32)
+    do = _load_rows(_head(DO, b, h, sdb, sdh), rows, sds, seqlen, HEAD_DIM).to(tl.float32)
+    tl.store(ptr_add(DELTA, bh, seqlen) + rows, tl.sum(o * do, axis=1), mask=rows < seqlen)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, stride_qs, stride_dos, cols,
+                lo, hi, seqlen, qk_scale, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    # Transposed form: this program owns keys `cols`, so it builds S^T [keys, queries].
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_head, rows, stride_qs, seqlen, HEAD_DIM)
+        do = _load_rows(do_head, rows, stride_dos, seqlen, HEAD_DIM)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        if MASK:  # causal diagonal block
+            s_t = tl.where(rows[None, :] >= cols[:, None], s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, n_kv_heads, group,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n, cols, b, kvh, _ = _program_tile(n_kv_heads, BLOCK_N)
+    k = _load_rows(_head(K, b, kvh, skb, skh), cols, sks, seqlen, HEAD_DIM)
+    v = _load_rows(_head(V, b, kvh, svb, svh), cols, svs, seqlen, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Causal: queries before start_n never see these keys; those of the diagonal block see
+    # some of them (masked); all later ones see all of them (unmasked). That needs
+    # BLOCK_N % BLOCK_M == 0, so that start_n + BLOCK_N is a query-block boundary.
+    # The ragged tail needs no mask here: queries past the end load as zeros with lse = +inf
+    # (so P = 0), and keys past the end are this program's own rows, which are not stored.
+    if CAUSAL:
+        unmasked_lo = tl.minimum(start_n + BLOCK_N, seqlen)
+    else:
+        unmasked_lo = 0
+    for h in range(kvh * group, (kvh + 1) * group):  # every query head sharing this kv head
+        q_head, do_head = _head(Q, b, h, sqb, sqh), _head(DO, b, h, sdob, sdoh)
+        bh = b * n_heads + h
+        if CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, sqs, sdos, cols,
+                                 start_n, unmasked_lo, seqlen, qk_scale, True, HEAD_DIM, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, sqs, sdos, cols,
+                             unmasked_lo, seqlen, seqlen, qk_scale, False, HEAD_DIM, BLOCK_M)
+    _store_rows(_head(DK, b, kvh, sdkb, sdkh), cols, sdks, seqlen, dk * sm_scale, HEAD_DIM)
+    _store_rows(_head(DV, b, kvh, sdvb, sdvh), cols, sdvs, seqlen, dv, HEAD_DIM)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows, lo, hi, seqlen,
+              qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_head, cols, stride_ks, seqlen, HEAD_DIM)
+        v = _load_rows(v_head, cols, stride_vs, seqlen, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            s = tl.where(_visible(rows, cols, seqlen, CAUSAL), s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, group,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdqb, sdqh, sdqs,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
+    q = _load_rows(_head(Q, b, h, sqb, sqh), rows, sqs, seqlen, HEAD_DIM)
+    do = _load_rows(_head(DO, b, h, sdob, sdoh), rows, sdos, seqlen, HEAD_DIM)
+    lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
+    k_head, v_head = _head(K, b, h // group, skb, skh), _head(V, b, h // group, svb, svh)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    split, end = _query_block_kv_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, 0, split, seqlen,
+                   qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, split, end, seqlen,
+                   qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N)
+    _store_rows(_head(DQ, b, h, sdqb, sdqh), rows, sdqs, seqlen, dq * sm_scale, HEAD_DIM)
+
+
+# (forward, dK/dV, dQ) tiles on a GPU for bf16/fp16, per head dim: the largest that compile
+# for sm_90 without register spills. Forward needs BLOCK_M % BLOCK_N == 0, dK/dV the reverse.
+_GPU_CONFIGS = {
+    64: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=32, BLOCK_N=64, num_warps=4),
+         dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)),
+    128: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=32, BLOCK_N=32, num_warps=8),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)),
+}
+# fp32 on a GPU (TF32 dots) is a correctness path: tiles small enough for shared memory.
+_GPU_FP32_CONFIG = (dict(BLOCK_M=64, BLOCK_N=32, num_warps=4), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4),
+                    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4))
+
+
+def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, ...]:
+    """Fixed launch configs, no autotuning, so that the interpreter runs the very code a GPU
+    runs; there it gets 16 x 16 tiles so that short test sequences still span several."""
+    if device.type != "cuda":
+        return (dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),) * 3
+    if dtype == torch.float32:
+        return tuple(dict(c, num_stages=2) for c in _GPU_FP32_CONFIG)
+    return tuple(dict(c, num_stages=3) for c in _GPU_CONFIGS[max(head_dim, 64)])
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, seq) strides; the head dim must be contiguous."""
+    assert t.stride(3) == 1
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale):
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        batch, n_heads, seqlen, head_dim = q.shape
+        fwd, _, _ = _configs(head_dim, q.dtype, q.device)
+        o = torch.empty_like(q)  # same layout as q, so a [b, s, nh, d] caller gets one back
+        lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(seqlen, fwd["BLOCK_M"]), batch * n_heads)
+        _fwd_kernel[grid](
+            q, k, v, o, lse, softmax_scale * LOG2E, seqlen, n_heads, n_heads // k.shape[1],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            CAUSAL=causal, HEAD_DIM=head_dim, **fwd,
+        )
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = _unit_last_stride(do)
+        batch, n_heads, seqlen, head_dim = q.shape
+        n_kv_heads = k.shape[1]
+        group = n_heads // n_kv_heads
+        _, dkdv, dqc = _configs(head_dim, q.dtype, q.device)
+        qk_scale = ctx.softmax_scale * LOG2E
+        delta = torch.empty_like(lse)
+        _bwd_delta_kernel[(triton.cdiv(seqlen, DELTA_BLOCK), batch * n_heads)](
+            o, do, delta, seqlen, n_heads, *_strides(o), *_strides(do),
+            HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK,
+        )
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _bwd_dkdv_kernel[(triton.cdiv(seqlen, dkdv["BLOCK_N"]), batch * n_kv_heads)](
+            q, k, v, do, dk, dv, lse, delta, qk_scale, ctx.softmax_scale, seqlen, n_heads, n_kv_heads,
+            group, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            CAUSAL=ctx.causal, HEAD_DIM=head_dim, **dkdv,
+        )
+        _bwd_dq_kernel[(triton.cdiv(seqlen, dqc["BLOCK_M"]), batch * n_heads)](
+            q, k, v, do, dq, lse, delta, qk_scale, ctx.softmax_scale, seqlen, n_heads, group,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            CAUSAL=ctx.causal, HEAD_DIM=head_dim, **dqc,
+        )
+        return dq, dk, dv, None, None
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d] (GQA when nkv < nh), scaled by
+    `softmax_scale` (default 1/sqrt(d)). Returns [b, nh, s, d] in q's dtype."""
+    b, nh, s, d = q.shape
+    if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (b, s, d) or nh % k.shape[1]:
+        raise ValueError(
+            f"need q [b, nh, s, d] and k, v [b, nkv, s, d] with nh % nkv == 0; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not use_triton(q):
+        return flash_attention_reference(q, k, v, causal, softmax_scale)
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} not supported; use one of {HEAD_DIMS}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    return FlashAttentionFunction.apply(q, k, v, causal, scale)
