@@ -21,6 +21,7 @@ layer, the caller's TP mapping all-reduces it.
 from typing import Optional
 
 import torch
+from torch.torch_version import TorchVersion
 
 from kernels import use_triton
 from kernels.cross_entropy import (
@@ -59,14 +60,22 @@ def _default_chunk_size(n_tokens: int, vocab_local: int, elem_size: int) -> int:
     return min(n_tokens, 1 << (rows.bit_length() - 1))  # a power of two, or all the tokens
 
 
+# addmm's out_dtype (fp32 output from 16-bit operands) exists from torch 2.8 and on CUDA only;
+# pyproject allows torch 2.4, and the CPU reference machines have no such kernel.
+_ADDMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 8)
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32. For bf16/fp16 operands cuBLAS accumulates in fp32 and
-    writes fp32 (addmm's out_dtype, torch >= 2.8 on CUDA), so no chunk's contribution is
-    rounded to 16 bits."""
+    """acc += a @ b with acc fp32. For bf16/fp16 operands cuBLAS accumulates in fp32 and,
+    given out_dtype, writes fp32, so no chunk's contribution is rounded to 16 bits. Without
+    it each chunk's product is rounded once before the fp32 sum, about as exact as the
+    unfused path, whose bf16 grad_W is rounded once in all."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:
+    elif a.is_cuda and _ADDMM_OUT_DTYPE:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 def _chunks(n_tokens: int, chunk_size: int) -> list[slice]:
@@ -169,6 +178,17 @@ def fused_linear_cross_entropy(
         return fused_linear_cross_entropy_reference(
             hidden, weight, target, vocab_start_index, vocab_size, reduce_max, reduce_sum, ignore_index
         )
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Do what autocast does for a linear, by hand: operands cast to its dtype (the casts
+        # carry the grads back), then no autocast inside, where matmuls write into buffers
+        # of fixed dtype (out=), which autocast would refuse.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(dtype), weight.to(dtype), target, vocab_start_index, vocab_size,
+                reduce_max, reduce_sum, ignore_index, chunk_size,
+            )
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     target1 = target.reshape(-1).contiguous()
     if chunk_size is None:

@@ -9,6 +9,7 @@ import typing
 
 from megatron_lite.config import (FAMILIES, LR_DECAY_STYLES, SCHEDULES, Config, ConfigError, ModelConfig,
                                   ParallelConfig, TrainConfig, field_docs)
+from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import validate_layout
 
 # Shapes of well-known models. Vocabulary size is not part of a preset: it comes from the tokenizer.
@@ -31,7 +32,7 @@ PRESETS: dict[str, dict] = {
 # Fields that are not flags: derived at run time, never typed by a user.
 _DERIVED = {"vocab_size", "data_parallel_size"}
 _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda"),
-            "pipeline_schedule": SCHEDULES}
+            "pipeline_schedule": SCHEDULES, "tokenizer_type": tuple(TOKENIZERS)}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
                                   "pipeline_model_parallel_size": ["--pp"],
@@ -49,19 +50,26 @@ def _base_type(annotation: str | type) -> tuple[type, bool]:
     return base, False
 
 
+def _flag_names(f: dataclasses.Field) -> list[str]:
+    """`--field-name` and its aliases. A bool field that defaults to True gets `--no-field-name`
+    instead, which turns it off (Megatron's convention, as in --no-masked-softmax-fusion)."""
+    if f.default is True:
+        return ["--no-" + f.name.replace("_", "-")]
+    return ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group(cls.__name__)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in _DERIVED:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        names = [flag, *_ALIASES.get(f.name, [])]
+        names = _flag_names(f)
         base, is_list = _base_type(f.type)
         help_text = docs.get(f.name, "")
         if base is bool:
-            group.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                               help=help_text)
+            group.add_argument(*names, dest=f.name, action="store_false" if f.default is True else "store_true",
+                               default=argparse.SUPPRESS, help=help_text)
         else:
             group.add_argument(*names, dest=f.name, type=base, nargs="+" if is_list else None,
                                choices=_CHOICES.get(f.name), default=argparse.SUPPRESS,
@@ -118,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                   flush=True)
         parallel.sequence_parallel = False
     config.validate()
+    if parallel.use_distributed_optimizer and parallel.data_parallel_size == 1 and int(os.environ.get("RANK", "0")) == 0:
+        print("WARNING: --use-distributed-optimizer with data-parallel size 1 shards nothing; it runs unsharded",
+              flush=True)
     if config.train.load is not None and not os.path.isdir(config.train.load):
         raise ConfigError(f"--load={config.train.load} does not exist or is not a directory")
     return config
@@ -132,8 +143,10 @@ def flags_markdown() -> str:
         for f in dataclasses.fields(cls):
             if f.name in _DERIVED:
                 continue
-            flags = ", ".join(f"`{n}`" for n in ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])])
-            shown = "" if f.default in (None, dataclasses.MISSING) else f"`{f.default}`"
+            flags = ", ".join(f"`{n}`" for n in _flag_names(f))
+            # The flag's own default: a --no-... flag is off unless given.
+            default = False if f.default is True else f.default
+            shown = "" if default in (None, dataclasses.MISSING) else f"`{default}`"
             rows.append(f"| {flags} | {shown} | {docs.get(f.name, '')} |")
     return "\n".join(rows)
 

@@ -63,6 +63,8 @@ class ModelConfig:
     """Dropout on the residual branches."""
     attention_dropout: float = 0.0
     """Dropout on the attention probabilities."""
+    fused_kernels: bool = True
+    """Fused kernels (kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -126,6 +128,10 @@ class ParallelConfig:
     """Split norms, dropout and the residual stream along the sequence across the tp group (needs tp > 1)."""
     data_parallel_size: int = 1
     """Model replicas; derived as world_size / (tp * pp), never set by hand."""
+    use_distributed_optimizer: bool = False
+    """Shard fp32 Adam state across data-parallel ranks (ZeRO-1): reduce-scatter grads, all-gather params."""
+    ddp_bucket_size: int = 40_000_000
+    """Elements per data-parallel gradient bucket; a bucket's reduction starts as soon as its grads are final."""
     distributed_timeout_minutes: float = 5.0
     """A collective waiting longer than this raises instead of hanging."""
 
@@ -139,7 +145,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                          "data_parallel_size", "distributed_timeout_minutes")
+                          "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
         if self.virtual_pipeline_model_parallel_size is not None:
             _require_positive(self, "virtual_pipeline_model_parallel_size")
         pp, vpp = self.pipeline_model_parallel_size, self.vpp
@@ -208,7 +214,9 @@ class TrainConfig:
     save_interval: int | None = None
     """Save a checkpoint every N steps (and at the end) when --save is set."""
     load: str | None = None
-    """Directory to resume from (its latest checkpoint)."""
+    """Directory to resume from (its latest checkpoint; saved under any layout, it is resharded to this one)."""
+    keep_last: int | None = None
+    """Keep only the K most recent checkpoints in --save, deleting older iter_ directories (default: keep all)."""
     exit_interval: int | None = None
     """Stop (saving first when --save is set) once the iteration is a multiple of N; the schedule still spans --train-iters."""
     log_interval: int = 10
@@ -220,11 +228,15 @@ class TrainConfig:
     eval_iters: int = 10
     """Global batches per evaluation."""
     data_path: list[str] | None = None
-    """Dataset prefix(es); without it a small built-in corpus is used."""
+    """Dataset prefix of a .bin/.idx pair, or weight-prefix pairs to blend (0.7 a 0.3 b); without it a built-in corpus is used."""
     split: str = "98,2,0"
-    """Train/valid/test proportions of the data."""
+    """Train/valid/test proportions of each dataset's documents."""
     data_cache_dir: str | None = None
-    """Where tokenized data caches go (default: ~/.cache/megatron_lite)."""
+    """Where the built-in corpus and the sample indices are cached (default: ~/.cache/megatron_lite or $MEGATRON_LITE_CACHE, and cache/ beside --data-path)."""
+    tokenizer_type: str = "ByteTokenizer"
+    """Tokenizer the data was preprocessed with: ByteTokenizer (needs no file), SentencePieceTokenizer or HuggingFaceTokenizer."""
+    tokenizer_model: str | None = None
+    """The tokenizer's file or folder: a SentencePiece .model, a tokenizer.json or a transformers tokenizer folder."""
     device: str | None = None
     """cpu or cuda (default: cuda when available)."""
 
@@ -255,11 +267,16 @@ class TrainConfig:
             _require(self.exit_interval > 0, f"--exit-interval={self.exit_interval} must be positive")
         if self.save_interval is not None:
             _require(self.save_interval > 0, f"--save-interval={self.save_interval} must be positive")
+        if self.keep_last is not None:
+            _require(self.keep_last > 0, f"--keep-last={self.keep_last} must be positive")
         _require(self.device in (None, "cpu", "cuda"), f"--device={self.device} is unknown; allowed: cpu, cuda")
         weights = self.split.replace("/", ",").split(",")
         _require(len(weights) == 3 and all(w.strip().replace(".", "", 1).isdigit() for w in weights)
                  and sum(float(w) for w in weights) > 0,
                  f"--split={self.split} must be three non-negative numbers like 98,2,0")
+        _require(self.data_path is not None or self.tokenizer_type == "ByteTokenizer",
+                 f"--tokenizer-type={self.tokenizer_type} needs --data-path (data preprocessed with it); "
+                 "the built-in corpus is byte-level")
 
 
 @dataclass

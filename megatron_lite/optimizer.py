@@ -1,4 +1,9 @@
-"""AdamW with Megatron's parameter groups, the learning-rate schedule and grad clipping."""
+"""AdamW with Megatron's parameter groups, the learning-rate schedule, and the plain optimizer.
+
+Parameters and AdamW state are fp32 (under --bf16 only the compute is bf16, via autocast), so
+a parameter costs 4 bytes of weight, 4 of grad and 8 of Adam moments: 16 bytes per parameter
+on every data-parallel rank here, 8 + 8/dp with the distributed optimizer.
+"""
 from __future__ import annotations
 
 import math
@@ -9,19 +14,55 @@ from torch import nn
 from megatron_lite.config import TrainConfig
 
 
-def build_optimizer(chunks: list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the fp32 parameters of this rank's model chunks; biases and norm weights (the
-    1-D tensors) get no weight decay."""
-    decay, no_decay = [], []
-    for param in (p for chunk in chunks for p in chunk.parameters()):
-        if param.requires_grad:
-            (no_decay if param.ndim == 1 else decay).append(param)
+def adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over two groups: weight decay for matrices, none for biases and norm weights."""
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False keeps the update a plain per-tensor loop: identical results whatever
-    # the grouping of tensors, which the parallel-vs-single-device parity tests rely on.
+    # the grouping or sharding of tensors, which the parity tests rely on.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                              foreach=False)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state (Adam moments) held by this rank."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
+class LocalOptimizer:
+    """AdamW over all of this rank's parameters; every data-parallel replica runs the same update.
+
+    What the training loop needs of an optimizer: param_groups (for the lr), grads_for_norm()
+    and norm_groups (for clipping), step(), and state_dict()/load_state_dict() for checkpoints.
+    """
+
+    norm_groups = ("mp",)  # grads are replicated over dp after the all-reduce: sum norms over tp x pp only
+
+    def __init__(self, chunks: list[nn.Module], cfg: TrainConfig) -> None:
+        self.tensors = [(p, p) for c in chunks for p in c.parameters() if p.requires_grad]
+        self.optimizer = self._adamw(cfg)
+
+    def _adamw(self, cfg: TrainConfig) -> torch.optim.AdamW:
+        """AdamW over self.tensors, (optimized tensor, its parameter) pairs grouped by the parameter's rank."""
+        return adamw([t for t, p in self.tensors if p.ndim > 1], [t for t, p in self.tensors if p.ndim == 1], cfg)
+
+    def grads_for_norm(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
+        return [(t.grad, p) for t, p in self.tensors if t.grad is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # A property, not an attribute: load_state_dict replaces the inner optimizer's group dicts.
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 def learning_rate(iteration: int, cfg: TrainConfig) -> float:
@@ -44,6 +85,6 @@ def learning_rate(iteration: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * coeff
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_learning_rate(optimizer: LocalOptimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

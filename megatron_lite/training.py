@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,16 +12,17 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.data import build_train_valid_datasets
+from megatron_lite.data import build_training_data
 from megatron_lite.data.loader import global_batch
-from megatron_lite.data.tokenizer import ByteTokenizer
 from megatron_lite.distributed.grad_clip import clip_grad_norm
-from megatron_lite.distributed.grad_sync import (allreduce_data_parallel_grads, allreduce_embedding_grads,
-                                                 allreduce_sequence_parallel_grads, average_across_data_parallel)
+from megatron_lite.distributed.data_parallel import DataParallelGrads
+from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
+from megatron_lite.distributed.grad_sync import (allreduce_embedding_grads, allreduce_sequence_parallel_grads,
+                                                 average_across_data_parallel, needs_model_parallel_reduction)
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.model.gpt import init_weights
-from megatron_lite.optimizer import build_optimizer, learning_rate, set_learning_rate
+from megatron_lite.optimizer import LocalOptimizer, learning_rate, set_learning_rate
 from megatron_lite.parallel_state import print_rank_0
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
 from megatron_lite.pipeline_parallel.partition import build_model_chunks
@@ -67,22 +69,47 @@ def microbatch_shape(config: Config) -> tuple[int, int, int]:
             config.model.hidden_size)
 
 
-def train_step(chunks: list[nn.Module], optimizer: torch.optim.Optimizer, microbatches, iteration: int,
-               config: Config, device: torch.device, trace: Trace | None = None) -> tuple[float, float, float]:
+@dataclass
+class TrainingModel:
+    """This rank's model chunks, their data-parallel grad buffers and the optimizer over them."""
+    chunks: list[nn.Module]
+    grad_buffers: list[DataParallelGrads]
+    optimizer: LocalOptimizer | DistributedOptimizer
+
+
+def setup_model_and_optimizer(config: Config, device: torch.device) -> TrainingModel:
+    """Build this rank's chunks with the single-device initial weights, their grad buffers and optimizer."""
+    par = config.parallel
+    chunks = build_model_chunks(config.model, par)
+    for chunk in chunks:
+        init_weights(chunk, config.model, config.train.seed)
+        chunk.to(device)
+    buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
+                                 deferred=needs_model_parallel_reduction) for c in chunks]
+    optimizer = (DistributedOptimizer(buffers, config.train) if par.use_distributed_optimizer
+                 else LocalOptimizer(chunks, config.train))
+    return TrainingModel(chunks, buffers, optimizer)
+
+
+def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
+               trace: Trace | None = None) -> tuple[float, float, float]:
     """One optimizer step; returns (loss averaged over the global batch, grad norm before clipping, lr)."""
     cfg, par = config.train, config.parallel
-    optimizer.zero_grad(set_to_none=True)
+    for buf in model.grad_buffers:
+        buf.zero_grad()
     num_microbatches = cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
-    runner = ModelRunner(chunks, list(microbatches), num_microbatches, microbatch_shape(config), device, cfg.bf16,
-                         trace)
+    runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
+                         cfg.bf16, trace, before_last_backward=lambda c: model.grad_buffers[c].start_grad_sync_on_backward())
     run_schedule(runner, par.schedule, num_microbatches, par.vpp)
-    allreduce_embedding_grads(chunks)
-    allreduce_sequence_parallel_grads(chunks)
-    allreduce_data_parallel_grads(chunks)
-    grad_norm = clip_grad_norm([p for c in chunks for p in c.parameters() if p.requires_grad], cfg.clip_grad)
+    # Model-parallel reductions first, then the data-parallel one (their buckets were deferred).
+    allreduce_embedding_grads(model.chunks)
+    allreduce_sequence_parallel_grads(model.chunks)
+    for buf in model.grad_buffers:
+        buf.finish_grad_sync()
+    grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups)
     lr = learning_rate(iteration, cfg)
-    set_learning_rate(optimizer, lr)
-    optimizer.step()
+    set_learning_rate(model.optimizer, lr)
+    model.optimizer.step()
     return last_stage_loss(runner.losses), grad_norm, lr
 
 
@@ -119,6 +146,18 @@ def describe_layout(grid: parallel_state.Grid, par) -> str:
     return f"> layout: world {grid.world_size} = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}{''.join(extras)}; {groups}"
 
 
+def describe_memory(model: TrainingModel, dp: int) -> str:
+    """Rank 0's parameter, grad and Adam-state bytes, and the bytes per parameter they amount to."""
+    params = sum(p.numel() for c in model.chunks for p in c.parameters())
+    optimized = sum(t.numel() for t, _ in model.optimizer.tensors)
+    sharded = isinstance(model.optimizer, DistributedOptimizer)
+    mb = 2**20
+    return (f"> memory on rank 0: weights {4 * params / mb:.2f} MB + grads {4 * params / mb:.2f} MB + Adam state "
+            f"{8 * optimized / mb:.2f} MB = {(8 * params + 8 * optimized) / params:.1f} bytes per parameter "
+            + (f"(distributed optimizer: Adam state sharded over dp={dp})" if sharded else
+               "(fp32 weights, grads and Adam moments; --use-distributed-optimizer shards the moments over dp)"))
+
+
 def pretrain(config: Config) -> dict:
     """Train as configured; returns {'losses': per-step losses, 'iteration': last step, 'valid_loss': ...}."""
     cfg, par = config.train, config.parallel
@@ -127,26 +166,24 @@ def pretrain(config: Config) -> dict:
                                                     par.distributed_timeout_minutes)
     device = select_device(config)
     set_seed(cfg.seed)
-    config.model.vocab_size = ByteTokenizer().vocab_size
+    tokenizer, train_ds, valid_ds, data_description = build_training_data(cfg, config.model.seq_length)
+    config.model.vocab_size = tokenizer.vocab_size
     config.model.validate()
-    train_ds, valid_ds, data_description = build_train_valid_datasets(cfg, config.model.seq_length)
 
-    chunks = build_model_chunks(config.model, par)
-    for chunk in chunks:
-        init_weights(chunk, config.model, cfg.seed)
-        chunk.to(device)
-    optimizer = build_optimizer(chunks, cfg)
+    model = setup_model_and_optimizer(config, device)
+    chunks = model.chunks
     iteration, consumed = 0, 0
     if cfg.load:
-        iteration, consumed = load_checkpoint(cfg.load, chunks, optimizer, config)
+        iteration, consumed = load_checkpoint(cfg.load, chunks, model.optimizer, config)
 
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=grid.rank == 0)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    print_rank_0(f"> data: {data_description}; {len(train_ds)} train samples per epoch")
+    print_rank_0(f"> data: {data_description}")
     print_rank_0(describe_layout(grid, par))
     print_rank_0(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
                  f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
                  f"{config.model.padded_vocab_size(grid.tp)}")
+    print_rank_0(describe_memory(model, grid.dp))
     print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
                  f"{cfg.micro_batch_size} x {cfg.num_microbatches(grid.dp)} microbatches x dp {grid.dp}, on "
                  f"{device}{' in bf16' if cfg.bf16 else ' in fp32'}")
@@ -163,7 +200,7 @@ def pretrain(config: Config) -> dict:
         iteration += 1
         start = time.perf_counter()
         batches = rank_microbatches(train_ds, consumed, config, device)
-        loss, grad_norm, lr = train_step(chunks, optimizer, batches, iteration, config, device)
+        loss, grad_norm, lr = train_step(model, batches, iteration, config, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         interval_seconds += time.perf_counter() - start
@@ -188,7 +225,7 @@ def pretrain(config: Config) -> dict:
         exit_now = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
         save_now = bool(cfg.save_interval) and iteration % cfg.save_interval == 0
         if cfg.save and (save_now or exit_now or iteration == cfg.train_iters):
-            path = save_checkpoint(cfg.save, iteration, consumed, chunks, optimizer, config)
+            path = save_checkpoint(cfg.save, iteration, consumed, chunks, model.optimizer, config)
             print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
         if exit_now:
             print_rank_0(f"> exiting at iteration {iteration} (--exit-interval={cfg.exit_interval})")

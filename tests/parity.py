@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_lite import parallel_state
 from megatron_lite.config import Config
-from megatron_lite.model.gpt import init_weights
-from megatron_lite.optimizer import build_optimizer
-from megatron_lite.pipeline_parallel.partition import build_model_chunks
 from megatron_lite.tensor_parallel.utils import gather_full
-from megatron_lite.training import rank_microbatches, set_seed, train_step
+from megatron_lite.training import (TrainingModel, rank_microbatches, set_seed, setup_model_and_optimizer,
+                                   train_step)
 
 
 class RandomTokens:
@@ -31,28 +30,43 @@ class RandomTokens:
         return rng.randint(0, self.vocab_size, self.seq_length + 1).astype(np.int64)
 
 
-def run_steps(config: Config, steps: int) -> dict:
-    """losses per step, and of the parameters this rank holds (full over tp, keyed by their global
-    names): grads after step 1 and weights after the last step."""
+def setup_rank(config: Config) -> TrainingModel:
+    """This rank's groups (for config's layout), seed, and model and optimizer on CPU."""
     par = config.parallel
     parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                                              par.distributed_timeout_minutes)
     set_seed(config.train.seed)
-    chunks = build_model_chunks(config.model, par)
-    for chunk in chunks:
-        init_weights(chunk, config.model, config.train.seed)
-    optimizer = build_optimizer(chunks, config.train)
-    named = [(n, p) for chunk in chunks for n, p in chunk.named_parameters()]
-    dataset = RandomTokens(config.model.vocab_size, config.model.seq_length)
+    return setup_model_and_optimizer(config, torch.device("cpu"))
+
+
+def run_steps(config: Config, steps: int) -> dict:
+    """losses per step, and of the parameters this rank holds (full over tp, keyed by their global
+    names): grads after step 1 and weights after the last step."""
+    par = config.parallel
     device = torch.device("cpu")
+    model = setup_rank(config)
+    named = [(n, p) for chunk in model.chunks for n, p in chunk.named_parameters()]
+    dataset = RandomTokens(config.model.vocab_size, config.model.seq_length)
     losses, grads = [], {}
     for iteration in range(1, steps + 1):
         batches = rank_microbatches(dataset, (iteration - 1) * config.train.global_batch_size, config, device)
-        losses.append(train_step(chunks, optimizer, batches, iteration, config, device)[0])
+        losses.append(train_step(model, batches, iteration, config, device)[0])
+        if iteration == 1 and par.use_distributed_optimizer:
+            for buf in model.grad_buffers:
+                _gather_grad_shards(buf)
         if iteration == 1:
             grads = {n: gather_full(p, p.grad) for n, p in named}
     weights = {n: gather_full(p) for n, p in named}
     return {"losses": losses, "grads": grads, "weights": weights}
+
+
+def _gather_grad_shards(buf) -> None:
+    """The distributed optimizer leaves only this rank's shard of the grad buffer reduced and
+    clipped; assemble the full grads from every rank's shard to compare them."""
+    grid = parallel_state.get_grid()
+    for bucket in buf.buckets:
+        shards = list(buf.grad_data[bucket.start:bucket.end].chunk(grid.dp))
+        dist.all_gather(shards, shards[grid.dp_rank].clone(), group=parallel_state.get_group("dp"))
 
 
 def merge_ranks(results: list[dict]) -> dict:

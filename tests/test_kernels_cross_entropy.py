@@ -188,3 +188,30 @@ def test_fused_linear_cross_entropy_without_grad_matches_reference():
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=8)
     torch.testing.assert_close(loss, fused_linear_cross_entropy_reference(hidden, weight, target), **TOL)
+
+
+def test_fused_linear_cross_entropy_under_autocast():
+    """Under bf16 autocast (as --bf16 trains) it gives what autocast makes of the unfused
+    linear + cross entropy: bf16 matmuls, an fp32 loss and fp32 grads for fp32 leaves. On
+    CPU this also runs the bf16 grad_W accumulation without addmm's out_dtype (CUDA-only).
+    Tolerance 2e-2: both sides round logits and grads to bf16 (8 bits), in other places."""
+    torch.manual_seed(0)
+    n, h, vocab = 37, 24, 100
+    hidden, weight, target = torch.randn(n, h), torch.randn(vocab, h) / h**0.5, _targets(n, vocab)
+
+    def unfused(hh, ww):
+        return cross_entropy(hh @ ww.t(), target)
+
+    def fused(hh, ww):
+        return fused_linear_cross_entropy(hh, ww, target, chunk_size=16)
+
+    results = []
+    for fn in (unfused, fused):
+        hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(hh, ww)
+        loss.mean().backward()
+        results.append((loss, hh.grad, ww.grad))
+    for want, got in zip(*results):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

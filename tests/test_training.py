@@ -10,7 +10,7 @@ from megatron_lite.config import ConfigError, TrainConfig
 from megatron_lite.data.loader import microbatch_indices
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.optimizer import build_optimizer, learning_rate
+from megatron_lite.optimizer import LocalOptimizer, learning_rate
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
 from megatron_lite.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron_lite.training import pretrain, select_device
@@ -35,11 +35,11 @@ def test_overfits_a_fixed_batch(family: str) -> None:
     config = tiny_config(family, lr=3e-3)
     model = GPTModel(config.model)
     init_weights(model, config.model, seed=0)
-    optimizer = build_optimizer([model], config.train)
+    optimizer = LocalOptimizer([model], config.train)
     batch = _fixed_batch(config.model, 4)
     losses = []
     for _ in range(40):
-        optimizer.zero_grad()
+        optimizer.optimizer.zero_grad()
         losses.append(accumulate(model, [batch]))
         optimizer.step()
     assert losses[-1] < 0.5 * losses[0], losses

@@ -1,7 +1,8 @@
-"""Samples of seq_length + 1 tokens and the order in which ranks consume them.
+"""The order in which data-parallel ranks consume a dataset's samples, and their batches.
 
-The loader's only state is the number of samples consumed so far: sample k of the run is
-always the same, so a resumed run continues exactly where the saved one stopped.
+The loader's only state is the number of samples consumed so far: sample k of a dataset
+(gpt_dataset.py) is always the same, so a resumed run continues exactly where the saved
+one stopped.
 """
 from __future__ import annotations
 
@@ -9,40 +10,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-
-
-class TokenWindowDataset:
-    """Non-overlapping windows of seq_length + 1 tokens over one token stream, shuffled per epoch.
-
-    Sample i lives in epoch i // windows; each epoch visits every window once in an order
-    drawn from (seed, epoch), so asking for more samples than windows repeats the data
-    rather than failing.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_length: int, seed: int, shuffle: bool = True) -> None:
-        self.tokens = tokens
-        self.seq_length = seq_length
-        self.windows = (len(tokens) - 1) // seq_length
-        if self.windows < 1:
-            raise ValueError(f"a split of {len(tokens)} tokens is shorter than one sample of "
-                             f"seq_length+1={seq_length + 1} tokens")
-        self.seed = seed
-        self.shuffle = shuffle
-        self._orders: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return self.windows
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            rng = np.random.RandomState((self.seed + epoch) % 2**32)
-            self._orders[epoch] = rng.permutation(self.windows) if self.shuffle else np.arange(self.windows)
-        return self._orders[epoch]
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        window = self._order(index // self.windows)[index % self.windows]
-        start = window * self.seq_length
-        return self.tokens[start: start + self.seq_length + 1].astype(np.int64)
 
 
 def microbatch_indices(consumed_samples: int, micro_batch_size: int, global_batch_size: int,

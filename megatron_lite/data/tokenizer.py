@@ -139,13 +139,13 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-_TOKENIZERS = {cls.__name__: cls for cls in (ByteTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer)}
+TOKENIZERS = {cls.__name__: cls for cls in (ByteTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer)}
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None) -> Tokenizer:
     """The tokenizer Megatron's --tokenizer-type / --tokenizer-model name."""
-    if tokenizer_type not in _TOKENIZERS:
-        raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {sorted(_TOKENIZERS)}")
+    if tokenizer_type not in TOKENIZERS:
+        raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {sorted(TOKENIZERS)}")
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
     if tokenizer_model is None:
@@ -153,21 +153,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None) -> 
     if not os.path.exists(tokenizer_model):
         raise FileNotFoundError(f"--tokenizer-model {tokenizer_model} for {tokenizer_type} does not exist")
     try:
-        return _TOKENIZERS[tokenizer_type](tokenizer_model)
+        return TOKENIZERS[tokenizer_type](tokenizer_model)
     except ValueError:
         raise  # ours, and they name the file already
     except Exception as e:
         # The libraries' own errors (OSError, RuntimeError, bare Exception) rarely name the file.
         raise ValueError(f"cannot load {tokenizer_type} from {tokenizer_model}: {e}") from e
 
-
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
-    """Megatron's rule: round up to a multiple of divisible_by * tp so the embedding shards evenly."""
-    multiple = make_vocab_size_divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-def check_vocab_fits(tokenizer_vocab: int, model_vocab: int) -> None:
-    """Refuse a model whose embedding cannot hold every id the tokenizer emits."""
-    if tokenizer_vocab > model_vocab:
-        raise ValueError(f"tokenizer vocab {tokenizer_vocab} larger than the model's {model_vocab}")

@@ -1,8 +1,8 @@
-"""Gradient reductions that make every rank's grads those of the single-device model.
+"""Gradient reductions over the model-parallel groups, and the data-parallel loss average.
 
-Both run once per optimizer step, after the last microbatch's backward, on all grads of a
-kind flattened into one buffer, so there is one collective per step rather than one per
-tensor or per microbatch.
+Both grad reductions run once per optimizer step, after the last microbatch's backward and
+before the data-parallel reduction (data_parallel.py), on all grads of a kind flattened
+into one buffer: one collective per step rather than one per tensor or per microbatch.
 """
 from __future__ import annotations
 
@@ -40,17 +40,12 @@ def allreduce_embedding_grads(chunks: list[nn.Module]) -> None:
     Both copies start equal and must stay equal: each gets the sum of the input-embedding
     grad (first stage) and the output-layer grad (last stage), as the single tied tensor would.
     """
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return
-    grads = [c.word_embeddings.weight.grad for c in chunks
-             if hasattr(c, "word_embeddings") and c.word_embeddings.weight.grad is not None
-             and c.config.tie_embeddings]
-    _all_reduce_coalesced(grads, "embedding")
+    _all_reduce_coalesced(_grads(chunks, "tied_across_stages"), "embedding")
 
 
-def allreduce_data_parallel_grads(chunks: list[nn.Module]) -> None:
-    """Average grads over the data-parallel replicas: each computed the loss of its slice of the batch."""
-    _all_reduce_coalesced(_grads(chunks), "dp", 1.0 / parallel_state.get_data_parallel_world_size())
+def needs_model_parallel_reduction(param: torch.Tensor) -> bool:
+    """Whether this param's grad is summed over tp (SP) or over the embedding group before the dp reduction."""
+    return getattr(param, "sequence_parallel", False) or getattr(param, "tied_across_stages", False)
 
 
 def average_across_data_parallel(value: float) -> float:

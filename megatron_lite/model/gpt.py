@@ -11,11 +11,11 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.norms import build_norm
+from megatron_lite.model.ops import select_ops
 from megatron_lite.model.rope import rotary_angles
 from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           enter_tensor_parallel_region, mark_sequence_parallel,
-                                           vocab_parallel_cross_entropy)
+                                           enter_tensor_parallel_region, mark_sequence_parallel)
 from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron_lite.tensor_parallel.utils import full_shape, local_shard
 
@@ -36,6 +36,7 @@ class GPTModel(nn.Module):
         self.config = config
         self.sequence_parallel = sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
+        self.ops = select_ops(config.fused_kernels)
         vocab = config.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
         if pre_process or (post_process and config.tie_embeddings):
             self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
@@ -43,6 +44,8 @@ class GPTModel(nn.Module):
             # A last stage that is not also the first keeps its own copy of the tied table
             # for the output layer; the two copies' grads are summed every step.
             self.word_embeddings.weight.shared_embedding = not pre_process
+            self.word_embeddings.weight.tied_across_stages = (
+                config.tie_embeddings and parallel_state.get_pipeline_model_parallel_world_size() > 1)
         if pre_process and config.family == "gpt2":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
             # Under SP each rank adds the rows of its own positions only: a partial grad.
@@ -56,8 +59,7 @@ class GPTModel(nn.Module):
         numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, sequence_parallel) for i in numbers})
         if post_process:
-            self.final_layernorm = build_norm(config.family, config.hidden_size, config.norm_epsilon,
-                                              sequence_parallel)
+            self.final_layernorm = build_norm(config, self.ops, sequence_parallel)
             if not config.tie_embeddings:
                 self.output_layer = ColumnParallelLinear(config.hidden_size, vocab, bias=False,
                                                          sequence_parallel=sequence_parallel)
@@ -90,7 +92,7 @@ class GPTModel(nn.Module):
         if labels is None:
             # Pad ids are not tokens: drop their logits.
             return gather_from_tensor_model_parallel_region(logits)[..., : self.config.vocab_size]
-        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
+        return self.ops.cross_entropy(logits, labels, self.config.vocab_size)
 
 
 def _is_output_projection(name: str) -> bool:

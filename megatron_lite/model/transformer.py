@@ -9,13 +9,12 @@ the layer's input and output hold seq/tp tokens; the linears gather and scatter 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.norms import build_norm
-from megatron_lite.model.rope import apply_rotary
+from megatron_lite.model.ops import select_ops
 from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
@@ -34,6 +33,7 @@ class Attention(nn.Module):
         self.num_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
+        self.ops = select_ops(config.fused_kernels)
         bias = config.family == "gpt2"
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
         self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size, bias=bias,
@@ -49,14 +49,10 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :heads_per_group].reshape(b, s, self.num_heads, self.head_dim)
         k, v = qkv[:, :, :, heads_per_group], qkv[:, :, :, heads_per_group + 1]
         if rotary is not None:
-            cos, sin = rotary[0][:s], rotary[1][:s]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # SDPA wants [batch, heads, seq, dim]; each key/value head serves heads_per_group queries.
+            q, k = self.ops.apply_rotary(q, k, rotary[0][:s], rotary[1][:s])
+        # Attention takes [batch, heads, seq, dim].
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k = k.repeat_interleave(heads_per_group, dim=1)
-        v = v.repeat_interleave(heads_per_group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.ops.attention(q, k, v, self.dropout if self.training else 0.0)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -65,23 +61,19 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.gated = config.family == "llama"
-        bias = not self.gated
-        fc1_out = config.ffn_hidden_size * (2 if self.gated else 1)
+        gated = config.family == "llama"
+        bias = not gated
+        fc1_out = config.ffn_hidden_size * (2 if gated else 1)
         # stride 2: each rank takes its slice of the gate half and of the up half.
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, fc1_out, bias=bias,
-                                               sequence_parallel=sequence_parallel, stride=2 if self.gated else 1)
+                                               sequence_parallel=sequence_parallel, stride=2 if gated else 1)
         self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, bias=bias,
                                             sequence_parallel=sequence_parallel)
+        ops = select_ops(config.fused_kernels)
+        self.activation = ops.swiglu if gated else ops.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_fc1(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.linear_fc2(h)
+        return self.linear_fc2(self.activation(self.linear_fc1(x)))
 
 
 class TransformerLayer(nn.Module):
@@ -89,13 +81,16 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, sequence_parallel: bool = False) -> None:
         super().__init__()
-        eps = config.norm_epsilon
-        self.input_layernorm = build_norm(config.family, config.hidden_size, eps, sequence_parallel)
+        ops = select_ops(config.fused_kernels)
+        self.input_layernorm = build_norm(config, ops, sequence_parallel)
         self.self_attention = Attention(config, sequence_parallel)
-        self.pre_mlp_layernorm = build_norm(config.family, config.hidden_size, eps, sequence_parallel)
+        self.pre_mlp_layernorm = build_norm(config, ops, sequence_parallel)
         self.mlp = MLP(config, sequence_parallel)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), rotary))
-        return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
+        attn = self.dropout(self.self_attention(self.input_layernorm(x), rotary))
+        # The residual add and the MLP's norm in one op (one pass in the fused kernel). The
+        # stream x goes first: the sum takes its dtype, fp32 under autocast.
+        normed, x = self.pre_mlp_layernorm(x, residual=attn)
+        return x + self.dropout(self.mlp(normed))

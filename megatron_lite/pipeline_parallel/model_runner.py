@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,9 +34,13 @@ class ModelRunner:
     dtype = torch.float32  # the residual stream stays fp32 under autocast: that is what flows between stages
 
     def __init__(self, chunks: list[nn.Module], microbatches: list[dict[str, torch.Tensor]], num_microbatches: int,
-                 tensor_shape: tuple[int, ...], device: torch.device, bf16: bool, trace: Trace | None = None) -> None:
+                 tensor_shape: tuple[int, ...], device: torch.device, bf16: bool, trace: Trace | None = None,
+                 before_last_backward: Callable[[int], None] | None = None) -> None:
+        """before_last_backward(chunk) runs before each chunk's backward of the last microbatch:
+        every schedule runs a chunk's backwards in microbatch order, so that one makes its grads final."""
         self.chunks, self.microbatches, self.num_microbatches = chunks, microbatches, num_microbatches
         self.tensor_shape, self.device, self.bf16, self.trace = tensor_shape, device, bf16, trace
+        self.before_last_backward = before_last_backward
         self.losses: list[float] = []
 
     def _record(self, chunk: int, microbatch: int, kind: str, start: float) -> None:
@@ -60,6 +65,8 @@ class ModelRunner:
     def backward(self, chunk: int, microbatch: int, input_tensor: torch.Tensor | None, output_tensor: torch.Tensor,
                  output_grad: torch.Tensor | None) -> torch.Tensor | None:
         start = time.perf_counter()
+        if self.before_last_backward is not None and microbatch == self.num_microbatches - 1:
+            self.before_last_backward(chunk)
         torch.autograd.backward(output_tensor, grad_tensors=output_grad)
         self._record(chunk, microbatch, "B", start)
         return None if input_tensor is None else input_tensor.grad

@@ -12,8 +12,14 @@ value per token:
 
 Pad ids (>= the true vocab size, added so the table splits evenly) are masked to -inf, so
 they take no probability and receive no gradient.
+
+With `fused=True` the same loss comes from `kernels.cross_entropy` (online softmax, never
+materialising it; Triton on GPU), given this module's metered all-reduces for its max and
+sums (it reduces the sum-exp and the target logit in one call).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -35,7 +41,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         shifted = logits - row_max.unsqueeze(-1)
         owned = (target >= start) & (target < start + local_vocab)
         local_target = (target - start).clamp(0, local_vocab - 1)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * owned
+        # where(), not a product: a shard made only of pad ids holds -inf, and -inf * 0 is nan.
+        target_logit = torch.where(owned, shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1), 0.0)
         all_reduce(target_logit)
         exp = shifted.exp()
         sum_exp = all_reduce(exp.sum(dim=-1))
@@ -50,6 +57,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (grad * grad_loss.unsqueeze(-1)).to(ctx.dtype), None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
+                                 fused: bool = False) -> torch.Tensor:
     """Per-token loss (fp32, shape of target) from this rank's vocabulary shard of the logits."""
-    return _VocabParallelCrossEntropy.apply(logits, target, vocab_size)
+    if not fused:
+        return _VocabParallelCrossEntropy.apply(logits, target, vocab_size)
+    from kernels.cross_entropy import cross_entropy  # here, so that the unfused path never imports Triton
+    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    reduce_max = functools.partial(all_reduce, op=dist.ReduceOp.MAX)
+    return cross_entropy(logits, target, start, vocab_size, reduce_max=reduce_max, reduce_sum=all_reduce)

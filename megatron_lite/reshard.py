@@ -1,0 +1,164 @@
+"""Resharding: a checkpoint saved under one layout (tp, pp, vpp, dp, distributed optimizer on or
+off) loads under any other, weights and Adam state (exp_avg, exp_avg_sq, step) both.
+
+Why not torch.distributed.checkpoint: it reshards tensors described as DTensor placements, and
+two of our shardings are not placements. The llama fc1 weight is strided (each tp rank holds
+its slice of the gate half and of the up half), and the distributed optimizer's Adam state is
+cut from flat buckets across parameter boundaries, padded per bucket. So each file records
+what is needed to undo its own sharding, and loading goes through full tensors:
+
+- `tp_layout`: per parameter name, its partition dim (None: replicated), stride and unpadded
+  vocab rows, so no model has to be built to know how to unshard;
+- `optimizer_index`: per optimizer state entry (in state_dict order), the parameter name and
+  the range of the parameter's flattened elements it holds (all of them for the plain
+  optimizer, a piece of one bucket shard for the distributed one).
+
+Parameter names are global (layers keyed by their global number), so a name means the same
+tensor under any pp or vpp. Every rank reads every file of the saved layout and keeps its own
+slices: simple, and fine for models whose full state fits in host memory.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megatron_lite.tensor_parallel.utils import full_shape, is_partitioned, local_shard, unshard
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class FullState:
+    """A checkpoint independent of any layout: full, unpadded tensors keyed by global parameter name."""
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, dict[str, torch.Tensor]] | None  # name -> exp_avg, exp_avg_sq, step; None: weights only
+    iteration: int
+    consumed_samples: int
+    rng: dict
+    config: dict
+    layout: dict  # the saved layout: tp, pp, vpp, dp, distributed_optimizer
+
+
+def param_layout(param: nn.Parameter) -> dict:
+    """How `param` is split over tp; the same dict whatever the tp size."""
+    partitioned = is_partitioned(param)
+    return {"partition_dim": param.partition_dim if partitioned else None,
+            "partition_stride": param.partition_stride if partitioned else 1,
+            "unpadded_rows": getattr(param, "unpadded_rows", None)}
+
+
+def tp_layout(chunks: list[nn.Module]) -> dict[str, dict]:
+    return {name: param_layout(p) for chunk in chunks for name, p in chunk.named_parameters()}
+
+
+def _state_order(optimizer) -> list[tuple[torch.Tensor, nn.Parameter]]:
+    """(optimized tensor, its parameter) in the order torch's state_dict numbers them: group by group."""
+    param_of = {id(t): p for t, p in optimizer.tensors}
+    return [(t, param_of[id(t)]) for group in optimizer.optimizer.param_groups for t in group["params"]]
+
+
+def optimizer_index(optimizer, chunks: list[nn.Module]) -> list[tuple[str, int, int]]:
+    """(parameter name, first element, end element) of each optimizer state entry."""
+    names = {id(p): name for chunk in chunks for name, p in chunk.named_parameters()}
+    index = []
+    for tensor, param in _state_order(optimizer):
+        # A distributed-optimizer piece and its parameter are views of one flat buffer, so the
+        # difference of their storage offsets is the piece's offset in the parameter (0 when
+        # the optimized tensor is the parameter itself).
+        lo = tensor.storage_offset() - param.storage_offset()
+        index.append((names[id(param)], lo, lo + tensor.numel()))
+    return index
+
+
+def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_shapes: dict, tp_rank: int) -> None:
+    """Scatter one file's optimizer entries into flat per-(name, tp rank) buffers."""
+    for i, (name, lo, hi) in enumerate(index):
+        entry = optimizer_state["state"].get(i)
+        if entry is None:  # saved before the first step: no state yet
+            continue
+        flat = moments[name].setdefault(tp_rank, {k: torch.zeros(local_shapes[name].numel()) for k in MOMENTS})
+        for key in MOMENTS:
+            flat[key][lo:hi] = entry[key].flatten()
+        flat["step"] = entry["step"]
+
+
+def _assemble(by_rank: dict[int, torch.Tensor], layout: dict) -> torch.Tensor:
+    """The full unpadded tensor from every tp rank's piece."""
+    dim = layout["partition_dim"]
+    full = by_rank[0] if dim is None else unshard([by_rank[r] for r in sorted(by_rank)], dim,
+                                                  layout["partition_stride"])
+    rows = layout["unpadded_rows"]
+    return full if rows is None else full[:rows]
+
+
+def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Path], dict]) -> FullState:
+    """Assemble a FullState from every file of a saved layout.
+
+    `files[(tp_rank, pp_rank)]` is that shard's model file followed by its distrib_optim
+    files (if any); `load(path)` reads one file (and names it in any error).
+    """
+    weights: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    moments: dict[str, dict[int, dict]] = defaultdict(dict)
+    layouts: dict[str, dict] = {}
+    first = None
+    for (tp_rank, _), paths in sorted(files.items()):
+        state = load(paths[0])
+        first = state if first is None else first
+        layouts.update(state["tp_layout"])
+        local_shapes = {}
+        for chunk_state in state["model"]:
+            for name, tensor in chunk_state.items():
+                weights[name][tp_rank] = tensor
+                local_shapes[name] = tensor.shape
+        optimizer_files = [state] if len(paths) == 1 else [load(p) for p in paths[1:]]
+        for opt in optimizer_files:
+            if opt["optimizer"] is not None:
+                _gather_moments(moments, opt["optimizer"], opt["optimizer_index"], local_shapes, tp_rank)
+    model = {name: _assemble(by_rank, layouts[name]) for name, by_rank in weights.items()}
+    optimizer = None
+    if moments:
+        optimizer = {}
+        for name, by_rank in moments.items():
+            shape = weights[name][0].shape
+            optimizer[name] = {k: _assemble({r: m[k].view(shape) for r, m in by_rank.items()}, layouts[name])
+                               for k in MOMENTS}
+            optimizer[name]["step"] = by_rank[0]["step"]
+    return FullState(model, optimizer, first["iteration"], first["consumed_samples"], first["rng"], first["config"],
+                     first["layout"])
+
+
+def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """This rank's piece of a full unpadded tensor shaped like `param`: pad the vocab rows with zeros, slice."""
+    shape = full_shape(param)
+    if full.shape[0] != shape[0]:
+        full = torch.cat([full, full.new_zeros(shape[0] - full.shape[0], *full.shape[1:])])
+    return local_shard(full, param)
+
+
+def load_weights(model: dict[str, torch.Tensor], chunks: list[nn.Module]) -> None:
+    """Copy this rank's slices of full unpadded weights, keyed by global name, into the chunks."""
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                param.copy_(_local(model[name], param))
+
+
+def load_full_state(full: FullState, chunks: list[nn.Module], optimizer) -> None:
+    """Copy this rank's slices of `full` into the chunks and, when it has Adam state, the optimizer."""
+    load_weights(full.model, chunks)
+    if full.optimizer is None:
+        return
+    state = {}
+    for i, ((tensor, param), (name, lo, hi)) in enumerate(zip(_state_order(optimizer),
+                                                             optimizer_index(optimizer, chunks))):
+        saved = full.optimizer[name]
+        state[i] = {"step": saved["step"].clone(),
+                    **{k: _local(saved[k], param).flatten()[lo:hi].view_as(tensor).clone() for k in MOMENTS}}
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)

@@ -1,0 +1,132 @@
+"""Data parallelism, the distributed optimizer and full 3D layouts against one device, plus the
+data-parallel communication volume and optimizer memory.
+
+Three spawns (2, 4 and 8 ranks); tolerances as in test_tensor_parallel.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from megatron_lite import parallel_state
+from megatron_lite.distributed.data_parallel import DataParallelGrads
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.optimizer import state_bytes
+from megatron_lite.tensor_parallel import METER
+from megatron_lite.training import rank_microbatches, setup_model_and_optimizer, train_step
+from parity import RandomTokens, max_differences, merge_ranks, run_steps
+from tiny import tiny_config
+
+VOCAB = 258
+STEPS = 5
+BUCKET = 3000  # elements: several buckets even for the tiny model
+# (tp, pp, vpp, sequence parallel, distributed optimizer) per world size; dp = world / (tp * pp).
+LAYOUTS = {
+    2: [(1, 1, 1, False, False), (1, 1, 1, False, True)],
+    4: [(1, 1, 1, False, False), (1, 1, 1, False, True)],
+    8: [(2, 2, 1, False, False), (2, 2, 1, True, True), (2, 2, 2, True, True), (2, 2, 2, False, False)],
+}
+FAMILIES = {2: ("llama", "gpt2"), 4: ("llama", "gpt2"), 8: ("llama", "gpt2")}
+
+
+def dp_config(family: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False, distributed: bool = False):
+    # clip_grad 0.5 is below the grad norm of these steps: clipping is active in every step.
+    config = tiny_config(family, model=dict(num_layers=4, vocab_size=VOCAB), micro_batch_size=1,
+                         global_batch_size=8, train_iters=STEPS, clip_grad=0.5)
+    par = config.parallel
+    par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
+    par.virtual_pipeline_model_parallel_size, par.sequence_parallel = vpp, sp
+    par.use_distributed_optimizer, par.ddp_bucket_size = distributed, BUCKET
+    par.distributed_timeout_minutes = 2.0
+    return config
+
+
+def one_step_accounting(distributed: bool) -> dict:
+    """Meter counts, buffer sizes, optimizer state and overlap for one step at tp = pp = 1."""
+    config = dp_config("llama", distributed=distributed)
+    config.train.global_batch_size = 2 * parallel_state.get_grid().world_size  # 2 microbatches per replica
+    parallel_state.initialize_model_parallel(1, 1, timeout_minutes=2.0)
+    model = setup_model_and_optimizer(config, torch.device("cpu"))
+    buffer = model.grad_buffers[0]
+    launched_early = []
+    finish = DataParallelGrads.finish_grad_sync
+
+    def counting_finish(self: DataParallelGrads) -> None:
+        launched_early.append(sum(b.launched for b in self.buckets))
+        finish(self)
+
+    DataParallelGrads.finish_grad_sync = counting_finish
+    batches = list(rank_microbatches(RandomTokens(VOCAB, config.model.seq_length), 0, config, torch.device("cpu")))
+    METER.reset()
+    try:
+        train_step(model, batches, 1, config, torch.device("cpu"))
+    finally:
+        DataParallelGrads.finish_grad_sync = finish
+    return {"bytes": dict(METER.bytes), "calls": dict(METER.calls),
+            "buffer": buffer.grad_data.numel(), "buckets": len(buffer.buckets),
+            "params": sum(p.numel() for p in model.chunks[0].parameters()),
+            "state": state_bytes(model.optimizer.optimizer), "launched_early": launched_early[0]}
+
+
+def dp_worker(world: int) -> dict:
+    results = {layout: {f: run_steps(dp_config(f, *layout), STEPS) for f in FAMILIES[world]}
+               for layout in LAYOUTS[world]}
+    if world in (2, 4):
+        results["accounting"] = {d: one_step_accounting(d) for d in (False, True)}
+    return results
+
+
+@functools.cache
+def spawned(world: int) -> list[dict]:
+    return run_on_ranks(dp_worker, world, world)
+
+
+@functools.cache
+def reference(family: str) -> dict:
+    return run_steps(dp_config(family), STEPS)
+
+
+def _id(layout: tuple) -> str:
+    tp, pp, vpp, sp, dist = layout
+    return f"tp{tp}-pp{pp}-vpp{vpp}" + ("-sp" if sp else "") + ("-distopt" if dist else "")
+
+
+@pytest.mark.parametrize("world, layout, family",
+                         [(w, layout, f) for w, layouts in LAYOUTS.items() for layout in layouts for f in FAMILIES[w]],
+                         ids=lambda v: _id(v) if isinstance(v, tuple) else str(v))
+def test_matches_single_device(world: int, layout: tuple, family: str) -> None:
+    diff = max_differences(reference(family), merge_ranks([r[layout][family] for r in spawned(world)]), VOCAB)
+    assert diff["loss"] < 1e-5 and diff["grad"] < 1e-6 and diff["weight"] < 5e-5, diff
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("distributed", [False, True], ids=["all-reduce", "distopt"])
+def test_data_parallel_communication_is_analytic(world: int, distributed: bool) -> None:
+    acc = spawned(world)[0]["accounting"][distributed]
+    # The grad buffer holds every parameter once, each bucket padded to a multiple of dp.
+    assert acc["params"] <= acc["buffer"] < acc["params"] + world * acc["buckets"]
+    grads = 4 * acc["buffer"]  # fp32
+    if distributed:
+        expected = {("reduce_scatter", "dp"): grads, ("all_gather", "dp"): grads,
+                    ("all_reduce", "dp"): 8 + 4}  # the step's loss (fp64) and the grad-norm square (fp32)
+    else:
+        expected = {("all_reduce", "dp"): grads + 8}
+    assert acc["bytes"] == expected
+    # One reduction per bucket per step, however many microbatches (plus, unsharded, the loss's).
+    if distributed:
+        assert acc["calls"][("reduce_scatter", "dp")] == acc["calls"][("all_gather", "dp")] == acc["buckets"]
+    else:
+        assert acc["calls"][("all_reduce", "dp")] == acc["buckets"] + 1
+    # Buckets start during the last backward, before finish_grad_sync: the reduction overlaps.
+    assert acc["launched_early"] >= acc["buckets"] - 2
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_optimizer_shards_adam_state(world: int) -> None:
+    for rank in spawned(world):
+        full, sharded = rank["accounting"][False]["state"], rank["accounting"][True]["state"]
+        # Adam keeps 2 fp32 moments per element: 8 bytes per parameter unsharded.
+        assert full == 8 * rank["accounting"][False]["params"]
+        assert abs(sharded - full / world) <= 8 * world * rank["accounting"][True]["buckets"]

@@ -1,0 +1,111 @@
+"""Tokenizers trained by tools/train_tokenizer.py, loaded by build_tokenizer, used by preprocess_data."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.tokenizer import ByteTokenizer, build_tokenizer
+from tools import preprocess_data, train_tokenizer
+
+VOCAB_SIZE = 320
+ROUND_TRIP_TEXTS = ["the quick brown fox", "  leading spaces,\ttabs\n\nand blank lines  ",
+                    "naïve café 東京 ☃ 🎉 (never seen in training)", ""]
+KINDS = {  # name: (--tokenizer-type, extra flags, output file)
+    "sentencepiece-bpe": ("SentencePieceTokenizer", ["--model-type", "bpe"], "bpe.model"),
+    "sentencepiece-unigram": ("SentencePieceTokenizer", ["--model-type", "unigram"], "unigram.model"),
+    "byte-level-bpe": ("HuggingFaceTokenizer", [], "tokenizer.json"),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    """JSON lines and a text file of generated English-like text; the JSON documents."""
+    root = tmp_path_factory.mktemp("tokenizer_corpus")
+    rng = random.Random(0)
+    # Common words to learn merges from, and enough rare ones that even a unigram model
+    # finds VOCAB_SIZE pieces worth keeping.
+    common = "the quick brown fox jumps over a lazy dog".split()
+    rare = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(300)]
+    texts = [" ".join(rng.choice(common if rng.random() < 0.5 else rare) for _ in range(60)) for _ in range(150)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (root / "notes.txt").write_text("\n".join(texts[:20]))
+    return root, texts
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> dict[str, str]:
+    """Each kind of tokenizer trained once on the corpus: name -> model path."""
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("tokenizers")
+    for tokenizer_type, flags, filename in KINDS.values():
+        train_tokenizer.main(["--input", str(root / "*"), "--tokenizer-type", tokenizer_type, *flags,
+                              "--vocab-size", str(VOCAB_SIZE), "--output", str(out / filename)])
+    return {name: str(out / filename) for name, (_, _, filename) in KINDS.items()}
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_trained_tokenizers_round_trip(trained, name):
+    tokenizer = build_tokenizer(KINDS[name][0], trained[name])
+    assert 256 < tokenizer.vocab_size <= VOCAB_SIZE
+    assert len({tokenizer.eod, tokenizer.pad}) == 2 and max(tokenizer.eod, tokenizer.pad) < tokenizer.vocab_size
+    for text in ROUND_TRIP_TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.decode(tokenizer.encode("lazy dog") + [tokenizer.eod, tokenizer.pad]) == "lazy dog"
+    assert len(tokenizer.encode("the quick brown fox")) < len("the quick brown fox") // 2  # it learned merges
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_preprocess_with_a_trained_tokenizer(trained, corpus, tmp_path, name):
+    root, texts = corpus
+    tokenizer_type = KINDS[name][0]
+    for workers in ("1", "2"):
+        preprocess_data.main(["--input", str(root / "docs.jsonl"), "--output-prefix", str(tmp_path / workers),
+                              "--tokenizer-type", tokenizer_type, "--tokenizer-model", trained[name],
+                              "--append-eod", "--workers", workers])
+    for suffix in (".bin", ".idx"):
+        one, two = (tmp_path / f"{workers}_text_document{suffix}" for workers in "12")
+        assert one.read_bytes() == two.read_bytes()
+    tokenizer = build_tokenizer(tokenizer_type, trained[name])
+    dataset = IndexedDataset(str(tmp_path / "2_text_document"))
+    assert [tokenizer.decode(dataset[i].tolist()) for i in range(len(dataset))] == texts
+    assert dataset[0].tolist() == tokenizer.encode(texts[0]) + [tokenizer.eod]
+
+
+def test_a_transformers_folder_loads_like_its_tokenizer_json(trained, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_file=trained["byte-level-bpe"], eos_token="<|endoftext|>",
+                            pad_token="<pad>").save_pretrained(str(tmp_path / "hf"))
+    from_folder = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf"))
+    from_file = build_tokenizer("HuggingFaceTokenizer", trained["byte-level-bpe"])
+    assert (from_folder.vocab_size, from_folder.eod, from_folder.pad) == (from_file.vocab_size, 0, 1)
+    assert from_folder.encode(ROUND_TRIP_TEXTS[1]) == from_file.encode(ROUND_TRIP_TEXTS[1])
+
+
+def test_bad_tokenizer_arguments_name_the_type_and_path(tmp_path):
+    with pytest.raises(ValueError, match="unknown --tokenizer-type 'GPT2BPETokenizer'; choose one of"):
+        build_tokenizer("GPT2BPETokenizer", None)
+    with pytest.raises(ValueError, match="SentencePieceTokenizer needs --tokenizer-model"):
+        build_tokenizer("SentencePieceTokenizer", None)
+    with pytest.raises(FileNotFoundError, match="missing.model for SentencePieceTokenizer does not exist"):
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "missing.model"))
+    (tmp_path / "garbage").write_text("not a tokenizer")
+    for tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+        with pytest.raises(ValueError, match=f"cannot load {tokenizer_type} from .*garbage"):
+            build_tokenizer(tokenizer_type, str(tmp_path / "garbage"))
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "no_eod.json"))
+    with pytest.raises(ValueError, match="no_eod.json has none of the end-of-document tokens"):
+        build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "no_eod.json"))
+
+
+def test_byte_tokenizer():
+    tokenizer = build_tokenizer("ByteTokenizer", None)
+    assert isinstance(tokenizer, ByteTokenizer)
+    assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (258, 256, 257)
+    assert tokenizer.decode(tokenizer.encode("héllo") + [tokenizer.eod]) == "héllo"

@@ -1,0 +1,141 @@
+"""Convert checkpoints between layouts and to and from Hugging Face `transformers`.
+
+    python tools/convert_checkpoint.py reshard --load DIR --out DIR2 --tp 1 --pp 2 [--vpp 2] \
+        [--dp 2 --use-distributed-optimizer]
+    python tools/convert_checkpoint.py to-hf --load DIR --out HFDIR
+    python tools/convert_checkpoint.py from-hf HFDIR --out DIR --tp 2 --pp 2
+
+reshard and from-hf write the target layout the way training does: they spawn its ranks on
+CPU (gloo), each loads its own slices (megatron_lite/reshard.py) and saves. to-hf needs no
+ranks: the tensor-parallel layout stored in every file says how to reassemble the weights.
+from-hf writes a weights-only checkpoint: `pretrain_gpt.py --load DIR` starts it at
+iteration 0 with a fresh optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_lite import parallel_state  # noqa: E402
+from megatron_lite.checkpointing import (first_file, latest_iteration, load_checkpoint, load_file,  # noqa: E402
+                                         read_checkpoint, save_checkpoint, saved_config)
+from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
+from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
+from megatron_lite.hf_convert import (copy_tokenizer, from_hf_state, hf_config, load_safetensors,  # noqa: E402
+                                      model_config_from_hf, save_safetensors, to_hf_state)
+from megatron_lite.pipeline_parallel.partition import build_model_chunks  # noqa: E402
+from megatron_lite.reshard import load_weights  # noqa: E402
+from megatron_lite.training import setup_model_and_optimizer  # noqa: E402
+
+
+def _latest(load: str) -> int:
+    iteration = latest_iteration(load)
+    if iteration is None:
+        raise ConfigError(f"--load={load} holds no checkpoint (no latest_checkpointed_iteration.txt)")
+    return iteration
+
+
+def reshard_rank(load: str, out: str, config: Config) -> None:
+    """One rank of the target layout: load (resharding) and save."""
+    par = config.parallel
+    parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    model = setup_model_and_optimizer(config, torch.device("cpu"))
+    iteration, consumed = load_checkpoint(load, model.chunks, model.optimizer, config)
+    save_checkpoint(out, iteration, consumed, model.chunks, model.optimizer, config)
+    parallel_state.destroy_model_parallel()
+
+
+def import_rank(hf_dir: str, out: str, config: Config) -> None:
+    """One rank of the target layout: take its slices of the HF weights and save them, weights only."""
+    par = config.parallel
+    parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    chunks = build_model_chunks(config.model, par)
+    load_weights(from_hf_state(load_safetensors(Path(hf_dir)), config.model), chunks)
+    save_checkpoint(out, 0, 0, chunks, None, config)
+    parallel_state.destroy_model_parallel()
+
+
+def _layout(config: Config, args: argparse.Namespace) -> int:
+    """Apply the target layout flags to `config`; returns the world size that runs it."""
+    par = config.parallel
+    par.tensor_model_parallel_size, par.pipeline_model_parallel_size = args.tp, args.pp
+    par.virtual_pipeline_model_parallel_size = args.vpp if args.vpp > 1 else None
+    par.pipeline_schedule = None
+    par.data_parallel_size = args.dp
+    par.use_distributed_optimizer = args.use_distributed_optimizer
+    par.sequence_parallel = par.sequence_parallel and args.tp > 1
+    config.validate()
+    return args.tp * args.pp * args.dp
+
+
+def reshard(args: argparse.Namespace) -> None:
+    config = saved_config(load_file(first_file(args.load, _latest(args.load)))["config"])
+    run_on_ranks(reshard_rank, _layout(config, args), args.load, args.out, config)
+    print(f"resharded {args.load} to tp={args.tp} pp={args.pp} vpp={args.vpp} dp={args.dp} in {args.out}")
+
+
+def to_hf(args: argparse.Namespace) -> None:
+    full = read_checkpoint(args.load, _latest(args.load))
+    model = ModelConfig(**full.config["model"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(model), indent=2))
+    files = save_safetensors(to_hf_state(full.model, model), out, int(args.max_shard_size_gb * 2**30))
+    print(f"wrote {out}: config.json, {', '.join(files)} ({hf_config(model)['architectures'][0]}, "
+          f"iteration {full.iteration})")
+    print(copy_tokenizer(full.config["train"], out))
+
+
+def from_hf(args: argparse.Namespace) -> None:
+    hf_dir = Path(args.hf_dir)
+    if not (hf_dir / "config.json").exists():
+        raise ConfigError(f"{hf_dir} has no config.json")
+    model = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()), args.make_vocab_size_divisible_by)
+    config = Config(model=model, parallel=ParallelConfig())
+    args.dp, args.use_distributed_optimizer = 1, False
+    run_on_ranks(import_rank, _layout(config, args), str(hf_dir), args.out, config)
+    print(f"imported {hf_dir} ({model.family} family) to {args.out} at tp={args.tp} pp={args.pp}: weights only, "
+          "pretrain_gpt.py --load starts from it at iteration 0 with a fresh optimizer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("reshard", "from-hf"):
+        sub = commands.add_parser(name)
+        if name == "from-hf":
+            sub.add_argument("hf_dir", help="local LlamaForCausalLM or GPT2LMHeadModel folder")
+            sub.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+        else:
+            sub.add_argument("--load", required=True)
+            sub.add_argument("--dp", type=int, default=1,
+                             help="data-parallel size (it decides the files only with the distributed optimizer)")
+            sub.add_argument("--use-distributed-optimizer", action="store_true")
+        sub.add_argument("--out", required=True)
+        sub.add_argument("--tp", type=int, default=1)
+        sub.add_argument("--pp", type=int, default=1)
+        sub.add_argument("--vpp", type=int, default=1)
+    hf = commands.add_parser("to-hf")
+    hf.add_argument("--load", required=True)
+    hf.add_argument("--out", required=True)
+    hf.add_argument("--max-shard-size-gb", type=float, default=2.0, help="split model.safetensors above this size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"reshard": reshard, "to-hf": to_hf, "from-hf": from_hf}[args.command](args)
+    except ConfigError as exc:
+        print(f"convert_checkpoint.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
