@@ -142,8 +142,8 @@ def describe_layout(grid: parallel_state.Grid, par) -> str:
     extras = [", sequence parallel" if par.sequence_parallel else ""]
     if grid.pp > 1:
         extras.append(f", {par.schedule} schedule" + (f" over {par.vpp} chunks per rank" if par.vpp > 1 else ""))
-    groups = "; ".join(f"{kind} groups {ranks}" for kind, ranks in grid.layout.items() if len(ranks[0]) > 1)
-    return f"> layout: world {grid.world_size} = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}{''.join(extras)}; {groups}"
+    extras += [f"; {kind} groups {ranks}" for kind, ranks in grid.layout.items() if len(ranks[0]) > 1]
+    return f"> layout: world {grid.world_size} = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}{''.join(extras)}"
 
 
 def describe_memory(model: TrainingModel, dp: int) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -60,8 +61,14 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     assert other_layout.returncode == 0, other_layout.stderr
     assert ("saved with tp=2 pp=1 vpp=1 dp=1 distributed optimizer off to tp=1 pp=1 vpp=1 dp=2 distributed "
             "optimizer off") in other_layout.stdout
-    bad = run(TINY + ["--tp", "2", "--num-attention-heads", "2", "--num-query-groups", "1"], launcher)
+    bad_flags = TINY + ["--tp", "2", "--num-attention-heads", "2", "--num-query-groups", "1"]
+    message = "pretrain_gpt.py: error: --num-query-groups=1 is not divisible by --tensor-model-parallel-size=2"
+    bad = run(bad_flags, launcher)
     assert bad.returncode != 0
+    # torchrun stops the other rank once one has failed, so it may not get to print its line.
     errors = [line for line in bad.stderr.splitlines() if line.startswith("pretrain_gpt.py: error:")]
-    assert errors == ["pretrain_gpt.py: error: --num-query-groups=1 is not divisible by "
-                      "--tensor-model-parallel-size=2"] * 2
+    assert errors and set(errors) == {message}
+    # Validation runs before any process group exists, so each rank refuses on its own: here rank 1 alone.
+    rank1 = subprocess.run([sys.executable, str(ROOT / "pretrain_gpt.py"), *bad_flags], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT, env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})
+    assert rank1.returncode == 2 and rank1.stderr.strip().splitlines() == [message]

@@ -32,9 +32,9 @@ VOCAB = 258
 # The autograd nodes of the kernels each family must run, so a silent fallback to torch fails.
 KERNEL_NODES = {
     "llama": {"RowNormFunctionBackward", "RotaryFunctionBackward", "FlashAttentionFunctionBackward",
-              "SwiGLUFunctionBackward", "CrossEntropyFunctionBackward"},
+              "SwiGLUFunctionBackward", "FusedLinearCrossEntropyFunctionBackward"},
     "gpt2": {"RowNormFunctionBackward", "FlashAttentionFunctionBackward", "GeluFunctionBackward",
-             "CrossEntropyFunctionBackward"},
+             "FusedLinearCrossEntropyFunctionBackward"},
 }
 
 

@@ -13,7 +13,7 @@ from kernels.rope import apply_rotary
 from kernels.swiglu import swiglu
 from megatron_lite.model.ops import Ops
 from megatron_lite.model.ops import attention as sdpa_attention
-from megatron_lite.tensor_parallel import vocab_parallel_cross_entropy
+from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -26,4 +26,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 FUSED_OPS = Ops(rms_norm=rms_norm, layer_norm=layer_norm, apply_rotary=apply_rotary, swiglu=swiglu, gelu=gelu,
-                attention=attention, cross_entropy=functools.partial(vocab_parallel_cross_entropy, fused=True))
+                attention=attention, lm_loss=functools.partial(vocab_parallel_linear_cross_entropy, fused=True))

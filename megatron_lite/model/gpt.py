@@ -84,15 +84,13 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x
         x = self.final_layernorm(x)
-        if self.config.tie_embeddings:
-            weight = self.word_embeddings.weight
-            logits = F.linear(enter_tensor_parallel_region(x, self.sequence_parallel), weight)
-        else:
-            logits = self.output_layer(x)
+        # The output layer is column-parallel over the vocabulary (tied: the embedding table).
+        weight = self.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
+        x = enter_tensor_parallel_region(x, self.sequence_parallel)
         if labels is None:
             # Pad ids are not tokens: drop their logits.
-            return gather_from_tensor_model_parallel_region(logits)[..., : self.config.vocab_size]
-        return self.ops.cross_entropy(logits, labels, self.config.vocab_size)
+            return gather_from_tensor_model_parallel_region(F.linear(x, weight))[..., : self.config.vocab_size]
+        return self.ops.lm_loss(x, weight, labels, self.config.vocab_size)
 
 
 def _is_output_projection(name: str) -> bool:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.model import norms, rope
-from megatron_lite.tensor_parallel import vocab_parallel_cross_entropy
+from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 
 Tensor = torch.Tensor
 
@@ -26,14 +26,15 @@ Tensor = torch.Tensor
 class Ops:
     """One implementation of each op. The norms, apply_rotary, swiglu and gelu have the
     signatures of the `kernels/` ops of those names; attention is causal and takes the dropout
-    probability; cross_entropy is `vocab_parallel_cross_entropy` (this rank's logits shard)."""
+    probability; lm_loss is `vocab_parallel_linear_cross_entropy` (the output layer and the
+    loss over this rank's vocabulary shard)."""
     rms_norm: Callable[..., norms.NormOutput]
     layer_norm: Callable[..., norms.NormOutput]
     apply_rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
     swiglu: Callable[[Tensor], Tensor]
     gelu: Callable[[Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor, float], Tensor]
-    cross_entropy: Callable[[Tensor, Tensor, int], Tensor]
+    lm_loss: Callable[[Tensor, Tensor, Tensor, int], Tensor]
 
 
 def swiglu(x: Tensor) -> Tensor:
@@ -56,7 +57,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
 
 
 TORCH_OPS = Ops(rms_norm=norms.rms_norm, layer_norm=norms.layer_norm, apply_rotary=rope.apply_rotary,
-                swiglu=swiglu, gelu=gelu, attention=attention, cross_entropy=vocab_parallel_cross_entropy)
+                swiglu=swiglu, gelu=gelu, attention=attention,
+                lm_loss=vocab_parallel_linear_cross_entropy)
 
 
 def select_ops(fused: bool) -> Ops:

@@ -13,15 +13,16 @@ value per token:
 Pad ids (>= the true vocab size, added so the table splits evenly) are masked to -inf, so
 they take no probability and receive no gradient.
 
-With `fused=True` the same loss comes from `kernels.cross_entropy` (online softmax, never
-materialising it; Triton on GPU), given this module's metered all-reduces for its max and
-sums (it reduces the sum-exp and the target logit in one call).
+vocab_parallel_linear_cross_entropy also applies the output layer; with `fused=True` it runs
+`kernels.fused_linear_cross_entropy` (the output matmul and an online-softmax loss, chunked
+over tokens; Triton on GPU), given this module's metered all-reduces for its max and sums.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 
 from megatron_lite import parallel_state
@@ -57,12 +58,26 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (grad * grad_loss.unsqueeze(-1)).to(ctx.dtype), None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
-                                 fused: bool = False) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Per-token loss (fp32, shape of target) from this rank's vocabulary shard of the logits."""
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_size)
+
+
+def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                        vocab_size: int, fused: bool = False) -> torch.Tensor:
+    """Per-token loss of logits = hidden @ weight^T, weight being this rank's vocabulary shard.
+
+    `hidden` has already entered the tensor-parallel region (full sequence, f mapping). Plain:
+    the logits shard, then the cross-entropy above. Fused: the Triton kernel computes the
+    logits chunk by chunk with their gradients and never holds the [tokens, vocab/tp] logits,
+    reducing the same three numbers per token over the tp group through `all_reduce`.
+    """
     if not fused:
-        return _VocabParallelCrossEntropy.apply(logits, target, vocab_size)
-    from kernels.cross_entropy import cross_entropy  # here, so that the unfused path never imports Triton
-    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-    reduce_max = functools.partial(all_reduce, op=dist.ReduceOp.MAX)
-    return cross_entropy(logits, target, start, vocab_size, reduce_max=reduce_max, reduce_sum=all_reduce)
+        return vocab_parallel_cross_entropy(F.linear(hidden, weight), target, vocab_size)
+    # Imported here, so that the unfused path never imports Triton.
+    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    loss = fused_linear_cross_entropy(hidden.flatten(0, -2), weight, target.flatten(), start, vocab_size,
+                                      reduce_max=functools.partial(all_reduce, op=dist.ReduceOp.MAX),
+                                      reduce_sum=all_reduce)
+    return loss.view(target.shape)
