@@ -35,7 +35,7 @@ def test_cli_run_logs_and_writes_metrics(tmp_path: Path) -> None:
 
 
 def test_torchrun_single_process(tmp_path: Path) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
     result = run(TINY + ["--train-iters", "2", "--save", str(tmp_path)], launcher)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"
@@ -51,7 +51,7 @@ def test_bad_flag_is_one_line_and_nonzero() -> None:
 
 
 def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = run(TINY + ["--tp", "2", "--sp", "--save", str(tmp_path)], launcher)
     assert result.returncode == 0, result.stderr
     assert "world 2 = tp 2 x pp 1 x dp 1, sequence parallel" in result.stdout
