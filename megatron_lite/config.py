@@ -5,7 +5,7 @@ those into `--help` text, so the CLI and the code never disagree on what a field
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -313,7 +313,3 @@ def field_docs(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = nxt.value.value
     return docs
-
-
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]

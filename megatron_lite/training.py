@@ -49,13 +49,14 @@ def select_device(config: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
-def last_stage_loss(losses: list[float]) -> float:
+def last_stage_loss(losses: list[torch.Tensor]) -> float:
     """Mean microbatch loss of the step, known on the last pipeline stage, on every rank."""
     grid = parallel_state.get_grid()
-    mean = float(np.mean(losses)) if losses else 0.0
+    mean = (torch.stack(losses).double().mean() if losses
+            else torch.zeros((), dtype=torch.float64, device=_reduce_device()))
     if grid.pp > 1:
-        mean = all_reduce(torch.tensor([mean], dtype=torch.float64, device=_reduce_device()), group="pp").item()
-    return average_across_data_parallel(mean)
+        all_reduce(mean.view(1), group="pp")
+    return average_across_data_parallel(mean.item())
 
 
 def _reduce_device() -> torch.device | None:

@@ -27,7 +27,7 @@ def accumulate(model: GPTModel, batches: list[dict[str, torch.Tensor]]) -> float
     """Forward and backward every microbatch into the grads; the mean microbatch loss."""
     runner = ModelRunner([model], batches, len(batches), (), torch.device("cpu"), bf16=False)
     forward_backward_no_pipelining(runner, len(batches))
-    return sum(runner.losses) / len(batches)
+    return float(sum(runner.losses)) / len(batches)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

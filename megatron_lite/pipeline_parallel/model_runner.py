@@ -41,7 +41,8 @@ class ModelRunner:
         self.chunks, self.microbatches, self.num_microbatches = chunks, microbatches, num_microbatches
         self.tensor_shape, self.device, self.bf16, self.trace = tensor_shape, device, bf16, trace
         self.before_last_backward = before_last_backward
-        self.losses: list[float] = []
+        # Detached device scalars: reading them (a host sync) waits for the end of the step.
+        self.losses: list[torch.Tensor] = []
 
     def _record(self, chunk: int, microbatch: int, kind: str, start: float) -> None:
         if self.trace is not None:
@@ -57,7 +58,7 @@ class ModelRunner:
                            hidden=input_tensor)
         if model.post_process:
             loss = microbatch_loss(output, batch["loss_mask"])
-            self.losses.append(loss.item())
+            self.losses.append(loss.detach())
             output = loss / self.num_microbatches
         self._record(chunk, microbatch, "F", start)
         return output
