@@ -16,9 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         # Every rank validates the same flags, so every rank reports and exits: nothing hangs.
         print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
+        destroy_model_parallel(wait_for_peers=False)
         return 2
-    finally:
-        destroy_model_parallel()
+    except BaseException:
+        destroy_model_parallel(wait_for_peers=False)
+        raise
+    # Torn down explicitly, after every rank is done: see destroy_model_parallel.
+    destroy_model_parallel()
     return 0
 
 

@@ -90,27 +90,39 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, timeout_minutes: float =
     if world_size == 1:
         _GRID = Grid()
         return _GRID
+    timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, timeout=timeout)
     rank = dist.get_rank()
     layout = grid_ranks(tp, pp, dp)
     groups: dict[str, dist.ProcessGroup | None] = {}
-    # new_group is collective: every rank creates every group, in the same order.
+    # new_group is collective: every rank creates every group, in the same order. Without its
+    # own timeout a group waits torch's default (30 minutes for gloo), not the world group's.
     for kind, members in layout.items():
         for ranks in members:
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
             if rank in ranks:
                 groups[kind] = group
     _GRID = Grid(tp=tp, pp=pp, dp=dp, rank=rank, groups=groups, layout=layout)
     return _GRID
 
 
-def destroy_model_parallel() -> None:
+def destroy_model_parallel(wait_for_peers: bool = True) -> None:
+    """Tear the process group down (no-op without one) and forget the grid.
+
+    Call it before a process exits: a gloo group left for the interpreter's exit to destroy
+    can abort the process ("terminate called without an active exception"), which torchrun
+    counts as a failed worker. After success every rank first waits at a barrier, so none
+    tears down its connections while a peer still talks to it; after an error the peers may
+    be gone or stuck, so `wait_for_peers=False` skips the barrier rather than hang on it.
+    """
     global _GRID
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
     _GRID = Grid()
 

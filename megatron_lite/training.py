@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,9 +93,14 @@ def setup_model_and_optimizer(config: Config, device: torch.device) -> TrainingM
     return TrainingModel(chunks, buffers, optimizer)
 
 
-def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
-               trace: Trace | None = None) -> tuple[float, float, float]:
-    """One optimizer step; returns (loss averaged over the global batch, grad norm before clipping, lr)."""
+def forward_backward(model: TrainingModel, microbatches, config: Config, device: torch.device,
+                     trace: Trace | None = None) -> list[torch.Tensor]:
+    """Forward and backward of the step's microbatches under the pipeline schedule, then every grad
+    reduction; returns the last stage's microbatch losses (none on other stages).
+
+    Afterwards each rank holds, in .grad (with the distributed optimizer: in its shard of the
+    grad buffer), the gradient of the mean loss over the global batch, not yet clipped.
+    """
     cfg, par = config.train, config.parallel
     for buf in model.grad_buffers:
         buf.zero_grad()
@@ -107,11 +113,33 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     allreduce_sequence_parallel_grads(model.chunks)
     for buf in model.grad_buffers:
         buf.finish_grad_sync()
+    return runner.losses
+
+
+def optimizer_step(model: TrainingModel, iteration: int, config: Config) -> tuple[float, float]:
+    """Clip the grads to the global norm, set the step's lr and update; returns (grad norm before clipping, lr)."""
+    cfg = config.train
     grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups)
     lr = learning_rate(iteration, cfg)
     set_learning_rate(model.optimizer, lr)
     model.optimizer.step()
-    return last_stage_loss(runner.losses), grad_norm, lr
+    return grad_norm, lr
+
+
+def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
+               trace: Trace | None = None,
+               inspect_grads: Callable[[TrainingModel], None] | None = None) -> tuple[float, float, float]:
+    """One optimizer step; returns (loss averaged over the global batch, grad norm before clipping, lr).
+
+    `inspect_grads(model)`, if given, runs once the grads are reduced and before they are clipped
+    (the parity tests compare them there with one device's).
+    """
+    losses = forward_backward(model, microbatches, config, device, trace)
+    if inspect_grads is not None:
+        inspect_grads(model)
+    loss = last_stage_loss(losses)
+    grad_norm, lr = optimizer_step(model, iteration, config)
+    return loss, grad_norm, lr
 
 
 def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):

@@ -12,16 +12,17 @@ from tiny import tiny_config
 GLOBAL_BATCH = 8
 
 
-def layout_config(family: str = "llama", tp: int = 1, pp: int = 1, vpp: int = 1, distributed: bool = False) -> Config:
+def layout_config(family: str = "llama", tp: int = 1, pp: int = 1, vpp: int = 1, distributed: bool = False,
+                  dropout: float = 0.0) -> Config:
     """4 layers with GQA (8 heads, 4 groups) so that tp 1, 2 and 4 and pp*vpp up to 4 all divide it."""
     config = tiny_config(family, model=dict(num_layers=4, num_attention_heads=8,
-                                            num_query_groups=4 if family == "llama" else 8),
+                                            num_query_groups=4 if family == "llama" else 8,
+                                            hidden_dropout=dropout, attention_dropout=dropout),
                          micro_batch_size=1, global_batch_size=GLOBAL_BATCH, train_iters=6, clip_grad=0.5)
     par = config.parallel
     par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
     par.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
     par.use_distributed_optimizer, par.ddp_bucket_size = distributed, 3000  # several buckets
-    par.distributed_timeout_minutes = 2.0
     return config
 
 

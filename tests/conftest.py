@@ -1,5 +1,5 @@
-"""Shared test setup: one cache directory for the built-in corpus per test session, and
-the Triton interpreter for the kernel tests when there is no GPU."""
+"""Shared test setup: one cache directory for the built-in corpus per test session, the Triton
+interpreter for the kernel tests when there is no GPU, and a deadline for every spawn of ranks."""
 from __future__ import annotations
 
 import os
@@ -7,12 +7,20 @@ import os
 import pytest
 import torch
 
+from megatron_lite.distributed.spawn import TIMEOUT_ENV
+
 # `triton.jit` chooses compile-or-interpret when it decorates, i.e. when a `kernels/`
 # module is first imported, so this must be set before any test module is collected.
 # It changes nothing for tests that launch no kernel: on CPU the ops call their
 # plain-torch reference unless MEGATRON_LITE_TRITON=1, which only `force_triton` sets.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Every run_on_ranks in the suite (tests and the tools they call) fails after this many seconds,
+# printing each rank's stack, instead of waiting for the 5-minute collective timeout of a stuck
+# rank. The slowest spawn takes about 40 s on 2 cores. pytest-timeout (pyproject.toml) is the
+# backstop for anything else that hangs.
+os.environ.setdefault(TIMEOUT_ENV, "120")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from commands import ROOT, run_command
+
 FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
          "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
          "--log-interval", "1", "--eval-interval", "0", "--save-interval", "2"]
@@ -48,7 +49,7 @@ def torchrun(script: Path, save: Path) -> subprocess.CompletedProcess:
     # Without it the restarted workers can read the previous attempt's addresses from the
     # rendezvous store torchrun shares with them and fail to connect (pytorch issue 135712).
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    return run_command(cmd, env=env)
 
 
 def final_loss(save: Path) -> tuple[int, float]:

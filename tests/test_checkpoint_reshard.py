@@ -1,7 +1,7 @@
 """Exact resume and resharding with one checkpoint saved at tp2 x pp2 x dp2 with the distributed optimizer.
 
 - Exact resume: 5 steps straight vs 2 steps, save, a fresh process group loads, 2 steps: the
-  losses of steps 3 and 4 are bit-identical.
+  losses of steps 3 and 4 are bit-identical; the same with dropout on.
 - Resharding (weights and Adam state): the checkpoint is loaded at tp1 x pp1 (online), trains
   step 3 and saves; that is converted offline to tp4 x pp1, which is loaded as saved and
   resharded online to tp2 x pp2 x vpp2 and to dp4 with the distributed optimizer, each training
@@ -23,12 +23,17 @@ import convert_checkpoint  # noqa: E402
 
 
 def test_exact_resume_and_reshard_round_trip(tmp_path: Path, capsys) -> None:
-    saved, single, offline = (str(tmp_path / name) for name in ("tp2pp2dp2", "tp1pp1", "tp4pp1"))
+    saved, dropout_saved, single, offline = (str(tmp_path / name) for name in
+                                             ("tp2pp2dp2", "dropout", "tp1pp1", "tp4pp1"))
     source = layout_config(tp=2, pp=2, distributed=True)
-    straight, first_half = run_on_ranks(train_jobs, 8, [(source, 5), (source, 2, None, saved)])[0]
+    dropout = layout_config(tp=2, pp=2, distributed=True, dropout=0.1)
+    straight, first_half, dropout_straight, _ = run_on_ranks(
+        train_jobs, 8, [(source, 5), (source, 2, None, saved), (dropout, 4), (dropout, 2, None, dropout_saved)])[0]
     assert first_half == straight[:2]
-    resumed = run_on_ranks(train_jobs, 8, [(source, 2, saved)])[0][0]
+    resumed, dropout_resumed = run_on_ranks(train_jobs, 8, [(source, 2, saved), (dropout, 2, dropout_saved)])[0]
     assert resumed == straight[2:4]
+    # Every rank draws its dropout masks from the RNG state its own file restored.
+    assert dropout_resumed == dropout_straight[2:4] and dropout_straight[:4] != straight[:4]
 
     # One process: load at tp1 x pp1, train step 3 and save; the 4-rank layouts then train steps 4 and 5.
     # A step's loss depends on the weights only, the next one on the Adam state too.

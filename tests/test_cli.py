@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+import pretrain_gpt
+from commands import ROOT, run_command
+
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
         "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
         "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "2"]
@@ -19,8 +23,11 @@ LOG_LINE = re.compile(
 
 
 def run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "pretrain_gpt.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_command((launcher or [sys.executable]) + [str(ROOT / "pretrain_gpt.py"), *args])
+
+
+def _train_records(log_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (log_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
 def test_cli_run_logs_and_writes_metrics(tmp_path: Path) -> None:
@@ -57,10 +64,16 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     assert "world 2 = tp 2 x pp 1 x dp 1, sequence parallel" in result.stdout
     assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 2  # rank 0 only
     assert sorted(p.name for p in (tmp_path / "iter_0000004").iterdir()) == ["mp_rank_00", "mp_rank_01"]
-    other_layout = run(TINY + ["--train-iters", "6", "--load", str(tmp_path)], launcher)
+    resume = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "0"]
+    other_layout = run(TINY + resume + ["--load", str(tmp_path), "--log-dir", str(tmp_path / "resumed")], launcher)
     assert other_layout.returncode == 0, other_layout.stderr
     assert ("saved with tp=2 pp=1 vpp=1 dp=1 distributed optimizer off to tp=1 pp=1 vpp=1 dp=2 distributed "
             "optimizer off") in other_layout.stdout
+    # The resumed run continues the data where the saved one stopped and the losses of one device.
+    assert pretrain_gpt.main(TINY + resume + ["--log-dir", str(tmp_path / "straight")]) == 0
+    resumed, straight = (_train_records(tmp_path / name) for name in ("resumed", "straight"))
+    assert [(r["iteration"], r["consumed_samples"]) for r in resumed] == [(5, 20), (6, 24)]
+    assert [r["lm_loss"] for r in resumed] == pytest.approx([r["lm_loss"] for r in straight[4:]], rel=1e-5)
     bad_flags = TINY + ["--tp", "2", "--num-attention-heads", "2", "--num-query-groups", "1"]
     message = "pretrain_gpt.py: error: --num-query-groups=1 is not divisible by --tensor-model-parallel-size=2"
     bad = run(bad_flags, launcher)
@@ -69,6 +82,6 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     errors = [line for line in bad.stderr.splitlines() if line.startswith("pretrain_gpt.py: error:")]
     assert errors and set(errors) == {message}
     # Validation runs before any process group exists, so each rank refuses on its own: here rank 1 alone.
-    rank1 = subprocess.run([sys.executable, str(ROOT / "pretrain_gpt.py"), *bad_flags], capture_output=True,
-                           text=True, timeout=60, cwd=ROOT, env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})
+    rank1 = run_command([sys.executable, str(ROOT / "pretrain_gpt.py"), *bad_flags],
+                        env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})
     assert rank1.returncode == 2 and rank1.stderr.strip().splitlines() == [message]

@@ -6,7 +6,6 @@ import json
 import math
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 import pretrain_gpt
 from megatron_lite.data.default_corpus import build_default_corpus, stdlib_sources
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder
-from test_cli import LOG_LINE, ROOT, TINY, run
+from commands import ROOT, run_command
+from test_cli import LOG_LINE, TINY, run
 from tools import preprocess_data
 
 LOSS = re.compile(r"\| lm loss: ([\d.E+-]+) \|")
@@ -25,8 +25,7 @@ TRAIN = TINY + ["--train-iters", "8", "--eval-interval", "8", "--lr", "1e-2", "-
 
 
 def tool(name: str, *args: str) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True,
-                            timeout=120)
+    result = run_command([sys.executable, str(ROOT / "tools" / name), *args])
     assert result.returncode == 0, result.stderr
 
 

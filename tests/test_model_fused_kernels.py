@@ -23,12 +23,15 @@ from megatron_lite.config import Config
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.tensor_parallel import METER
-from parity import max_differences, merge_ranks, run_steps
+from parity import Tolerance, assert_parity, merge_ranks, run_steps
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("llama", "gpt2")
 VOCAB = 258
+# One step with kernels on and off at tp 2: the same math in other float orders (see tests/parity.py).
+# Measured: grad 4.6e-7, grad norm 0, loss 8.6e-8, weight 4.8e-6.
+FUSED = Tolerance(grad=1e-5, grad_norm_first=1e-6, grad_norm=1e-6, loss=1e-6, weight=1e-4)
 # The autograd nodes of the kernels each family must run, so a silent fallback to torch fails.
 KERNEL_NODES = {
     "llama": {"RowNormFunctionBackward", "RotaryFunctionBackward", "FlashAttentionFunctionBackward",
@@ -44,7 +47,6 @@ def fused_config(family: str, fused: bool, tp: int = 1) -> Config:
                                             fused_kernels=fused))
     config.parallel.tensor_model_parallel_size = tp
     config.parallel.sequence_parallel = tp > 1
-    config.parallel.distributed_timeout_minutes = 2.0
     return config
 
 
@@ -103,8 +105,7 @@ def test_fused_model_under_tensor_and_sequence_parallelism(family: str) -> None:
     vocab-parallel cross-entropy kernel, whose max and sums go through the metered all-reduces."""
     ranks = spawned()
     plain, fused = (merge_ranks([rank[(family, f)][0] for rank in ranks]) for f in (False, True))
-    diff = max_differences(plain, fused, VOCAB)
-    assert diff["loss"] < 1e-6 and diff["grad"] < 1e-6, diff
+    assert_parity(plain, fused, VOCAB, FUSED)
     # The kernel reduces sum-exp and target logit in one call, the torch loss in two: same bytes.
     assert ranks[0][(family, True)][1] == ranks[0][(family, False)][1]
 

@@ -47,7 +47,6 @@ def reshard_rank(load: str, out: str, config: Config) -> None:
     model = setup_model_and_optimizer(config, torch.device("cpu"))
     iteration, consumed = load_checkpoint(load, model.chunks, model.optimizer, config)
     save_checkpoint(out, iteration, consumed, model.chunks, model.optimizer, config)
-    parallel_state.destroy_model_parallel()
 
 
 def import_rank(hf_dir: str, out: str, config: Config) -> None:
@@ -57,7 +56,6 @@ def import_rank(hf_dir: str, out: str, config: Config) -> None:
     chunks = build_model_chunks(config.model, par)
     load_weights(from_hf_state(load_safetensors(Path(hf_dir)), config.model), chunks)
     save_checkpoint(out, 0, 0, chunks, None, config)
-    parallel_state.destroy_model_parallel()
 
 
 def _layout(config: Config, args: argparse.Namespace) -> int:
