@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from megatron_lite.arguments import parse_args
-from megatron_lite.config import ConfigError
+from megatron_lite.config import ConfigError, TrainingError
 from megatron_lite.parallel_state import destroy_model_parallel
 from megatron_lite.training import pretrain
 
@@ -13,11 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
         pretrain(config)
-    except ConfigError as exc:
-        # Every rank validates the same flags, so every rank reports and exits: nothing hangs.
+    except (ConfigError, TrainingError) as exc:
+        # Raised on every rank alike (the same flags, the same agreed numbers): every rank
+        # reports and exits, nothing hangs. Bad input exits 2, a run that cannot go on 1.
         print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
         destroy_model_parallel(wait_for_peers=False)
-        return 2
+        return 2 if isinstance(exc, ConfigError) else 1
     except BaseException:
         destroy_model_parallel(wait_for_peers=False)
         raise

@@ -29,6 +29,7 @@ PRESETS: dict[str, dict] = {
                      num_query_groups=8, ffn_hidden_size=14336, seq_length=8192, rotary_base=500000.0),
 }
 
+DEFAULT_PRESET = "tiny"
 # Fields that are not flags: derived at run time, never typed by a user.
 _DERIVED = {"vocab_size", "data_parallel_size"}
 _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda"),
@@ -80,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain_gpt.py", description="Pretrain a GPT with megatron_lite.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
-                        help="Model preset; any model flag overrides its value.")
+    # No default here, so that parse_args sees whether the user named a preset: an unnamed one
+    # only fills the fields a checkpoint given to --load does not.
+    parser.add_argument("--model", default=argparse.SUPPRESS, choices=sorted(PRESETS),
+                        help=f"Model preset; any model flag overrides its value (default: {DEFAULT_PRESET}).")
     for cls in (ModelConfig, ParallelConfig, TrainConfig):
         _add_dataclass_flags(parser, cls)
     return parser
@@ -97,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser = build_parser()
     parser.__class__ = _ErrorRaisingParser
     given = vars(parser.parse_args(argv))
-    preset = given.pop("model")
+    preset_named = "model" in given
+    preset = given.pop("model", DEFAULT_PRESET)
     if preset not in PRESETS:
         raise ConfigError(f"--model={preset} is unknown; allowed: {', '.join(sorted(PRESETS))}")
     model_kwargs = dict(PRESETS[preset])
@@ -106,9 +110,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         names = {f.name for f in dataclasses.fields(cls)}
         return {**base, **{k: v for k, v in given.items() if k in names}}
 
+    model_fields = pick(ModelConfig, {})
+    if preset_named:
+        model_fields = {**model_kwargs, **model_fields}
     config = Config(model=ModelConfig(**pick(ModelConfig, model_kwargs)),
                     parallel=ParallelConfig(**pick(ParallelConfig, {})),
-                    train=TrainConfig(**pick(TrainConfig, {})))
+                    train=TrainConfig(**pick(TrainConfig, {})), model_flags_given=tuple(sorted(model_fields)))
     parallel = config.parallel
     per_chunk = parallel.num_layers_per_virtual_pipeline_stage
     if per_chunk is not None:
@@ -129,8 +136,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if parallel.use_distributed_optimizer and parallel.data_parallel_size == 1 and int(os.environ.get("RANK", "0")) == 0:
         print("WARNING: --use-distributed-optimizer with data-parallel size 1 shards nothing; it runs unsharded",
               flush=True)
-    if config.train.load is not None and not os.path.isdir(config.train.load):
-        raise ConfigError(f"--load={config.train.load} does not exist or is not a directory")
+    load, save = config.train.load, config.train.save
+    first_launch = save is not None and load is not None and os.path.abspath(load) == os.path.abspath(save)
+    if load is not None and not os.path.isdir(load) and not (first_launch and not os.path.exists(load)):
+        # `--save ck --load ck` that does not exist yet is the first launch of a job that
+        # resumes itself when restarted (torchrun --max-restarts): it starts fresh, with a warning.
+        raise ConfigError(f"--load={load} does not exist or is not a directory")
     return config
 
 

@@ -1,15 +1,23 @@
-"""The three configuration dataclasses and their validation.
+"""The three configuration dataclasses, their validation, and the two errors a run can end with.
 
 Each field carries a one-line docstring (the string literal under it); `arguments.py` turns
 those into `--help` text, so the CLI and the code never disagree on what a field means.
 """
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, value and what is allowed."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or grad norm, a checkpoint that failed to save);
+    every rank raises it together, and the message says what is left untouched."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -65,6 +73,11 @@ class ModelConfig:
     """Dropout on the attention probabilities."""
     fused_kernels: bool = True
     """Fused kernels (kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
+
+    # Fields a run may change when it resumes from a checkpoint: how the model trains, not the
+    # function it computes. Every other field is taken from, or checked against, the checkpoint
+    # (checkpointing.adopt_checkpoint_model_args); a new field is checked unless listed here.
+    TRAINING_ONLY = ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "fused_kernels")
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -175,6 +188,22 @@ class ParallelConfig:
 
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+EXIT_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name))
+
+
+def _require_writable_dir(name: str, path: str | None) -> None:
+    """An output directory must be a directory we can write, or one we can create (checked, not created)."""
+    if path is None:
+        return
+    target = Path(path)
+    existing = next(p for p in (target, *target.absolute().parents) if p.exists())
+    if existing == target:
+        _require(target.is_dir(), f"{_flag(name)}={path} is a file, not a directory")
+        _require(os.access(target, os.W_OK | os.X_OK), f"{_flag(name)}={path} is not writable")
+    else:
+        _require(existing.is_dir(), f"{_flag(name)}={path} cannot be created: {existing} is a file")
+        _require(os.access(existing, os.W_OK | os.X_OK),
+                 f"{_flag(name)}={path} cannot be created: {existing} is not writable")
 
 
 @dataclass
@@ -217,8 +246,20 @@ class TrainConfig:
     """Directory to resume from (its latest checkpoint; saved under any layout, it is resharded to this one)."""
     keep_last: int | None = None
     """Keep only the K most recent checkpoints in --save, deleting older iter_ directories (default: keep all)."""
+    ckpt_step: int | None = None
+    """Resume from iteration N of --load instead of the one its latest_checkpointed_iteration.txt names."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (the marker moves once every file is written)."""
     exit_interval: int | None = None
     """Stop (saving first when --save is set) once the iteration is a multiple of N; the schedule still spans --train-iters."""
+    exit_duration_in_mins: float | None = None
+    """Stop (saving first when --save is set) after the first step that ends this many minutes after training started."""
+    exit_signal_handler: bool = False
+    """On --exit-signal (a scheduler's preemption warning) finish the current step, save and exit 0 on every rank."""
+    exit_signal: str = "SIGTERM"
+    """The signal --exit-signal-handler catches, e.g. SIGUSR1 for Slurm's --signal."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop before the optimizer step when the loss or the grad norm is not finite (on by default; nothing is saved after it)."""
     log_interval: int = 10
     """Print one log line every N steps."""
     log_dir: str | None = None
@@ -277,6 +318,16 @@ class TrainConfig:
         _require(self.data_path is not None or self.tokenizer_type == "ByteTokenizer",
                  f"--tokenizer-type={self.tokenizer_type} needs --data-path (data preprocessed with it); "
                  "the built-in corpus is byte-level")
+        if self.ckpt_step is not None:
+            _require(self.load is not None, f"--ckpt-step={self.ckpt_step} needs --load")
+            _require(self.ckpt_step >= 0, f"--ckpt-step={self.ckpt_step} must be >= 0")
+        if self.exit_duration_in_mins is not None:
+            _require(self.exit_duration_in_mins > 0,
+                     f"--exit-duration-in-mins={self.exit_duration_in_mins} must be positive")
+        _require(self.exit_signal in EXIT_SIGNALS,
+                 f"--exit-signal={self.exit_signal} is not a signal a job is warned with; allowed: {', '.join(EXIT_SIGNALS)}")
+        for name in ("save", "log_dir"):
+            _require_writable_dir(name, getattr(self, name))
 
 
 @dataclass
@@ -285,6 +336,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    model_flags_given: tuple[str, ...] | None = None
+    """ModelConfig fields the user set (a flag, or the --model preset named on the command line);
+    None for a Config built in code, where every field counts as set. On --load, a field that is
+    set must match the checkpoint and one that is not is taken from it."""
 
     def validate(self) -> None:
         self.model.validate()

@@ -50,7 +50,7 @@ class Grid:
 
     def size(self, kind: str) -> int:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "mp": self.tp * self.pp,
-                "embedding": min(self.pp, 2)}[kind]
+                "embedding": min(self.pp, 2), "world": self.world_size}[kind]
 
 
 _GRID = Grid()
@@ -95,7 +95,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, timeout_minutes: float =
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timeout)
+        _init_process_group(backend, world_size, timeout)
     rank = dist.get_rank()
     layout = grid_ranks(tp, pp, dp)
     groups: dict[str, dist.ProcessGroup | None] = {}
@@ -108,6 +108,24 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, timeout_minutes: float =
                 groups[kind] = group
     _GRID = Grid(tp=tp, pp=pp, dp=dp, rank=rank, groups=groups, layout=layout)
     return _GRID
+
+
+def _init_process_group(backend: str, world_size: int, timeout: timedelta) -> None:
+    """torch.distributed's default group, from torchrun's (or our spawn helper's) environment.
+
+    torchrun shares its own rendezvous store with the workers, and that store outlives a failed
+    attempt with every key its workers wrote. Workers restarted by --max-restarts would read the
+    dead workers' addresses there and wait forever (pytorch issue 135712; the workaround was
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1). Each attempt therefore gets its own key namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"megatron_lite/attempt_{attempt}/", store),
+                            rank=int(os.environ["RANK"]), world_size=world_size, timeout=timeout)
 
 
 def destroy_model_parallel(wait_for_peers: bool = True) -> None:
@@ -132,6 +150,8 @@ def get_grid() -> Grid:
 
 
 def get_group(kind: str) -> dist.ProcessGroup | None:
+    """The process group of this rank's `kind` group; None for a group of one, and for "world",
+    which torch.distributed calls then take to be the default group of every rank."""
     return _GRID.groups.get(kind)
 
 
@@ -163,6 +183,16 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process.
+    For the few small host-side agreements (checkpoint files written, errors), not for tensors."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def print_rank_0(message: str) -> None:

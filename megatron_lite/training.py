@@ -1,6 +1,7 @@
 """The training loop: build, step through global batches, log, evaluate, checkpoint."""
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -11,8 +12,9 @@ import torch
 from torch import nn
 
 from megatron_lite import parallel_state
-from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.checkpointing import (CheckpointWriter, adopt_checkpoint_model_args, latest_iteration,
+                                        load_checkpoint, resolve_load)
+from megatron_lite.config import Config, ConfigError, TrainingError
 from megatron_lite.data import build_training_data
 from megatron_lite.data.loader import global_batch
 from megatron_lite.distributed.grad_clip import clip_grad_norm
@@ -20,6 +22,7 @@ from megatron_lite.distributed.data_parallel import DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import (allreduce_embedding_grads, allreduce_sequence_parallel_grads,
                                                  average_across_data_parallel, needs_model_parallel_reduction)
+from megatron_lite.exit_conditions import ExitConditions
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.model.gpt import init_weights
@@ -116,16 +119,6 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
     return runner.losses
 
 
-def optimizer_step(model: TrainingModel, iteration: int, config: Config) -> tuple[float, float]:
-    """Clip the grads to the global norm, set the step's lr and update; returns (grad norm before clipping, lr)."""
-    cfg = config.train
-    grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups)
-    lr = learning_rate(iteration, cfg)
-    set_learning_rate(model.optimizer, lr)
-    model.optimizer.step()
-    return grad_norm, lr
-
-
 def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
                trace: Trace | None = None,
                inspect_grads: Callable[[TrainingModel], None] | None = None) -> tuple[float, float, float]:
@@ -134,12 +127,31 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     `inspect_grads(model)`, if given, runs once the grads are reduced and before they are clipped
     (the parity tests compare them there with one device's).
     """
+    cfg = config.train
     losses = forward_backward(model, microbatches, config, device, trace)
     if inspect_grads is not None:
         inspect_grads(model)
     loss = last_stage_loss(losses)
-    grad_norm, lr = optimizer_step(model, iteration, config)
+    grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups)
+    if cfg.check_for_nan_in_loss_and_grad:
+        check_finite(iteration, loss, grad_norm)
+    lr = learning_rate(iteration, cfg)
+    set_learning_rate(model.optimizer, lr)
+    model.optimizer.step()
     return loss, grad_norm, lr
+
+
+def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
+    """Stop before the optimizer step applies a non-finite loss or gradient.
+
+    Both numbers come out of all-reduces, so every rank holds the same values and stops at
+    the same step: the decision needs no collective of its own and no rank is left waiting.
+    """
+    bad = [f"{name} is {value}" for name, value in (("lm loss", loss), ("grad norm", grad_norm))
+           if not math.isfinite(value)]
+    if bad:
+        raise TrainingError(f"iteration {iteration}: {' and '.join(bad)}; stopped before the optimizer step "
+                            "(--no-check-for-nan-in-loss-and-grad lets a run go on)")
 
 
 def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):
@@ -198,17 +210,38 @@ def pretrain(config: Config) -> dict:
     tokenizer, train_ds, valid_ds, data_description = build_training_data(cfg, config.model.seq_length)
     config.model.vocab_size = tokenizer.vocab_size
     config.model.validate()
+    load_iteration = resolve_load(cfg.load, cfg.ckpt_step) if cfg.load else None
+    if load_iteration is not None:
+        adopt_checkpoint_model_args(config, cfg.load, load_iteration)
 
     model = setup_model_and_optimizer(config, device)
-    chunks = model.chunks
     iteration, consumed = 0, 0
-    if cfg.load:
-        iteration, consumed = load_checkpoint(cfg.load, chunks, model.optimizer, config)
+    if load_iteration is not None:
+        iteration, consumed = load_checkpoint(cfg.load, model.chunks, model.optimizer, config, load_iteration)
 
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=grid.rank == 0)
-    n_params = sum(p.numel() for c in chunks for p in c.parameters())
     print_rank_0(f"> data: {data_description}")
-    print_rank_0(describe_layout(grid, par))
+    _print_run(config, model, grid, device)
+    if logger.path is not None:
+        print_rank_0(f"> metrics: appended to {logger.path}")
+    writer = CheckpointWriter(model.chunks, model.optimizer, config) if cfg.save else None
+    exits = ExitConditions(cfg, _reduce_device())
+    try:
+        return _train(config, model, train_ds, valid_ds, iteration, consumed, logger, writer, exits, device)
+    except TrainingError as exc:
+        if writer is not None:
+            writer.wait()  # a background save of an earlier, good step still completes
+        kept = latest_iteration(cfg.save) if cfg.save else None
+        raise TrainingError(f"{exc}; " + (f"the latest checkpoint in {cfg.save} is iteration {kept}" if kept else
+                                          "no checkpoint was saved")) from exc
+    finally:
+        exits.close()
+
+
+def _print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, device: torch.device) -> None:
+    cfg = config.train
+    n_params = sum(p.numel() for c in model.chunks for p in c.parameters())
+    print_rank_0(describe_layout(grid, config.parallel))
     print_rank_0(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
                  f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
                  f"{config.model.padded_vocab_size(grid.tp)}")
@@ -216,9 +249,14 @@ def pretrain(config: Config) -> dict:
     print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
                  f"{cfg.micro_batch_size} x {cfg.num_microbatches(grid.dp)} microbatches x dp {grid.dp}, on "
                  f"{device}{' in bf16' if cfg.bf16 else ' in fp32'}")
-    if logger.path is not None:
-        print_rank_0(f"> metrics: appended to {logger.path}")
 
+
+def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: int, consumed: int,
+           logger: MetricsLogger, writer: CheckpointWriter | None, exits: ExitConditions,
+           device: torch.device) -> dict:
+    """The loop of pretrain, from `iteration` steps done and `consumed` samples read."""
+    cfg = config.train
+    world = parallel_state.get_grid().world_size
     step_flops = flops_per_step(config.model, cfg.global_batch_size)
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     tokens_per_step = cfg.global_batch_size * config.model.seq_length
@@ -239,7 +277,7 @@ def pretrain(config: Config) -> dict:
         interval_norms.append(grad_norm)
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
             seconds = interval_seconds / len(interval_losses)
-            tflops = step_flops / seconds / 1e12 / grid.world_size
+            tflops = step_flops / seconds / 1e12 / world
             logger.training({
                 "iteration": iteration, "train_iters": cfg.train_iters, "consumed_samples": consumed,
                 "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": cfg.global_batch_size,
@@ -249,14 +287,20 @@ def pretrain(config: Config) -> dict:
             interval_seconds, interval_losses, interval_norms = 0.0, [], []
         evaluate_now = cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters)
         if valid_ds is not None and evaluate_now:
-            valid_loss = evaluate(chunks, valid_ds, config, device)
+            valid_loss = evaluate(model.chunks, valid_ds, config, device)
             logger.validation(iteration, valid_loss)
-        exit_now = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
+        stop = exits.check()
+        if bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0:
+            stop = f"--exit-interval={cfg.exit_interval}"
         save_now = bool(cfg.save_interval) and iteration % cfg.save_interval == 0
-        if cfg.save and (save_now or exit_now or iteration == cfg.train_iters):
-            path = save_checkpoint(cfg.save, iteration, consumed, chunks, model.optimizer, config)
-            print_rank_0(f"> saved checkpoint at iteration {iteration} to {path}")
-        if exit_now:
-            print_rank_0(f"> exiting at iteration {iteration} (--exit-interval={cfg.exit_interval})")
+        if writer is not None:
+            if stop or save_now or iteration == cfg.train_iters:
+                writer.save(iteration, consumed)
+            else:
+                writer.poll()
+        if stop:
+            print_rank_0(f"> exiting at iteration {iteration}: {stop}" + ("" if writer else " (no --save: nothing saved)"))
             break
+    if writer is not None:
+        writer.wait()
     return {"losses": losses, "iteration": iteration, "valid_loss": valid_loss}

@@ -63,7 +63,7 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert "world 2 = tp 2 x pp 1 x dp 1, sequence parallel" in result.stdout
     assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 2  # rank 0 only
-    assert sorted(p.name for p in (tmp_path / "iter_0000004").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    assert sorted(p.name for p in (tmp_path / "iter_0000004").iterdir()) == ["manifest.json", "mp_rank_00", "mp_rank_01"]
     resume = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "0"]
     other_layout = run(TINY + resume + ["--load", str(tmp_path), "--log-dir", str(tmp_path / "resumed")], launcher)
     assert other_layout.returncode == 0, other_layout.stderr
@@ -85,3 +85,24 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     rank1 = run_command([sys.executable, str(ROOT / "pretrain_gpt.py"), *bad_flags],
                         env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})
     assert rank1.returncode == 2 and rank1.stderr.strip().splitlines() == [message]
+
+
+def test_diverging_run_exits_1_with_one_line(tmp_path: Path) -> None:
+    result = run(TINY + ["--lr", "1e4", "--clip-grad", "0", "--train-iters", "10", "--save", str(tmp_path)])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "pretrain_gpt.py: error: iteration 2: grad norm is nan; stopped before the optimizer step "
+        "(--no-check-for-nan-in-loss-and-grad lets a run go on); no checkpoint was saved"]
+
+
+def test_output_path_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a directory")
+    for flag in ("--save", "--log-dir"):
+        result = run(TINY + [flag, str(existing)])
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.strip().splitlines() == [
+            f"pretrain_gpt.py: error: {flag}={existing} is a file, not a directory"]
+    result = run(TINY + ["--save", str(existing / "ckpt")])
+    assert result.stderr.strip().splitlines() == [
+        f"pretrain_gpt.py: error: --save={existing / 'ckpt'} cannot be created: {existing} is a file"]

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import pytest
 import torch
 
-from megatron_lite.config import ConfigError, TrainConfig
+from megatron_lite import training
+from megatron_lite.arguments import parse_args
+from megatron_lite.config import ConfigError, TrainConfig, TrainingError
 from megatron_lite.data.loader import microbatch_indices
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.model.gpt import GPTModel, init_weights
@@ -80,7 +84,7 @@ def test_resume_continues_bit_identically(tmp_path) -> None:
 
 def test_loading_a_different_shape_is_refused(tmp_path) -> None:
     pretrain(tiny_config(train_iters=1, save=str(tmp_path)))
-    with pytest.raises(ConfigError, match="has hidden_size=32 but this run has hidden_size=64"):
+    with pytest.raises(ConfigError, match="--hidden-size=64 contradicts checkpoint .*, saved with --hidden-size=32"):
         pretrain(tiny_config(train_iters=2, load=str(tmp_path), model={"hidden_size": 64}))
 
 
@@ -128,3 +132,49 @@ def test_flop_formula_known_case() -> None:
     assert flops_per_step(c, B) == pytest.approx(3 * B * s * per_token_fwd, rel=1e-12)
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops(None) is None
     assert math.isclose(peak_tflops("NVIDIA H100 PCIe"), 756.0)
+
+
+def test_diverging_run_stops_before_the_step_and_keeps_the_good_checkpoint(tmp_path) -> None:
+    """lr 1e4 without clipping: the grads are non-finite at step 2. Nothing is saved after
+    step 1, so --keep-last 1 keeps it, and the marker still names it."""
+    diverging = tiny_config(lr=1e4, clip_grad=0.0, train_iters=10, save_interval=1, keep_last=1, save=str(tmp_path))
+    with pytest.raises(TrainingError, match=r"^iteration 2: grad norm is nan; stopped before the optimizer step "
+                                            r"\(--no-check-for-nan-in-loss-and-grad lets a run go on\); the latest "
+                                            r"checkpoint in .* is iteration 1$"):
+        pretrain(diverging)
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001"]
+    diverging.train.check_for_nan_in_loss_and_grad, diverging.train.save = False, None
+    assert any(math.isnan(loss) for loss in pretrain(diverging)["losses"])  # unchecked, it trains on NaN
+
+
+def test_exit_signal_and_wall_clock_budget_save_and_stop(tmp_path, monkeypatch) -> None:
+    """--exit-signal SIGUSR1 arriving during step 2, then --exit-duration-in-mins spent after step 1:
+    each run stops after that step with a checkpoint, and resuming continues bit-identically."""
+    straight = pretrain(tiny_config(train_iters=6))["losses"]
+    real_step = training.train_step
+
+    def signal_during_step_2(model, batches, iteration, *args, **kwargs):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(model, batches, iteration, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", signal_during_step_2)
+    stopped = pretrain(tiny_config(train_iters=6, exit_signal_handler=True, exit_signal="SIGUSR1", save=str(tmp_path)))
+    monkeypatch.setattr(training, "train_step", real_step)
+    assert stopped["iteration"] == 2 and (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handed back
+    budget = pretrain(tiny_config(train_iters=6, exit_duration_in_mins=1e-9, load=str(tmp_path), save=str(tmp_path)))
+    assert budget["iteration"] == 3 and budget["losses"] == straight[2:3]
+    assert pretrain(tiny_config(train_iters=6, load=str(tmp_path)))["losses"] == straight[3:]
+
+
+def test_load_equal_to_save_may_not_exist_yet(tmp_path, capsys) -> None:
+    """The first launch of a job that resumes itself (--save ck --load ck) starts fresh; a --load
+    elsewhere that does not exist is a mistake."""
+    ckpt, flags = tmp_path / "ckpt", ["--num-layers", "1", "--train-iters", "1", "--seq-length", "16"]
+    config = parse_args(flags + ["--save", str(ckpt), "--load", str(ckpt)])
+    assert pretrain(config)["iteration"] == 1
+    assert f"WARNING: --load={ckpt} does not exist yet; training starts from scratch" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=f"--load={tmp_path / 'other'} does not exist or is not a directory"):
+        parse_args(flags + ["--save", str(ckpt), "--load", str(tmp_path / "other")])

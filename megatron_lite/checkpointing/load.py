@@ -1,0 +1,173 @@
+"""Reading a checkpoint: which iteration, verified before anything is used, the model arguments it
+was saved with, and the weights, Adam state and RNG state, resharded when the layout differs."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megatron_lite import parallel_state
+from megatron_lite.checkpointing.manifest import damaged_files
+from megatron_lite.checkpointing.paths import (MARKER, checkpoint_dir, first_file, latest_iteration, optimizer_file,
+                                               rank_file, saved_iterations, shard_file)
+from megatron_lite.checkpointing.save import current_layout
+from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.reshard import FullState, load_full_state, read_full_state
+
+
+def saved_config(config: dict) -> Config:
+    """The Config a checkpoint was saved with, from its "config" entry."""
+    return Config(model=ModelConfig(**config["model"]), parallel=ParallelConfig(**config["parallel"]),
+                  train=TrainConfig(**config["train"]))
+
+
+def load_file(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign files surface as many exception types
+        raise ConfigError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def resolve_load(root: str | Path, ckpt_step: int | None = None) -> int | None:
+    """The iteration to resume from (`ckpt_step`, else the marker's), its files checked against its
+    manifest; None when root holds no checkpoint yet (training starts from scratch). Collective."""
+    if ckpt_step is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            state = "does not exist yet" if not Path(root).exists() else f"has no {MARKER}"
+            parallel_state.print_rank_0(f"WARNING: --load={root} {state}; training starts from scratch")
+            return None
+    else:
+        iteration = ckpt_step
+        if not checkpoint_dir(root, iteration).is_dir():
+            raise ConfigError(f"--ckpt-step={ckpt_step}: {checkpoint_dir(root, iteration)} does not exist; {root} "
+                              f"holds iterations {saved_iterations(root) or 'none'}")
+    verify_checkpoint(root, iteration)
+    return iteration
+
+
+def verify_checkpoint(root: str | Path, iteration: int) -> None:
+    """Refuse a checkpoint whose files do not match its manifest, naming them and the newest intact
+    checkpoint before it (which --ckpt-step selects). Collective."""
+    where = checkpoint_dir(root, iteration)
+    problems = damaged_files(where)
+    if problems is None:
+        parallel_state.print_rank_0(f"WARNING: {where} has no manifest (saved by an older version): its files "
+                                    "are not verified")
+    elif problems:
+        older = [i for i in reversed(saved_iterations(root)) if i < iteration]
+        intact = next((i for i in older if not damaged_files(checkpoint_dir(root, i))), None)
+        hint = (f"the newest intact checkpoint is iteration {intact}: resume from it with --ckpt-step {intact}"
+                if intact is not None else f"{root} holds no intact checkpoint before it")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"checkpoint {where} is damaged: {problems[0]}{more}; {hint}")
+
+
+def check_model_args(config: Config, saved: dict, where: Path, adopt: bool = False) -> list[str]:
+    """Compare every ModelConfig field but the training-only ones with the checkpoint's (`saved`, its
+    model config). A field the user set that differs is refused, naming it and both values; with
+    `adopt`, one the user left unset takes the checkpoint's value. Returns the adopted `--flag=value`s."""
+    given = config.model_flags_given
+    adopted = []
+    for field in dataclasses.fields(ModelConfig):
+        name = field.name
+        if name in ModelConfig.TRAINING_ONLY or name not in saved or saved[name] == getattr(config.model, name):
+            continue
+        ours, theirs, flag = getattr(config.model, name), saved[name], "--" + name.replace("_", "-")
+        if name == "vocab_size":
+            raise ConfigError(f"checkpoint {where} has a vocabulary of {theirs} tokens but this run's tokenizer "
+                              f"({config.train.tokenizer_type}) has {ours}; use the tokenizer it was trained with")
+        if not adopt or given is None or name in given:
+            raise ConfigError(f"{flag}={ours} contradicts checkpoint {where}, saved with {flag}={theirs}; "
+                              f"leave {flag} out to continue with the checkpoint's value")
+        setattr(config.model, name, theirs)
+        adopted.append(f"{flag}={theirs}")
+    return adopted
+
+
+def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int) -> None:
+    """Before the model is built: take from the checkpoint the model arguments the user left unset
+    (Megatron's --use-checkpoint-args), refuse contradicting ones, and validate the result."""
+    where = checkpoint_dir(root, iteration)
+    adopted = check_model_args(config, load_file(first_file(root, iteration))["config"]["model"], where, adopt=True)
+    if adopted:
+        parallel_state.print_rank_0(f"> model arguments from checkpoint {where}: {', '.join(adopted)}")
+    config.model.validate()
+    config.parallel.validate_model(config.model)
+
+
+def read_checkpoint(root: str | Path, iteration: int) -> FullState:
+    """Every file of a saved checkpoint, whatever its layout, as full tensors."""
+    layout = load_file(first_file(root, iteration))["layout"]
+    files = {}
+    for tp_rank in range(layout["tp"]):
+        for pp_rank in range(layout["pp"]):
+            model_file = shard_file(root, iteration, tp_rank, pp_rank, layout["pp"])
+            dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"])]
+                        if layout["distributed_optimizer"] else [])
+            files[(tp_rank, pp_rank)] = [model_file, *dp_files]
+    return read_full_state(files, load_file)
+
+
+def describe_layout(layout: dict) -> str:
+    return (f"tp={layout['tp']} pp={layout['pp']} vpp={layout['vpp']} dp={layout['dp']} distributed optimizer "
+            f"{'on' if layout['distributed_optimizer'] else 'off'}")
+
+
+def _same_layout(saved: dict, ours: dict) -> bool:
+    # dp decides which file holds what only when the Adam state is sharded over it.
+    keys = ["tp", "pp", "vpp", "distributed_optimizer"] + (["dp"] if ours["distributed_optimizer"] else [])
+    return all(saved[k] == ours[k] for k in keys)
+
+
+def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config: Config,
+                    iteration: int | None = None) -> tuple[int, int]:
+    """Restore in place from `iteration` (default: the marker's, verified); returns (iteration,
+    consumed_samples). (0, 0) for a directory with no checkpoint or a weights-only one. The model
+    arguments must match the checkpoint's."""
+    if iteration is None:
+        iteration = resolve_load(root)
+        if iteration is None:
+            return 0, 0
+    path = rank_file(root, iteration)
+    state = load_file(path) if path.exists() else None
+    if state is None or state["finetune"] or not _same_layout(state["layout"], current_layout(config)):
+        return _load_resharded(root, iteration, chunks, optimizer, config)
+    check_model_args(config, state["config"]["model"], path)
+    for chunk, chunk_state in zip(chunks, state["model"]):
+        chunk.load_state_dict(chunk_state)
+    if config.parallel.use_distributed_optimizer:
+        optimizer.load_state_dict(load_file(optimizer_file(path, parallel_state.get_data_parallel_rank()))["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return state["iteration"], state["consumed_samples"]
+
+
+def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], optimizer,
+                    config: Config) -> tuple[int, int]:
+    """Load through full tensors: another layout, or weights only."""
+    where = checkpoint_dir(root, iteration)
+    full = read_checkpoint(root, iteration)
+    check_model_args(config, full.config["model"], where)
+    if full.optimizer is None:
+        parallel_state.print_rank_0(f"> loading weights only from {where} (no optimizer state): training starts "
+                                    "at iteration 0 with a fresh optimizer")
+    else:
+        parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with {describe_layout(full.layout)} "
+                                    f"to {describe_layout(current_layout(config))}")
+    load_full_state(full, chunks, optimizer)
+    if full.optimizer is None:
+        return 0, 0
+    _set_rng_state(full.rng)
+    return full.iteration, full.consumed_samples
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
