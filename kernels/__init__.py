@@ -1,4 +1,7 @@
-"""Fused Triton kernels, one op per file, each with a plain-torch reference.
+"""Fused Triton kernels, one op per file; their plain-torch references are `reference.py`.
+
+This package and `reference.py` import no Triton, so the references (the model's ops under
+--no-fused-kernels) load where Triton is absent; the kernel modules import it.
 
 Every public op dispatches with the same rule, `use_triton`: the Triton kernel runs when
 its input lives on a CUDA device, or on any device when the environment sets

@@ -14,14 +14,17 @@ from typing import Callable, Optional
 
 import torch
 
-from kernels import fused_linear_cross_entropy as flce
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from kernels.flash_attention import flash_attention, flash_attention_reference
-from kernels.gelu import gelu, gelu_reference
-from kernels.layernorm import layer_norm, layer_norm_reference
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rope import apply_rotary, apply_rotary_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from kernels.cross_entropy import cross_entropy
+from kernels.flash_attention import flash_attention
+from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from kernels.gelu import gelu
+from kernels.layernorm import layer_norm
+from kernels.reference import (apply_rotary_reference, cross_entropy_reference, flash_attention_reference,
+                               fused_linear_cross_entropy_reference, gelu_reference, layer_norm_reference,
+                               rms_norm_reference, swiglu_reference)
+from kernels.rmsnorm import rms_norm
+from kernels.rope import apply_rotary
+from kernels.swiglu import swiglu
 
 EPS = 1e-5
 
@@ -154,10 +157,10 @@ def _flce_case(n, h, v, device, dtype) -> Case:
                     target=torch.randint(0, v, (n,), device=device))
 
     def ours(hidden, weight, target):
-        return flce.fused_linear_cross_entropy(hidden, weight, target).mean()
+        return fused_linear_cross_entropy(hidden, weight, target).mean()
 
     def eager(hidden, weight, target):
-        return flce.fused_linear_cross_entropy_reference(hidden, weight, target).mean()
+        return fused_linear_cross_entropy_reference(hidden, weight, target).mean()
 
     impls = dict(ours=ours, eager=eager)
     liger = _liger("liger_fused_linear_cross_entropy")

@@ -19,7 +19,7 @@ Backward needs no collective: with lse = M + log S saved, d loss / d x_j = softm
 buffer. Columns whose global id is >= vocab_size are padding (the embedding table is
 padded to a multiple of the TP size): they are outside the softmax and get zero gradient.
 """
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -27,56 +27,7 @@ import triton.language as tl
 
 from kernels import use_triton
 from kernels._common import as_rows, ptr_add
-
-ReduceFn = Optional[Callable[[torch.Tensor], None]]
-
-
-def _n_valid(n_cols: int, vocab_start_index: int, vocab_size: Optional[int]) -> int:
-    """How many leading columns of this shard are real vocab entries (the rest are pad)."""
-    if vocab_size is None:
-        return n_cols
-    return max(0, min(n_cols, vocab_size - vocab_start_index))
-
-
-def _replicated_sum(t: torch.Tensor, reduce_sum: ReduceFn) -> torch.Tensor:
-    """Sum of t over the TP ranks, with the gradient flowing to the local t alone.
-
-    Every rank ends up with the same loss, so each rank's shard receives exactly the
-    gradient of that one loss through its own terms: the straight-through form below.
-    """
-    if reduce_sum is None:
-        return t
-    total = t.detach().clone()
-    reduce_sum(total)
-    return t + (total - t.detach())
-
-
-def cross_entropy_reference(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    vocab_start_index: int = 0,
-    vocab_size: Optional[int] = None,
-    reduce_max: ReduceFn = None,
-    reduce_sum: ReduceFn = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Plain torch, same contract as `cross_entropy` (also the CPU path of TP training)."""
-    n_cols = logits.shape[-1]
-    x = logits.float()
-    pad = torch.arange(n_cols, device=x.device) >= _n_valid(n_cols, vocab_start_index, vocab_size)
-    x = x.masked_fill(pad, float("-inf"))
-    # The max is only a shift (logsumexp does not depend on it), so it carries no gradient.
-    global_max = x.max(dim=-1).values.detach()
-    if reduce_max is not None:
-        reduce_max(global_max)
-    sumexp = torch.exp(x - global_max.unsqueeze(-1)).sum(dim=-1)
-    local = target - vocab_start_index
-    in_shard = (local >= 0) & (local < n_cols) & (target != ignore_index)
-    z = x.gather(-1, local.clamp(0, n_cols - 1).unsqueeze(-1)).squeeze(-1)
-    z = torch.where(in_shard, z, 0.0)
-    sumexp, z = _replicated_sum(torch.stack((sumexp, z)), reduce_sum)
-    loss = torch.log(sumexp) + global_max - z
-    return torch.where(target == ignore_index, 0.0, loss)
+from kernels.reference import ReduceFn, cross_entropy_reference, n_valid_columns
 
 
 @triton.jit
@@ -145,7 +96,7 @@ def softmax_ce_forward(
     local_max, sumexp, target_logit = torch.empty((3, n_rows), dtype=torch.float32, device=logits.device)
     _ce_stats_kernel[(n_rows,)](
         logits, target, local_max, sumexp, target_logit, logits.stride(0),
-        _n_valid(n_cols, vocab_start_index, vocab_size), vocab_start_index, ignore_index,
+        n_valid_columns(n_cols, vocab_start_index, vocab_size), vocab_start_index, ignore_index,
         **_launch_config(logits.device),
     )
     global_max = local_max.clone()
@@ -174,7 +125,7 @@ def softmax_ce_backward(
     n_rows, n_cols = logits.shape
     _ce_grad_kernel[(n_rows,)](
         logits, out, target, lse, dloss, logits.stride(0), out.stride(0), dloss.stride(0),
-        n_cols, _n_valid(n_cols, vocab_start_index, vocab_size), vocab_start_index, ignore_index,
+        n_cols, n_valid_columns(n_cols, vocab_start_index, vocab_size), vocab_start_index, ignore_index,
         **_launch_config(logits.device),
     )
     return out

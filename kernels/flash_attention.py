@@ -35,20 +35,11 @@ import triton.language as tl
 
 from kernels import use_triton
 from kernels._common import ptr_add
+from kernels.reference import flash_attention_reference
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 DELTA_BLOCK = 64  # rows per program of the rowsum(dO * O) kernel
-
-
-def flash_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-    softmax_scale: Optional[float] = None,
-) -> torch.Tensor:
-    """torch SDPA with the kv heads repeated for each query head of their group."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
 
 
 @triton.jit

@@ -24,28 +24,8 @@ import torch
 from torch.torch_version import TorchVersion
 
 from kernels import use_triton
-from kernels.cross_entropy import (
-    ReduceFn,
-    cross_entropy_reference,
-    softmax_ce_backward,
-    softmax_ce_forward,
-)
-
-
-def fused_linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    vocab_start_index: int = 0,
-    vocab_size: Optional[int] = None,
-    reduce_max: ReduceFn = None,
-    reduce_sum: ReduceFn = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Unfused: the full logits, then the plain-torch cross entropy."""
-    return cross_entropy_reference(
-        hidden @ weight.t(), target, vocab_start_index, vocab_size, reduce_max, reduce_sum, ignore_index
-    )
+from kernels.cross_entropy import softmax_ce_backward, softmax_ce_forward
+from kernels.reference import ReduceFn, fused_linear_cross_entropy_reference
 
 
 # Each chunk adds its share into the fp32 grad_W, a read-modify-write of V_local x h x 4

@@ -13,15 +13,11 @@ import triton
 import triton.language as tl
 
 from kernels import use_triton
+from kernels.reference import gelu_reference
 
 BLOCK = 1024
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 COEFF = 0.044715
-
-
-def gelu_reference(x: torch.Tensor) -> torch.Tensor:
-    """Plain torch, computed in fp32."""
-    return torch.nn.functional.gelu(x.float(), approximate="tanh").to(x.dtype)
 
 
 @triton.jit

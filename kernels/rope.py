@@ -15,19 +15,7 @@ import triton.language as tl
 
 from kernels import use_triton
 from kernels._common import ptr_add
-
-
-def apply_rotary_reference(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch; q: [b, s, nq, d], k: [b, s, nk, d], cos/sin: [s, d/2] fp32."""
-    c, s = cos[:, None, :], sin[:, None, :]
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-    return rotate(q), rotate(k)
+from kernels.reference import apply_rotary_reference
 
 
 @triton.jit

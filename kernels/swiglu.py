@@ -11,14 +11,9 @@ import triton.language as tl
 
 from kernels import use_triton
 from kernels._common import as_rows, ptr_add
+from kernels.reference import swiglu_reference
 
 BLOCK = 1024
-
-
-def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
-    """Plain torch, computed in fp32."""
-    a, b = x.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(a) * b).to(x.dtype)
 
 
 @triton.jit

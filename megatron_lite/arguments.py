@@ -10,7 +10,7 @@ import typing
 from megatron_lite.config import (FAMILIES, LR_DECAY_STYLES, SCHEDULES, Config, ConfigError, ModelConfig,
                                   ParallelConfig, TrainConfig, field_docs)
 from megatron_lite.data.tokenizer import TOKENIZERS
-from megatron_lite.parallel_state import validate_layout
+from megatron_lite.parallel_state import axis_sizes
 
 # Shapes of well-known models. Vocabulary size is not part of a preset: it comes from the tokenizer.
 PRESETS: dict[str, dict] = {
@@ -124,9 +124,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"--num-layers={config.model.num_layers} is not divisible by pp * "
                               f"--num-layers-per-virtual-pipeline-stage = {stages}")
         parallel.virtual_pipeline_model_parallel_size = config.model.num_layers // stages
-    parallel.data_parallel_size = validate_layout(int(os.environ.get("WORLD_SIZE", "1")),
-                                                  parallel.tensor_model_parallel_size,
-                                                  parallel.pipeline_model_parallel_size)
+    parallel.data_parallel_size = axis_sizes(parallel, int(os.environ.get("WORLD_SIZE", "1")))["dp"]
     if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
         if int(os.environ.get("RANK", "0")) == 0:
             print("WARNING: --sequence-parallel has no effect with --tensor-model-parallel-size=1; disabled",

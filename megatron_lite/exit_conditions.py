@@ -13,7 +13,7 @@ import time
 import torch
 
 from megatron_lite.config import TrainConfig
-from megatron_lite.tensor_parallel.mappings import all_reduce
+from megatron_lite.comm import all_reduce
 
 
 class ExitConditions:

@@ -1,112 +1,162 @@
-"""The one rank grid and its process groups; every module looks its groups up here.
+"""The one rank grid and its process groups; every module looks its sizes, coordinates and groups up here.
 
-Megatron's default order: tensor-parallel rank varies fastest, then data-parallel, then
-pipeline stage:
+Ranks are laid out on named axes in Megatron's default order, fastest first:
 
-    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+    AXES = (tp, cp, dp, pp)    rank = tp_r + tp * (cp_r + cp * (dp_r + dp * pp_r))
 
 so the ranks of a tp group are neighbours (on one node, where the bandwidth is) and a pipeline
-spans the farthest ranks. A single process needs no torch.distributed at all: every group is
-then None and every collective a no-op.
+spans the farthest ranks. A group is any set of axes: its members are the ranks that differ
+only in those axes' coordinates ("tp": one tensor-parallel group; "mp" = tp x pp, the model
+parallel group; "dp-cp", over which gradients are averaged once context parallelism splits the
+sequence). Two groups are not axes: "embedding", the first and last stage of a pipeline (they
+share the tied embedding), and "world". Every axis may have size 1; a group of one rank has no
+process group (None) and every collective on it is a no-op. A single process needs no
+torch.distributed at all.
+
+Adding a parallelism adds an axis name to AXES, where its size comes from in AXIS_SIZES, and
+any group of it to GROUPS; nothing else here changes. Megatron also views the same ranks
+through a second, expert grid (expert-tp x ep x expert-dp x pp) for mixture-of-experts layers:
+a Grid is generic over its axes, so that view is one more Grid over the same world.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import product
 
 import torch
 import torch.distributed as dist
 
-from megatron_lite.config import ConfigError
+from megatron_lite.config import ConfigError, ParallelConfig
+
+AXES = ("tp", "cp", "dp", "pp")
+# Where each axis's size comes from: a ParallelConfig field, or None for dp, which takes what the
+# world leaves. An axis without a field yet (cp) has size 1.
+AXIS_SIZES = {"tp": "tensor_model_parallel_size", "dp": None, "pp": "pipeline_model_parallel_size"}
+# Named groups over several axes (a single axis is a group under its own name).
+GROUPS = {"mp": ("tp", "pp"), "tp-cp": ("tp", "cp"), "dp-cp": ("cp", "dp")}
 
 
 @dataclass
 class Grid:
-    """Sizes, this rank's coordinates, and its groups (None when the group has one rank)."""
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
+    """Axis sizes (fastest first), this rank, and its process groups (None for a group of one rank)."""
+    sizes: dict[str, int] = field(default_factory=lambda: {axis: 1 for axis in AXES})
     rank: int = 0
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
-    # Global ranks of every group of each kind, for the layout printed at start.
-    layout: dict[str, list[list[int]]] = field(default_factory=dict)
+    # This rank's members of each group name, computed once: collectives ask for sizes on every call.
+    _members: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return math.prod(self.sizes.values())
 
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp
+    def axes_of(self, name: str) -> tuple[str, ...]:
+        """The axes a group name spans ("tp", "mp" = ("tp", "pp"), "world" = all)."""
+        if name in self.sizes:
+            return (name,)
+        if name == "world":
+            return tuple(self.sizes)
+        if name in GROUPS:
+            return GROUPS[name]
+        raise KeyError(f"no group named {name!r}; axes: {', '.join(self.sizes)}; groups: {', '.join(GROUPS)}, "
+                       "embedding, world")
 
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.tp % self.dp
+    def coord(self, axis: str, rank: int | None = None) -> int:
+        """This rank's (or `rank`'s) coordinate on one axis."""
+        stride = 1
+        for name, size in self.sizes.items():
+            if name == axis:
+                return (self.rank if rank is None else rank) // stride % size
+            stride *= size
+        raise KeyError(f"no axis named {axis!r}; axes: {', '.join(self.sizes)}")
 
-    @property
-    def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+    def rank_of(self, coords: dict[str, int]) -> int:
+        """The global rank at these coordinates (missing axes: 0)."""
+        rank, stride = 0, 1
+        for name, size in self.sizes.items():
+            rank += coords.get(name, 0) * stride
+            stride *= size
+        return rank
 
-    def size(self, kind: str) -> int:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "mp": self.tp * self.pp,
-                "embedding": min(self.pp, 2), "world": self.world_size}[kind]
+    def ranks(self, name: str) -> list[list[int]]:
+        """Every group of this name, as lists of global ranks (each in the order of its own coordinates)."""
+        if name == "embedding":
+            return [sorted({g[0], g[-1]}) for g in self.ranks("pp")]
+        inner = self.axes_of(name)
+        outer = [a for a in self.sizes if a not in inner]
+        groups = []
+        for fixed in product(*(range(self.sizes[a]) for a in reversed(outer))):
+            base = dict(zip(reversed(outer), fixed))
+            members = product(*(range(self.sizes[a]) for a in reversed(inner)))
+            groups.append([self.rank_of({**base, **dict(zip(reversed(inner), m))}) for m in members])
+        return groups
+
+    def members(self, name: str) -> list[int]:
+        """The global ranks of this rank's group of this name."""
+        if name not in self._members:
+            self._members[name] = next(g for g in self.ranks(name) if self.rank in g)
+        return self._members[name]
+
+    def size(self, name: str) -> int:
+        return len(self.members(name))
+
+    def index(self, name: str) -> int:
+        """This rank's position in its group of this name (its coordinate, for a single axis)."""
+        return self.members(name).index(self.rank)
+
+
+def group_names(grid: Grid) -> list[str]:
+    """Every group name the grid builds, in the order every rank creates them."""
+    return [*grid.sizes, *GROUPS, "embedding"]
 
 
 _GRID = Grid()
 
 
-def grid_ranks(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
-    """Global ranks of every tp, dp, pp, model-parallel (tp x pp) and embedding group."""
-    def rank(t: int, d: int, p: int) -> int:
-        return t + tp * (d + dp * p)
-    pp_groups = [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
-    return {
-        "tp": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
-        "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        "pp": pp_groups,
-        "mp": [[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
-        # First and last stage share the tied embedding (gpt2 family).
-        "embedding": [sorted({g[0], g[-1]}) for g in pp_groups],
-    }
+def axis_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
+    """Every axis's size for this world, dp being what the others leave; a ConfigError names the numbers."""
+    sizes = {axis: getattr(parallel, AXIS_SIZES[axis]) if AXIS_SIZES.get(axis) else 1 for axis in AXES}
+    model = math.prod(size for axis, size in sizes.items() if axis != "dp")
+    if world_size % model:
+        named = " x ".join(f"{field.removesuffix('_size').replace('_', '-')} size {sizes[axis]}"
+                           for axis, field in AXIS_SIZES.items() if field)
+        raise ConfigError(f"world size {world_size} is not divisible by {named} = {model}")
+    sizes["dp"] = world_size // model
+    return sizes
 
 
-def validate_layout(world_size: int, tp: int, pp: int) -> int:
-    """dp = world / (tp * pp), or a ConfigError that names the numbers."""
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tensor-model-parallel size {tp} x "
-                          f"pipeline-model-parallel size {pp} = {tp * pp}")
-    return world_size // (tp * pp)
+def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
+    """Start torch.distributed from torchrun's environment (if more than one rank) and build every group.
 
-
-def initialize_model_parallel(tp: int = 1, pp: int = 1, timeout_minutes: float = 5.0) -> Grid:
-    """Start torch.distributed from torchrun's environment (if more than one rank) and build the groups.
-
-    gloo on CPU, nccl on CUDA. The timeout makes a lost peer raise instead of hanging.
+    gloo on CPU, nccl on CUDA. Every group waits at most parallel.distributed_timeout_minutes
+    for a peer, so a lost peer raises instead of hanging.
     """
     global _GRID
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = validate_layout(world_size, tp, pp)
+    sizes = axis_sizes(parallel, world_size)
     if world_size == 1:
-        _GRID = Grid()
+        _GRID = Grid(sizes)
         return _GRID
-    timeout = timedelta(minutes=timeout_minutes)
+    timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _init_process_group(backend, world_size, timeout)
-    rank = dist.get_rank()
-    layout = grid_ranks(tp, pp, dp)
-    groups: dict[str, dist.ProcessGroup | None] = {}
-    # new_group is collective: every rank creates every group, in the same order. Without its
-    # own timeout a group waits torch's default (30 minutes for gloo), not the world group's.
-    for kind, members in layout.items():
-        for ranks in members:
-            group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
-            if rank in ranks:
-                groups[kind] = group
-    _GRID = Grid(tp=tp, pp=pp, dp=dp, rank=rank, groups=groups, layout=layout)
+    grid = Grid(sizes, dist.get_rank())
+    made: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    # new_group is collective: every rank creates every group, in the same order. Names with the
+    # same members (any group over axes of size 1) share one process group. Without its own
+    # timeout a group would wait torch's default (30 minutes for gloo), not the world group's.
+    for name in group_names(grid):
+        for ranks in grid.ranks(name):
+            if len(ranks) > 1 and tuple(ranks) not in made:
+                made[tuple(ranks)] = dist.new_group(ranks, timeout=timeout)
+            if grid.rank in ranks:
+                grid.groups[name] = made.get(tuple(ranks))
+    _GRID = grid
     return _GRID
 
 
@@ -149,50 +199,10 @@ def get_grid() -> Grid:
     return _GRID
 
 
-def get_group(kind: str) -> dist.ProcessGroup | None:
-    """The process group of this rank's `kind` group; None for a group of one, and for "world",
+def get_group(name: str) -> dist.ProcessGroup | None:
+    """This rank's process group of that name; None for a group of one rank, and for "world",
     which torch.distributed calls then take to be the default group of every rank."""
-    return _GRID.groups.get(kind)
-
-
-def get_tensor_model_parallel_world_size() -> int:
-    return _GRID.tp
-
-
-def get_tensor_model_parallel_rank() -> int:
-    return _GRID.tp_rank
-
-
-def get_data_parallel_world_size() -> int:
-    return _GRID.dp
-
-
-def get_data_parallel_rank() -> int:
-    return _GRID.dp_rank
-
-
-def get_pipeline_model_parallel_world_size() -> int:
-    return _GRID.pp
-
-
-def get_pipeline_model_parallel_rank() -> int:
-    return _GRID.pp_rank
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_gather_object(obj: object) -> list:
-    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process.
-    For the few small host-side agreements (checkpoint files written, errors), not for tensors."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    return _GRID.groups.get(name)
 
 
 def print_rank_0(message: str) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megatron_lite.tensor_parallel.utils import full_shape, is_partitioned, local_shard, unshard
+from megatron_lite.placement import full_shape, local_shard, placement, unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -45,11 +45,12 @@ class FullState:
 
 
 def param_layout(param: nn.Parameter) -> dict:
-    """How `param` is split over tp; the same dict whatever the tp size."""
-    partitioned = is_partitioned(param)
-    return {"partition_dim": param.partition_dim if partitioned else None,
-            "partition_stride": param.partition_stride if partitioned else 1,
-            "unpadded_rows": getattr(param, "unpadded_rows", None)}
+    """How `param` is split over tp (from its placement), in the checkpoint's format; the same dict
+    whatever the tp size."""
+    where = placement(param)
+    tp = where.shard("tp")
+    return {"partition_dim": None if tp is None else tp.dim, "partition_stride": 1 if tp is None else tp.stride,
+            "unpadded_rows": where.unpadded_rows}
 
 
 def tp_layout(chunks: list[nn.Module]) -> dict[str, dict]:

@@ -5,7 +5,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,21 +17,18 @@ from megatron_lite.config import Config, ConfigError, TrainingError
 from megatron_lite.data import build_training_data
 from megatron_lite.data.loader import global_batch
 from megatron_lite.distributed.grad_clip import clip_grad_norm
-from megatron_lite.distributed.data_parallel import DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
-from megatron_lite.distributed.grad_sync import (allreduce_embedding_grads, allreduce_sequence_parallel_grads,
-                                                 average_across_data_parallel, needs_model_parallel_reduction)
+from megatron_lite.distributed.grad_sync import average_across_data_parallel, reduce_partial_grads
 from megatron_lite.exit_conditions import ExitConditions
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
-from megatron_lite.model.gpt import init_weights
-from megatron_lite.optimizer import LocalOptimizer, learning_rate, set_learning_rate
+from megatron_lite.optimizer import learning_rate, set_learning_rate
+from megatron_lite.parallelize import TrainingModel, parallelize
 from megatron_lite.parallel_state import print_rank_0
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
-from megatron_lite.pipeline_parallel.partition import build_model_chunks
 from megatron_lite.pipeline_parallel.schedules import forward_only, run_schedule
 from megatron_lite.pipeline_parallel.trace import Trace
-from megatron_lite.tensor_parallel.mappings import all_reduce
+from megatron_lite.comm import all_reduce
 
 
 def set_seed(seed: int) -> None:
@@ -58,7 +54,7 @@ def last_stage_loss(losses: list[torch.Tensor]) -> float:
     grid = parallel_state.get_grid()
     mean = (torch.stack(losses).double().mean() if losses
             else torch.zeros((), dtype=torch.float64, device=_reduce_device()))
-    if grid.pp > 1:
+    if grid.size("pp") > 1:
         all_reduce(mean.view(1), group="pp")
     return average_across_data_parallel(mean.item())
 
@@ -74,28 +70,6 @@ def microbatch_shape(config: Config) -> tuple[int, int, int]:
             config.model.hidden_size)
 
 
-@dataclass
-class TrainingModel:
-    """This rank's model chunks, their data-parallel grad buffers and the optimizer over them."""
-    chunks: list[nn.Module]
-    grad_buffers: list[DataParallelGrads]
-    optimizer: LocalOptimizer | DistributedOptimizer
-
-
-def setup_model_and_optimizer(config: Config, device: torch.device) -> TrainingModel:
-    """Build this rank's chunks with the single-device initial weights, their grad buffers and optimizer."""
-    par = config.parallel
-    chunks = build_model_chunks(config.model, par)
-    for chunk in chunks:
-        init_weights(chunk, config.model, config.train.seed)
-        chunk.to(device)
-    buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
-                                 deferred=needs_model_parallel_reduction) for c in chunks]
-    optimizer = (DistributedOptimizer(buffers, config.train) if par.use_distributed_optimizer
-                 else LocalOptimizer(chunks, config.train))
-    return TrainingModel(chunks, buffers, optimizer)
-
-
 def forward_backward(model: TrainingModel, microbatches, config: Config, device: torch.device,
                      trace: Trace | None = None) -> list[torch.Tensor]:
     """Forward and backward of the step's microbatches under the pipeline schedule, then every grad
@@ -107,13 +81,12 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
     cfg, par = config.train, config.parallel
     for buf in model.grad_buffers:
         buf.zero_grad()
-    num_microbatches = cfg.num_microbatches(parallel_state.get_data_parallel_world_size())
+    num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"))
     runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
                          cfg.bf16, trace, before_last_backward=lambda c: model.grad_buffers[c].start_grad_sync_on_backward())
     run_schedule(runner, par.schedule, num_microbatches, par.vpp)
-    # Model-parallel reductions first, then the data-parallel one (their buckets were deferred).
-    allreduce_embedding_grads(model.chunks)
-    allreduce_sequence_parallel_grads(model.chunks)
+    # Partial grads summed first, then the data-parallel reduction of their (deferred) buckets.
+    reduce_partial_grads(model.chunks)
     for buf in model.grad_buffers:
         buf.finish_grad_sync()
     return runner.losses
@@ -158,7 +131,7 @@ def rank_microbatches(dataset, consumed: int, config: Config, device: torch.devi
     """This data-parallel rank's microbatches of the global batch starting at `consumed`."""
     cfg = config.train
     return global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
-                        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+                        parallel_state.get_grid().coord("dp"), parallel_state.get_grid().size("dp"))
 
 
 @torch.no_grad()
@@ -179,12 +152,18 @@ def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.dev
 
 
 def describe_layout(grid: parallel_state.Grid, par) -> str:
-    """One line: the layout, the schedule and which global ranks form each group."""
+    """One line: the layout, the schedule and which global ranks form each group of more than one rank."""
+    axes = " x ".join(f"{axis} {size}" for axis, size in grid.sizes.items() if size > 1 or axis in ("tp", "pp", "dp"))
     extras = [", sequence parallel" if par.sequence_parallel else ""]
-    if grid.pp > 1:
+    if grid.size("pp") > 1:
         extras.append(f", {par.schedule} schedule" + (f" over {par.vpp} chunks per rank" if par.vpp > 1 else ""))
-    extras += [f"; {kind} groups {ranks}" for kind, ranks in grid.layout.items() if len(ranks[0]) > 1]
-    return f"> layout: world {grid.world_size} = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}{''.join(extras)}"
+    shown = set()
+    for name in parallel_state.group_names(grid):
+        ranks = grid.ranks(name)
+        if len(ranks[0]) > 1 and str(ranks) not in shown:
+            shown.add(str(ranks))
+            extras.append(f"; {name} groups {ranks}")
+    return f"> layout: world {grid.world_size} = {axes}{''.join(extras)}"
 
 
 def describe_memory(model: TrainingModel, dp: int) -> str:
@@ -202,9 +181,7 @@ def describe_memory(model: TrainingModel, dp: int) -> str:
 def pretrain(config: Config) -> dict:
     """Train as configured; returns {'losses': per-step losses, 'iteration': last step, 'valid_loss': ...}."""
     cfg, par = config.train, config.parallel
-    grid = parallel_state.initialize_model_parallel(par.tensor_model_parallel_size,
-                                                    par.pipeline_model_parallel_size,
-                                                    par.distributed_timeout_minutes)
+    grid = parallel_state.initialize_model_parallel(par)
     device = select_device(config)
     set_seed(cfg.seed)
     tokenizer, train_ds, valid_ds, data_description = build_training_data(cfg, config.model.seq_length)
@@ -214,7 +191,7 @@ def pretrain(config: Config) -> dict:
     if load_iteration is not None:
         adopt_checkpoint_model_args(config, cfg.load, load_iteration)
 
-    model = setup_model_and_optimizer(config, device)
+    model = parallelize(config, device)
     iteration, consumed = 0, 0
     if load_iteration is not None:
         iteration, consumed = load_checkpoint(cfg.load, model.chunks, model.optimizer, config, load_iteration)
@@ -241,13 +218,14 @@ def pretrain(config: Config) -> dict:
 def _print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, device: torch.device) -> None:
     cfg = config.train
     n_params = sum(p.numel() for c in model.chunks for p in c.parameters())
+    tp, dp = grid.size("tp"), grid.size("dp")
     print_rank_0(describe_layout(grid, config.parallel))
     print_rank_0(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
                  f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
-                 f"{config.model.padded_vocab_size(grid.tp)}")
-    print_rank_0(describe_memory(model, grid.dp))
+                 f"{config.model.padded_vocab_size(tp)}")
+    print_rank_0(describe_memory(model, dp))
     print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
-                 f"{cfg.micro_batch_size} x {cfg.num_microbatches(grid.dp)} microbatches x dp {grid.dp}, on "
+                 f"{cfg.micro_batch_size} x {cfg.num_microbatches(dp)} microbatches x dp {dp}, on "
                  f"{device}{' in bf16' if cfg.bf16 else ' in fp32'}")
 
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 import transformers
 
-from commands import ROOT, run_command
+from helpers.commands import ROOT, run_command
 from megatron_lite.arguments import parse_args
 from megatron_lite.checkpointing import adopt_checkpoint_model_args, read_checkpoint
 from megatron_lite.config import ConfigError
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.reshard import load_weights
 from megatron_lite.training import pretrain
-from tiny import tiny_config
+from helpers.tiny import tiny_config
 
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_checkpoint  # noqa: E402

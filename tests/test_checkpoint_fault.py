@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from commands import ROOT, run_command
+from helpers.commands import ROOT, run_command
 
 FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
          "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",

@@ -13,9 +13,10 @@ import transformers
 from megatron_lite.checkpointing import latest_iteration, read_checkpoint
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.layout import Layout
 from megatron_lite.reshard import load_weights
 from megatron_lite.training import pretrain
-from checkpoint_steps import layout_config, train_jobs
+from helpers.checkpoint_steps import layout_config, train_jobs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -37,7 +38,7 @@ def our_logits(load: Path, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
-    run_on_ranks(train_jobs, 4, [(layout_config(f, tp=2, pp=2), 2, None, str(root / f)) for f in FAMILIES])
+    run_on_ranks(train_jobs, 4, [(layout_config(f, Layout(tp=2, pp=2)), 2, None, str(root / f)) for f in FAMILIES])
     return root
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.distributed.spawn import run_on_ranks
-from checkpoint_steps import layout_config, train, train_jobs
+from megatron_lite.layout import Layout
+from helpers.checkpoint_steps import layout_config, train, train_jobs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -25,12 +26,13 @@ import convert_checkpoint  # noqa: E402
 def test_exact_resume_and_reshard_round_trip(tmp_path: Path, capsys) -> None:
     saved, dropout_saved, single, offline = (str(tmp_path / name) for name in
                                              ("tp2pp2dp2", "dropout", "tp1pp1", "tp4pp1"))
-    source = layout_config(tp=2, pp=2, distributed=True)
-    dropout = layout_config(tp=2, pp=2, distributed=True, dropout=0.1)
-    straight, first_half, dropout_straight, _ = run_on_ranks(
-        train_jobs, 8, [(source, 5), (source, 2, None, saved), (dropout, 4), (dropout, 2, None, dropout_saved)])[0]
+    layout = Layout(tp=2, pp=2, dp=2, distopt=True)
+    source, dropout = layout_config(layout=layout), layout_config(layout=layout, dropout=0.1)
+    jobs = [(source, 5), (source, 2, None, saved), (dropout, 4), (dropout, 2, None, dropout_saved)]
+    straight, first_half, dropout_straight, _ = run_on_ranks(train_jobs, layout.world_size, jobs)[0]
     assert first_half == straight[:2]
-    resumed, dropout_resumed = run_on_ranks(train_jobs, 8, [(source, 2, saved), (dropout, 2, dropout_saved)])[0]
+    resumed, dropout_resumed = run_on_ranks(train_jobs, layout.world_size,
+                                            [(source, 2, saved), (dropout, 2, dropout_saved)])[0]
     assert resumed == straight[2:4]
     # Every rank draws its dropout masks from the RNG state its own file restored.
     assert dropout_resumed == dropout_straight[2:4] and dropout_straight[:4] != straight[:4]
@@ -40,6 +42,7 @@ def test_exact_resume_and_reshard_round_trip(tmp_path: Path, capsys) -> None:
     assert train(layout_config(), 1, saved, single)[0] == pytest.approx(straight[2], rel=1e-5)
     assert "> resharding checkpoint" in capsys.readouterr().out
     assert convert_checkpoint.main(["reshard", "--load", single, "--out", offline, "--tp", "4"]) == 0
-    targets = [layout_config(tp=4), layout_config(tp=2, pp=2, vpp=2), layout_config(distributed=True)]
+    targets = [layout_config(layout=Layout(tp=4)), layout_config(layout=Layout(tp=2, pp=2, vpp=2)),
+               layout_config(layout=Layout(dp=4, distopt=True))]
     for losses in run_on_ranks(train_jobs, 4, [(c, 2, offline) for c in targets])[0]:
         assert losses == pytest.approx(straight[3:], rel=1e-5)

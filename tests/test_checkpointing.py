@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite import parallel_state
+from megatron_lite import comm, parallel_state
 from megatron_lite.checkpointing import MARKER, load_checkpoint, save_checkpoint
 from megatron_lite.config import ConfigError, TrainingError
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.training import pretrain
-from parity import setup_rank
-from tiny import tiny_config
+from helpers.parity import setup_rank
+from helpers.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,11 @@ def agreement_worker(root: str) -> dict[str, str]:
     except TrainingError as exc:
         errors["save"] = str(exc)
     torch.save = real_save
-    parallel_state.barrier()
+    comm.barrier()
     if parallel_state.get_grid().rank == 1:
         shard = Path(root) / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
         shard.write_bytes(shard.read_bytes()[:-1])
-    parallel_state.barrier()
+    comm.barrier()
     try:
         load_checkpoint(root, model.chunks, model.optimizer, config)
     except ConfigError as exc:

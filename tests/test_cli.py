@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pretrain_gpt
-from commands import ROOT, run_command
+from helpers.commands import ROOT, run_command
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
         "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
@@ -61,7 +61,7 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = run(TINY + ["--tp", "2", "--sp", "--save", str(tmp_path)], launcher)
     assert result.returncode == 0, result.stderr
-    assert "world 2 = tp 2 x pp 1 x dp 1, sequence parallel" in result.stdout
+    assert "world 2 = tp 2 x dp 1 x pp 1, sequence parallel; tp groups [[0, 1]]" in result.stdout
     assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 2  # rank 0 only
     assert sorted(p.name for p in (tmp_path / "iter_0000004").iterdir()) == ["manifest.json", "mp_rank_00", "mp_rank_01"]
     resume = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "0"]

@@ -1,7 +1,7 @@
 """Data parallelism, the distributed optimizer and full 3D layouts against one device, plus the
 data-parallel communication volume and optimizer memory.
 
-Three spawns (2, 4 and 8 ranks); parity tolerances and their reasons: tests/parity.py.
+Three spawns (2, 4 and 8 ranks); parity tolerances and their reasons: tests/helpers/parity.py.
 """
 from __future__ import annotations
 
@@ -14,42 +14,42 @@ from megatron_lite import parallel_state
 from megatron_lite.distributed.data_parallel import DataParallelGrads
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.optimizer import state_bytes
-from megatron_lite.tensor_parallel import METER
-from megatron_lite.training import rank_microbatches, setup_model_and_optimizer, train_step
-from parity import RandomTokens, assert_parity, merge_ranks, run_steps
-from tiny import tiny_config
+from megatron_lite.comm import METER
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.layout import Layout
+from megatron_lite.parallelize import parallelize
+from megatron_lite.training import rank_microbatches, train_step
+from helpers.parity import assert_parity, merge_ranks, run_steps
+from helpers.tiny import tiny_config
 
 VOCAB = 258
 STEPS = 5
 BUCKET = 3000  # elements: several buckets even for the tiny model
-# (tp, pp, vpp, sequence parallel, distributed optimizer, clip_grad) per world size; dp = world / (tp * pp).
-# clip_grad 0.5 is below the grad norm of these steps, so clipping is active in every step; 0 turns it off.
-LAYOUTS = {
-    2: [(1, 1, 1, False, False, 0.5), (1, 1, 1, False, True, 0.5), (1, 1, 1, False, False, 0.0)],
-    4: [(1, 1, 1, False, False, 0.5), (1, 1, 1, False, True, 0.5), (1, 1, 1, False, True, 0.0)],
-    8: [(2, 2, 1, False, False, 0.5), (2, 2, 1, True, True, 0.5), (2, 2, 2, True, True, 0.5),
-        (2, 2, 2, False, False, 0.5), (2, 2, 1, True, True, 0.0)],
-}
-FAMILIES = {2: ("llama", "gpt2"), 4: ("llama", "gpt2"), 8: ("llama", "gpt2")}
+FAMILIES = ("llama", "gpt2")
+# (layout, clip_grad): 0.5 is below the grad norm of these steps, so clipping is active in every step; 0 is off.
+CASES = [
+    (Layout(dp=2), 0.5), (Layout(dp=2, distopt=True), 0.5), (Layout(dp=2), 0.0),
+    (Layout(dp=4), 0.5), (Layout(dp=4, distopt=True), 0.5), (Layout(dp=4, distopt=True), 0.0),
+    (Layout(tp=2, pp=2, dp=2), 0.5), (Layout(tp=2, pp=2, dp=2, sp=True, distopt=True), 0.5),
+    (Layout(tp=2, pp=2, dp=2, vpp=2, sp=True, distopt=True), 0.5), (Layout(tp=2, pp=2, dp=2, vpp=2), 0.5),
+    (Layout(tp=2, pp=2, dp=2, sp=True, distopt=True), 0.0),
+]
 
 
-def dp_config(family: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False, distributed: bool = False,
-              clip: float = 0.5):
+def dp_config(family: str, layout: Layout = Layout(), clip: float = 0.5):
     config = tiny_config(family, model=dict(num_layers=4, vocab_size=VOCAB), micro_batch_size=1,
                          global_batch_size=8, train_iters=STEPS, clip_grad=clip)
-    par = config.parallel
-    par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
-    par.virtual_pipeline_model_parallel_size, par.sequence_parallel = vpp, sp
-    par.use_distributed_optimizer, par.ddp_bucket_size = distributed, BUCKET
+    config.parallel = layout.apply(config.parallel)
+    config.parallel.ddp_bucket_size = BUCKET
     return config
 
 
 def one_step_accounting(distributed: bool) -> dict:
     """Meter counts, buffer sizes, optimizer state and overlap for one step at tp = pp = 1."""
-    config = dp_config("llama", distributed=distributed)
+    config = dp_config("llama", Layout(dp=parallel_state.get_grid().world_size, distopt=distributed))
     config.train.global_batch_size = 2 * parallel_state.get_grid().world_size  # 2 microbatches per replica
-    parallel_state.initialize_model_parallel(1, 1)
-    model = setup_model_and_optimizer(config, torch.device("cpu"))
+    parallel_state.initialize_model_parallel(config.parallel)
+    model = parallelize(config, torch.device("cpu"))
     buffer = model.grad_buffers[0]
     launched_early = []
     finish = DataParallelGrads.finish_grad_sync
@@ -72,8 +72,8 @@ def one_step_accounting(distributed: bool) -> dict:
 
 
 def dp_worker(world: int) -> dict:
-    results = {layout: {f: run_steps(dp_config(f, *layout), STEPS) for f in FAMILIES[world]}
-               for layout in LAYOUTS[world]}
+    results = {(layout, clip): {f: run_steps(dp_config(f, layout, clip), STEPS) for f in FAMILIES}
+               for layout, clip in CASES if layout.world_size == world}
     if world in (2, 4):
         results["accounting"] = {d: one_step_accounting(d) for d in (False, True)}
     return results
@@ -89,16 +89,11 @@ def reference(family: str, clip: float) -> dict:
     return run_steps(dp_config(family, clip=clip), STEPS)
 
 
-def _id(layout: tuple) -> str:
-    tp, pp, vpp, sp, dist, clip = layout
-    return f"tp{tp}-pp{pp}-vpp{vpp}" + ("-sp" if sp else "") + ("-distopt" if dist else "") + ("" if clip else "-no-clip")
-
-
-@pytest.mark.parametrize("world, layout, family",
-                         [(w, layout, f) for w, layouts in LAYOUTS.items() for layout in layouts for f in FAMILIES[w]],
-                         ids=lambda v: _id(v) if isinstance(v, tuple) else str(v))
-def test_matches_single_device(world: int, layout: tuple, family: str) -> None:
-    assert_parity(reference(family, layout[-1]), merge_ranks([r[layout][family] for r in spawned(world)]), VOCAB)
+@pytest.mark.parametrize("layout, clip", CASES, ids=[f"{l.name}-{'clip' if c else 'no-clip'}" for l, c in CASES])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_single_device(layout: Layout, clip: float, family: str) -> None:
+    ranks = spawned(layout.world_size)
+    assert_parity(reference(family, clip), merge_ranks([r[(layout, clip)][family] for r in ranks]), VOCAB)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -15,7 +15,7 @@ import pytest
 import pretrain_gpt
 from megatron_lite.data.default_corpus import build_default_corpus, stdlib_sources
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder
-from commands import ROOT, run_command
+from helpers.commands import ROOT, run_command
 from test_cli import LOG_LINE, TINY, run
 from tools import preprocess_data
 

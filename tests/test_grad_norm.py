@@ -15,24 +15,25 @@ import pytest
 import torch
 
 from megatron_lite.distributed.grad_clip import clip_grad_norm
+from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.layout import Layout
 from megatron_lite.training import forward_backward, rank_microbatches
-from parity import RandomTokens, full_grads, merge_tensors, setup_rank
-from tiny import tiny_config
+from helpers.parity import full_grads, merge_tensors, setup_rank
+from helpers.tiny import tiny_config
 
 MAX_NORM = 0.1  # well below these norms: clipping scales every grad
-LAYOUTS = {  # name: (family, tp, pp, sp, distributed optimizer)
-    "tp2-sp": ("llama", 2, 1, True, False),
-    "gpt2-pp2": ("gpt2", 1, 2, False, False),
-    "dp2-distopt": ("llama", 1, 1, False, True),
+LAYOUTS = {  # name: (family, layout)
+    "tp2-sp": ("llama", Layout(tp=2, sp=True)),
+    "gpt2-pp2": ("gpt2", Layout(pp=2)),
+    "dp2-distopt": ("llama", Layout(dp=2, distopt=True)),
 }
 
 
-def norm_config(family: str, tp: int = 1, pp: int = 1, sp: bool = False, distributed: bool = False):
+def norm_config(family: str, layout: Layout = Layout()):
     config = tiny_config(family, model=dict(num_layers=2), micro_batch_size=1, global_batch_size=4)
-    par = config.parallel
-    par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
-    par.sequence_parallel, par.use_distributed_optimizer, par.ddp_bucket_size = sp, distributed, 2000
+    config.parallel = layout.apply(config.parallel)
+    config.parallel.ddp_bucket_size = 2000
     return config
 
 
@@ -48,7 +49,7 @@ def grads_and_norm(config) -> dict:
 
 
 def norm_worker() -> dict:
-    return {name: grads_and_norm(norm_config(*layout)) for name, layout in LAYOUTS.items()}
+    return {name: grads_and_norm(norm_config(family, layout)) for name, (family, layout) in LAYOUTS.items()}
 
 
 @functools.cache

@@ -6,7 +6,8 @@ in another order than SDPA's math path, and backward chains three matmuls.
 import pytest
 import torch
 
-from kernels.flash_attention import flash_attention, flash_attention_reference
+from kernels.flash_attention import flash_attention
+from kernels.reference import flash_attention_reference
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -14,9 +14,10 @@ import tempfile
 import pytest
 import torch
 
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from kernels.flash_attention import flash_attention, flash_attention_reference
-from kernels.rmsnorm import rms_norm, rms_norm_reference
+from kernels.cross_entropy import cross_entropy
+from kernels.flash_attention import flash_attention
+from kernels.reference import cross_entropy_reference, flash_attention_reference, rms_norm_reference
+from kernels.rmsnorm import rms_norm
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-5, rtol=1e-4)

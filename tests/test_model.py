@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_lite.model.gpt import GPTModel, init_weights
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

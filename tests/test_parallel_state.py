@@ -1,21 +1,27 @@
-"""The rank grid's process groups: a collective that a peer never joins raises after
+"""The rank grid: every group of any axes (an extra cp axis included) against a brute-force
+enumeration of the rank formula, and a collective that a peer never joins raising after
 --distributed-timeout-minutes on every group, not only the world group."""
 from __future__ import annotations
 
+import math
 import time
 
+import pytest
 import torch
 
 from megatron_lite import parallel_state
+from megatron_lite.parallel_state import Grid, axis_sizes
+from megatron_lite.config import ConfigError, ParallelConfig
 from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.tensor_parallel.mappings import all_reduce
+from megatron_lite.comm import all_reduce
 
 TIMEOUT_S = 4.0
 
 
 def stuck_peer_worker() -> tuple[str, float]:
     """Rank 0 all-reduces over tp; rank 1 never joins. Returns rank 0's error and how long it waited."""
-    parallel_state.initialize_model_parallel(2, 1, timeout_minutes=TIMEOUT_S / 60)
+    parallel_state.initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2,
+                                                            distributed_timeout_minutes=TIMEOUT_S / 60))
     if parallel_state.get_grid().rank == 1:
         # Stay alive past rank 0's timeout (it must time out, not see a closed connection), and
         # reach the barrier at exit well within the world group's timeout after rank 0 does.
@@ -33,3 +39,51 @@ def test_collective_on_a_subgroup_times_out() -> None:
     error, waited = run_on_ranks(stuck_peer_worker, 2)[0]
     assert "timed out" in error.lower() or "timeout" in error.lower(), error
     assert TIMEOUT_S * 0.9 <= waited < TIMEOUT_S + 5.0
+
+
+def _brute_force(sizes: dict[str, int]) -> dict[int, dict[str, int]]:
+    """Each rank's coordinates from the rank formula written out: rank = tp + TP*(cp + CP*(dp + DP*pp))."""
+    coords = {}
+    for p in range(sizes["pp"]):
+        for d in range(sizes["dp"]):
+            for c in range(sizes["cp"]):
+                for t in range(sizes["tp"]):
+                    rank = t + sizes["tp"] * (c + sizes["cp"] * (d + sizes["dp"] * p))
+                    coords[rank] = {"tp": t, "cp": c, "dp": d, "pp": p}
+    return coords
+
+
+@pytest.mark.parametrize("sizes", [dict(tp=2, cp=2, dp=2, pp=1), dict(tp=2, cp=2, dp=1, pp=2),
+                                   dict(tp=2, cp=1, dp=2, pp=2), dict(tp=1, cp=2, dp=3, pp=2),
+                                   dict(tp=4, cp=1, dp=1, pp=1)], ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_every_group_matches_the_rank_formula(sizes: dict[str, int]) -> None:
+    coords = _brute_force(sizes)
+    world = len(coords)
+    for name in ("tp", "cp", "dp", "pp", "mp", "tp-cp", "dp-cp", "world"):
+        spanned = {"mp": {"tp", "pp"}, "tp-cp": {"tp", "cp"}, "dp-cp": {"dp", "cp"}, "world": set(sizes)}.get(name, {name})
+        fixed = [a for a in sizes if a not in spanned]
+        expected = {frozenset(r for r in coords if all(coords[r][a] == coords[q][a] for a in fixed)) for q in coords}
+        for rank in range(world):
+            grid = Grid(dict(sizes), rank)
+            assert {frozenset(g) for g in grid.ranks(name)} == expected, name
+            mine = grid.members(name)
+            assert set(mine) in [set(g) for g in expected] and rank in mine
+            assert grid.size(name) == len(mine) == math.prod(sizes[a] for a in spanned)
+            # Members are ordered by their own coordinates, fastest axis first, as in the rank formula.
+            key = [a for a in sizes if a in spanned]
+            assert mine == sorted(mine, key=lambda r: [coords[r][a] for a in reversed(key)])
+            if name in sizes:
+                assert grid.coord(name) == coords[rank][name] == grid.index(name)
+    for rank in range(world):
+        grid = Grid(dict(sizes), rank)
+        pipeline = grid.members("pp")
+        assert grid.members("embedding") == sorted({pipeline[0], pipeline[-1]})
+        assert grid.rank_of(coords[rank]) == rank
+
+
+def test_axis_sizes_take_dp_from_the_world_and_name_what_does_not_divide() -> None:
+    parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    assert axis_sizes(parallel, 8) == {"tp": 2, "cp": 1, "dp": 2, "pp": 2}
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by tensor-model-parallel size 2 x "
+                                          "pipeline-model-parallel size 2 = 4"):
+        axis_sizes(parallel, 6)

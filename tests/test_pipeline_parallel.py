@@ -1,7 +1,7 @@
 """Pipeline parallelism on gloo ranks: every schedule against one device and against each other.
 The schedules' order, memory and bubble are swept in test_pipeline_schedules.py.
 
-Spawns of 2, 4 and 8 ranks; parity tolerances and their reasons: tests/parity.py.
+Spawns of 2, 4 and 8 ranks; parity tolerances and their reasons: tests/helpers/parity.py.
 """
 from __future__ import annotations
 
@@ -10,37 +10,38 @@ import functools
 import pytest
 
 from megatron_lite.distributed.spawn import run_on_ranks
-from parity import SCHEDULES, assert_parity, merge_ranks, run_steps
-from tiny import tiny_config
+from megatron_lite.layout import Layout
+from helpers.parity import SCHEDULES, assert_parity, merge_ranks, run_steps
+from helpers.tiny import tiny_config
 
 FAMILIES = ("llama", "gpt2")
 VOCAB = 258
 STEPS = 5
-# (tp, pp, vpp, schedule, sequence parallel, clip_grad) per world size; clip_grad 0 turns clipping off.
-LAYOUTS = {
-    2: [(1, 2, 1, "gpipe", False, 1.0), (1, 2, 1, "1f1b", False, 1.0), (1, 2, 2, "interleaved", False, 1.0),
-        (1, 2, 1, "1f1b", False, 0.0)],
-    4: [(1, 4, 1, "gpipe", False, 1.0), (1, 4, 1, "1f1b", False, 1.0), (1, 4, 2, "interleaved", False, 1.0),
-        (2, 2, 1, "1f1b", True, 1.0), (2, 2, 2, "interleaved", True, 1.0), (2, 2, 2, "interleaved", True, 0.0)],
-    8: [(2, 4, 1, "1f1b", True, 1.0), (2, 4, 2, "interleaved", True, 1.0)],
-}
+# (layout, clip_grad); clip_grad 0 turns clipping off.
+CASES = [
+    (Layout(pp=2, schedule="gpipe"), 1.0), (Layout(pp=2, schedule="1f1b"), 1.0), (Layout(pp=2, vpp=2), 1.0),
+    (Layout(pp=2, schedule="1f1b"), 0.0),
+    (Layout(pp=4, schedule="gpipe"), 1.0), (Layout(pp=4, schedule="1f1b"), 1.0), (Layout(pp=4, vpp=2), 1.0),
+    (Layout(tp=2, pp=2, sp=True), 1.0), (Layout(tp=2, pp=2, vpp=2, sp=True), 1.0),
+    (Layout(tp=2, pp=2, vpp=2, sp=True), 0.0),
+    (Layout(tp=2, pp=4, sp=True), 1.0), (Layout(tp=2, pp=4, vpp=2, sp=True), 1.0),
+]
+# 1F1B with fewer microbatches (2) than stages (4): the warmup shrinks, nothing waits forever.
+FEW_MICROBATCHES = Layout(pp=4, schedule="1f1b")
 
 
-def pp_config(family: str, tp: int = 1, pp: int = 1, vpp: int = 1, schedule: str | None = None, sp: bool = False,
-              clip: float = 1.0, global_batch_size: int = 8):
+def pp_config(family: str, layout: Layout = Layout(), clip: float = 1.0, global_batch_size: int = 8):
     config = tiny_config(family, model=dict(num_layers=8, vocab_size=VOCAB), micro_batch_size=1,
                          global_batch_size=global_batch_size, train_iters=STEPS, clip_grad=clip)
-    par = config.parallel
-    par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
-    par.virtual_pipeline_model_parallel_size, par.pipeline_schedule, par.sequence_parallel = vpp, schedule, sp
+    config.parallel = layout.apply(config.parallel)
     return config
 
 
 def pp_worker(world: int) -> dict:
-    results = {layout: {f: run_steps(pp_config(f, *layout), STEPS) for f in FAMILIES} for layout in LAYOUTS[world]}
-    if world == 4:
-        # 1F1B with fewer microbatches (2) than stages (4): the warmup shrinks, nothing waits forever.
-        results["few_microbatches"] = run_steps(pp_config("llama", 1, 4, 1, "1f1b", global_batch_size=2), STEPS)
+    results = {(layout, clip): {f: run_steps(pp_config(f, layout, clip), STEPS) for f in FAMILIES}
+               for layout, clip in CASES if layout.world_size == world}
+    if world == FEW_MICROBATCHES.world_size:
+        results["few_microbatches"] = run_steps(pp_config("llama", FEW_MICROBATCHES, global_batch_size=2), STEPS)
     return results
 
 
@@ -55,23 +56,22 @@ def reference(family: str, clip: float = 1.0, global_batch_size: int = 8) -> dic
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("world, layout", [(w, layout) for w, layouts in LAYOUTS.items() for layout in layouts],
-                         ids=lambda v: v if isinstance(v, int) else "tp{}-pp{}-vpp{}-{}{}{}".format(
-                             *v[:4], "-sp" * v[4], "" if v[5] else "-no-clip"))
-def test_pipeline_matches_single_device(world: int, layout: tuple, family: str) -> None:
-    assert_parity(reference(family, layout[5]), merge_ranks([r[layout][family] for r in spawned(world)]), VOCAB)
+@pytest.mark.parametrize("layout, clip", CASES, ids=[l.name + ("" if c else "-no-clip") for l, c in CASES])
+def test_pipeline_matches_single_device(layout: Layout, clip: float, family: str) -> None:
+    ranks = spawned(layout.world_size)
+    assert_parity(reference(family, clip), merge_ranks([r[(layout, clip)][family] for r in ranks]), VOCAB)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("world", [2, 4])
-def test_schedules_agree_with_each_other(world: int, family: str) -> None:
-    ranks = spawned(world)
-    pp = LAYOUTS[world][0][1]
-    merged = {s: merge_ranks([r[(1, pp, v, s, False, 1.0)][family] for r in ranks])
-              for (_, _, v, s, _, _) in LAYOUTS[world][:3]}
+@pytest.mark.parametrize("pp", [2, 4])
+def test_schedules_agree_with_each_other(pp: int, family: str) -> None:
+    ranks = spawned(pp)
+    merged = {layout.schedule or "interleaved": merge_ranks([r[(layout, 1.0)][family] for r in ranks])
+              for layout in (Layout(pp=pp, schedule="gpipe"), Layout(pp=pp, schedule="1f1b"), Layout(pp=pp, vpp=2))}
     for schedule in ("1f1b", "interleaved"):
         assert_parity(merged["gpipe"], merged[schedule], VOCAB, SCHEDULES)
 
 
 def test_1f1b_with_fewer_microbatches_than_stages() -> None:
-    assert_parity(reference("llama", global_batch_size=2), merge_ranks([r["few_microbatches"] for r in spawned(4)]), VOCAB)
+    assert_parity(reference("llama", global_batch_size=2), merge_ranks([r["few_microbatches"] for r in spawned(4)]),
+                  VOCAB)

@@ -14,6 +14,7 @@ import functools
 import pytest
 
 from megatron_lite import parallel_state
+from megatron_lite.config import ParallelConfig
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.pipeline_parallel.schedules import run_schedule
 from megatron_lite.pipeline_parallel.trace import CostModelRunner, Event, Trace, bubble_fraction, peak_in_flight
@@ -29,7 +30,7 @@ def settings(p: int) -> list[tuple[str, int, int]]:
 
 
 def sweep_worker(p: int) -> dict[tuple[str, int, int], list[Event]]:
-    parallel_state.initialize_model_parallel(1, p)
+    parallel_state.initialize_model_parallel(ParallelConfig(pipeline_model_parallel_size=p))
     traces = {}
     for schedule, v, m in settings(p):
         trace = Trace(parallel_state.get_grid().rank)

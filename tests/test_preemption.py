@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from commands import ROOT, run_command
+from helpers.commands import ROOT, run_command
 
 FLAGS = ["--tp", "2", "--pp", "2", "--sp", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
          "--num-query-groups", "2", "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "4",

@@ -2,7 +2,7 @@
 
 Two spawns (tp=2 and tp=4); each rank runs every check and returns numbers the test asserts on.
 
-Parity tolerances and why they are what they are: tests/parity.py.
+Parity tolerances and why they are what they are: tests/helpers/parity.py.
 """
 from __future__ import annotations
 
@@ -17,10 +17,15 @@ from torch import nn
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite import parallel_state
 from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.tensor_parallel import METER, mappings, vocab_parallel_cross_entropy
-from megatron_lite.training import rank_microbatches, setup_model_and_optimizer, train_step
-from parity import RandomTokens, assert_parity, merge_ranks, run_steps
-from tiny import tiny_config
+from megatron_lite.comm import METER
+from megatron_lite.config import ParallelConfig
+from megatron_lite.layout import Layout
+from megatron_lite.placement import placement
+from megatron_lite.tensor_parallel import mappings, vocab_parallel_cross_entropy
+from megatron_lite.parallelize import parallelize
+from megatron_lite.training import rank_microbatches, train_step
+from helpers.parity import RandomTokens, assert_parity, merge_ranks, run_steps
+from helpers.tiny import tiny_config
 
 FAMILIES = ("llama", "gpt2")
 VOCAB = 258
@@ -28,12 +33,11 @@ VOCAB = 258
 CASES = [(f, sp, 1.0) for f in FAMILIES for sp in (False, True)] + [("llama", True, 0.0), ("gpt2", False, 0.0)]
 
 
-def parity_config(family: str, tp: int = 1, sp: bool = False, **train):
+def parity_config(family: str, layout: Layout = Layout(), **train):
     config = tiny_config(family, model=dict(hidden_size=64, num_attention_heads=8,
                                             num_query_groups=4 if family == "llama" else 8, vocab_size=VOCAB),
                          **{**dict(micro_batch_size=2, global_batch_size=4, train_iters=6, clip_grad=1.0), **train})
-    config.parallel.tensor_model_parallel_size = tp
-    config.parallel.sequence_parallel = sp
+    config.parallel = layout.apply(config.parallel)
     return config
 
 
@@ -106,21 +110,21 @@ def check_cross_entropy(pad: int) -> float:
 
 def check_communication(family: str, sp: bool) -> dict:
     """Bytes the meter counts for one train step, and the size of the SP-replicated params."""
-    config = parity_config(family, dist.get_world_size(), sp)
-    parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size)
-    model = setup_model_and_optimizer(config, torch.device("cpu"))
+    config = parity_config(family, Layout(tp=dist.get_world_size(), sp=sp))
+    parallel_state.initialize_model_parallel(config.parallel)
+    model = parallelize(config, torch.device("cpu"))
     batches = list(rank_microbatches(RandomTokens(VOCAB, config.model.seq_length), 0, config, torch.device("cpu")))
     METER.reset()
     train_step(model, batches, 1, config, torch.device("cpu"))
-    sp_params = sum(p.numel() for p in model.chunks[0].parameters() if getattr(p, "sequence_parallel", False))
+    sp_params = sum(p.numel() for p in model.chunks[0].parameters() if placement(p).partial_grads == ("tp",))
     return {"bytes": dict(METER.bytes), "wire": dict(METER.wire_bytes), "sp_params": sp_params}
 
 
 def check_saved_activations(sp: bool) -> int:
     """Bytes saved for backward inside norm and dropout modules during one forward."""
-    config = parity_config("llama", dist.get_world_size(), sp)
+    config = parity_config("llama", Layout(tp=dist.get_world_size(), sp=sp))
     config.model.hidden_dropout = 0.1
-    parallel_state.initialize_model_parallel(config.parallel.tensor_model_parallel_size)
+    parallel_state.initialize_model_parallel(config.parallel)
     model = GPTModel(config.model, sp)
     init_weights(model, config.model, 0)
     regions = [m for name, m in model.named_modules() if "layernorm" in name or isinstance(m, nn.Dropout)]
@@ -141,13 +145,14 @@ def check_saved_activations(sp: bool) -> int:
 
 
 def tp_worker(tp: int) -> dict:
-    parallel_state.initialize_model_parallel(tp)
+    parallel_state.initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp))
     # 3 pad ids, and 9: then the last rank's shard is padding only.
     results = {"mappings": check_mappings(), "cross_entropy": max(check_cross_entropy(3), check_cross_entropy(9))}
-    results["parity"] = {(f, sp, clip): run_steps(parity_config(f, tp, sp, clip_grad=clip), 6) for f, sp, clip in CASES}
+    results["parity"] = {(f, sp, clip): run_steps(parity_config(f, Layout(tp=tp, sp=sp), clip_grad=clip), 6)
+                         for f, sp, clip in CASES}
     if tp == 4:
         # The same four ranks as tp 2 x dp 2: replicas see half the batch each and average grads.
-        results["tp2_dp2"] = {f: run_steps(parity_config(f, 2, True), 6) for f in FAMILIES}
+        results["tp2_dp2"] = {f: run_steps(parity_config(f, Layout(tp=2, dp=2, sp=True)), 6) for f in FAMILIES}
     if tp == 2:
         results["comm"] = {(f, sp): check_communication(f, sp) for f in FAMILIES for sp in (False, True)}
         results["saved"] = {sp: check_saved_activations(sp) for sp in (False, True)}

@@ -18,7 +18,7 @@ from megatron_lite.optimizer import LocalOptimizer, learning_rate
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
 from megatron_lite.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron_lite.training import pretrain, select_device
-from tiny import tiny_config, tiny_model
+from helpers.tiny import tiny_config, tiny_model
 
 
 def _fixed_batch(config, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -28,9 +28,8 @@ from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfi
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.hf_convert import (copy_tokenizer, from_hf_state, hf_config, load_safetensors,  # noqa: E402
                                       model_config_from_hf, save_safetensors, to_hf_state)
-from megatron_lite.pipeline_parallel.partition import build_model_chunks  # noqa: E402
 from megatron_lite.reshard import load_weights  # noqa: E402
-from megatron_lite.training import setup_model_and_optimizer  # noqa: E402
+from megatron_lite.parallelize import build_chunks, parallelize  # noqa: E402
 
 
 def _latest(load: str) -> int:
@@ -43,8 +42,8 @@ def _latest(load: str) -> int:
 def reshard_rank(load: str, out: str, config: Config) -> None:
     """One rank of the target layout: load (resharding) and save."""
     par = config.parallel
-    parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
-    model = setup_model_and_optimizer(config, torch.device("cpu"))
+    parallel_state.initialize_model_parallel(par)
+    model = parallelize(config, torch.device("cpu"))
     iteration, consumed = load_checkpoint(load, model.chunks, model.optimizer, config)
     save_checkpoint(out, iteration, consumed, model.chunks, model.optimizer, config)
 
@@ -52,8 +51,8 @@ def reshard_rank(load: str, out: str, config: Config) -> None:
 def import_rank(hf_dir: str, out: str, config: Config) -> None:
     """One rank of the target layout: take its slices of the HF weights and save them, weights only."""
     par = config.parallel
-    parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
-    chunks = build_model_chunks(config.model, par)
+    parallel_state.initialize_model_parallel(par)
+    chunks = build_chunks(config)
     load_weights(from_hf_state(load_safetensors(Path(hf_dir)), config.model), chunks)
     save_checkpoint(out, 0, 0, chunks, None, config)
 

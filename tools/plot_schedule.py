@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite import parallel_state  # noqa: E402
+from megatron_lite.config import ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.pipeline_parallel.schedules import run_schedule  # noqa: E402
 from megatron_lite.pipeline_parallel.trace import CostModelRunner, Event, Trace, bubble_fraction  # noqa: E402
@@ -34,7 +35,7 @@ UNIT, ROW, GAP, SCALE = 24, 36, 6, 3  # pixels per time unit, row height, row ga
 
 
 def schedule_worker(pp: int, schedule: str, vpp: int, microbatches: int, forward: float, backward: float) -> list:
-    parallel_state.initialize_model_parallel(1, pp, timeout_minutes=2.0)
+    parallel_state.initialize_model_parallel(ParallelConfig(pipeline_model_parallel_size=pp))
     trace = Trace(parallel_state.get_grid().rank)
     run_schedule(CostModelRunner(trace, forward / vpp, backward / vpp), schedule, microbatches, vpp)
     return trace.events

@@ -141,7 +141,7 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
     for chunk, chunk_state in zip(chunks, state["model"]):
         chunk.load_state_dict(chunk_state)
     if config.parallel.use_distributed_optimizer:
-        optimizer.load_state_dict(load_file(optimizer_file(path, parallel_state.get_data_parallel_rank()))["optimizer"])
+        optimizer.load_state_dict(load_file(optimizer_file(path, parallel_state.get_grid().coord("dp")))["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])

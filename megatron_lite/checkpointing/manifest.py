@@ -16,7 +16,7 @@ import os
 import zlib
 from pathlib import Path
 
-from megatron_lite import parallel_state
+from megatron_lite import comm, parallel_state
 
 MANIFEST = "manifest.json"
 _BLOCK = 16 * 2**20
@@ -61,4 +61,4 @@ def damaged_files(directory: Path) -> list[str] | None:
             mine.append(f"{path} has {got['bytes']} bytes, the manifest says {want['bytes']}")
         elif got["crc32"] != want["crc32"]:
             mine.append(f"{path} does not match its checksum (its bytes changed after it was written)")
-    return sorted(line for lines in parallel_state.all_gather_object(mine) for line in lines)
+    return sorted(line for lines in comm.all_gather_object(mine) for line in lines)

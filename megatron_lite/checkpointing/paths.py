@@ -23,7 +23,7 @@ def shard_file(root: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp:
 
 def rank_file(root: str | Path, iteration: int) -> Path:
     grid = parallel_state.get_grid()
-    return shard_file(root, iteration, grid.tp_rank, grid.pp_rank, grid.pp)
+    return shard_file(root, iteration, grid.coord("tp"), grid.coord("pp"), grid.size("pp"))
 
 
 def optimizer_file(model_file: Path, dp_rank: int) -> Path:

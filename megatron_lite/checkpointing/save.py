@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megatron_lite import parallel_state
+from megatron_lite import comm, parallel_state
 from megatron_lite.checkpointing.manifest import file_entry, write_manifest
 from megatron_lite.checkpointing.paths import MARKER, checkpoint_dir, optimizer_file, rank_file, saved_iterations
 from megatron_lite.config import Config, TrainingError
 from megatron_lite.reshard import optimizer_index, tp_layout
-from megatron_lite.tensor_parallel.mappings import all_reduce
+from megatron_lite.comm import all_reduce
 
 
 def current_layout(config: Config) -> dict:
     grid = parallel_state.get_grid()
-    return {"tp": grid.tp, "pp": grid.pp, "vpp": config.parallel.vpp, "dp": grid.dp,
+    return {"tp": grid.size("tp"), "pp": grid.size("pp"), "vpp": config.parallel.vpp, "dp": grid.size("dp"),
             "distributed_optimizer": config.parallel.use_distributed_optimizer}
 
 
@@ -65,7 +65,7 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
     sharded = config.parallel.use_distributed_optimizer and optimizer is not None
     local = optimizer is not None and not sharded
     files = []
-    if grid.dp_rank == 0:
+    if grid.coord("dp") == 0:
         files.append((path, {"iteration": iteration, "consumed_samples": consumed_samples,
                              "model": [c.state_dict() for c in chunks], "tp_layout": tp_layout(chunks),
                              "optimizer": optimizer.state_dict() if local else None,
@@ -73,7 +73,7 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
                              "finetune": optimizer is None, "layout": current_layout(config),
                              "rng": rng_state(), "config": dataclasses.asdict(config)}))
     if sharded:
-        files.append((optimizer_file(path, grid.dp_rank),
+        files.append((optimizer_file(path, grid.coord("dp")),
                       {"optimizer": optimizer.state_dict(), "optimizer_index": optimizer_index(optimizer, chunks)}))
     return files
 
@@ -111,12 +111,12 @@ class PendingSave:
         and prune; collective. Raises TrainingError on every rank if any rank failed."""
         if self.thread is not None:
             self.thread.join()
-        results = parallel_state.all_gather_object((self.entries, self.error))
+        results = comm.all_gather_object((self.entries, self.error))
         failures = [f"rank {r}: {error}" for r, (_, error) in enumerate(results) if error]
         if not failures:  # the same on every rank: all or none take part in this gather
             if parallel_state.get_grid().rank == 0:
                 failures = self._complete({k: v for entries, _ in results for k, v in entries.items()})
-            failures = parallel_state.all_gather_object(failures)[0]
+            failures = comm.all_gather_object(failures)[0]
         if failures:
             if parallel_state.get_grid().rank == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
@@ -157,7 +157,7 @@ def start_save(root: str | Path, iteration: int, consumed_samples: int, chunks: 
     if parallel_state.get_grid().rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    parallel_state.barrier()
+    comm.barrier()
     files = _rank_files(tmp, iteration, consumed_samples, chunks, optimizer, config)
     if background:
         files = _copy(files)

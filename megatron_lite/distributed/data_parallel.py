@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_lite import parallel_state
-from megatron_lite.tensor_parallel.mappings import METER
+from megatron_lite.comm import all_gather_flat, all_reduce_async, reduce_scatter_flat_async
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements, Megatron's default
 
@@ -52,7 +52,7 @@ class DataParallelGrads:
     def __init__(self, module: nn.Module, bucket_size: int = DEFAULT_BUCKET_SIZE, shard: bool = False,
                  deferred: Callable[[nn.Parameter], bool] = lambda p: False) -> None:
         grid = parallel_state.get_grid()
-        self.dp, self.dp_rank, self.shard = grid.dp, grid.dp_rank, shard
+        self.dp, self.dp_rank, self.shard = grid.size("dp"), grid.coord("dp"), shard
         params = [p for p in module.parameters() if p.requires_grad]
         ordered = [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
         self.buckets: list[Bucket] = []
@@ -114,14 +114,8 @@ class DataParallelGrads:
         if self.dp == 1:
             return
         data.div_(self.dp)  # sum of per-replica means / dp = mean over the global batch
-        group = parallel_state.get_group("dp")
-        METER.record("reduce_scatter" if self.shard else "all_reduce", "dp", data.numel() * data.element_size())
-        if self.shard and dist.get_backend(group) == "nccl":
-            lo, hi = bucket.shard(self.dp_rank, self.dp)
-            bucket.work = dist.reduce_scatter_tensor(self.grad_data[lo:hi], data, group=group, async_op=True)
-        else:
-            # gloo has no reduce-scatter: an all-reduce leaves every shard reduced, ours included.
-            bucket.work = dist.all_reduce(data, group=group, async_op=True)
+        # Sharded: only this rank's shard of the bucket needs the sum (on gloo all of it gets it).
+        bucket.work = reduce_scatter_flat_async(data, "dp") if self.shard else all_reduce_async(data, "dp")
 
     def finish_grad_sync(self) -> None:
         """Launch the buckets not yet launched (deferred ones, or all if backward never synced), wait for all."""
@@ -136,10 +130,5 @@ class DataParallelGrads:
 
     def all_gather_params(self) -> None:
         """After a sharded optimizer step: every rank gets every shard of the updated parameters."""
-        if self.dp == 1:
-            return
         for bucket in self.buckets:
-            full = self.param_data[bucket.start:bucket.end]
-            shards = list(full.chunk(self.dp))
-            METER.record("all_gather", "dp", full.numel() * full.element_size())
-            dist.all_gather(shards, shards[self.dp_rank].clone(), group=parallel_state.get_group("dp"))
+            all_gather_flat(self.param_data[bucket.start:bucket.end], "dp")

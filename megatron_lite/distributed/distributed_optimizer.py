@@ -26,7 +26,7 @@ class DistributedOptimizer(LocalOptimizer):
         self.tensors = []  # (piece of the flat parameter buffer, its parameter)
         for buf in buffers:
             for bucket in buf.buckets:
-                shard_lo, shard_hi = bucket.shard(grid.dp_rank, grid.dp)
+                shard_lo, shard_hi = bucket.shard(grid.coord("dp"), grid.size("dp"))
                 for p in bucket.params:
                     p_lo, p_hi = buf.ranges[p]
                     lo, hi = max(p_lo, shard_lo), min(p_hi, shard_hi)

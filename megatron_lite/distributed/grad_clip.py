@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_lite import parallel_state
-from megatron_lite.tensor_parallel.mappings import all_reduce
-from megatron_lite.tensor_parallel.utils import is_partitioned
+from megatron_lite.comm import all_reduce
+from megatron_lite.placement import counted_here
 
 
 def clip_grad_norm(grads: list[tuple[torch.Tensor, nn.Parameter]], max_norm: float,
@@ -14,16 +13,15 @@ def clip_grad_norm(grads: list[tuple[torch.Tensor, nn.Parameter]], max_norm: flo
     """Scale the grads so the global L2 norm is at most max_norm (0: measure only); returns the norm.
 
     `grads` pairs each grad tensor this rank holds (a whole grad, or the shard of it the
-    distributed optimizer owns) with its parameter. Sharded params contribute on every tp
-    rank; params replicated across tp on tp rank 0 only, and the last stage's copy of a tied
-    embedding not at all. The squares are then summed over `groups`: the model-parallel group
-    (tp x pp), and with the distributed optimizer the data-parallel group too. The result
-    equals the single-device norm.
+    distributed optimizer owns) with its parameter. Each element counts once: a parameter
+    split over tp on every tp rank, one replicated over tp on tp rank 0 only, the tied
+    embedding on the first stage only (placement.counted_here). The squares are then summed
+    over `groups`: the model-parallel group (tp x pp), and with the distributed optimizer the
+    data-parallel group too. The result equals the single-device norm.
     """
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     squares = torch.zeros((), dtype=torch.float32, device=grads[0][0].device)
     for grad, param in grads:
-        if (is_partitioned(param) or tp_rank == 0) and not getattr(param, "shared_embedding", False):
+        if counted_here(param):
             squares += torch.linalg.vector_norm(grad.float()).square()
     for group in groups:
         all_reduce(squares, group=group)

@@ -1,8 +1,12 @@
-"""Gradient reductions over the model-parallel groups, and the data-parallel loss average.
+"""The gradient sums that come before the data-parallel average, and the data-parallel loss average.
 
-Both grad reductions run once per optimizer step, after the last microbatch's backward and
-before the data-parallel reduction (data_parallel.py), on all grads of a kind flattened
-into one buffer: one collective per step rather than one per tensor or per microbatch.
+A replicated parameter whose copies each saw part of the step (placement.partial_grads: "tp"
+for norm weights under sequence parallelism, "embedding" for the tied embedding's copies on
+the first and last stage) holds a partial gradient; the copies' sum is the single-device
+gradient. These sums run once per optimizer step, after the last microbatch's backward and
+before the data-parallel reduction (data_parallel.py, which defers these parameters' buckets
+until then), on all grads of a group flattened into one buffer: one collective per group and
+step rather than one per tensor or per microbatch.
 """
 from __future__ import annotations
 
@@ -11,46 +15,30 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_lite import parallel_state
-from megatron_lite.tensor_parallel.mappings import all_reduce
+from megatron_lite.comm import all_reduce
+from megatron_lite.placement import placement
 
 
-def _all_reduce_coalesced(grads: list[torch.Tensor], group: str, scale: float = 1.0) -> None:
-    if not grads or parallel_state.get_grid().size(group) == 1:
-        return
-    flat = all_reduce(_flatten_dense_tensors(grads), group=group)
-    if scale != 1.0:
-        flat.mul_(scale)
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+def reduce_partial_grads(chunks: list[nn.Module]) -> None:
+    """Sum every partial gradient over its groups (a fixed order of groups on every rank)."""
+    params = [p for c in chunks for p in c.parameters() if p.grad is not None]
+    for group in sorted({g for p in params for g in placement(p).partial_grads}):
+        grads = [p.grad for p in params if group in placement(p).partial_grads]
+        if parallel_state.get_grid().size(group) == 1:
+            continue
+        flat = all_reduce(_flatten_dense_tensors(grads), group=group)
+        for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(summed)
 
 
-def _grads(chunks: list[nn.Module], flag: str | None = None) -> list[torch.Tensor]:
-    return [p.grad for c in chunks for p in c.parameters()
-            if p.grad is not None and (flag is None or getattr(p, flag, False))]
-
-
-def allreduce_sequence_parallel_grads(chunks: list[nn.Module]) -> None:
-    """Sum over tp the grads of params replicated across tp that saw only this rank's tokens under SP."""
-    _all_reduce_coalesced(_grads(chunks, "sequence_parallel"), "tp")
-
-
-def allreduce_embedding_grads(chunks: list[nn.Module]) -> None:
-    """Sum the grads of the tied word embedding held by the first and the last pipeline stage.
-
-    Both copies start equal and must stay equal: each gets the sum of the input-embedding
-    grad (first stage) and the output-layer grad (last stage), as the single tied tensor would.
-    """
-    _all_reduce_coalesced(_grads(chunks, "tied_across_stages"), "embedding")
-
-
-def needs_model_parallel_reduction(param: torch.Tensor) -> bool:
-    """Whether this param's grad is summed over tp (SP) or over the embedding group before the dp reduction."""
-    return getattr(param, "sequence_parallel", False) or getattr(param, "tied_across_stages", False)
+def needs_partial_grad_reduction(param: torch.Tensor) -> bool:
+    """Whether this param's grad is summed over another group before the data-parallel reduction."""
+    return bool(placement(param).partial_grads)
 
 
 def average_across_data_parallel(value: float) -> float:
     """Mean of a per-replica scalar (a loss) over the data-parallel group."""
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = parallel_state.get_grid().size("dp")
     if dp == 1:
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                            enter_tensor_parallel_region, mark_sequence_parallel)
 from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-from megatron_lite.tensor_parallel.utils import full_shape, local_shard
+from megatron_lite.placement import full_shape, local_shard, place, placement, with_partial_grads
 
 
 class GPTModel(nn.Module):
@@ -37,15 +38,15 @@ class GPTModel(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
         self.ops = select_ops(config.fused_kernels)
-        vocab = config.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
+        vocab = config.padded_vocab_size(parallel_state.get_grid().size("tp"))
         if pre_process or (post_process and config.tie_embeddings):
             self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
-            self.word_embeddings.weight.unpadded_rows = config.vocab_size
-            # A last stage that is not also the first keeps its own copy of the tied table
-            # for the output layer; the two copies' grads are summed every step.
-            self.word_embeddings.weight.shared_embedding = not pre_process
-            self.word_embeddings.weight.tied_across_stages = (
-                config.tie_embeddings and parallel_state.get_pipeline_model_parallel_world_size() > 1)
+            weight = self.word_embeddings.weight
+            place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
+            if config.tie_embeddings and parallel_state.get_grid().size("pp") > 1:
+                # The first and the last stage each hold a copy of the tied table (input
+                # embedding, output layer); the two copies' grads are summed every step.
+                with_partial_grads(weight, "embedding")
         if pre_process and config.family == "gpt2":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
             # Under SP each rank adds the rows of its own positions only: a partial grad.
@@ -57,19 +58,20 @@ class GPTModel(nn.Module):
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, sequence_parallel) for i in numbers})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, self.ops, sequence_parallel) for i in numbers})
         if post_process:
             self.final_layernorm = build_norm(config, self.ops, sequence_parallel)
             if not config.tie_embeddings:
                 self.output_layer = ColumnParallelLinear(config.hidden_size, vocab, bias=False,
                                                          sequence_parallel=sequence_parallel)
-                self.output_layer.weight.unpadded_rows = config.vocab_size
+                weight = self.output_layer.weight
+                place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
         if self.config.family == "gpt2":
             seq = x.shape[1]
-            first = parallel_state.get_tensor_model_parallel_rank() * seq if self.sequence_parallel else 0
+            first = parallel_state.get_grid().coord("tp") * seq if self.sequence_parallel else 0
             x = x + self.position_embeddings(torch.arange(first, first + seq, device=tokens.device))
         return self.embedding_dropout(x)
 
@@ -119,6 +121,6 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
                 std = scaled_std if _is_output_projection(name) else config.init_method_std
                 shape = full_shape(param)
                 full = torch.zeros(shape)
-                rows = getattr(param, "unpadded_rows", shape[0])
+                rows = placement(param).unpadded_rows or shape[0]
                 full[:rows] = torch.empty((rows, *shape[1:])).normal_(0.0, std, generator=gen)
                 param.copy_(local_shard(full, param))

@@ -1,4 +1,5 @@
-"""Rotary position embedding in the Hugging Face Llama ("rotate half") convention.
+"""Rotary position embedding in the Hugging Face Llama ("rotate half") convention: the angles
+here; the rotation is `Ops.apply_rotary` (the kernel or `kernels.reference.apply_rotary_reference`).
 
 The two halves of each head are rotated as pairs (x[i], x[i + d/2]); using that convention
 (rather than Meta's interleaved pairs) lets checkpoints map onto LlamaForCausalLM unchanged.
@@ -14,16 +15,3 @@ def rotary_angles(seq_length: int, head_dim: int, base: float) -> tuple[torch.Te
     angles = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [batch, seq, heads, head_dim] and k [batch, seq, groups, head_dim] by the angles
-    of their positions, whose cos and sin are [seq, head_dim // 2]."""
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -14,7 +14,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.norms import build_norm
-from megatron_lite.model.ops import select_ops
+from megatron_lite.model.ops import Ops
 from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
@@ -26,14 +26,14 @@ class Attention(nn.Module):
     contiguous pieces therefore hands every tp rank whole groups (Megatron's layout too).
     """
 
-    def __init__(self, config: ModelConfig, sequence_parallel: bool = False) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> None:
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp = parallel_state.get_grid().size("tp")
         self.num_heads = config.num_attention_heads // tp
         self.num_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        self.ops = select_ops(config.fused_kernels)
+        self.ops = ops
         bias = config.family == "gpt2"
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
         self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size, bias=bias,
@@ -59,7 +59,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU (llama: fc1 holds [gate; up]) or GELU (gpt2) feed-forward block."""
 
-    def __init__(self, config: ModelConfig, sequence_parallel: bool = False) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> None:
         super().__init__()
         gated = config.family == "llama"
         bias = not gated
@@ -69,7 +69,6 @@ class MLP(nn.Module):
                                                sequence_parallel=sequence_parallel, stride=2 if gated else 1)
         self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, bias=bias,
                                             sequence_parallel=sequence_parallel)
-        ops = select_ops(config.fused_kernels)
         self.activation = ops.swiglu if gated else ops.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,15 +76,14 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x))."""
+    """x + attn(norm(x)), then x + mlp(norm(x)), computed by the model's `ops`."""
 
-    def __init__(self, config: ModelConfig, sequence_parallel: bool = False) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> None:
         super().__init__()
-        ops = select_ops(config.fused_kernels)
         self.input_layernorm = build_norm(config, ops, sequence_parallel)
-        self.self_attention = Attention(config, sequence_parallel)
+        self.self_attention = Attention(config, ops, sequence_parallel)
         self.pre_mlp_layernorm = build_norm(config, ops, sequence_parallel)
-        self.mlp = MLP(config, sequence_parallel)
+        self.mlp = MLP(config, ops, sequence_parallel)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

@@ -11,10 +11,9 @@ is never taken for a gradient.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_lite import parallel_state
-from megatron_lite.tensor_parallel.mappings import METER
+from megatron_lite.comm import send_recv
 
 FORWARD_TAG, BACKWARD_TAG = 1, 2
 
@@ -22,9 +21,8 @@ FORWARD_TAG, BACKWARD_TAG = 1, 2
 def _neighbours() -> tuple[int, int]:
     """Global ranks of the previous and next stage in this rank's pipeline."""
     grid = parallel_state.get_grid()
-    ranks = next(g for g in grid.layout["pp"] if grid.rank in g)
-    r = grid.pp_rank
-    return ranks[(r - 1) % grid.pp], ranks[(r + 1) % grid.pp]
+    ranks, r = grid.members("pp"), grid.index("pp")
+    return ranks[(r - 1) % len(ranks)], ranks[(r + 1) % len(ranks)]
 
 
 def communicate(send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
@@ -42,17 +40,12 @@ def communicate(send_next: torch.Tensor | None = None, send_prev: torch.Tensor |
     from_next = torch.empty(shape, dtype=dtype, device=device) if recv_next else None
     ops = []
     if send_next is not None:
-        ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), nxt, tag=FORWARD_TAG))
+        ops.append(("send", send_next.detach().contiguous(), nxt, FORWARD_TAG))
     if from_prev is not None:
-        ops.append(dist.P2POp(dist.irecv, from_prev, prev, tag=FORWARD_TAG))
+        ops.append(("recv", from_prev, prev, FORWARD_TAG))
     if send_prev is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.detach().contiguous(), prev, tag=BACKWARD_TAG))
+        ops.append(("send", send_prev.detach().contiguous(), prev, BACKWARD_TAG))
     if from_next is not None:
-        ops.append(dist.P2POp(dist.irecv, from_next, nxt, tag=BACKWARD_TAG))
-    for tensor in (send_next, send_prev):
-        if tensor is not None:
-            METER.record("send", "pp", tensor.numel() * tensor.element_size())
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        ops.append(("recv", from_next, nxt, BACKWARD_TAG))
+    send_recv(ops, "pp")
     return from_prev, from_next

@@ -1,9 +1,15 @@
 """Which layers each pipeline rank builds, as one model chunk per virtual stage."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch import nn
+
 from megatron_lite import parallel_state
-from megatron_lite.config import ModelConfig, ParallelConfig
-from megatron_lite.model.gpt import GPTModel
+
+# builder(global layer numbers, pre_process, post_process) -> the chunk: pre_process adds the
+# embedding (first virtual stage), post_process the final norm, output layer and loss (last).
+ChunkBuilder = Callable[[range, bool, bool], nn.Module]
 
 
 def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:
@@ -18,12 +24,9 @@ def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -
     return range(stage * per_stage, (stage + 1) * per_stage)
 
 
-def build_model_chunks(model_config: ModelConfig, parallel: ParallelConfig) -> list[GPTModel]:
+def build_model_chunks(build: ChunkBuilder, num_layers: int, vpp: int = 1) -> list[nn.Module]:
     """This rank's model chunks (one without interleaving), first and last stage parts included."""
     grid = parallel_state.get_grid()
-    vpp = parallel.virtual_pipeline_model_parallel_size or 1
-    return [GPTModel(model_config, parallel.sequence_parallel,
-                     chunk_layers(model_config.num_layers, grid.pp, vpp, grid.pp_rank, c),
-                     pre_process=grid.pp_rank == 0 and c == 0,
-                     post_process=grid.pp_rank == grid.pp - 1 and c == vpp - 1)
+    pp, rank = grid.size("pp"), grid.coord("pp")
+    return [build(chunk_layers(num_layers, pp, vpp, rank, c), rank == 0 and c == 0, rank == pp - 1 and c == vpp - 1)
             for c in range(vpp)]

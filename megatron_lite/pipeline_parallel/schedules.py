@@ -46,7 +46,7 @@ class _Neighbours:
 
     def __init__(self, runner: StageRunner) -> None:
         grid = parallel_state.get_grid()
-        self.first, self.last = grid.pp_rank == 0, grid.pp_rank == grid.pp - 1
+        self.first, self.last = grid.coord("pp") == 0, grid.coord("pp") == grid.size("pp") - 1
         self.kw = dict(shape=runner.tensor_shape, dtype=runner.dtype, device=runner.device)
 
     def recv_forward(self) -> torch.Tensor | None:
@@ -97,7 +97,7 @@ def forward_backward_1f1b(runner: StageRunner, num_microbatches: int) -> None:
     grid = parallel_state.get_grid()
     p2p = _Neighbours(runner)
     # Stage r must run p-r-1 forwards before the first backward can reach it from the last stage.
-    warmup = min(grid.pp - grid.pp_rank - 1, num_microbatches)
+    warmup = min(grid.size("pp") - grid.coord("pp") - 1, num_microbatches)
     steady = num_microbatches - warmup
     inputs, outputs = deque(), deque()
     next_forward, next_backward = 0, 0
@@ -139,7 +139,7 @@ def forward_backward_interleaved(runner: StageRunner, num_microbatches: int, num
     back around the ring.
     """
     grid = parallel_state.get_grid()
-    p, r, v, m = grid.pp, grid.pp_rank, num_chunks, num_microbatches
+    p, r, v, m = grid.size("pp"), grid.coord("pp"), num_chunks, num_microbatches
     total = m * v
     kw = dict(shape=runner.tensor_shape, dtype=runner.dtype, device=runner.device)
     if m == p:  # every forward fits in the warmup; the steady phase is empty
@@ -230,7 +230,7 @@ def forward_backward_interleaved(runner: StageRunner, num_microbatches: int, num
 
 def run_schedule(runner: StageRunner, name: str, num_microbatches: int, num_chunks: int = 1) -> None:
     """Run one step's forward and backward passes with the named schedule."""
-    if parallel_state.get_grid().pp == 1:
+    if parallel_state.get_grid().size("pp") == 1:
         forward_backward_no_pipelining(runner, num_microbatches)
     elif name == "gpipe":
         forward_backward_gpipe(runner, num_microbatches)
@@ -246,8 +246,8 @@ def forward_only(runner: StageRunner, num_microbatches: int, num_chunks: int = 1
     kw = dict(shape=runner.tensor_shape, dtype=runner.dtype, device=runner.device)
     for i in range(num_microbatches):
         for c in range(num_chunks):
-            first = grid.pp_rank == 0 and c == 0
-            last = grid.pp_rank == grid.pp - 1 and c == num_chunks - 1
+            first = grid.coord("pp") == 0 and c == 0
+            last = grid.coord("pp") == grid.size("pp") - 1 and c == num_chunks - 1
             x = None if first else communicate(recv_prev=True, **kw)[0]
             y = runner.forward(c, i, x)
             if not last:

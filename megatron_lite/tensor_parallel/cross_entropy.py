@@ -6,16 +6,17 @@ value per token:
 
   m = max_v z_v               (all-reduce MAX; subtracting it keeps exp() finite)
   S = sum_v exp(z_v - m)      (all-reduce SUM)
-  t = z_target - m            (all-reduce SUM; only the owning rank contributes)
+  t = z_target                (all-reduce SUM, with S; only the owning rank contributes)
 
-  loss = log S - t,   d loss / d z_v = softmax_v - [v == target]
+  loss = log S + m - t,   d loss / d z_v = softmax_v - [v == target]
 
 Pad ids (>= the true vocab size, added so the table splits evenly) are masked to -inf, so
 they take no probability and receive no gradient.
 
-vocab_parallel_linear_cross_entropy also applies the output layer; with `fused=True` it runs
-`kernels.fused_linear_cross_entropy` (the output matmul and an online-softmax loss, chunked
-over tokens; Triton on GPU), given this module's metered all-reduces for its max and sums.
+The math is that of `kernels/`: plain torch, `kernels.reference.cross_entropy_reference`;
+with `fused=True`, `kernels.fused_linear_cross_entropy` (the output matmul and an
+online-softmax loss, chunked over tokens; Triton on GPU). This module gives either one the
+shard's first id and its metered all-reduces over the tp group.
 """
 from __future__ import annotations
 
@@ -25,42 +26,18 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
+from kernels.reference import cross_entropy_reference
 from megatron_lite import parallel_state
-from megatron_lite.tensor_parallel.mappings import all_reduce
+from megatron_lite.comm import all_reduce
 
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        ctx.dtype = logits.dtype
-        local_vocab = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-        ids = torch.arange(start, start + local_vocab, device=logits.device)
-        logits = logits.float().masked_fill(ids >= vocab_size, float("-inf"))
-
-        row_max = all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
-        shifted = logits - row_max.unsqueeze(-1)
-        owned = (target >= start) & (target < start + local_vocab)
-        local_target = (target - start).clamp(0, local_vocab - 1)
-        # where(), not a product: a shard made only of pad ids holds -inf, and -inf * 0 is nan.
-        target_logit = torch.where(owned, shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1), 0.0)
-        all_reduce(target_logit)
-        exp = shifted.exp()
-        sum_exp = all_reduce(exp.sum(dim=-1))
-
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), owned, local_target)
-        return sum_exp.log() - target_logit
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        softmax, owned, local_target = ctx.saved_tensors
-        grad = softmax.scatter_add(-1, local_target.unsqueeze(-1), -owned.unsqueeze(-1).to(softmax.dtype))
-        return (grad * grad_loss.unsqueeze(-1)).to(ctx.dtype), None, None
+_all_reduce_max = functools.partial(all_reduce, op=dist.ReduceOp.MAX)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Per-token loss (fp32, shape of target) from this rank's vocabulary shard of the logits."""
-    return _VocabParallelCrossEntropy.apply(logits, target, vocab_size)
+    start = parallel_state.get_grid().coord("tp") * logits.shape[-1]
+    return cross_entropy_reference(logits, target, start, vocab_size, reduce_max=_all_reduce_max,
+                                   reduce_sum=all_reduce)
 
 
 def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -76,8 +53,7 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tens
         return vocab_parallel_cross_entropy(F.linear(hidden, weight), target, vocab_size)
     # Imported here, so that the unfused path never imports Triton.
     from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-    start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    start = parallel_state.get_grid().coord("tp") * weight.shape[0]
     loss = fused_linear_cross_entropy(hidden.flatten(0, -2), weight, target.flatten(), start, vocab_size,
-                                      reduce_max=functools.partial(all_reduce, op=dist.ReduceOp.MAX),
-                                      reduce_sum=all_reduce)
+                                      reduce_max=_all_reduce_max, reduce_sum=all_reduce)
     return loss.view(target.shape)

@@ -21,7 +21,7 @@ from megatron_lite.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     reduce_from_tensor_model_parallel_region,
                                                     reduce_scatter_to_sequence_parallel_region,
                                                     scatter_to_tensor_model_parallel_region)
-from megatron_lite.tensor_parallel.utils import mark_partitioned
+from megatron_lite.placement import Placement, place, place_module, sharded
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -38,10 +38,9 @@ def enter_tensor_parallel_region(x: torch.Tensor, sequence_parallel: bool) -> to
 
 
 def mark_sequence_parallel(module: nn.Module, enabled: bool = True) -> None:
-    """Flag params that are replicated across tp but see only this rank's tokens under SP:
-    their grads are partial sums and must be all-reduced over tp before the step."""
-    for param in module.parameters():
-        param.sequence_parallel = enabled
+    """Place the params of a module that is replicated across tp: under SP each rank's copy sees
+    only this rank's tokens, so its grad is a partial sum over tp."""
+    place_module(module, Placement(partial_grads=("tp",) if enabled else ()))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -50,15 +49,15 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  sequence_parallel: bool = False, stride: int = 1) -> None:
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp = parallel_state.get_grid().size("tp")
         local = _divide(out_features, tp, "output features")
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.empty(local, in_features))
-        mark_partitioned(self.weight, 0, stride)
+        place(self.weight, sharded(0, stride))
         self.bias = nn.Parameter(torch.empty(local)) if bias else None
         if bias:
-            mark_partitioned(self.bias, 0, stride)
+            place(self.bias, sharded(0, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(enter_tensor_parallel_region(x, self.sequence_parallel), self.weight, self.bias)
@@ -73,14 +72,15 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("a row-parallel linear under sequence parallelism needs input_is_parallel=True")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp = parallel_state.get_grid().size("tp")
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, _divide(in_features, tp, "input features")))
-        mark_partitioned(self.weight, 1)
+        place(self.weight, sharded(1))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        if bias and sequence_parallel:
-            self.bias.sequence_parallel = True
+        if bias:
+            # Added after the reduction, so replicated; under SP each rank adds it to its own tokens.
+            place(self.bias, Placement(partial_grads=("tp",) if sequence_parallel else ()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -100,12 +100,12 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, sequence_parallel: bool = False) -> None:
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp = parallel_state.get_grid().size("tp")
         local = _divide(num_embeddings, tp, "padded vocabulary size")
-        self.vocab_start = parallel_state.get_tensor_model_parallel_rank() * local
+        self.vocab_start = parallel_state.get_grid().coord("tp") * local
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.empty(local, embedding_dim))
-        mark_partitioned(self.weight, 0)
+        place(self.weight, sharded(0))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.vocab_start

@@ -1,4 +1,4 @@
-"""Collectives, metered, and the autograd mappings of Megatron's tensor parallelism built on them.
+"""The autograd mappings of Megatron's tensor and sequence parallelism, built on the collectives of comm.py.
 
 Each mapping is a pair of conjugate operations: what forward does, and what backward must do
 so that gradients are those of the unsharded model. From the Megatron-LM paper:
@@ -15,112 +15,19 @@ split along the sequence (dim 1 of our [batch, seq, hidden] tensors):
   reduce_scatter_to_sequence_parallel_region    reduce-scatter / all-gather
   scatter_to_sequence_parallel_region           split seq      / all-gather
 
-Every collective goes through the functions below, which count it in METER twice over:
-`bytes`, the logical volume (the tensor of an all-reduce, the gathered output of an
-all-gather, the unreduced input of a reduce-scatter), and `wire_bytes`, what each rank sends
-with the ring algorithm on n ranks: 2(n-1)/n of the volume for an all-reduce, (n-1)/n for an
-all-gather or a reduce-scatter. An all-reduce is a reduce-scatter followed by an all-gather,
-which is why sequence parallelism costs no more communication than the all-reduces it replaces.
+The collectives themselves, and the meter that counts them, are in megatron_lite/comm.py.
+An all-reduce is a reduce-scatter followed by an all-gather, which is why sequence
+parallelism costs no more communication than the all-reduces it replaces.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
-from megatron_lite import parallel_state
+from megatron_lite.comm import all_gather, all_reduce, reduce_scatter, split
 
 SEQ_DIM = 1
-
-
-_RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
-
-
-class CommMeter:
-    """Logical bytes, ring wire bytes and calls per (op, group kind) since the last reset."""
-
-    def __init__(self) -> None:
-        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
-        self.wire_bytes: dict[tuple[str, str], float] = defaultdict(float)
-        self.calls: dict[tuple[str, str], int] = defaultdict(int)
-
-    def record(self, op: str, group: str, nbytes: int) -> None:
-        """Count one collective, or one point-to-point "send" (whose wire bytes are its bytes)."""
-        n = parallel_state.get_grid().size(group)
-        self.bytes[(op, group)] += nbytes
-        self.wire_bytes[(op, group)] += nbytes if op == "send" else _RING_FACTOR[op] * (n - 1) / n * nbytes
-        self.calls[(op, group)] += 1
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.wire_bytes.clear()
-        self.calls.clear()
-
-    def total(self, op: str | None = None, group: str | None = None, wire: bool = False) -> float:
-        counts = self.wire_bytes if wire else self.bytes
-        return sum(b for (o, g), b in counts.items() if op in (None, o) and group in (None, g))
-
-
-METER = CommMeter()
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def all_reduce(t: torch.Tensor, group: str = "tp", op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce over the named group; a no-op on a group of one."""
-    if parallel_state.get_grid().size(group) == 1:
-        return t
-    METER.record("all_reduce", group, _nbytes(t))
-    dist.all_reduce(t, op=op, group=parallel_state.get_group(group))
-    return t
-
-
-def all_gather(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor:
-    """Concatenate every rank's t along dim, in rank order."""
-    size = parallel_state.get_grid().size(group)
-    if size == 1:
-        return t
-    t = t.contiguous()
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t, group=parallel_state.get_group(group))
-    out = torch.cat(parts, dim=dim)
-    METER.record("all_gather", group, _nbytes(out))
-    return out
-
-
-def reduce_scatter(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor:
-    """Sum t over the group and keep this rank's chunk of dim."""
-    size = parallel_state.get_grid().size(group)
-    if size == 1:
-        return t
-    METER.record("reduce_scatter", group, _nbytes(t))
-    pg = parallel_state.get_group(group)
-    if dist.get_backend(pg) == "nccl":
-        chunks = [c.contiguous() for c in t.chunk(size, dim=dim)]
-        out = torch.empty_like(chunks[0])
-        dist.reduce_scatter(out, chunks, group=pg)
-        return out
-    # gloo has no reduce-scatter: all-reduce and keep our chunk. Same result, and the meter
-    # records the volume a real reduce-scatter moves.
-    full = t.contiguous().clone()
-    dist.all_reduce(full, group=pg)
-    return split(full, dim, group)
-
-
-def split(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor:
-    """This rank's chunk of dim (no communication)."""
-    grid = parallel_state.get_grid()
-    size = grid.size(group)
-    if size == 1:
-        return t
-    if t.shape[dim] % size:
-        raise ValueError(f"dimension {dim} of size {t.shape[dim]} does not split evenly over {size} ranks")
-    rank = {"tp": grid.tp_rank, "dp": grid.dp_rank, "pp": grid.pp_rank}[group]
-    return t.chunk(size, dim=dim)[rank].contiguous()
 
 
 class _Conjugate(torch.autograd.Function):

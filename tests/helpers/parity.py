@@ -30,29 +30,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_lite import parallel_state
+from megatron_lite.comm import all_gather_flat
 from megatron_lite.config import Config
+from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
-from megatron_lite.tensor_parallel.utils import gather_full
-from megatron_lite.training import TrainingModel, rank_microbatches, set_seed, setup_model_and_optimizer, train_step
-
-
-class RandomTokens:
-    """Sample i is a fixed random token sequence, whatever rank asks for it."""
-
-    def __init__(self, vocab_size: int, seq_length: int, seed: int = 0) -> None:
-        self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
-
-    def __len__(self) -> int:
-        return 1 << 30
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        rng = np.random.RandomState((self.seed * 1_000_003 + index) % 2**32)
-        return rng.randint(0, self.vocab_size, self.seq_length + 1).astype(np.int64)
+from megatron_lite.placement import gather_full
+from megatron_lite.parallelize import TrainingModel, parallelize
+from megatron_lite.training import rank_microbatches, set_seed, train_step
 
 
 @dataclass(frozen=True)
@@ -74,10 +61,9 @@ SCHEDULES = Tolerance(grad=1e-6, grad_norm_first=1e-6, grad_norm=1e-6, loss=2e-7
 def setup_rank(config: Config) -> TrainingModel:
     """This rank's groups (for config's layout), seed, and model and optimizer on CPU."""
     par = config.parallel
-    parallel_state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                                             par.distributed_timeout_minutes)
+    parallel_state.initialize_model_parallel(par)
     set_seed(config.train.seed)
-    return setup_model_and_optimizer(config, torch.device("cpu"))
+    return parallelize(config, torch.device("cpu"))
 
 
 def full_grads(model: TrainingModel) -> dict[str, torch.Tensor]:
@@ -107,14 +93,10 @@ def run_steps(config: Config, steps: int) -> dict:
 
 
 def _gather_grad_shards(buf) -> None:
-    """The distributed optimizer leaves only this rank's shard of the grad buffer reduced;
+    """The distributed optimizer leaves only this rank's shard of each grad bucket reduced;
     assemble the full grads from every rank's shard to compare them."""
-    grid = parallel_state.get_grid()
-    if grid.dp == 1:
-        return
     for bucket in buf.buckets:
-        shards = list(buf.grad_data[bucket.start:bucket.end].chunk(grid.dp))
-        dist.all_gather(shards, shards[grid.dp_rank].clone(), group=parallel_state.get_group("dp"))
+        all_gather_flat(buf.grad_data[bucket.start:bucket.end], "dp")
 
 
 def merge_tensors(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

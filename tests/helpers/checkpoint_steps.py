@@ -5,24 +5,23 @@ import torch
 
 from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lite.config import Config
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.layout import Layout
 from megatron_lite.training import rank_microbatches, train_step
-from parity import RandomTokens, setup_rank
-from tiny import tiny_config
+from helpers.parity import setup_rank
+from helpers.tiny import tiny_config
 
 GLOBAL_BATCH = 8
 
 
-def layout_config(family: str = "llama", tp: int = 1, pp: int = 1, vpp: int = 1, distributed: bool = False,
-                  dropout: float = 0.0) -> Config:
+def layout_config(family: str = "llama", layout: Layout = Layout(), dropout: float = 0.0) -> Config:
     """4 layers with GQA (8 heads, 4 groups) so that tp 1, 2 and 4 and pp*vpp up to 4 all divide it."""
     config = tiny_config(family, model=dict(num_layers=4, num_attention_heads=8,
                                             num_query_groups=4 if family == "llama" else 8,
                                             hidden_dropout=dropout, attention_dropout=dropout),
                          micro_batch_size=1, global_batch_size=GLOBAL_BATCH, train_iters=6, clip_grad=0.5)
-    par = config.parallel
-    par.tensor_model_parallel_size, par.pipeline_model_parallel_size = tp, pp
-    par.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
-    par.use_distributed_optimizer, par.ddp_bucket_size = distributed, 3000  # several buckets
+    config.parallel = layout.apply(config.parallel)
+    config.parallel.ddp_bucket_size = 3000  # several buckets
     return config
 
 

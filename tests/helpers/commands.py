@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Well under the 5-minute collective timeout (--distributed-timeout-minutes) a stuck rank would
 # otherwise wait for; the slowest command here takes about 15 s on 2 cores.
 TIMEOUT = 120.0

@@ -1,0 +1,130 @@
+"""The plain-torch reference of every op in `kernels/`, the one copy of each op's math.
+
+Each is what its kernel is tested against, what its public op runs when it does not run
+Triton (`kernels.use_triton`), and the op the model computes with under --no-fused-kernels.
+Each has the signature of the public op it stands for, and the kernels' numerics: the math
+in fp32 whatever the input dtype, the result cast back to the input's dtype (the losses stay
+fp32), so that a kernel and its reference differ by rounding only in every dtype.
+
+This module imports nothing but torch: the model's plain-torch path must load where Triton
+is absent (it is a Linux-only dependency).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+# A norm returns y, or (y, h) when given a residual: h = x + residual is the next residual stream.
+NormOutput = Tensor | tuple[Tensor, Tensor]
+# An in-place all-reduce of a tensor over the tensor-parallel group; None on one device.
+ReduceFn = Callable[[Tensor], None] | None
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> NormOutput:
+    """Llama's norm over the last dim: h / rms(h) * weight, h = x [+ residual]."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    y = y.to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float,
+                         residual: Tensor | None = None) -> NormOutput:
+    """GPT-2's norm over the last dim: (h - mean) / std * weight [+ bias], h = x [+ residual]."""
+    h = x if residual is None else x + residual
+    b = None if bias is None else bias.float()
+    y = F.layer_norm(h.float(), h.shape[-1:], weight.float(), b, eps).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def apply_rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q [b, s, nq, d] and k [b, s, nk, d] by the angles whose cos/sin are [s, d/2]
+    (fp32), in the Hugging Face "rotate half" convention: pairs (x[i], x[i + d/2])."""
+    c, s = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: Tensor) -> Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def swiglu_reference(x: Tensor) -> Tensor:
+    """silu(a) * b for a, b = x.chunk(2, -1); x: [..., 2f] -> [..., f]."""
+    a, b = x.float().chunk(2, dim=-1)
+    return (F.silu(a) * b).to(x.dtype)
+
+
+def gelu_reference(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (GPT-2's gelu_new), elementwise."""
+    return F.gelu(x.float(), approximate="tanh").to(x.dtype)
+
+
+def flash_attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+                              softmax_scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d]: torch SDPA with each kv head
+    repeated for the nh / nkv query heads of its group. `dropout_p` is beyond the kernel,
+    which has no dropout: the model trains with it on this path."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
+
+
+def n_valid_columns(n_cols: int, vocab_start_index: int, vocab_size: int | None) -> int:
+    """How many leading columns of a vocab shard are real vocab entries (the rest are pad)."""
+    if vocab_size is None:
+        return n_cols
+    return max(0, min(n_cols, vocab_size - vocab_start_index))
+
+
+def _replicated_sum(t: Tensor, reduce_sum: ReduceFn) -> Tensor:
+    """Sum of t over the TP ranks, with the gradient flowing to the local t alone.
+
+    Every rank ends up with the same loss, so each rank's shard receives exactly the
+    gradient of that one loss through its own terms: the straight-through form below.
+    """
+    if reduce_sum is None:
+        return t
+    total = t.detach().clone()
+    reduce_sum(total)
+    return t + (total - t.detach())
+
+
+def cross_entropy_reference(logits: Tensor, target: Tensor, vocab_start_index: int = 0,
+                            vocab_size: int | None = None, reduce_max: ReduceFn = None,
+                            reduce_sum: ReduceFn = None, ignore_index: int = -100) -> Tensor:
+    """Per-row cross entropy (fp32, shape of `target`) of this rank's vocab shard `logits`
+    [..., V_local], holding global ids from `vocab_start_index`; the contract of
+    `kernels.cross_entropy.cross_entropy`. Pad columns (ids >= vocab_size) take no probability."""
+    n_cols = logits.shape[-1]
+    x = logits.float()
+    pad = torch.arange(n_cols, device=x.device) >= n_valid_columns(n_cols, vocab_start_index, vocab_size)
+    x = x.masked_fill(pad, float("-inf"))
+    # The max is only a shift (logsumexp does not depend on it), so it carries no gradient.
+    global_max = x.max(dim=-1).values.detach()
+    if reduce_max is not None:
+        reduce_max(global_max)
+    sumexp = torch.exp(x - global_max.unsqueeze(-1)).sum(dim=-1)
+    local = target - vocab_start_index
+    in_shard = (local >= 0) & (local < n_cols) & (target != ignore_index)
+    z = x.gather(-1, local.clamp(0, n_cols - 1).unsqueeze(-1)).squeeze(-1)
+    # where(), not a product: a shard made only of pad ids holds -inf, and -inf * 0 is nan.
+    z = torch.where(in_shard, z, 0.0)
+    # Sum-exp and target logit share one all-reduce.
+    sumexp, z = _replicated_sum(torch.stack((sumexp, z)), reduce_sum)
+    loss = torch.log(sumexp) + global_max - z
+    return torch.where(target == ignore_index, 0.0, loss)
+
+
+def fused_linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor,
+                                         vocab_start_index: int = 0, vocab_size: int | None = None,
+                                         reduce_max: ReduceFn = None, reduce_sum: ReduceFn = None,
+                                         ignore_index: int = -100) -> Tensor:
+    """Unfused: the full logits hidden @ weight.T, then `cross_entropy_reference`."""
+    return cross_entropy_reference(
+        hidden @ weight.t(), target, vocab_start_index, vocab_size, reduce_max, reduce_sum, ignore_index
+    )

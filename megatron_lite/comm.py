@@ -1,0 +1,175 @@
+"""Every collective of the library, on groups named by the rank grid, and the meter that counts them.
+
+Each call takes a group name ("tp", "dp", "pp", "mp", "embedding", "world", ...; see
+parallel_state) and is a no-op on a group of one rank, so the same code runs on one process.
+The meter counts every call per (op, group) twice over: `bytes`, the logical volume (the
+tensor of an all-reduce, the gathered output of an all-gather, the unreduced input of a
+reduce-scatter, what a rank sends point-to-point), and `wire_bytes`, what each rank sends with
+the ring algorithm on n ranks: 2(n-1)/n of the volume for an all-reduce, (n-1)/n for an
+all-gather or a reduce-scatter. Tests compare both with the analytic volume of a layout.
+
+gloo (CPU) has no reduce-scatter; there it is an all-reduce of which each rank keeps its chunk:
+the same result, and the meter records the volume a real reduce-scatter moves.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite import parallel_state
+
+_RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
+
+
+class CommMeter:
+    """Logical bytes, ring wire bytes and calls per (op, group name) since the last reset."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
+        self.wire_bytes: dict[tuple[str, str], float] = defaultdict(float)
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+
+    def record(self, op: str, group: str, nbytes: int) -> None:
+        """Count one collective, or one point-to-point "send" (whose wire bytes are its bytes)."""
+        n = parallel_state.get_grid().size(group)
+        self.bytes[(op, group)] += nbytes
+        self.wire_bytes[(op, group)] += nbytes if op == "send" else _RING_FACTOR[op] * (n - 1) / n * nbytes
+        self.calls[(op, group)] += 1
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.wire_bytes.clear()
+        self.calls.clear()
+
+    def total(self, op: str | None = None, group: str | None = None, wire: bool = False) -> float:
+        counts = self.wire_bytes if wire else self.bytes
+        return sum(b for (o, g), b in counts.items() if op in (None, o) and group in (None, g))
+
+
+METER = CommMeter()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _alone(group: str) -> bool:
+    return parallel_state.get_grid().size(group) == 1
+
+
+def _nccl(group: str) -> bool:
+    return dist.get_backend(parallel_state.get_group(group)) == "nccl"
+
+
+def all_reduce(t: torch.Tensor, group: str = "tp", op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the named group; returns t."""
+    if _alone(group):
+        return t
+    METER.record("all_reduce", group, _nbytes(t))
+    dist.all_reduce(t, op=op, group=parallel_state.get_group(group))
+    return t
+
+
+def all_gather(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor:
+    """Concatenate every rank's t along dim, in the group's rank order."""
+    size = parallel_state.get_grid().size(group)
+    if size == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t, group=parallel_state.get_group(group))
+    out = torch.cat(parts, dim=dim)
+    METER.record("all_gather", group, _nbytes(out))
+    return out
+
+
+def reduce_scatter(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor:
+    """Sum t over the group and keep this rank's chunk of dim."""
+    size = parallel_state.get_grid().size(group)
+    if size == 1:
+        return t
+    METER.record("reduce_scatter", group, _nbytes(t))
+    if _nccl(group):
+        chunks = [c.contiguous() for c in t.chunk(size, dim=dim)]
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks, group=parallel_state.get_group(group))
+        return out
+    full = t.contiguous().clone()
+    dist.all_reduce(full, group=parallel_state.get_group(group))
+    return split(full, dim, group)
+
+
+def split(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor:
+    """This rank's chunk of dim (no communication): the inverse of all_gather."""
+    grid = parallel_state.get_grid()
+    size = grid.size(group)
+    if size == 1:
+        return t
+    if t.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {t.shape[dim]} does not split evenly over {size} ranks")
+    return t.chunk(size, dim=dim)[grid.index(group)].contiguous()
+
+
+def reduce_scatter_flat_async(data: torch.Tensor, group: str) -> dist.Work | None:
+    """Start summing a flat buffer over the group so that at least this rank's 1/n chunk of it is
+    reduced in place (gloo: all of it); wait on the returned work. None on a group of one."""
+    if _alone(group):
+        return None
+    METER.record("reduce_scatter", group, _nbytes(data))
+    if _nccl(group):
+        mine = data.chunk(parallel_state.get_grid().size(group))[parallel_state.get_grid().index(group)]
+        return dist.reduce_scatter_tensor(mine, data, group=parallel_state.get_group(group), async_op=True)
+    return dist.all_reduce(data, group=parallel_state.get_group(group), async_op=True)
+
+
+def all_reduce_async(t: torch.Tensor, group: str) -> dist.Work | None:
+    """Start an in-place all-reduce; wait on the returned work. None on a group of one."""
+    if _alone(group):
+        return None
+    METER.record("all_reduce", group, _nbytes(t))
+    return dist.all_reduce(t, group=parallel_state.get_group(group), async_op=True)
+
+
+def all_gather_flat(data: torch.Tensor, group: str) -> None:
+    """Fill every 1/n chunk of a flat buffer from the rank that owns it (the inverse of
+    reduce_scatter_flat_async's sharding), in place."""
+    if _alone(group):
+        return
+    grid = parallel_state.get_grid()
+    chunks = list(data.chunk(grid.size(group)))
+    METER.record("all_gather", group, _nbytes(data))
+    dist.all_gather(chunks, chunks[grid.index(group)].clone(), group=parallel_state.get_group(group))
+
+
+def send_recv(ops: list[tuple[str, torch.Tensor, int, int]], group: str = "pp") -> None:
+    """Post every ("send" or "recv", tensor, global peer rank, tag) together, in this order, then wait for all.
+
+    Posting them at once is what lets two neighbours that both send before they receive go on;
+    each side must list its operations in the same order as its peer does (NCCL matches by order).
+    """
+    if not ops:
+        return
+    for kind, tensor, _, _ in ops:
+        if kind == "send":
+            METER.record("send", group, _nbytes(tensor))
+    for work in dist.batch_isend_irecv([dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, tag=tag)
+                                        for kind, t, peer, tag in ops]):
+        work.wait()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process.
+    For the few small host-side agreements (checkpoint files written, errors), not for tensors."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -1,0 +1,61 @@
+"""A parallel layout in one value (and one short name): the size of every grid axis, the pipeline
+schedule and chunks, sequence parallelism and optimizer sharding. Tests and tools describe the
+layouts they run with it; `apply` writes it into a ParallelConfig."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from megatron_lite.config import SCHEDULES, ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int = 1
+    schedule: str | None = None  # default: ParallelConfig's (interleaved when vpp > 1, else 1f1b)
+    sp: bool = False
+    distopt: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def name(self) -> str:
+        """e.g. tp2-pp2-dp2-vpp2-sp-distopt; "single" for one device."""
+        parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp),
+                                                    ("vpp", self.vpp)) if size > 1]
+        parts += [self.schedule] if self.schedule else []
+        parts += ["sp"] * self.sp + ["distopt"] * self.distopt
+        return "-".join(parts) or "single"
+
+    @classmethod
+    def parse(cls, name: str) -> Layout:
+        """The inverse of `name`."""
+        if name == "single":
+            return cls()
+        fields: dict = {}
+        for part in name.split("-"):
+            sized = re.fullmatch(r"(tp|pp|dp|vpp)(\d+)", part)
+            if sized:
+                fields[sized.group(1)] = int(sized.group(2))
+            elif part in SCHEDULES:
+                fields["schedule"] = part
+            elif part in ("sp", "distopt"):
+                fields[part] = True
+            else:
+                raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, ppN, dpN, vppN, "
+                                  f"{', '.join(SCHEDULES)}, sp, distopt (e.g. tp2-pp2-dp2-sp-distopt)")
+        return cls(**fields)
+
+    def apply(self, parallel: ParallelConfig) -> ParallelConfig:
+        """`parallel` with this layout's fields set (dp is what the world leaves: it is not a field)."""
+        return dataclasses.replace(parallel, tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                                   data_parallel_size=self.dp,
+                                   virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
+                                   pipeline_schedule=self.schedule, sequence_parallel=self.sp,
+                                   use_distributed_optimizer=self.distopt)

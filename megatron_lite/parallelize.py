@@ -1,0 +1,59 @@
+"""From a config to what this rank trains, in one fixed order (torchtitan's `parallelize` is the model):
+
+  1. chunks      the model chunks of this rank's pipeline stage(s), each layer built by the
+                 model's layer classes with this rank's tensor-parallel shard and a placement
+                 on every parameter (pipeline_parallel/partition.py, model/, placement.py)
+  2. weights     the single-device initial values, each rank keeping its shard
+  3. device      moved to this rank's device
+  4. buffers     a grad buffer per chunk, reduced over dp in buckets during the last backward
+                 (distributed/data_parallel.py); partial grads' buckets wait for their sums
+  5. optimizer   AdamW over the whole chunks, or over this rank's dp shard of the buffers
+
+Later parallelisms take their place in this order: activation recomputation wraps layers
+between 3 and 4, fully sharded data parallelism hooks the chunks before 4.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megatron_lite.config import Config
+from megatron_lite.distributed.data_parallel import DataParallelGrads
+from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
+from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.optimizer import LocalOptimizer
+from megatron_lite.pipeline_parallel.partition import build_model_chunks
+
+
+@dataclass
+class TrainingModel:
+    """This rank's model chunks, their data-parallel grad buffers and the optimizer over them."""
+    chunks: list[nn.Module]
+    grad_buffers: list[DataParallelGrads]
+    optimizer: LocalOptimizer | DistributedOptimizer
+
+
+def build_chunks(config: Config) -> list[GPTModel]:
+    """Step 1: this rank's model chunks (uninitialised)."""
+    par = config.parallel
+
+    def build(layers: range, pre_process: bool, post_process: bool) -> GPTModel:
+        return GPTModel(config.model, par.sequence_parallel, layers, pre_process, post_process)
+    return build_model_chunks(build, config.model.num_layers, par.vpp)
+
+
+def parallelize(config: Config, device: torch.device) -> TrainingModel:
+    """Steps 1 to 5 for this rank (the grid must be initialised)."""
+    par = config.parallel
+    chunks = build_chunks(config)
+    for chunk in chunks:
+        init_weights(chunk, config.model, config.train.seed)
+        chunk.to(device)
+    buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
+                                 deferred=needs_partial_grad_reduction) for c in chunks]
+    optimizer = (DistributedOptimizer(buffers, config.train) if par.use_distributed_optimizer
+                 else LocalOptimizer(chunks, config.train))
+    return TrainingModel(chunks, buffers, optimizer)
