@@ -35,9 +35,11 @@ import triton.language as tl
 
 from kernels import use_triton
 from kernels._common import ptr_add
-from kernels.reference import flash_attention_reference
+from kernels.reference import (attention_backward_reference, attention_forward_reference,
+                               flash_attention_reference)
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 HEAD_DIMS = (16, 32, 64, 128)
 DELTA_BLOCK = 64  # rows per program of the rowsum(dO * O) kernel
 
@@ -293,50 +295,84 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _triton_forward(q, k, v, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, base-2 lse) from the forward kernel."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    batch, n_heads, seqlen, head_dim = q.shape
+    fwd, _, _ = _configs(head_dim, q.dtype, q.device)
+    o = torch.empty_like(q)  # same layout as q, so a [b, s, nh, d] caller gets one back
+    lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(seqlen, fwd["BLOCK_M"]), batch * n_heads)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, softmax_scale * LOG2E, seqlen, n_heads, n_heads // k.shape[1],
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        CAUSAL=causal, HEAD_DIM=head_dim, **fwd,
+    )
+    return o, lse
+
+
+def _triton_backward(q, k, v, o, lse, do, causal: bool, softmax_scale: float):
+    """dq, dk, dv from the backward kernels, given the base-2 lse."""
+    q, k, v, o, do = (_unit_last_stride(t) for t in (q, k, v, o, do))
+    batch, n_heads, seqlen, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    group = n_heads // n_kv_heads
+    _, dkdv, dqc = _configs(head_dim, q.dtype, q.device)
+    qk_scale = softmax_scale * LOG2E
+    delta = torch.empty_like(lse)
+    _bwd_delta_kernel[(triton.cdiv(seqlen, DELTA_BLOCK), batch * n_heads)](
+        o, do, delta, seqlen, n_heads, *_strides(o), *_strides(do),
+        HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _bwd_dkdv_kernel[(triton.cdiv(seqlen, dkdv["BLOCK_N"]), batch * n_kv_heads)](
+        q, k, v, do, dk, dv, lse, delta, qk_scale, softmax_scale, seqlen, n_heads, n_kv_heads,
+        group, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        CAUSAL=causal, HEAD_DIM=head_dim, **dkdv,
+    )
+    _bwd_dq_kernel[(triton.cdiv(seqlen, dqc["BLOCK_M"]), batch * n_heads)](
+        q, k, v, do, dq, lse, delta, qk_scale, softmax_scale, seqlen, n_heads, group,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        CAUSAL=causal, HEAD_DIM=head_dim, **dqc,
+    )
+    return dq, dk, dv
+
+
+def _scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+
+
+def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                            softmax_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and each row's natural-log logsumexp (fp32 [b, nh, s]), without autograd: the
+    block step of ring attention, which merges blocks by their lse (megatron_lite/context_parallel)."""
+    if not use_triton(q):
+        return attention_forward_reference(q, k, v, causal, softmax_scale)
+    o, lse2 = _triton_forward(q, k, v, causal, _scale(q, softmax_scale))
+    return o, lse2 * LN2
+
+
+def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, dout: torch.Tensor, causal: bool,
+                             softmax_scale: Optional[float] = None):
+    """dq, dk, dv of one key block given the merged output and natural-log lse of the whole attention."""
+    if not use_triton(q):
+        return attention_backward_reference(q, k, v, out, lse, dout, causal, softmax_scale)
+    return _triton_backward(q, k, v, out, (lse * LOG2E).contiguous(), dout, causal, _scale(q, softmax_scale))
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale):
-        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-        batch, n_heads, seqlen, head_dim = q.shape
-        fwd, _, _ = _configs(head_dim, q.dtype, q.device)
-        o = torch.empty_like(q)  # same layout as q, so a [b, s, nh, d] caller gets one back
-        lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(seqlen, fwd["BLOCK_M"]), batch * n_heads)
-        _fwd_kernel[grid](
-            q, k, v, o, lse, softmax_scale * LOG2E, seqlen, n_heads, n_heads // k.shape[1],
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            CAUSAL=causal, HEAD_DIM=head_dim, **fwd,
-        )
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse = _triton_forward(q, k, v, causal, softmax_scale)
+        ctx.save_for_backward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), o, lse)
         ctx.causal, ctx.softmax_scale = causal, softmax_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        do = _unit_last_stride(do)
-        batch, n_heads, seqlen, head_dim = q.shape
-        n_kv_heads = k.shape[1]
-        group = n_heads // n_kv_heads
-        _, dkdv, dqc = _configs(head_dim, q.dtype, q.device)
-        qk_scale = ctx.softmax_scale * LOG2E
-        delta = torch.empty_like(lse)
-        _bwd_delta_kernel[(triton.cdiv(seqlen, DELTA_BLOCK), batch * n_heads)](
-            o, do, delta, seqlen, n_heads, *_strides(o), *_strides(do),
-            HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK,
-        )
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _bwd_dkdv_kernel[(triton.cdiv(seqlen, dkdv["BLOCK_N"]), batch * n_kv_heads)](
-            q, k, v, do, dk, dv, lse, delta, qk_scale, ctx.softmax_scale, seqlen, n_heads, n_kv_heads,
-            group, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            CAUSAL=ctx.causal, HEAD_DIM=head_dim, **dkdv,
-        )
-        _bwd_dq_kernel[(triton.cdiv(seqlen, dqc["BLOCK_M"]), batch * n_heads)](
-            q, k, v, do, dq, lse, delta, qk_scale, ctx.softmax_scale, seqlen, n_heads, group,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            CAUSAL=ctx.causal, HEAD_DIM=head_dim, **dqc,
-        )
-        return dq, dk, dv, None, None
+        return (*_triton_backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale), None, None)
 
 
 def flash_attention(
@@ -355,5 +391,4 @@ def flash_attention(
         return flash_attention_reference(q, k, v, causal, softmax_scale)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head dim {q.shape[-1]} not supported; use one of {HEAD_DIMS}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    return FlashAttentionFunction.apply(q, k, v, causal, _scale(q, softmax_scale))

@@ -74,6 +74,44 @@ def flash_attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = Tr
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
 
 
+def attention_forward_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                                softmax_scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d] (GQA) and the natural-log
+    logsumexp of each query row's scores, fp32 [b, nh, s]: what flash attention keeps for its
+    backward, and what lets partial results over key blocks be merged (ring attention). A row
+    that sees no key (impossible here: a causal row sees itself) would get lse -inf."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+    scores = q.float() @ k.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v).to(q.dtype), lse
+
+
+def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                                 causal: bool, softmax_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of one key block, FlashAttention-2's way: the probabilities are recomputed from
+    the scores and `lse`, and delta = rowsum(dout * out). `out` and `lse` are those of the whole
+    attention (every key block merged), so the grads of several blocks add up to the whole's."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    b, nh, s, d = q.shape
+    group = nh // k.shape[1]
+    kf, vf = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+    qf, dof = q.float(), dout.float()
+    scores = qf @ kf.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.exp(scores - lse[..., None])
+    delta = (dof * out.float()).sum(-1, keepdim=True)
+    dscores = probs * (dof @ vf.transpose(-1, -2) - delta)
+    dq = dscores @ kf * scale
+    dk = (dscores.transpose(-1, -2) @ qf * scale).view(b, -1, group, s, d).sum(2)
+    dv = (probs.transpose(-1, -2) @ dof).view(b, -1, group, s, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def n_valid_columns(n_cols: int, vocab_start_index: int, vocab_size: int | None) -> int:
     """How many leading columns of a vocab shard are real vocab entries (the rest are pad)."""
     if vocab_size is None:

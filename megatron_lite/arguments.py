@@ -7,7 +7,7 @@ import os
 import types
 import typing
 
-from megatron_lite.config import (FAMILIES, LR_DECAY_STYLES, SCHEDULES, Config, ConfigError, ModelConfig,
+from megatron_lite.config import (CP_COMM_TYPES, FAMILIES, LR_DECAY_STYLES, SCHEDULES, Config, ConfigError, ModelConfig,
                                   ParallelConfig, TrainConfig, field_docs)
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
@@ -33,9 +33,10 @@ DEFAULT_PRESET = "tiny"
 # Fields that are not flags: derived at run time, never typed by a user.
 _DERIVED = {"vocab_size", "data_parallel_size"}
 _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda"),
-            "pipeline_schedule": SCHEDULES, "tokenizer_type": tuple(TOKENIZERS)}
+            "pipeline_schedule": SCHEDULES, "cp_comm_type": CP_COMM_TYPES, "tokenizer_type": tuple(TOKENIZERS)}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
+                                  "context_parallel_size": ["--cp"],
                                   "pipeline_model_parallel_size": ["--pp"],
                                   "virtual_pipeline_model_parallel_size": ["--vpp"]}
 

@@ -4,9 +4,10 @@ Each call takes a group name ("tp", "dp", "pp", "mp", "embedding", "world", ...;
 parallel_state) and is a no-op on a group of one rank, so the same code runs on one process.
 The meter counts every call per (op, group) twice over: `bytes`, the logical volume (the
 tensor of an all-reduce, the gathered output of an all-gather, the unreduced input of a
-reduce-scatter, what a rank sends point-to-point), and `wire_bytes`, what each rank sends with
-the ring algorithm on n ranks: 2(n-1)/n of the volume for an all-reduce, (n-1)/n for an
-all-gather or a reduce-scatter. Tests compare both with the analytic volume of a layout.
+reduce-scatter, the local tensor of an all-to-all, what a rank sends point-to-point), and
+`wire_bytes`, what each rank sends with the ring algorithm on n ranks: 2(n-1)/n of the volume
+for an all-reduce, (n-1)/n for an all-gather, a reduce-scatter or an all-to-all (which keeps
+1/n of its tensor). Tests compare both with the analytic volume of a layout.
 
 gloo (CPU) has no reduce-scatter; there it is an all-reduce of which each rank keeps its chunk:
 the same result, and the meter records the volume a real reduce-scatter moves.
@@ -14,13 +15,14 @@ the same result, and the meter records the volume a real reduce-scatter moves.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from megatron_lite import parallel_state
 
-_RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
+_RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "all_to_all": 1.0}
 
 
 class CommMeter:
@@ -49,6 +51,19 @@ class CommMeter:
 
 
 METER = CommMeter()
+_progress_hook: Callable[[], None] | None = None
+
+
+def set_progress_hook(hook: Callable[[], None] | None) -> None:
+    """Call `hook` after every collective completes (or is launched, for the asynchronous ones): the
+    spawn helper's stall watchdog (distributed/spawn.py) learns from it that a rank is moving."""
+    global _progress_hook
+    _progress_hook = hook
+
+
+def _progressed() -> None:
+    if _progress_hook is not None:
+        _progress_hook()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -69,6 +84,7 @@ def all_reduce(t: torch.Tensor, group: str = "tp", op: dist.ReduceOp = dist.Redu
         return t
     METER.record("all_reduce", group, _nbytes(t))
     dist.all_reduce(t, op=op, group=parallel_state.get_group(group))
+    _progressed()
     return t
 
 
@@ -82,6 +98,7 @@ def all_gather(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor:
     dist.all_gather(parts, t, group=parallel_state.get_group(group))
     out = torch.cat(parts, dim=dim)
     METER.record("all_gather", group, _nbytes(out))
+    _progressed()
     return out
 
 
@@ -95,9 +112,11 @@ def reduce_scatter(t: torch.Tensor, dim: int, group: str = "tp") -> torch.Tensor
         chunks = [c.contiguous() for c in t.chunk(size, dim=dim)]
         out = torch.empty_like(chunks[0])
         dist.reduce_scatter(out, chunks, group=parallel_state.get_group(group))
+        _progressed()
         return out
     full = t.contiguous().clone()
     dist.all_reduce(full, group=parallel_state.get_group(group))
+    _progressed()
     return split(full, dim, group)
 
 
@@ -118,6 +137,7 @@ def reduce_scatter_flat_async(data: torch.Tensor, group: str) -> dist.Work | Non
     if _alone(group):
         return None
     METER.record("reduce_scatter", group, _nbytes(data))
+    _progressed()
     if _nccl(group):
         mine = data.chunk(parallel_state.get_grid().size(group))[parallel_state.get_grid().index(group)]
         return dist.reduce_scatter_tensor(mine, data, group=parallel_state.get_group(group), async_op=True)
@@ -129,6 +149,7 @@ def all_reduce_async(t: torch.Tensor, group: str) -> dist.Work | None:
     if _alone(group):
         return None
     METER.record("all_reduce", group, _nbytes(t))
+    _progressed()
     return dist.all_reduce(t, group=parallel_state.get_group(group), async_op=True)
 
 
@@ -141,28 +162,54 @@ def all_gather_flat(data: torch.Tensor, group: str) -> None:
     chunks = list(data.chunk(grid.size(group)))
     METER.record("all_gather", group, _nbytes(data))
     dist.all_gather(chunks, chunks[grid.index(group)].clone(), group=parallel_state.get_group(group))
+    _progressed()
 
 
-def send_recv(ops: list[tuple[str, torch.Tensor, int, int]], group: str = "pp") -> None:
-    """Post every ("send" or "recv", tensor, global peer rank, tag) together, in this order, then wait for all.
+def send_recv_async(ops: list[tuple[str, torch.Tensor, int, int]], group: str) -> list[dist.Work]:
+    """Post every ("send" or "recv", tensor, global peer rank, tag) together, in this order; wait on
+    the returned works (so that compute can run while the tensors are in flight).
 
     Posting them at once is what lets two neighbours that both send before they receive go on;
     each side must list its operations in the same order as its peer does (NCCL matches by order).
     """
     if not ops:
-        return
+        return []
     for kind, tensor, _, _ in ops:
         if kind == "send":
             METER.record("send", group, _nbytes(tensor))
-    for work in dist.batch_isend_irecv([dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, tag=tag)
-                                        for kind, t, peer, tag in ops]):
+    _progressed()
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, tag=tag)
+                                   for kind, t, peer, tag in ops])
+
+
+def send_recv(ops: list[tuple[str, torch.Tensor, int, int]], group: str = "pp") -> None:
+    """send_recv_async, then wait for all."""
+    for work in send_recv_async(ops, group):
         work.wait()
+    _progressed()
+
+
+def all_to_all(t: torch.Tensor, split_dim: int, concat_dim: int, group: str) -> torch.Tensor:
+    """Cut t into n equal chunks along split_dim, send chunk i to the group's i-th rank, and
+    concatenate the chunks received, in rank order, along concat_dim (Ulysses' exchange)."""
+    size = parallel_state.get_grid().size(group)
+    if size == 1:
+        return t
+    if t.shape[split_dim] % size:
+        raise ValueError(f"dimension {split_dim} of size {t.shape[split_dim]} does not split evenly over {size} ranks")
+    send = torch.stack(t.chunk(size, dim=split_dim)).contiguous()
+    recv = torch.empty_like(send)
+    METER.record("all_to_all", group, _nbytes(t))
+    dist.all_to_all_single(recv, send, group=parallel_state.get_group(group))
+    _progressed()
+    return torch.cat(recv.unbind(0), dim=concat_dim)
 
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():
         dist.barrier()
+        _progressed()
 
 
 def all_gather_object(obj: object) -> list:
@@ -172,4 +219,5 @@ def all_gather_object(obj: object) -> list:
         return [obj]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
+    _progressed()
     return gathered

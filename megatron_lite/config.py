@@ -37,6 +37,7 @@ def _flag(name: str) -> str:
 
 FAMILIES = ("llama", "gpt2")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
+CP_COMM_TYPES = ("p2p", "allgather", "a2a")
 
 
 @dataclass
@@ -129,6 +130,10 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     """Ranks that split each layer's weights (Megatron tensor parallelism)."""
+    context_parallel_size: int = 1
+    """Ranks that split each sequence (context parallelism): every layer sees 1/cp of the tokens, attention exchanges keys and values."""
+    cp_comm_type: str = "p2p"
+    """How context-parallel attention exchanges keys and values: p2p (ring), allgather (all-gather K/V) or a2a (Ulysses all-to-all)."""
     pipeline_model_parallel_size: int = 1
     """Ranks that split the layers into pipeline stages."""
     virtual_pipeline_model_parallel_size: int | None = None
@@ -157,8 +162,10 @@ class ParallelConfig:
         return self.pipeline_schedule or ("interleaved" if self.vpp > 1 else "1f1b")
 
     def validate(self) -> None:
-        _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+        _require_positive(self, "tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size",
                           "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
+        _require(self.cp_comm_type in CP_COMM_TYPES,
+                 f"--cp-comm-type={self.cp_comm_type} is unknown; allowed: {', '.join(CP_COMM_TYPES)}")
         if self.virtual_pipeline_model_parallel_size is not None:
             _require_positive(self, "virtual_pipeline_model_parallel_size")
         pp, vpp = self.pipeline_model_parallel_size, self.vpp
@@ -185,6 +192,24 @@ class ParallelConfig:
             _require(model.seq_length % tp == 0,
                      f"--seq-length={model.seq_length} is not divisible by --tensor-model-parallel-size={tp}, "
                      "which --sequence-parallel needs")
+        cp = self.context_parallel_size
+        if cp > 1:
+            # The sequence is cut into 2*cp chunks (each rank holds two, for causal load balance),
+            # and under SP the rank's tokens are cut again over tp.
+            chunks = 2 * cp * (tp if self.sequence_parallel else 1)
+            _require(model.seq_length % chunks == 0,
+                     f"--seq-length={model.seq_length} is not divisible by 2 x --context-parallel-size={cp}"
+                     + (f" x --tensor-model-parallel-size={tp} (sequence parallel)" if self.sequence_parallel else "")
+                     + f" = {chunks}")
+            if self.cp_comm_type == "a2a":
+                for name in ("num_attention_heads", "num_query_groups"):
+                    value = getattr(model, name)
+                    _require(value % (tp * cp) == 0,
+                             f"{_flag(name)}={value} is not divisible by tp x cp = {tp * cp}, which "
+                             "--cp-comm-type=a2a needs (each rank takes whole heads)")
+            _require(model.attention_dropout == 0.0,
+                     f"--attention-dropout={model.attention_dropout} is not supported with "
+                     f"--context-parallel-size={cp}; use 0")
 
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")

@@ -7,12 +7,14 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from megatron_lite.config import SCHEDULES, ConfigError, ParallelConfig
+from megatron_lite.config import CP_COMM_TYPES, SCHEDULES, ConfigError, ParallelConfig
 
 
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
+    cp: int = 1
+    cp_comm: str = "p2p"  # --cp-comm-type
     pp: int = 1
     dp: int = 1
     vpp: int = 1
@@ -22,13 +24,14 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     @property
     def name(self) -> str:
-        """e.g. tp2-pp2-dp2-vpp2-sp-distopt; "single" for one device."""
-        parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp),
-                                                    ("vpp", self.vpp)) if size > 1]
+        """e.g. tp2-cp2-pp2-dp2-vpp2-sp-distopt, cp2-a2a; "single" for one device."""
+        parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("cp", self.cp), ("pp", self.pp),
+                                                    ("dp", self.dp), ("vpp", self.vpp)) if size > 1]
+        parts += [self.cp_comm] if self.cp_comm != "p2p" else []
         parts += [self.schedule] if self.schedule else []
         parts += ["sp"] * self.sp + ["distopt"] * self.distopt
         return "-".join(parts) or "single"
@@ -40,21 +43,24 @@ class Layout:
             return cls()
         fields: dict = {}
         for part in name.split("-"):
-            sized = re.fullmatch(r"(tp|pp|dp|vpp)(\d+)", part)
+            sized = re.fullmatch(r"(tp|cp|pp|dp|vpp)(\d+)", part)
             if sized:
                 fields[sized.group(1)] = int(sized.group(2))
+            elif part in CP_COMM_TYPES:
+                fields["cp_comm"] = part
             elif part in SCHEDULES:
                 fields["schedule"] = part
             elif part in ("sp", "distopt"):
                 fields[part] = True
             else:
-                raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, ppN, dpN, vppN, "
-                                  f"{', '.join(SCHEDULES)}, sp, distopt (e.g. tp2-pp2-dp2-sp-distopt)")
+                raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, cpN, ppN, dpN, vppN, "
+                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt (e.g. tp2-pp2-dp2-sp-distopt)")
         return cls(**fields)
 
     def apply(self, parallel: ParallelConfig) -> ParallelConfig:
         """`parallel` with this layout's fields set (dp is what the world leaves: it is not a field)."""
-        return dataclasses.replace(parallel, tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+        return dataclasses.replace(parallel, tensor_model_parallel_size=self.tp, context_parallel_size=self.cp,
+                                   cp_comm_type=self.cp_comm, pipeline_model_parallel_size=self.pp,
                                    data_parallel_size=self.dp,
                                    virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
                                    pipeline_schedule=self.schedule, sequence_parallel=self.sp,

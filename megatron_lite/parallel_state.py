@@ -33,8 +33,9 @@ from megatron_lite.config import ConfigError, ParallelConfig
 
 AXES = ("tp", "cp", "dp", "pp")
 # Where each axis's size comes from: a ParallelConfig field, or None for dp, which takes what the
-# world leaves. An axis without a field yet (cp) has size 1.
-AXIS_SIZES = {"tp": "tensor_model_parallel_size", "dp": None, "pp": "pipeline_model_parallel_size"}
+# world leaves.
+AXIS_SIZES = {"tp": "tensor_model_parallel_size", "cp": "context_parallel_size", "dp": None,
+              "pp": "pipeline_model_parallel_size"}
 # Named groups over several axes (a single axis is a group under its own name).
 GROUPS = {"mp": ("tp", "pp"), "tp-cp": ("tp", "cp"), "dp-cp": ("cp", "dp")}
 

@@ -2,28 +2,32 @@
 
   1. chunks      the model chunks of this rank's pipeline stage(s), each layer built by the
                  model's layer classes with this rank's tensor-parallel shard and a placement
-                 on every parameter (pipeline_parallel/partition.py, model/, placement.py)
+                 on every parameter (pipeline_parallel/partition.py, model/, placement.py),
+                 computing with the ops chosen once for the model (context parallelism's
+                 attention among them)
   2. weights     the single-device initial values, each rank keeping its shard
   3. device      moved to this rank's device
-  4. buffers     a grad buffer per chunk, reduced over dp in buckets during the last backward
+  4. buffers     a grad buffer per chunk, reduced over dp x cp in buckets during the last backward
                  (distributed/data_parallel.py); partial grads' buckets wait for their sums
-  5. optimizer   AdamW over the whole chunks, or over this rank's dp shard of the buffers
+  5. optimizer   AdamW over the whole chunks, or over this rank's dp x cp shard of the buffers
 
 Later parallelisms take their place in this order: activation recomputation wraps layers
 between 3 and 4, fully sharded data parallelism hooks the chunks before 4.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from megatron_lite.config import Config
+from megatron_lite.context_parallel.attention import context_parallel_attention
 from megatron_lite.distributed.data_parallel import DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
 from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.optimizer import LocalOptimizer
 from megatron_lite.pipeline_parallel.partition import build_model_chunks
 
@@ -36,12 +40,23 @@ class TrainingModel:
     optimizer: LocalOptimizer | DistributedOptimizer
 
 
+def model_ops(config: Config) -> Ops:
+    """What the layers compute with, chosen once: the fused kernels or plain torch, and with the
+    sequence split over cp, attention that exchanges keys and values (context_parallel/)."""
+    ops = select_ops(config.model.fused_kernels)
+    if config.parallel.context_parallel_size > 1:
+        ops = replace(ops, attention=context_parallel_attention(config.parallel.cp_comm_type, ops.attention,
+                                                                ops.attention_block_forward,
+                                                                ops.attention_block_backward))
+    return ops
+
+
 def build_chunks(config: Config) -> list[GPTModel]:
     """Step 1: this rank's model chunks (uninitialised)."""
-    par = config.parallel
+    par, ops = config.parallel, model_ops(config)
 
     def build(layers: range, pre_process: bool, post_process: bool) -> GPTModel:
-        return GPTModel(config.model, par.sequence_parallel, layers, pre_process, post_process)
+        return GPTModel(config.model, par.sequence_parallel, layers, pre_process, post_process, ops)
     return build_model_chunks(build, config.model.num_layers, par.vpp)
 
 

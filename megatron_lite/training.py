@@ -14,6 +14,7 @@ from megatron_lite import parallel_state
 from megatron_lite.checkpointing import (CheckpointWriter, adopt_checkpoint_model_args, latest_iteration,
                                         load_checkpoint, resolve_load)
 from megatron_lite.config import Config, ConfigError, TrainingError
+from megatron_lite.context_parallel.zigzag import split_for_context_parallel
 from megatron_lite.data import build_training_data
 from megatron_lite.data.loader import global_batch
 from megatron_lite.distributed.grad_clip import clip_grad_norm
@@ -64,8 +65,10 @@ def _reduce_device() -> torch.device | None:
 
 
 def microbatch_shape(config: Config) -> tuple[int, int, int]:
-    """Shape of the hidden states passed between pipeline stages: [micro batch, seq (/tp under SP), hidden]."""
-    par, seq = config.parallel, config.model.seq_length
+    """Shape of the hidden states passed between pipeline stages: [micro batch, this rank's tokens
+    (seq / cp, and / tp under SP), hidden]."""
+    par = config.parallel
+    seq = config.model.seq_length // par.context_parallel_size
     return (config.train.micro_batch_size, seq // par.tensor_model_parallel_size if par.sequence_parallel else seq,
             config.model.hidden_size)
 
@@ -128,10 +131,12 @@ def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
 
 
 def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):
-    """This data-parallel rank's microbatches of the global batch starting at `consumed`."""
-    cfg = config.train
-    return global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
-                        parallel_state.get_grid().coord("dp"), parallel_state.get_grid().size("dp"))
+    """This rank's microbatches of the global batch starting at `consumed`: its data-parallel
+    replica's samples, and of each sample the tokens its context-parallel rank holds."""
+    cfg, grid = config.train, parallel_state.get_grid()
+    batches = global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
+                           grid.coord("dp"), grid.size("dp"))
+    return (split_for_context_parallel(batch) for batch in batches)
 
 
 @torch.no_grad()

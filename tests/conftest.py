@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from megatron_lite.distributed.spawn import TIMEOUT_ENV
+from megatron_lite.distributed.spawn import STALL_TIMEOUT_ENV
 
 # `triton.jit` chooses compile-or-interpret when it decorates, i.e. when a `kernels/`
 # module is first imported, so this must be set before any test module is collected.
@@ -16,11 +16,12 @@ from megatron_lite.distributed.spawn import TIMEOUT_ENV
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Every run_on_ranks in the suite (tests and the tools they call) fails after this many seconds,
-# printing each rank's stack, instead of waiting for the 5-minute collective timeout of a stuck
-# rank. The slowest spawn takes about 40 s on 2 cores. pytest-timeout (pyproject.toml) is the
-# backstop for anything else that hangs.
-os.environ.setdefault(TIMEOUT_ENV, "120")
+# Every run_on_ranks in the suite (tests and the tools they call) fails once no rank has made
+# progress (completed a collective) for this many seconds, printing each rank's stack, instead
+# of waiting for the 5-minute collective timeout of a stuck rank. A tiny model's ranks complete
+# collectives every few milliseconds; only spawning a rank (importing torch) takes seconds.
+# pytest-timeout (pyproject.toml) is the backstop for anything else that hangs.
+os.environ.setdefault(STALL_TIMEOUT_ENV, "60")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -67,8 +67,8 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     resume = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "0"]
     other_layout = run(TINY + resume + ["--load", str(tmp_path), "--log-dir", str(tmp_path / "resumed")], launcher)
     assert other_layout.returncode == 0, other_layout.stderr
-    assert ("saved with tp=2 pp=1 vpp=1 dp=1 distributed optimizer off to tp=1 pp=1 vpp=1 dp=2 distributed "
-            "optimizer off") in other_layout.stdout
+    assert ("saved with tp=2 cp=1 pp=1 vpp=1 dp=1 distributed optimizer off to tp=1 cp=1 pp=1 vpp=1 dp=2 "
+            "distributed optimizer off") in other_layout.stdout
     # The resumed run continues the data where the saved one stopped and the losses of one device.
     assert pretrain_gpt.main(TINY + resume + ["--log-dir", str(tmp_path / "straight")]) == 0
     resumed, straight = (_train_records(tmp_path / name) for name in ("resumed", "straight"))
@@ -106,3 +106,11 @@ def test_output_path_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -
     result = run(TINY + ["--save", str(existing / "ckpt")])
     assert result.stderr.strip().splitlines() == [
         f"pretrain_gpt.py: error: --save={existing / 'ckpt'} cannot be created: {existing} is a file"]
+
+
+def test_torchrun_context_parallel() -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = run(TINY + ["--cp", "2", "--cp-comm-type", "allgather", "--train-iters", "2"], launcher)
+    assert result.returncode == 0, result.stderr
+    assert "world 2 = tp 1 x cp 2 x dp 1 x pp 1; cp groups [[0, 1]]" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 1

@@ -48,7 +48,18 @@ def test_padded_vocab() -> None:
 
 
 @pytest.mark.parametrize("world, argv, message", [
-    (4, ["--tp", "3"], r"world size 4 is not divisible by tensor-model-parallel size 3 x pipeline-model-parallel size 1 = 3"),
+    (4, ["--tp", "3"], r"world size 4 is not divisible by tensor-model-parallel size 3 x context-parallel size 1 x "
+                       r"pipeline-model-parallel size 1 = 3"),
+    (4, ["--cp", "3"], r"world size 4 is not divisible by .* context-parallel size 3 .* = 3"),
+    (2, ["--cp", "2", "--seq-length", "30"], r"--seq-length=30 is not divisible by 2 x --context-parallel-size=2 = 4"),
+    (4, ["--cp", "2", "--tp", "2", "--sp", "--seq-length", "36"],
+     r"--seq-length=36 is not divisible by 2 x --context-parallel-size=2 x --tensor-model-parallel-size=2 "
+     r"\(sequence parallel\) = 8"),
+    (4, ["--cp", "4", "--cp-comm-type", "a2a", "--num-attention-heads", "8", "--num-query-groups", "2"],
+     r"--num-query-groups=2 is not divisible by tp x cp = 4, which --cp-comm-type=a2a needs"),
+    (2, ["--cp", "2", "--attention-dropout", "0.1"],
+     r"--attention-dropout=0.1 is not supported with --context-parallel-size=2; use 0"),
+    (2, ["--cp", "2", "--cp-comm-type", "ring"], r"argument --cp-comm-type: invalid choice: 'ring'"),
     (4, ["--tp", "4", "--num-attention-heads", "4", "--num-query-groups", "2"], r"--num-query-groups=2 is not divisible by --tensor-model-parallel-size=4"),
     (8, ["--tp", "8", "--num-attention-heads", "4", "--num-query-groups", "4"], r"--num-attention-heads=4 is not divisible by --tensor-model-parallel-size=8"),
     (2, ["--tp", "2", "--ffn-hidden-size", "99"], r"--ffn-hidden-size=99 is not divisible by --tensor-model-parallel-size=2"),

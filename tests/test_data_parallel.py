@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_lite import parallel_state
-from megatron_lite.distributed.data_parallel import DataParallelGrads
+from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.optimizer import state_bytes
 from megatron_lite.comm import METER
@@ -103,17 +103,20 @@ def test_data_parallel_communication_is_analytic(world: int, distributed: bool) 
     # The grad buffer holds every parameter once, each bucket padded to a multiple of dp.
     assert acc["params"] <= acc["buffer"] < acc["params"] + world * acc["buckets"]
     grads = 4 * acc["buffer"]  # fp32
+    # Grads (and, sharded, the grad norm's partial squares) go over the dp x cp group, which at
+    # cp 1 has the dp group's members; the step's loss (fp64) is averaged over dp.
+    G = GRAD_GROUP
     if distributed:
-        expected = {("reduce_scatter", "dp"): grads, ("all_gather", "dp"): grads,
-                    ("all_reduce", "dp"): 8 + 4}  # the step's loss (fp64) and the grad-norm square (fp32)
+        expected = {("reduce_scatter", G): grads, ("all_gather", G): grads, ("all_reduce", G): 4,
+                    ("all_reduce", "dp"): 8}
     else:
-        expected = {("all_reduce", "dp"): grads + 8}
+        expected = {("all_reduce", G): grads, ("all_reduce", "dp"): 8}
     assert acc["bytes"] == expected
-    # One reduction per bucket per step, however many microbatches (plus, unsharded, the loss's).
+    # One reduction per bucket per step, however many microbatches.
     if distributed:
-        assert acc["calls"][("reduce_scatter", "dp")] == acc["calls"][("all_gather", "dp")] == acc["buckets"]
+        assert acc["calls"][("reduce_scatter", G)] == acc["calls"][("all_gather", G)] == acc["buckets"]
     else:
-        assert acc["calls"][("all_reduce", "dp")] == acc["buckets"] + 1
+        assert acc["calls"][("all_reduce", G)] == acc["buckets"]
     # Buckets start during the last backward, before finish_grad_sync: the reduction overlaps.
     assert acc["launched_early"] >= acc["buckets"] - 2
 

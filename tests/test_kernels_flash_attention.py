@@ -6,8 +6,8 @@ in another order than SDPA's math path, and backward chains three matmuls.
 import pytest
 import torch
 
-from kernels.flash_attention import flash_attention
-from kernels.reference import flash_attention_reference
+from kernels.flash_attention import flash_attention, flash_attention_backward, flash_attention_forward
+from kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -51,5 +51,23 @@ def test_flash_attention_strided_inputs_and_custom_scale():
     do = torch.randn(q.shape)
     got = _outputs_and_grads(flash_attention, q, k, v, do, causal=True, softmax_scale=0.3)
     want = _outputs_and_grads(flash_attention_reference, q, k, v, do, causal=True, softmax_scale=0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_forward_and_backward_with_lse_match_the_reference(causal):
+    """The pieces ring attention is built from: the forward returns the natural-log lse, the backward
+    takes an output and lse from outside (the merged ones), as when key blocks are split."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 24, 32)
+    k, v = torch.randn(2, 1, 2, 24, 32)
+    out, lse = flash_attention_forward(q, k, v, causal)
+    want_out, want_lse = attention_forward_reference(q, k, v, causal)
+    torch.testing.assert_close(out, want_out, **TOL)
+    torch.testing.assert_close(lse, want_lse, **TOL)
+    do = torch.randn_like(q)
+    got = flash_attention_backward(q, k, v, want_out, want_lse, do, causal)
+    want = attention_backward_reference(q, k, v, want_out, want_lse, do, causal)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL)

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from megatron_lite import parallel_state
+from megatron_lite import comm, parallel_state
 from megatron_lite.parallel_state import Grid, axis_sizes
 from megatron_lite.config import ConfigError, ParallelConfig
-from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.distributed.spawn import STALL_TIMEOUT_ENV, run_on_ranks
 from megatron_lite.comm import all_reduce
 
 TIMEOUT_S = 4.0
@@ -85,5 +85,48 @@ def test_axis_sizes_take_dp_from_the_world_and_name_what_does_not_divide() -> No
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     assert axis_sizes(parallel, 8) == {"tp": 2, "cp": 1, "dp": 2, "pp": 2}
     with pytest.raises(ConfigError, match="world size 6 is not divisible by tensor-model-parallel size 2 x "
-                                          "pipeline-model-parallel size 2 = 4"):
+                                          "context-parallel size 1 x pipeline-model-parallel size 2 = 4"):
         axis_sizes(parallel, 6)
+
+
+def slow_worker(seconds: float) -> int:
+    """Moves (a barrier every 0.5 s) for `seconds`, then returns."""
+    parallel_state.initialize_model_parallel(ParallelConfig())
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        time.sleep(0.5)
+        comm.barrier()
+    return 1
+
+
+def stuck_worker() -> int:
+    parallel_state.initialize_model_parallel(ParallelConfig())
+    if parallel_state.get_grid().rank == 1:
+        time.sleep(600)  # never joins the barrier rank 0 waits in
+    comm.barrier()
+    return 1
+
+
+def test_spawn_watchdog_stops_stalled_ranks_not_slow_ones(capfd) -> None:
+    """A run that keeps completing collectives may take longer than the stall deadline; one where
+    no rank completes any for that long is stopped, naming the worker, with every rank's stack."""
+    assert run_on_ranks(slow_worker, 2, 8.0, stall_timeout=4.0) == [1, 1]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"test_parallel_state.stuck_worker on 2 ranks made no progress for 4 s "
+                                           r"\(test tests/test_parallel_state.py::test_spawn_watchdog"):
+        run_on_ranks(stuck_worker, 2, stall_timeout=4.0)
+    assert time.monotonic() - start < 30
+    assert "in stuck_worker" in capfd.readouterr().err
+
+
+def uneven_worker() -> int:
+    parallel_state.initialize_model_parallel(ParallelConfig())
+    rank = parallel_state.get_grid().rank
+    time.sleep(2.0 * rank)  # rank 0 exits first, rank 1 still runs
+    return rank
+
+
+def test_spawn_without_a_stall_deadline_waits_for_every_rank(monkeypatch) -> None:
+    """Tools run without a deadline: ranks that end at different times are all waited for."""
+    monkeypatch.delenv(STALL_TIMEOUT_ENV, raising=False)
+    assert run_on_ranks(uneven_worker, 2) == [0, 1]

@@ -14,6 +14,7 @@ from megatron_lite.checkpointing.paths import (MARKER, checkpoint_dir, first_fil
                                                rank_file, saved_iterations, shard_file)
 from megatron_lite.checkpointing.save import current_layout
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.distributed.data_parallel import GRAD_GROUP
 from megatron_lite.reshard import FullState, load_full_state, read_full_state
 
 
@@ -107,21 +108,22 @@ def read_checkpoint(root: str | Path, iteration: int) -> FullState:
     for tp_rank in range(layout["tp"]):
         for pp_rank in range(layout["pp"]):
             model_file = shard_file(root, iteration, tp_rank, pp_rank, layout["pp"])
-            dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"])]
+            dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"] * layout.get("cp", 1))]
                         if layout["distributed_optimizer"] else [])
             files[(tp_rank, pp_rank)] = [model_file, *dp_files]
     return read_full_state(files, load_file)
 
 
 def describe_layout(layout: dict) -> str:
-    return (f"tp={layout['tp']} pp={layout['pp']} vpp={layout['vpp']} dp={layout['dp']} distributed optimizer "
+    return (f"tp={layout['tp']} cp={layout.get('cp', 1)} pp={layout['pp']} vpp={layout['vpp']} dp={layout['dp']} "
+            "distributed optimizer "
             f"{'on' if layout['distributed_optimizer'] else 'off'}")
 
 
 def _same_layout(saved: dict, ours: dict) -> bool:
     # dp decides which file holds what only when the Adam state is sharded over it.
-    keys = ["tp", "pp", "vpp", "distributed_optimizer"] + (["dp"] if ours["distributed_optimizer"] else [])
-    return all(saved[k] == ours[k] for k in keys)
+    keys = ["tp", "pp", "vpp", "distributed_optimizer"] + (["dp", "cp"] if ours["distributed_optimizer"] else [])
+    return all(saved.get(k, 1) == ours[k] for k in keys)  # checkpoints from before cp have no "cp"
 
 
 def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config: Config,
@@ -141,7 +143,8 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
     for chunk, chunk_state in zip(chunks, state["model"]):
         chunk.load_state_dict(chunk_state)
     if config.parallel.use_distributed_optimizer:
-        optimizer.load_state_dict(load_file(optimizer_file(path, parallel_state.get_grid().coord("dp")))["optimizer"])
+        shard = parallel_state.get_grid().index(GRAD_GROUP)
+        optimizer.load_state_dict(load_file(optimizer_file(path, shard))["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])

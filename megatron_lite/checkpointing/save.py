@@ -26,13 +26,15 @@ from megatron_lite import comm, parallel_state
 from megatron_lite.checkpointing.manifest import file_entry, write_manifest
 from megatron_lite.checkpointing.paths import MARKER, checkpoint_dir, optimizer_file, rank_file, saved_iterations
 from megatron_lite.config import Config, TrainingError
+from megatron_lite.distributed.data_parallel import GRAD_GROUP
 from megatron_lite.reshard import optimizer_index, tp_layout
 from megatron_lite.comm import all_reduce
 
 
 def current_layout(config: Config) -> dict:
     grid = parallel_state.get_grid()
-    return {"tp": grid.size("tp"), "pp": grid.size("pp"), "vpp": config.parallel.vpp, "dp": grid.size("dp"),
+    return {"tp": grid.size("tp"), "cp": grid.size("cp"), "pp": grid.size("pp"), "vpp": config.parallel.vpp,
+            "dp": grid.size("dp"),
             "distributed_optimizer": config.parallel.use_distributed_optimizer}
 
 
@@ -57,15 +59,16 @@ def _copy(obj: object) -> object:
 def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[nn.Module], optimizer,
                 config: Config) -> list[tuple[Path, dict]]:
     """The files this rank writes and what goes in each. One model file per (tp, pp) shard, from
-    dp rank 0 (the replicas hold the same values); with the distributed optimizer every dp rank
-    also writes its shard of the Adam state. optimizer=None writes weights only (`finetune`)."""
+    the first of its dp x cp replicas (they hold the same values); with the distributed
+    optimizer every replica also writes its shard of the Adam state (distrib_optim_DDD, DDD its
+    index in dp x cp). optimizer=None writes weights only (`finetune`)."""
     grid = parallel_state.get_grid()
     root = tmp.parent
     path = tmp / rank_file(root, iteration).relative_to(checkpoint_dir(root, iteration))
     sharded = config.parallel.use_distributed_optimizer and optimizer is not None
     local = optimizer is not None and not sharded
     files = []
-    if grid.coord("dp") == 0:
+    if grid.index(GRAD_GROUP) == 0:
         files.append((path, {"iteration": iteration, "consumed_samples": consumed_samples,
                              "model": [c.state_dict() for c in chunks], "tp_layout": tp_layout(chunks),
                              "optimizer": optimizer.state_dict() if local else None,
@@ -73,7 +76,7 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
                              "finetune": optimizer is None, "layout": current_layout(config),
                              "rng": rng_state(), "config": dataclasses.asdict(config)}))
     if sharded:
-        files.append((optimizer_file(path, grid.coord("dp")),
+        files.append((optimizer_file(path, grid.index(GRAD_GROUP)),
                       {"optimizer": optimizer.state_dict(), "optimizer_index": optimizer_index(optimizer, chunks)}))
     return files
 

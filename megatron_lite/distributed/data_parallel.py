@@ -29,6 +29,7 @@ from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_flat, all_reduce_async, reduce_scatter_flat_async
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements, Megatron's default
+GRAD_GROUP = "dp-cp"  # the replicas whose gradients are averaged (and over which ZeRO shards)
 
 
 @dataclass
@@ -52,7 +53,9 @@ class DataParallelGrads:
     def __init__(self, module: nn.Module, bucket_size: int = DEFAULT_BUCKET_SIZE, shard: bool = False,
                  deferred: Callable[[nn.Parameter], bool] = lambda p: False) -> None:
         grid = parallel_state.get_grid()
-        self.dp, self.dp_rank, self.shard = grid.size("dp"), grid.coord("dp"), shard
+        # Every parameter is replicated over dp and cp: one reduction over both (cp ranks hold
+        # partial grads of other tokens of the same samples, see model_runner.microbatch_loss).
+        self.dp, self.dp_rank, self.shard = grid.size(GRAD_GROUP), grid.index(GRAD_GROUP), shard
         params = [p for p in module.parameters() if p.requires_grad]
         ordered = [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
         self.buckets: list[Bucket] = []
@@ -113,9 +116,9 @@ class DataParallelGrads:
         data = self.grad_data[bucket.start:bucket.end]
         if self.dp == 1:
             return
-        data.div_(self.dp)  # sum of per-replica means / dp = mean over the global batch
+        data.div_(self.dp)  # sum of per-replica means / (dp x cp) = mean over the global batch
         # Sharded: only this rank's shard of the bucket needs the sum (on gloo all of it gets it).
-        bucket.work = reduce_scatter_flat_async(data, "dp") if self.shard else all_reduce_async(data, "dp")
+        bucket.work = reduce_scatter_flat_async(data, GRAD_GROUP) if self.shard else all_reduce_async(data, GRAD_GROUP)
 
     def finish_grad_sync(self) -> None:
         """Launch the buckets not yet launched (deferred ones, or all if backward never synced), wait for all."""
@@ -131,4 +134,4 @@ class DataParallelGrads:
     def all_gather_params(self) -> None:
         """After a sharded optimizer step: every rank gets every shard of the updated parameters."""
         for bucket in self.buckets:
-            all_gather_flat(self.param_data[bucket.start:bucket.end], "dp")
+            all_gather_flat(self.param_data[bucket.start:bucket.end], GRAD_GROUP)

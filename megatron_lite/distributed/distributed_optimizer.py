@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from megatron_lite import parallel_state
 from megatron_lite.config import TrainConfig
-from megatron_lite.distributed.data_parallel import DataParallelGrads
+from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.optimizer import LocalOptimizer
 
 
 class DistributedOptimizer(LocalOptimizer):
-    norm_groups = ("dp", "mp")  # each rank holds the grads of its shard only: sum norms over every rank
+    norm_groups = (GRAD_GROUP, "mp")  # each rank holds the grads of its shard only: sum norms over every rank
 
     def __init__(self, buffers: list[DataParallelGrads], cfg: TrainConfig) -> None:
         grid = parallel_state.get_grid()
@@ -26,7 +26,7 @@ class DistributedOptimizer(LocalOptimizer):
         self.tensors = []  # (piece of the flat parameter buffer, its parameter)
         for buf in buffers:
             for bucket in buf.buckets:
-                shard_lo, shard_hi = bucket.shard(grid.coord("dp"), grid.size("dp"))
+                shard_lo, shard_hi = bucket.shard(grid.index(GRAD_GROUP), grid.size(GRAD_GROUP))
                 for p in bucket.params:
                     p_lo, p_hi = buf.ranges[p]
                     lo, hi = max(p_lo, shard_lo), min(p_hi, shard_hi)

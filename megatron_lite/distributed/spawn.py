@@ -7,15 +7,21 @@ Two things make it safe to call many times in a row:
 - Each rank tears its process group down before it exits (a barrier first, so no peer is
   still talking to it). A gloo group left to the interpreter's exit can abort the process
   with "terminate called without an active exception" while its threads are destroyed.
-- An optional deadline (`timeout`, or $MEGATRON_LITE_SPAWN_TIMEOUT, which the test suite
-  sets): a rank that is stuck prints every thread's stack just before it, then all ranks are
-  killed and TimeoutError names the worker and the running test. Tools run without one.
+- An optional stall deadline (`stall_timeout`, or $MEGATRON_LITE_SPAWN_STALL_TIMEOUT, which the
+  test suite sets): every collective of megatron_lite.comm marks progress, and when no rank has
+  made any for that long (a deadlock, a rank stuck in a collective or a loop) every rank prints
+  its threads' stacks, all are killed and TimeoutError names the worker and the running test.
+  A slow but moving run, say on a machine shared with other jobs, never trips it, which a
+  deadline on the whole run would. Tools run without one.
 """
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing
 import os
+import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,9 +30,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from megatron_lite import comm
 from megatron_lite.parallel_state import destroy_model_parallel
 
-TIMEOUT_ENV = "MEGATRON_LITE_SPAWN_TIMEOUT"
+STALL_TIMEOUT_ENV = "MEGATRON_LITE_SPAWN_STALL_TIMEOUT"
+_STACKS_SIGNAL = signal.SIGUSR1  # asks a rank to print every thread's stack
+_POLL_S = 1.0
+_STARTUP_S = 120.0
 
 
 def _free_port() -> int:
@@ -35,14 +45,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, deadline: float | None, worker: Callable,
-           args: tuple) -> None:
+def _entry(rank: int, world_size: int, port: int, out_dir: str, progress, worker: Callable, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
-    if deadline is not None:
-        # Where each rank is when the parent gives up: printed a little before it kills them.
-        # `deadline` is wall-clock time (shared by all processes): a rank starts seconds late.
-        faulthandler.dump_traceback_later(max(deadline - time.time() - 3.0, 1.0))
+    if progress is not None:
+        faulthandler.register(_STACKS_SIGNAL, all_threads=True)
+        comm.set_progress_hook(lambda: progress.__setitem__(rank, time.monotonic()))
+        progress[rank] = time.monotonic()  # started: importing torch, which takes seconds, is behind it
     torch.set_num_threads(1)
     try:
         result = worker(*args)
@@ -53,41 +62,51 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, deadline: float 
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def spawn_timeout(timeout: float | None = None) -> float | None:
-    """The deadline a spawn runs under: the argument, else $MEGATRON_LITE_SPAWN_TIMEOUT, else none."""
+def resolve_stall_timeout(timeout: float | None = None) -> float | None:
+    """The stall deadline a spawn runs under: the argument, else the environment's, else none."""
     if timeout is not None:
         return timeout
-    value = os.environ.get(TIMEOUT_ENV)
+    value = os.environ.get(STALL_TIMEOUT_ENV)
     return float(value) if value else None
 
 
-def run_on_ranks(worker: Callable, world_size: int, *args, timeout: float | None = None) -> list:
+def run_on_ranks(worker: Callable, world_size: int, *args, stall_timeout: float | None = None) -> list:
     """worker(*args) on every rank (torch.distributed's environment set, not yet initialised);
     the results by rank. `worker` must be importable by name (a module-level function).
 
-    A rank that raises stops all of them and re-raises here with its traceback; ranks still
-    running after `timeout` seconds (see the module docstring) are killed and TimeoutError
-    raised. However this call ends, no rank outlives it.
+    A rank that raises stops all of them and re-raises here with its traceback; ranks that make
+    no progress for `stall_timeout` seconds (see the module docstring) are killed and
+    TimeoutError raised. However this call ends, no rank outlives it.
     """
-    timeout = spawn_timeout(timeout)
-    deadline = None if timeout is None else time.time() + timeout
+    stall = resolve_stall_timeout(stall_timeout)
+    # Each rank's last progress (system-wide monotonic clock); 0 until it has started the worker.
+    progress = multiprocessing.get_context("spawn").Array("d", world_size, lock=False) if stall is not None else None
+    spawned_at = time.monotonic()
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, deadline, worker, args),
+        context = mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, progress, worker, args),
                                      nprocs=world_size, join=False, start_method="spawn")
         try:
-            _join(context, timeout, f"{worker.__module__}.{worker.__name__} on {world_size} ranks")
+            # join returns False while any rank still runs (without a timeout: once one has exited).
+            while not context.join(timeout=None if stall is None else _POLL_S):
+                if stall is None:
+                    continue
+                now = time.monotonic()
+                # Until every rank has started (imported torch: seconds, more on a busy machine), the
+                # started ones wait for the rest in init_process_group: only a generous bound applies.
+                if (min(progress) and now - max(progress) >= stall) or (
+                        not min(progress) and now - spawned_at >= max(stall, _STARTUP_S)):
+                    for rank, process in enumerate(context.processes):
+                        if process.is_alive():  # one at a time, so that their stacks do not interleave
+                            print(f"--- rank {rank} of {worker.__name__}, stalled:", file=sys.stderr, flush=True)
+                            os.kill(process.pid, _STACKS_SIGNAL)
+                            time.sleep(0.5)
+                    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+                    raise TimeoutError(f"{worker.__module__}.{worker.__name__} on {world_size} ranks made no "
+                                       f"progress for {stall:g} s" + (f" (test {test})" if test else "")
+                                       + "; every rank's stack was printed to stderr above")
         finally:
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
                     process.join()
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-
-
-def _join(context: mp.ProcessContext, timeout: float | None, what: str) -> None:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not context.join(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0)):
-        if deadline is not None and time.monotonic() >= deadline:
-            test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
-            raise TimeoutError(f"{what} did not finish within {timeout:g} s" + (f" (test {test})" if test else "")
-                               + "; every rank's stack was printed to stderr above")

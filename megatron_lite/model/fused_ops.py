@@ -7,23 +7,37 @@ import functools
 
 import torch
 
-from kernels.flash_attention import HEAD_DIMS, flash_attention
+from kernels.flash_attention import HEAD_DIMS, flash_attention, flash_attention_backward, flash_attention_forward
 from kernels.gelu import gelu
 from kernels.layernorm import layer_norm
-from kernels.reference import flash_attention_reference
+from kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
 from kernels.rmsnorm import rms_norm
 from kernels.rope import apply_rotary
 from kernels.swiglu import swiglu
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 
-__all__ = ["rms_norm", "layer_norm", "apply_rotary", "swiglu", "gelu", "attention", "lm_loss"]
+__all__ = ["rms_norm", "layer_norm", "apply_rotary", "swiglu", "gelu", "attention", "lm_loss",
+           "attention_block_forward", "attention_block_backward"]
+
+
+def _kernel_applies(q: torch.Tensor) -> bool:
+    """Flash attention runs only head dims in HEAD_DIMS, and in fp32 on a GPU its dots would run
+    in TF32 (a correctness path, slower and less exact than the reference's fp32)."""
+    return q.shape[-1] in HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
+
+
+def attention_block_forward(q, k, v, causal: bool):
+    return (flash_attention_forward if _kernel_applies(q) else attention_forward_reference)(q, k, v, causal)
+
+
+def attention_block_backward(q, k, v, out, lse, dout, causal: bool):
+    backward = flash_attention_backward if _kernel_applies(q) else attention_backward_reference
+    return backward(q, k, v, out, lse, dout, causal)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Flash attention where it applies, else SDPA: it has no dropout, only head dims in
-    HEAD_DIMS, and in fp32 on a GPU its dots run in TF32 (a correctness path, slower and less
-    exact than SDPA's fp32)."""
-    if dropout_p or q.shape[-1] not in HEAD_DIMS or (q.is_cuda and q.dtype == torch.float32):
+    """Flash attention where it applies (it has no dropout), else SDPA."""
+    if dropout_p or not _kernel_applies(q):
         return flash_attention_reference(q, k, v, causal=True, dropout_p=dropout_p)
     return flash_attention(q, k, v, causal=True)
 

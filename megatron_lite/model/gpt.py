@@ -12,7 +12,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.norms import build_norm
-from megatron_lite.model.ops import select_ops
+from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_angles
 from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
@@ -32,12 +32,14 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, sequence_parallel: bool = False, layer_numbers: range | None = None,
-                 pre_process: bool = True, post_process: bool = True) -> None:
+                 pre_process: bool = True, post_process: bool = True, ops: Ops | None = None) -> None:
+        """`ops`: what the layers compute with (default: ModelConfig.fused_kernels' choice); a
+        parallelism that changes how an op runs (context parallelism's attention) hands its own."""
         super().__init__()
         self.config = config
         self.sequence_parallel = sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
-        self.ops = select_ops(config.fused_kernels)
+        self.ops = select_ops(config.fused_kernels) if ops is None else ops
         vocab = config.padded_vocab_size(parallel_state.get_grid().size("tp"))
         if pre_process or (post_process and config.tie_embeddings):
             self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
@@ -67,20 +69,27 @@ class GPTModel(nn.Module):
                 weight = self.output_layer.weight
                 place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
         if self.config.family == "gpt2":
-            seq = x.shape[1]
-            first = parallel_state.get_grid().coord("tp") * seq if self.sequence_parallel else 0
-            x = x + self.position_embeddings(torch.arange(first, first + seq, device=tokens.device))
+            if self.sequence_parallel:  # this rank's slice of the tokens
+                grid = parallel_state.get_grid()
+                positions = positions.chunk(grid.size("tp"))[grid.coord("tp")]
+            x = x + self.position_embeddings(positions)
         return self.embedding_dropout(x)
 
     def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, s, vocab] without labels, per-token fp32 loss [b, s] with them; a stage that
-        is not the last returns its hidden states. `hidden` is the input of a stage that is not the first."""
-        x = self.embed(tokens) if self.pre_process else hidden
-        rotary = None if self.config.family == "gpt2" else (self.rotary_cos, self.rotary_sin)
+        is not the last returns its hidden states. `hidden` is the input of a stage that is not the
+        first. `positions` [s]: where in the sequence the tokens are (default 0..s-1; context
+        parallelism gives each rank tokens from two places of the sequence)."""
+        if positions is None:
+            seq = tokens.shape[1] if tokens is not None else hidden.shape[1] * (
+                parallel_state.get_grid().size("tp") if self.sequence_parallel else 1)
+            positions = torch.arange(seq, device=(tokens if tokens is not None else hidden).device)
+        x = self.embed(tokens, positions) if self.pre_process else hidden
+        rotary = None if self.config.family == "gpt2" else (self.rotary_cos[positions], self.rotary_sin[positions])
         for layer in self.layers.values():
             x = layer(x, rotary)
         if not self.post_process:

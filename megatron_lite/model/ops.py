@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import (NormOutput, apply_rotary_reference, flash_attention_reference, gelu_reference,
+from kernels.reference import (NormOutput, apply_rotary_reference, attention_backward_reference,
+                               attention_forward_reference, flash_attention_reference, gelu_reference,
                                layer_norm_reference, rms_norm_reference, swiglu_reference)
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 
@@ -27,7 +28,9 @@ class Ops:
     """One implementation of each op. The norms, apply_rotary, swiglu and gelu have the
     signatures of the `kernels/` ops of those names; attention is causal and takes the dropout
     probability; lm_loss is `vocab_parallel_linear_cross_entropy` (the output layer and the
-    loss over this rank's vocabulary shard)."""
+    loss over this rank's vocabulary shard). attention_block_forward / _backward are attention
+    of equal-length q and k/v blocks returning / taking the row log-sum-exp, from which
+    context parallelism builds attention over a split sequence."""
     rms_norm: Callable[..., NormOutput]
     layer_norm: Callable[..., NormOutput]
     apply_rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -35,6 +38,8 @@ class Ops:
     gelu: Callable[[Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor, float], Tensor]
     lm_loss: Callable[[Tensor, Tensor, Tensor, int], Tensor]
+    attention_block_forward: Callable[..., tuple[Tensor, Tensor]]
+    attention_block_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
@@ -44,7 +49,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
 
 TORCH_OPS = Ops(rms_norm=rms_norm_reference, layer_norm=layer_norm_reference, apply_rotary=apply_rotary_reference,
                 swiglu=swiglu_reference, gelu=gelu_reference, attention=attention,
-                lm_loss=vocab_parallel_linear_cross_entropy)
+                lm_loss=vocab_parallel_linear_cross_entropy, attention_block_forward=attention_forward_reference,
+                attention_block_backward=attention_backward_reference)
 
 
 def select_ops(fused: bool) -> Ops:
@@ -59,4 +65,5 @@ def select_ops(fused: bool) -> Ops:
     from megatron_lite.model import fused_ops
     return Ops(rms_norm=fused_ops.rms_norm, layer_norm=fused_ops.layer_norm, apply_rotary=fused_ops.apply_rotary,
                swiglu=fused_ops.swiglu, gelu=fused_ops.gelu, attention=fused_ops.attention,
-               lm_loss=fused_ops.lm_loss)
+               lm_loss=fused_ops.lm_loss, attention_block_forward=fused_ops.attention_block_forward,
+               attention_block_backward=fused_ops.attention_block_backward)

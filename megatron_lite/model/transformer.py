@@ -49,7 +49,7 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :heads_per_group].reshape(b, s, self.num_heads, self.head_dim)
         k, v = qkv[:, :, :, heads_per_group], qkv[:, :, :, heads_per_group + 1]
         if rotary is not None:
-            q, k = self.ops.apply_rotary(q, k, rotary[0][:s], rotary[1][:s])
+            q, k = self.ops.apply_rotary(q, k, *rotary)
         # Attention takes [batch, heads, seq, dim].
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = self.ops.attention(q, k, v, self.dropout if self.training else 0.0)

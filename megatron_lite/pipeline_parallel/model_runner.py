@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from megatron_lite import parallel_state
+from megatron_lite.comm import all_reduce
 from megatron_lite.pipeline_parallel.trace import Trace
 
 
@@ -18,9 +20,22 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean loss over the unmasked tokens of one microbatch."""
-    return (per_token * loss_mask).sum() / loss_mask.sum()
+def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what to differentiate, the mean loss over the unmasked tokens of one microbatch).
+
+    Under context parallelism each cp rank holds part of every sequence: the sum and the count
+    of the loss terms are reduced over cp, so every rank reports the whole microbatch's mean.
+    Each rank differentiates cp times its own share of that mean: the gradient reduction
+    averages over dp x cp, and the average of cp times the shares is their sum, the gradient
+    of the mean.
+    """
+    total, count = (per_token * loss_mask).sum(), loss_mask.sum()
+    cp = parallel_state.get_grid().size("cp")
+    if cp == 1:
+        loss = total / count
+        return loss, loss.detach()
+    sums = all_reduce(torch.stack([total.detach(), count]), group="cp")
+    return total * (cp / sums[1]), sums[0] / sums[1]
 
 
 class ModelRunner:
@@ -55,11 +70,11 @@ class ModelRunner:
             input_tensor.requires_grad_()
         with autocast(self.device, self.bf16):
             output = model(tokens=batch["tokens"], labels=batch["labels"] if model.post_process else None,
-                           hidden=input_tensor)
+                           hidden=input_tensor, positions=batch.get("position_ids"))
         if model.post_process:
-            loss = microbatch_loss(output, batch["loss_mask"])
-            self.losses.append(loss.detach())
-            output = loss / self.num_microbatches
+            objective, loss = microbatch_loss(output, batch["loss_mask"])
+            self.losses.append(loss)
+            output = objective / self.num_microbatches
         self._record(chunk, microbatch, "F", start)
         return output
 
