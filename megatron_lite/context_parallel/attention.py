@@ -21,6 +21,7 @@ kernels on GPU, their torch references on CPU), which return and take the row lo
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -181,14 +182,18 @@ class _AllToAll(torch.autograd.Function):
         return all_to_all(grad, concat_dim, split_dim, "cp"), None, None
 
 
-def _ulysses(q: Tensor, k: Tensor, v: Tensor, attention: Callable[..., Tensor]) -> Tensor:
-    grid = parallel_state.get_grid()
-    cp, seq = grid.size("cp"), q.shape[2] * grid.size("cp")
-    # After the exchange the sequence is every rank's zigzag pair in rank order: sort it for a
-    # plain causal mask, and unsort the output before it goes back.
-    held = torch.cat([zigzag_positions(seq, cp, rank, q.device) for rank in range(cp)])
+@functools.cache
+def _ulysses_order(seq: int, cp: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """After the exchange the sequence is every rank's zigzag pair in rank order: the permutation
+    that sorts it (for a plain causal mask) and its inverse. Computed once per shape, not per layer."""
+    held = torch.cat([zigzag_positions(seq, cp, rank, device) for rank in range(cp)])
     to_order = torch.argsort(held)
-    back = torch.argsort(to_order)
+    return to_order, torch.argsort(to_order)
+
+
+def _ulysses(q: Tensor, k: Tensor, v: Tensor, attention: Callable[..., Tensor]) -> Tensor:
+    cp = parallel_state.get_grid().size("cp")
+    to_order, back = _ulysses_order(q.shape[2] * cp, cp, q.device)
     q, k, v = (_AllToAll.apply(t, 1, 2).index_select(2, to_order) for t in (q, k, v))
     return _AllToAll.apply(attention(q, k, v, 0.0).index_select(2, back), 2, 1)
 
