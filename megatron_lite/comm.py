@@ -153,16 +153,29 @@ def all_reduce_async(t: torch.Tensor, group: str) -> dist.Work | None:
     return dist.all_reduce(t, group=parallel_state.get_group(group), async_op=True)
 
 
-def all_gather_flat(data: torch.Tensor, group: str) -> None:
+def all_gather_flat_async(data: torch.Tensor, group: str) -> dist.Work | None:
     """Fill every 1/n chunk of a flat buffer from the rank that owns it (the inverse of
-    reduce_scatter_flat_async's sharding), in place."""
+    reduce_scatter_flat_async's sharding), in place; wait on the returned work. None on a
+    group of one."""
     if _alone(group):
-        return
+        return None
     grid = parallel_state.get_grid()
     chunks = list(data.chunk(grid.size(group)))
     METER.record("all_gather", group, _nbytes(data))
-    dist.all_gather(chunks, chunks[grid.index(group)].clone(), group=parallel_state.get_group(group))
+    mine = chunks[grid.index(group)]
+    if _nccl(group):
+        work = dist.all_gather_into_tensor(data, mine, group=parallel_state.get_group(group), async_op=True)
+    else:
+        work = dist.all_gather(chunks, mine.clone(), group=parallel_state.get_group(group), async_op=True)
     _progressed()
+    return work
+
+
+def all_gather_flat(data: torch.Tensor, group: str) -> None:
+    """all_gather_flat_async, waited for."""
+    work = all_gather_flat_async(data, group)
+    if work is not None:
+        work.wait()
 
 
 def send_recv_async(ops: list[tuple[str, torch.Tensor, int, int]], group: str) -> list[dist.Work]:

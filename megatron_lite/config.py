@@ -10,6 +10,8 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, value and what is allowed."""
@@ -150,6 +152,8 @@ class ParallelConfig:
     """Shard fp32 Adam state across data-parallel ranks (ZeRO-1): reduce-scatter grads, all-gather params."""
     ddp_bucket_size: int = 40_000_000
     """Elements per data-parallel gradient bucket; a bucket's reduction starts as soon as its grads are final."""
+    overlap_param_gather: bool = False
+    """With --use-distributed-optimizer: all-gather the updated parameters in the background, each bucket waited for just before the next forward first uses it."""
     distributed_timeout_minutes: float = 5.0
     """A collective waiting longer than this raises instead of hanging."""
 
@@ -166,6 +170,8 @@ class ParallelConfig:
                           "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
         _require(self.cp_comm_type in CP_COMM_TYPES,
                  f"--cp-comm-type={self.cp_comm_type} is unknown; allowed: {', '.join(CP_COMM_TYPES)}")
+        _require(not self.overlap_param_gather or self.use_distributed_optimizer,
+                 "--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are gathered)")
         if self.virtual_pipeline_model_parallel_size is not None:
             _require_positive(self, "virtual_pipeline_model_parallel_size")
         pp, vpp = self.pipeline_model_parallel_size, self.vpp
@@ -260,7 +266,21 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     bf16: bool = False
-    """Compute in bfloat16 (autocast) with fp32 master weights and optimizer state."""
+    """Mixed precision in bfloat16: bf16 weights and compute, fp32 grads, main parameters and optimizer state."""
+    fp16: bool = False
+    """Mixed precision in float16 (as --bf16) with loss scaling: dynamic unless --loss-scale is given."""
+    loss_scale: float | None = None
+    """--fp16: a static loss scale (default: dynamic loss scaling)."""
+    initial_loss_scale: float = 2.0**32
+    """--fp16 dynamic loss scaling: the scale to start from."""
+    min_loss_scale: float = 1.0
+    """--fp16 dynamic loss scaling: the scale never backs off below this."""
+    loss_scale_window: int = 1000
+    """--fp16 dynamic loss scaling: steps without overflow before the scale doubles."""
+    hysteresis: int = 2
+    """--fp16 dynamic loss scaling: overflowing steps tolerated before the scale halves."""
+    compile: bool = False
+    """torch.compile each transformer layer (pipeline stages and tensor-parallel mappings stay as they are)."""
     seed: int = 1234
     """Seed of weights, data order and dropout."""
     save: str | None = None
@@ -306,6 +326,11 @@ class TrainConfig:
     device: str | None = None
     """cpu or cuda (default: cuda when available)."""
 
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The dtype of the model's weights and of what flows between its stages."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
     def num_microbatches(self, data_parallel_size: int = 1) -> int:
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
 
@@ -326,6 +351,14 @@ class TrainConfig:
                  f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
         if self.lr_decay_iters is not None:
             _require(self.lr_decay_iters > 0, f"--lr-decay-iters={self.lr_decay_iters} must be positive")
+        _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 exclude each other; choose one")
+        if self.loss_scale is not None:
+            _require(self.fp16 and self.loss_scale > 0, f"--loss-scale={self.loss_scale} needs --fp16 and must be > 0")
+        _require(0 < self.min_loss_scale <= self.initial_loss_scale,
+                 f"--min-loss-scale={self.min_loss_scale} must be > 0 and at most --initial-loss-scale="
+                 f"{self.initial_loss_scale}")
+        _require(self.loss_scale_window > 0 and self.hysteresis > 0,
+                 f"--loss-scale-window={self.loss_scale_window} and --hysteresis={self.hysteresis} must be positive")
         _require(self.clip_grad >= 0, f"--clip-grad={self.clip_grad} must be >= 0 (0 disables clipping)")
         _require(self.weight_decay >= 0, f"--weight-decay={self.weight_decay} must be >= 0")
         _require(self.eval_interval >= 0, f"--eval-interval={self.eval_interval} must be >= 0 (0 disables)")

@@ -21,6 +21,7 @@ class Layout:
     schedule: str | None = None  # default: ParallelConfig's (interleaved when vpp > 1, else 1f1b)
     sp: bool = False
     distopt: bool = False
+    overlap: bool = False  # --overlap-param-gather (with distopt)
 
     @property
     def world_size(self) -> int:
@@ -28,12 +29,12 @@ class Layout:
 
     @property
     def name(self) -> str:
-        """e.g. tp2-cp2-pp2-dp2-vpp2-sp-distopt, cp2-a2a; "single" for one device."""
+        """e.g. tp2-cp2-pp2-dp2-vpp2-sp-distopt-overlap, cp2-a2a; "single" for one device."""
         parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("cp", self.cp), ("pp", self.pp),
                                                     ("dp", self.dp), ("vpp", self.vpp)) if size > 1]
         parts += [self.cp_comm] if self.cp_comm != "p2p" else []
         parts += [self.schedule] if self.schedule else []
-        parts += ["sp"] * self.sp + ["distopt"] * self.distopt
+        parts += ["sp"] * self.sp + ["distopt"] * self.distopt + ["overlap"] * self.overlap
         return "-".join(parts) or "single"
 
     @classmethod
@@ -50,11 +51,11 @@ class Layout:
                 fields["cp_comm"] = part
             elif part in SCHEDULES:
                 fields["schedule"] = part
-            elif part in ("sp", "distopt"):
+            elif part in ("sp", "distopt", "overlap"):
                 fields[part] = True
             else:
                 raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, cpN, ppN, dpN, vppN, "
-                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt (e.g. tp2-pp2-dp2-sp-distopt)")
+                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt, overlap (e.g. tp2-pp2-dp2-sp-distopt)")
         return cls(**fields)
 
     def apply(self, parallel: ParallelConfig) -> ParallelConfig:
@@ -64,4 +65,4 @@ class Layout:
                                    data_parallel_size=self.dp,
                                    virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
                                    pipeline_schedule=self.schedule, sequence_parallel=self.sp,
-                                   use_distributed_optimizer=self.distopt)
+                                   use_distributed_optimizer=self.distopt, overlap_param_gather=self.overlap)

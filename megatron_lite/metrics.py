@@ -34,7 +34,8 @@ class MetricsLogger:
 
     def training(self, record: dict) -> None:
         """record holds iteration, train_iters, consumed_samples, elapsed_ms, lr, global_batch_size,
-        lm_loss, grad_norm, tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb."""
+        lm_loss, loss_scale, grad_norm, skipped_iterations (--fp16 overflows in the interval),
+        tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb."""
         if not self.enabled:
             return
         mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
@@ -44,7 +45,9 @@ class MetricsLogger:
               f" learning rate: {record['lr']:.6E} |"
               f" global batch size: {record['global_batch_size']:5d} |"
               f" lm loss: {record['lm_loss']:.6E} |"
+              f" loss scale: {record['loss_scale']:.1f} |"
               f" grad norm: {record['grad_norm']:.3f} |"
+              f" number of skipped iterations: {record['skipped_iterations']:3d} |"
               f" tokens/s: {record['tokens_per_s']:.0f} |"
               f" TFLOP/s/GPU: {record['tflops_per_gpu']:.3f} |"
               f" MFU: {mfu} |"

@@ -1,17 +1,41 @@
 """AdamW with Megatron's parameter groups, the learning-rate schedule, and the plain optimizer.
 
-Parameters and AdamW state are fp32 (under --bf16 only the compute is bf16, via autocast), so
-a parameter costs 4 bytes of weight, 4 of grad and 8 of Adam moments: 16 bytes per parameter
-on every data-parallel rank here, 8 + 8/dp with the distributed optimizer.
+Megatron's mixed precision: under --bf16/--fp16 the model's weights are half precision (what
+the forward reads, no per-microbatch re-cast of fp32 weights), their gradients accumulate in
+an fp32 buffer (`main_grad`, distributed/data_parallel.py), and the optimizer keeps an fp32
+"main" copy of each weight: AdamW steps the main copy with the fp32 grad and writes the
+rounded result back into the model's weight. In fp32 the main copy is the weight itself.
+Bytes per parameter on a data-parallel rank: fp32 4 weight + 4 grad + 8 Adam moments = 16;
+bf16 2 + 4 + 4 main + 8 = 18. The distributed optimizer shards main copies and moments over
+dp: 8 + 8/dp in fp32, 6 + 12/dp in bf16.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from megatron_lite.config import TrainConfig
+from megatron_lite.loss_scaler import build_loss_scaler
+
+
+class MainParam(NamedTuple):
+    """What AdamW updates for (part of) one parameter."""
+    main: torch.Tensor  # fp32; its .grad is the fp32 main grad
+    param: nn.Parameter
+    offset: int  # the first element of the flattened parameter that `main` holds
+    model: torch.Tensor  # where the model reads those elements (the same tensor as `main` in fp32)
+
+
+def main_param(model: torch.Tensor, grad: torch.Tensor | None, param: nn.Parameter, offset: int = 0) -> MainParam:
+    """The fp32 tensor AdamW updates for `model` (a parameter or a piece of one), holding `grad`
+    (None: an fp32 parameter without a grad buffer keeps the .grad autograd gives it)."""
+    main = model if model.dtype == torch.float32 else model.detach().float()
+    if grad is not None:
+        main.grad = grad
+    return MainParam(main, param, offset, model)
 
 
 def adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -34,21 +58,25 @@ class LocalOptimizer:
     """AdamW over all of this rank's parameters; every data-parallel replica runs the same update.
 
     What the training loop needs of an optimizer: param_groups (for the lr), grads_for_norm()
-    and norm_groups (for clipping), step(), and state_dict()/load_state_dict() for checkpoints.
+    and norm_groups (for clipping), loss_scaler (--fp16), step(), state_dict()/load_state_dict()
+    for checkpoints, and the fp32 weights a checkpoint stores (main_weights, load_main_weights).
     """
 
     norm_groups = ("mp",)  # grads are replicated over dp after the all-reduce: sum norms over tp x pp only
 
     def __init__(self, chunks: list[nn.Module], cfg: TrainConfig) -> None:
-        self.tensors = [(p, p) for c in chunks for p in c.parameters() if p.requires_grad]
-        self.optimizer = self._adamw(cfg)
+        self.tensors = [main_param(p, getattr(p, "main_grad", None), p)
+                        for c in chunks for p in c.parameters() if p.requires_grad]
+        self._build(cfg)
 
-    def _adamw(self, cfg: TrainConfig) -> torch.optim.AdamW:
-        """AdamW over self.tensors, (optimized tensor, its parameter) pairs grouped by the parameter's rank."""
-        return adamw([t for t, p in self.tensors if p.ndim > 1], [t for t, p in self.tensors if p.ndim == 1], cfg)
+    def _build(self, cfg: TrainConfig) -> None:
+        """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler."""
+        self.optimizer = adamw([t.main for t in self.tensors if t.param.ndim > 1],
+                               [t.main for t in self.tensors if t.param.ndim == 1], cfg)
+        self.loss_scaler = build_loss_scaler(cfg)
 
     def grads_for_norm(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
-        return [(t.grad, p) for t, p in self.tensors if t.grad is not None]
+        return [(t.main.grad, t.param) for t in self.tensors if t.main.grad is not None]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -57,6 +85,28 @@ class LocalOptimizer:
 
     def step(self) -> None:
         self.optimizer.step()
+        self._copy_main_to_model()
+
+    @torch.no_grad()
+    def _copy_main_to_model(self) -> None:
+        for t in self.tensors:
+            if t.main is not t.model:
+                t.model.copy_(t.main)
+
+    def finish_param_gather(self) -> None:
+        """Nothing in flight: every replica updates its own full weights."""
+
+    def main_weights(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Each parameter's fp32 value (the main copy) as this rank's full local tensor; collective
+        for the distributed optimizer, whose main copies are sharded."""
+        return {t.param: t.main for t in self.tensors}
+
+    @torch.no_grad()
+    def load_main_weights(self, weights: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Set the main copies (and through them the model's weights) from fp32 local tensors."""
+        for t in self.tensors:
+            t.main.copy_(weights[t.param].flatten()[t.offset:t.offset + t.main.numel()].view_as(t.main))
+        self._copy_main_to_model()
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()

@@ -6,7 +6,10 @@
                  computing with the ops chosen once for the model (context parallelism's
                  attention among them)
   2. weights     the single-device initial values, each rank keeping its shard
-  3. device      moved to this rank's device
+  3. device      moved to this rank's device, weights cast to bf16/fp16 under --bf16/--fp16
+                 (Megatron's mixed precision: fp32 main copies live in the optimizer), and with
+                 --compile each transformer layer compiled (the unit torchtitan compiles: the
+                 pipeline split and the tensor-parallel mappings between layers stay eager)
   4. buffers     a grad buffer per chunk, reduced over dp x cp in buckets during the last backward
                  (distributed/data_parallel.py); partial grads' buckets wait for their sums
   5. optimizer   AdamW over the whole chunks, or over this rank's dp x cp shard of the buffers
@@ -67,8 +70,14 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
     for chunk in chunks:
         init_weights(chunk, config.model, config.train.seed)
         chunk.to(device)
+        for param in chunk.parameters():  # not chunk.to(dtype): the RoPE tables stay fp32
+            param.data = param.data.to(config.train.params_dtype)
+        if config.train.compile:
+            for layer in chunk.layers.values():
+                layer.compile()
     buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
-                                 deferred=needs_partial_grad_reduction) for c in chunks]
+                                 deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather)
+               for c in chunks]
     optimizer = (DistributedOptimizer(buffers, config.train) if par.use_distributed_optimizer
                  else LocalOptimizer(chunks, config.train))
     return TrainingModel(chunks, buffers, optimizer)

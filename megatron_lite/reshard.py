@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megatron_lite.optimizer import MainParam
 from megatron_lite.placement import full_shape, local_shard, placement, unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -42,6 +43,7 @@ class FullState:
     rng: dict
     config: dict
     layout: dict  # the saved layout: tp, pp, vpp, dp, distributed_optimizer
+    loss_scaler: dict | None = None  # --fp16's scaler state
 
 
 def param_layout(param: nn.Parameter) -> dict:
@@ -57,23 +59,16 @@ def tp_layout(chunks: list[nn.Module]) -> dict[str, dict]:
     return {name: param_layout(p) for chunk in chunks for name, p in chunk.named_parameters()}
 
 
-def _state_order(optimizer) -> list[tuple[torch.Tensor, nn.Parameter]]:
-    """(optimized tensor, its parameter) in the order torch's state_dict numbers them: group by group."""
-    param_of = {id(t): p for t, p in optimizer.tensors}
-    return [(t, param_of[id(t)]) for group in optimizer.optimizer.param_groups for t in group["params"]]
+def _state_order(optimizer) -> list[MainParam]:
+    """The optimizer's main tensors in the order torch's state_dict numbers them: group by group."""
+    by_id = {id(t.main): t for t in optimizer.tensors}
+    return [by_id[id(main)] for group in optimizer.optimizer.param_groups for main in group["params"]]
 
 
 def optimizer_index(optimizer, chunks: list[nn.Module]) -> list[tuple[str, int, int]]:
     """(parameter name, first element, end element) of each optimizer state entry."""
     names = {id(p): name for chunk in chunks for name, p in chunk.named_parameters()}
-    index = []
-    for tensor, param in _state_order(optimizer):
-        # A distributed-optimizer piece and its parameter are views of one flat buffer, so the
-        # difference of their storage offsets is the piece's offset in the parameter (0 when
-        # the optimized tensor is the parameter itself).
-        lo = tensor.storage_offset() - param.storage_offset()
-        index.append((names[id(param)], lo, lo + tensor.numel()))
-    return index
+    return [(names[id(t.param)], t.offset, t.offset + t.main.numel()) for t in _state_order(optimizer)]
 
 
 def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_shapes: dict, tp_rank: int) -> None:
@@ -130,7 +125,7 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
                                for k in MOMENTS}
             optimizer[name]["step"] = by_rank[0]["step"]
     return FullState(model, optimizer, first["iteration"], first["consumed_samples"], first["rng"], first["config"],
-                     first["layout"])
+                     first["layout"], first.get("loss_scaler"))
 
 
 def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
@@ -141,25 +136,28 @@ def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     return local_shard(full, param)
 
 
-def load_weights(model: dict[str, torch.Tensor], chunks: list[nn.Module]) -> None:
-    """Copy this rank's slices of full unpadded weights, keyed by global name, into the chunks."""
+def load_weights(model: dict[str, torch.Tensor], chunks: list[nn.Module], optimizer=None) -> None:
+    """Copy this rank's slices of full unpadded weights, keyed by global name, into the chunks
+    and, given the optimizer, their unrounded values into its fp32 main copies."""
+    weights = {param: _local(model[name], param) for chunk in chunks for name, param in chunk.named_parameters()}
     with torch.no_grad():
-        for chunk in chunks:
-            for name, param in chunk.named_parameters():
-                param.copy_(_local(model[name], param))
+        for param, weight in weights.items():
+            param.copy_(weight)
+    if optimizer is not None:
+        optimizer.load_main_weights(weights)
 
 
 def load_full_state(full: FullState, chunks: list[nn.Module], optimizer) -> None:
-    """Copy this rank's slices of `full` into the chunks and, when it has Adam state, the optimizer."""
-    load_weights(full.model, chunks)
+    """Copy this rank's slices of `full` into the chunks, the main weights and, when it has Adam
+    state, the optimizer."""
+    load_weights(full.model, chunks, optimizer)
     if full.optimizer is None:
         return
     state = {}
-    for i, ((tensor, param), (name, lo, hi)) in enumerate(zip(_state_order(optimizer),
-                                                             optimizer_index(optimizer, chunks))):
+    for i, (t, (name, lo, hi)) in enumerate(zip(_state_order(optimizer), optimizer_index(optimizer, chunks))):
         saved = full.optimizer[name]
         state[i] = {"step": saved["step"].clone(),
-                    **{k: _local(saved[k], param).flatten()[lo:hi].view_as(tensor).clone() for k in MOMENTS}}
+                    **{k: _local(saved[k], t.param).flatten()[lo:hi].view_as(t.main).clone() for k in MOMENTS}}
     state_dict = optimizer.state_dict()
     state_dict["state"] = state
     optimizer.load_state_dict(state_dict)

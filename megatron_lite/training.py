@@ -5,6 +5,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ def select_device(config: Config) -> torch.device:
         ok = torch.cuda.is_bf16_supported() if name == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
         if not ok:
             raise ConfigError(f"--bf16 is not supported on this {name} (no native bf16); drop --bf16 to train in fp32")
+    if config.train.fp16 and name == "cuda" and torch.cuda.get_device_capability()[0] < 6:
+        raise ConfigError("--fp16 needs a GPU of compute capability 6.0 or newer; drop --fp16 to train in fp32")
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
@@ -74,19 +77,21 @@ def microbatch_shape(config: Config) -> tuple[int, int, int]:
 
 
 def forward_backward(model: TrainingModel, microbatches, config: Config, device: torch.device,
-                     trace: Trace | None = None) -> list[torch.Tensor]:
+                     trace: Trace | None = None, loss_scale: float = 1.0) -> list[torch.Tensor]:
     """Forward and backward of the step's microbatches under the pipeline schedule, then every grad
     reduction; returns the last stage's microbatch losses (none on other stages).
 
-    Afterwards each rank holds, in .grad (with the distributed optimizer: in its shard of the
-    grad buffer), the gradient of the mean loss over the global batch, not yet clipped.
+    Afterwards each rank holds, in each parameter's fp32 main_grad (with the distributed
+    optimizer: in its shard of the grad buffer), `loss_scale` times the gradient of the mean
+    loss over the global batch, not yet clipped.
     """
     cfg, par = config.train, config.parallel
     for buf in model.grad_buffers:
         buf.zero_grad()
     num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"))
     runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
-                         cfg.bf16, trace, before_last_backward=lambda c: model.grad_buffers[c].start_grad_sync_on_backward())
+                         cfg.params_dtype, trace, loss_scale=loss_scale,
+                         before_last_backward=lambda c: model.grad_buffers[c].start_grad_sync_on_backward())
     run_schedule(runner, par.schedule, num_microbatches, par.vpp)
     # Partial grads summed first, then the data-parallel reduction of their (deferred) buckets.
     reduce_partial_grads(model.chunks)
@@ -95,26 +100,41 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
     return runner.losses
 
 
+class StepResult(NamedTuple):
+    loss: float  # averaged over the global batch
+    grad_norm: float  # before clipping (inf or nan on a step --fp16 skipped)
+    lr: float
+    skipped: bool  # --fp16: the gradients overflowed, the weights were left as they were
+
+
 def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
                trace: Trace | None = None,
-               inspect_grads: Callable[[TrainingModel], None] | None = None) -> tuple[float, float, float]:
-    """One optimizer step; returns (loss averaged over the global batch, grad norm before clipping, lr).
+               inspect_grads: Callable[[TrainingModel], None] | None = None) -> StepResult:
+    """One optimizer step.
 
     `inspect_grads(model)`, if given, runs once the grads are reduced and before they are clipped
     (the parity tests compare them there with one device's).
     """
-    cfg = config.train
-    losses = forward_backward(model, microbatches, config, device, trace)
+    cfg, scaler = config.train, model.optimizer.loss_scaler
+    losses = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale)
+    if scaler is not None:
+        for buf in model.grad_buffers:
+            buf.grad_data.mul_(1.0 / scaler.scale)
     if inspect_grads is not None:
         inspect_grads(model)
     loss = last_stage_loss(losses)
     grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups)
+    # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
+    skipped = scaler is not None and not math.isfinite(grad_norm)
+    if scaler is not None:
+        scaler.update(found_inf=skipped)
     if cfg.check_for_nan_in_loss_and_grad:
-        check_finite(iteration, loss, grad_norm)
+        check_finite(iteration, loss, 0.0 if skipped else grad_norm)
     lr = learning_rate(iteration, cfg)
-    set_learning_rate(model.optimizer, lr)
-    model.optimizer.step()
-    return loss, grad_norm, lr
+    if not skipped:
+        set_learning_rate(model.optimizer, lr)
+        model.optimizer.step()
+    return StepResult(loss, grad_norm, lr, skipped)
 
 
 def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
@@ -148,7 +168,7 @@ def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.dev
     losses = []
     for step in range(cfg.eval_iters):
         batches = list(rank_microbatches(dataset, step * cfg.global_batch_size, config, device))
-        runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.bf16)
+        runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.params_dtype)
         forward_only(runner, len(batches), config.parallel.vpp)
         losses.extend(runner.losses)
     for chunk in chunks:
@@ -172,15 +192,22 @@ def describe_layout(grid: parallel_state.Grid, par) -> str:
 
 
 def describe_memory(model: TrainingModel, dp: int) -> str:
-    """Rank 0's parameter, grad and Adam-state bytes, and the bytes per parameter they amount to."""
-    params = sum(p.numel() for c in model.chunks for p in c.parameters())
-    optimized = sum(t.numel() for t, _ in model.optimizer.tensors)
-    sharded = isinstance(model.optimizer, DistributedOptimizer)
+    """Rank 0's bytes of weights, fp32 grads, fp32 main weights and Adam moments, and the bytes per
+    parameter they amount to (fp32 16, bf16 18; distributed optimizer 8 + 8/dp, 6 + 12/dp)."""
+    params = [p for c in model.chunks for p in c.parameters()]
+    n = sum(p.numel() for p in params)
+    optimized = model.optimizer.tensors
+    parts = {"weights": sum(p.numel() * p.element_size() for p in params), "grads": 4 * n,
+             "main weights": sum(4 * t.main.numel() for t in optimized if t.main is not t.model),
+             "Adam state": sum(8 * t.main.numel() for t in optimized)}
     mb = 2**20
-    return (f"> memory on rank 0: weights {4 * params / mb:.2f} MB + grads {4 * params / mb:.2f} MB + Adam state "
-            f"{8 * optimized / mb:.2f} MB = {(8 * params + 8 * optimized) / params:.1f} bytes per parameter "
-            + (f"(distributed optimizer: Adam state sharded over dp={dp})" if sharded else
-               "(fp32 weights, grads and Adam moments; --use-distributed-optimizer shards the moments over dp)"))
+    dtype = str(params[0].dtype).removeprefix("torch.")
+    sharded = isinstance(model.optimizer, DistributedOptimizer)
+    return ("> memory on rank 0: " + " + ".join(f"{k} {v / mb:.2f} MB" for k, v in parts.items() if v)
+            + f" = {sum(parts.values()) / n:.1f} bytes per parameter ({dtype} weights, fp32 grads"
+            + (", main weights and Adam moments" if parts["main weights"] else " and Adam moments")
+            + (f"; distributed optimizer: main weights and moments sharded over dp={dp})" if sharded else
+               "; --use-distributed-optimizer shards them over dp)"))
 
 
 def pretrain(config: Config) -> dict:
@@ -231,7 +258,14 @@ def _print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, 
     print_rank_0(describe_memory(model, dp))
     print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
                  f"{cfg.micro_batch_size} x {cfg.num_microbatches(dp)} microbatches x dp {dp}, on "
-                 f"{device}{' in bf16' if cfg.bf16 else ' in fp32'}")
+                 f"{device} in {str(cfg.params_dtype).removeprefix('torch.')}"
+                 + _describe_loss_scale(model.optimizer.loss_scaler))
+
+
+def _describe_loss_scale(scaler) -> str:
+    if scaler is None:
+        return ""
+    return f", {'dynamic' if scaler.dynamic else 'static'} loss scale {scaler.scale:g}"
 
 
 def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: int, consumed: int,
@@ -245,29 +279,35 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     tokens_per_step = cfg.global_batch_size * config.model.seq_length
     losses, valid_loss = [], None
     # Only train steps are timed: evaluation and checkpointing do not inflate the step time.
-    interval_seconds, interval_losses, interval_norms = 0.0, [], []
+    interval_seconds, interval_losses, interval_norms, skipped = 0.0, [], [], 0
     while iteration < cfg.train_iters:
         iteration += 1
         start = time.perf_counter()
         batches = rank_microbatches(train_ds, consumed, config, device)
-        loss, grad_norm, lr = train_step(model, batches, iteration, config, device)
+        loss, grad_norm, lr, step_skipped = train_step(model, batches, iteration, config, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         interval_seconds += time.perf_counter() - start
         consumed += cfg.global_batch_size
         losses.append(loss)
         interval_losses.append(loss)
-        interval_norms.append(grad_norm)
+        if step_skipped:  # its grad norm is not finite: not averaged into the logged one
+            skipped += 1
+        else:
+            interval_norms.append(grad_norm)
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
             seconds = interval_seconds / len(interval_losses)
             tflops = step_flops / seconds / 1e12 / world
             logger.training({
                 "iteration": iteration, "train_iters": cfg.train_iters, "consumed_samples": consumed,
                 "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": cfg.global_batch_size,
-                "lm_loss": float(np.mean(interval_losses)), "grad_norm": float(np.mean(interval_norms)),
+                "lm_loss": float(np.mean(interval_losses)),
+                "loss_scale": 1.0 if model.optimizer.loss_scaler is None else model.optimizer.loss_scaler.scale,
+                "grad_norm": float(np.mean(interval_norms)) if interval_norms else math.nan,
+                "skipped_iterations": skipped,
                 "tokens_per_s": tokens_per_step / seconds, "tflops_per_gpu": tflops,
                 "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device)})
-            interval_seconds, interval_losses, interval_norms = 0.0, [], []
+            interval_seconds, interval_losses, interval_norms, skipped = 0.0, [], [], 0
         evaluate_now = cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters)
         if valid_ds is not None and evaluate_now:
             valid_loss = evaluate(model.chunks, valid_ds, config, device)
@@ -286,4 +326,5 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
             break
     if writer is not None:
         writer.wait()
+    model.optimizer.finish_param_gather()
     return {"losses": losses, "iteration": iteration, "valid_loss": valid_loss}

@@ -18,8 +18,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "2"]
 LOG_LINE = re.compile(
     r" iteration +(\d+)/ +(\d+) \| consumed samples: +(\d+) \| elapsed time per iteration \(ms\): [\d.]+ \|"
-    r" learning rate: [\d.E+-]+ \| global batch size: +(\d+) \| lm loss: [\d.E+-]+ \| grad norm: [\d.]+ \|"
-    r" tokens/s: \d+ \| TFLOP/s/GPU: [\d.]+ \| MFU: (n/a|[\d.]+%) \|")
+    r" learning rate: [\d.E+-]+ \| global batch size: +(\d+) \| lm loss: [\d.E+-]+ \| loss scale: 1\.0 \|"
+    r" grad norm: [\d.]+ \| number of skipped iterations: +0 \| tokens/s: \d+ \| TFLOP/s/GPU: [\d.]+ \| MFU: (n/a|[\d.]+%) \|")
 
 
 def run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:

@@ -33,6 +33,9 @@ CASES = [
     (Layout(tp=2, pp=2, dp=2), 0.5), (Layout(tp=2, pp=2, dp=2, sp=True, distopt=True), 0.5),
     (Layout(tp=2, pp=2, dp=2, vpp=2, sp=True, distopt=True), 0.5), (Layout(tp=2, pp=2, dp=2, vpp=2), 0.5),
     (Layout(tp=2, pp=2, dp=2, sp=True, distopt=True), 0.0),
+    # The parameter all-gather left in flight after each step and waited for per layer.
+    (Layout(dp=2, distopt=True, overlap=True), 0.5),
+    (Layout(tp=2, pp=2, dp=2, vpp=2, sp=True, distopt=True, overlap=True), 0.5),
 ]
 
 

@@ -29,7 +29,7 @@ def _fixed_batch(config, batch_size: int, seed: int = 0) -> dict[str, torch.Tens
 
 def accumulate(model: GPTModel, batches: list[dict[str, torch.Tensor]]) -> float:
     """Forward and backward every microbatch into the grads; the mean microbatch loss."""
-    runner = ModelRunner([model], batches, len(batches), (), torch.device("cpu"), bf16=False)
+    runner = ModelRunner([model], batches, len(batches), (), torch.device("cpu"))
     forward_backward_no_pipelining(runner, len(batches))
     return float(sum(runner.losses)) / len(batches)
 

@@ -142,13 +142,24 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
     check_model_args(config, state["config"]["model"], path)
     for chunk, chunk_state in zip(chunks, state["model"]):
         chunk.load_state_dict(chunk_state)
+    # The files hold fp32 weights; under --bf16 the model's are rounded, the main copies are not.
+    optimizer.load_main_weights({p: chunk_state[name] for chunk, chunk_state in zip(chunks, state["model"])
+                                 for name, p in chunk.named_parameters()})
     if config.parallel.use_distributed_optimizer:
         shard = parallel_state.get_grid().index(GRAD_GROUP)
         optimizer.load_state_dict(load_file(optimizer_file(path, shard))["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
+    _load_loss_scaler(optimizer, state.get("loss_scaler"))
     _set_rng_state(state["rng"])
     return state["iteration"], state["consumed_samples"]
+
+
+def _load_loss_scaler(optimizer, saved: dict | None) -> None:
+    """The --fp16 loss scale goes on from where it was; a checkpoint without one (saved in bf16 or
+    fp32) leaves the scaler at --initial-loss-scale."""
+    if optimizer.loss_scaler is not None and saved is not None:
+        optimizer.loss_scaler.load_state_dict(saved)
 
 
 def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], optimizer,
@@ -166,6 +177,7 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
     load_full_state(full, chunks, optimizer)
     if full.optimizer is None:
         return 0, 0
+    _load_loss_scaler(optimizer, full.loss_scaler)
     _set_rng_state(full.rng)
     return full.iteration, full.consumed_samples
 

@@ -67,10 +67,12 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
     path = tmp / rank_file(root, iteration).relative_to(checkpoint_dir(root, iteration))
     sharded = config.parallel.use_distributed_optimizer and optimizer is not None
     local = optimizer is not None and not sharded
+    scaler = None if optimizer is None or optimizer.loss_scaler is None else optimizer.loss_scaler.state_dict()
     files = []
+    model = _model_state(chunks, optimizer)  # collective under the distributed optimizer
     if grid.index(GRAD_GROUP) == 0:
         files.append((path, {"iteration": iteration, "consumed_samples": consumed_samples,
-                             "model": [c.state_dict() for c in chunks], "tp_layout": tp_layout(chunks),
+                             "model": model, "tp_layout": tp_layout(chunks), "loss_scaler": scaler,
                              "optimizer": optimizer.state_dict() if local else None,
                              "optimizer_index": optimizer_index(optimizer, chunks) if local else None,
                              "finetune": optimizer is None, "layout": current_layout(config),
@@ -79,6 +81,17 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
         files.append((optimizer_file(path, grid.index(GRAD_GROUP)),
                       {"optimizer": optimizer.state_dict(), "optimizer_index": optimizer_index(optimizer, chunks)}))
     return files
+
+
+def _model_state(chunks: list[nn.Module], optimizer) -> list[dict[str, torch.Tensor]]:
+    """Each chunk's state dict with fp32 weights: under --bf16/--fp16 the optimizer's main copies,
+    not the rounded model weights, so a resumed run continues exactly and an export loses nothing."""
+    states = [c.state_dict() for c in chunks]
+    if optimizer is not None:
+        main = optimizer.main_weights()
+        for chunk, state in zip(chunks, states):
+            state.update({name: main[p].detach() for name, p in chunk.named_parameters()})
+    return states
 
 
 class PendingSave:

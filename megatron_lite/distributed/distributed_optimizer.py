@@ -11,10 +11,14 @@ gives exactly the elements the unsharded update would.
 """
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from megatron_lite import parallel_state
+from megatron_lite.comm import all_gather_flat
 from megatron_lite.config import TrainConfig
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
-from megatron_lite.optimizer import LocalOptimizer
+from megatron_lite.optimizer import LocalOptimizer, main_param
 
 
 class DistributedOptimizer(LocalOptimizer):
@@ -23,7 +27,7 @@ class DistributedOptimizer(LocalOptimizer):
     def __init__(self, buffers: list[DataParallelGrads], cfg: TrainConfig) -> None:
         grid = parallel_state.get_grid()
         self.buffers = buffers
-        self.tensors = []  # (piece of the flat parameter buffer, its parameter)
+        self.tensors = []  # one per piece: a (parameter, shard) overlap of the flat buffers
         for buf in buffers:
             for bucket in buf.buckets:
                 shard_lo, shard_hi = bucket.shard(grid.index(GRAD_GROUP), grid.size(GRAD_GROUP))
@@ -31,12 +35,30 @@ class DistributedOptimizer(LocalOptimizer):
                     p_lo, p_hi = buf.ranges[p]
                     lo, hi = max(p_lo, shard_lo), min(p_hi, shard_hi)
                     if lo < hi:
-                        piece = buf.param_data[lo:hi]
-                        piece.grad = buf.grad_data[lo:hi]
-                        self.tensors.append((piece, p))
-        self.optimizer = self._adamw(cfg)
+                        self.tensors.append(main_param(buf.param_data[lo:hi], buf.grad_data[lo:hi], p, lo - p_lo))
+        self._build(cfg)
 
     def step(self) -> None:
-        self.optimizer.step()
+        super().step()
         for buf in self.buffers:
             buf.all_gather_params()
+
+    def finish_param_gather(self) -> None:
+        for buf in self.buffers:
+            buf.finish_param_gather()
+
+    def main_weights(self) -> dict[nn.Parameter, torch.Tensor]:
+        self.finish_param_gather()
+        if all(t.main is t.model for t in self.tensors):  # fp32: the gathered weights are the main copies
+            return {p: p.detach() for buf in self.buffers for p in buf.ranges}
+        weights = {}
+        for buf in self.buffers:  # bf16/fp16: gather the fp32 main pieces into a buffer laid out as the grads
+            flat = torch.zeros_like(buf.grad_data)
+            for t in self.tensors:
+                if t.param in buf.ranges:
+                    lo = buf.ranges[t.param][0] + t.offset
+                    flat[lo:lo + t.main.numel()].copy_(t.main)
+            for bucket in buf.buckets:
+                all_gather_flat(flat[bucket.start:bucket.end], GRAD_GROUP)
+            weights.update({p: flat[lo:hi].view_as(p) for p, (lo, hi) in buf.ranges.items()})
+        return weights

@@ -13,11 +13,12 @@ from megatron_lite.comm import all_reduce
 from megatron_lite.pipeline_parallel.trace import Trace
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast (weights and optimizer stay fp32) or nothing."""
-    if not bf16:
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to the half dtype the weights are in (matmuls in it, softmax-like ops kept in
+    fp32, no weight re-cast since the weights are half already), or nothing in fp32."""
+    if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,18 +44,21 @@ class ModelRunner:
 
     The last stage divides each microbatch's loss by the number of microbatches before its
     backward, so the accumulated gradient is that of the mean loss over the global batch and
-    k microbatches of size b give the step of one batch of k*b.
+    k microbatches of size b give the step of one batch of k*b; under --fp16 it multiplies by
+    the loss scale too.
     """
 
-    dtype = torch.float32  # the residual stream stays fp32 under autocast: that is what flows between stages
-
     def __init__(self, chunks: list[nn.Module], microbatches: list[dict[str, torch.Tensor]], num_microbatches: int,
-                 tensor_shape: tuple[int, ...], device: torch.device, bf16: bool, trace: Trace | None = None,
-                 before_last_backward: Callable[[int], None] | None = None) -> None:
-        """before_last_backward(chunk) runs before each chunk's backward of the last microbatch:
+                 tensor_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32,
+                 trace: Trace | None = None, before_last_backward: Callable[[int], None] | None = None,
+                 loss_scale: float = 1.0) -> None:
+        """`dtype`: the weights' dtype, which is also that of the residual stream passed between
+        stages (bf16 activations under --bf16: half the pipeline traffic of fp32).
+        before_last_backward(chunk) runs before each chunk's backward of the last microbatch:
         every schedule runs a chunk's backwards in microbatch order, so that one makes its grads final."""
         self.chunks, self.microbatches, self.num_microbatches = chunks, microbatches, num_microbatches
-        self.tensor_shape, self.device, self.bf16, self.trace = tensor_shape, device, bf16, trace
+        self.tensor_shape, self.device, self.dtype, self.trace = tensor_shape, device, dtype, trace
+        self.loss_scale = loss_scale
         self.before_last_backward = before_last_backward
         # Detached device scalars: reading them (a host sync) waits for the end of the step.
         self.losses: list[torch.Tensor] = []
@@ -68,13 +72,15 @@ class ModelRunner:
         model, batch = self.chunks[chunk], self.microbatches[microbatch]
         if input_tensor is not None:
             input_tensor.requires_grad_()
-        with autocast(self.device, self.bf16):
+        with autocast(self.device, self.dtype):
             output = model(tokens=batch["tokens"], labels=batch["labels"] if model.post_process else None,
                            hidden=input_tensor, positions=batch.get("position_ids"))
         if model.post_process:
             objective, loss = microbatch_loss(output, batch["loss_mask"])
             self.losses.append(loss)
             output = objective / self.num_microbatches
+            if self.loss_scale != 1.0:
+                output = output * self.loss_scale
         self._record(chunk, microbatch, "F", start)
         return output
 

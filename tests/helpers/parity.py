@@ -72,7 +72,7 @@ def full_grads(model: TrainingModel) -> dict[str, torch.Tensor]:
     if isinstance(model.optimizer, DistributedOptimizer):
         for buf in model.grad_buffers:
             _gather_grad_shards(buf)
-    return {n: gather_full(p, p.grad) for chunk in model.chunks for n, p in chunk.named_parameters()}
+    return {n: gather_full(p, p.main_grad) for chunk in model.chunks for n, p in chunk.named_parameters()}
 
 
 def run_steps(config: Config, steps: int) -> dict:
@@ -85,9 +85,10 @@ def run_steps(config: Config, steps: int) -> dict:
     for iteration in range(1, steps + 1):
         batches = rank_microbatches(dataset, (iteration - 1) * config.train.global_batch_size, config, device)
         inspect = (lambda m: grads.update(full_grads(m))) if iteration == 1 else None
-        loss, grad_norm, _ = train_step(model, batches, iteration, config, device, inspect_grads=inspect)
+        loss, grad_norm = train_step(model, batches, iteration, config, device, inspect_grads=inspect)[:2]
         losses.append(loss)
         norms.append(grad_norm)
+    model.optimizer.finish_param_gather()  # --overlap-param-gather leaves the last gather in flight
     weights = {n: gather_full(p) for chunk in model.chunks for n, p in chunk.named_parameters()}
     return {"losses": losses, "grad_norms": norms, "grads": grads, "weights": weights}
 
