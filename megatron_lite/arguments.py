@@ -7,8 +7,8 @@ import os
 import types
 import typing
 
-from megatron_lite.config import (CP_COMM_TYPES, FAMILIES, LR_DECAY_STYLES, SCHEDULES, Config, ConfigError, ModelConfig,
-                                  ParallelConfig, TrainConfig, field_docs)
+from megatron_lite.config import (CP_COMM_TYPES, FAMILIES, LR_DECAY_STYLES, MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS,
+                                  SCHEDULES, Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig, field_docs)
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
 
@@ -24,6 +24,14 @@ PRESETS: dict[str, dict] = {
     # TinyLlama-1.1B's shape.
     "llama-1b": dict(family="llama", num_layers=22, hidden_size=2048, num_attention_heads=32,
                      num_query_groups=4, ffn_hidden_size=5632, seq_length=2048),
+    # CPU demo of a mixture of experts: the tiny shape with 8 experts, top-2, on every layer.
+    "tiny-moe": dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4,
+                     num_query_groups=2, seq_length=128, num_experts=8, moe_router_topk=2,
+                     moe_ffn_hidden_size=128, moe_aux_loss_coeff=1e-2),
+    # A mixture of experts for benchmarks: llama-1b's attention, 8 experts of width 1408, top-2.
+    "llama-moe": dict(family="llama", num_layers=16, hidden_size=2048, num_attention_heads=32,
+                      num_query_groups=4, ffn_hidden_size=5632, seq_length=2048, num_experts=8, moe_router_topk=2,
+                      moe_ffn_hidden_size=1408, moe_aux_loss_coeff=1e-2),
     # Llama-3-8B's shape.
     "llama-8b": dict(family="llama", num_layers=32, hidden_size=4096, num_attention_heads=32,
                      num_query_groups=8, ffn_hidden_size=14336, seq_length=8192, rotary_base=500000.0),
@@ -33,10 +41,11 @@ DEFAULT_PRESET = "tiny"
 # Fields that are not flags: derived at run time, never typed by a user.
 _DERIVED = {"vocab_size", "data_parallel_size"}
 _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda"),
-            "pipeline_schedule": SCHEDULES, "cp_comm_type": CP_COMM_TYPES, "tokenizer_type": tuple(TOKENIZERS)}
+            "pipeline_schedule": SCHEDULES, "cp_comm_type": CP_COMM_TYPES, "tokenizer_type": tuple(TOKENIZERS),
+            "moe_router_score_function": MOE_SCORE_FUNCTIONS, "moe_router_load_balancing_type": MOE_LOAD_BALANCING}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
-                                  "context_parallel_size": ["--cp"],
+                                  "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],
                                   "pipeline_model_parallel_size": ["--pp"],
                                   "virtual_pipeline_model_parallel_size": ["--vpp"]}
 

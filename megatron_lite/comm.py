@@ -218,6 +218,19 @@ def all_to_all(t: torch.Tensor, split_dim: int, concat_dim: int, group: str) -> 
     return torch.cat(recv.unbind(0), dim=concat_dim)
 
 
+def all_to_all_rows(t: torch.Tensor, send_rows: list[int], recv_rows: list[int], group: str) -> torch.Tensor:
+    """Send the first send_rows[0] rows of t to the group's rank 0, the next send_rows[1] to rank
+    1, ...; the rows received, concatenated in rank order (recv_rows[i] from rank i). The token
+    exchange of expert parallelism, where each rank sends each other rank a different number."""
+    if parallel_state.get_grid().size(group) == 1:
+        return t
+    recv = t.new_empty((sum(recv_rows), *t.shape[1:]))
+    METER.record("all_to_all", group, _nbytes(t))
+    dist.all_to_all_single(recv, t.contiguous(), recv_rows, send_rows, group=parallel_state.get_group(group))
+    _progressed()
+    return recv
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():

@@ -40,6 +40,8 @@ def _flag(name: str) -> str:
 FAMILIES = ("llama", "gpt2")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 CP_COMM_TYPES = ("p2p", "allgather", "a2a")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
 
 
 @dataclass
@@ -76,11 +78,41 @@ class ModelConfig:
     """Dropout on the attention probabilities."""
     fused_kernels: bool = True
     """Fused kernels (kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
+    num_experts: int | None = None
+    """Experts of each mixture-of-experts layer (default: none, every layer dense)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of each expert's MLP (default: --ffn-hidden-size)."""
+    moe_layer_freq: int = 1
+    """Every N-th layer is a mixture of experts (layers N-1, 2N-1, ...), the others dense; 1: all of them."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Width of a shared expert every token passes through besides its routed ones (default: none)."""
+    moe_router_score_function: str = "softmax"
+    """Router scores: softmax over the experts, or sigmoid per expert."""
+    moe_router_pre_softmax: bool = False
+    """softmax: weights are the softmax over all experts (unnormalised top-k), not over the chosen k."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (Switch/GShard, over the microbatch), seq_aux_loss (per sequence), or none."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss (0: off)."""
+    moe_z_loss_coeff: float | None = None
+    """Weight of the router z-loss, mean of logsumexp(logits)^2 (default: off)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing experts, moved each step towards balanced load."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step of the expert bias per optimizer step, towards the mean load."""
+    moe_expert_capacity_factor: float | None = None
+    """Tokens each expert takes at most, as a multiple of an even share (default: dropless)."""
+    moe_pad_expert_input_to_capacity: bool = False
+    """With a capacity factor: pad every expert's input to its capacity (fixed shapes)."""
 
     # Fields a run may change when it resumes from a checkpoint: how the model trains, not the
     # function it computes. Every other field is taken from, or checked against, the checkpoint
     # (checkpointing.adopt_checkpoint_model_args); a new field is checked unless listed here.
-    TRAINING_ONLY = ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "fused_kernels")
+    TRAINING_ONLY = ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "fused_kernels",
+                     "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                     "moe_router_bias_update_rate")
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -92,6 +124,14 @@ class ModelConfig:
                 self.ffn_hidden_size = 4 * self.hidden_size
             else:
                 self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def is_moe_layer(self, number: int) -> bool:
+        """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1, ...)."""
+        return bool(self.num_experts) and (number + 1) % self.moe_layer_freq == 0
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +146,31 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
 
+    def _validate_moe(self) -> None:
+        _require_positive(self, "num_experts", "moe_router_topk", "moe_layer_freq")
+        _require(self.moe_router_topk <= self.num_experts,
+                 f"--moe-router-topk={self.moe_router_topk} exceeds --num-experts={self.num_experts}")
+        _require(self.moe_router_score_function in MOE_SCORE_FUNCTIONS,
+                 f"--moe-router-score-function={self.moe_router_score_function} is unknown; allowed: "
+                 f"{', '.join(MOE_SCORE_FUNCTIONS)}")
+        _require(self.moe_router_load_balancing_type in MOE_LOAD_BALANCING,
+                 f"--moe-router-load-balancing-type={self.moe_router_load_balancing_type} is unknown; allowed: "
+                 f"{', '.join(MOE_LOAD_BALANCING)}")
+        _require(self.moe_router_score_function == "softmax" or not self.moe_router_pre_softmax,
+                 "--moe-router-pre-softmax needs --moe-router-score-function softmax")
+        _require(self.moe_aux_loss_coeff >= 0 and (self.moe_z_loss_coeff or 0) >= 0,
+                 f"--moe-aux-loss-coeff={self.moe_aux_loss_coeff} and --moe-z-loss-coeff={self.moe_z_loss_coeff} "
+                 "must be >= 0")
+        if self.moe_expert_capacity_factor is not None:
+            _require(self.moe_expert_capacity_factor > 0,
+                     f"--moe-expert-capacity-factor={self.moe_expert_capacity_factor} must be > 0 (leave it unset "
+                     "for dropless routing)")
+        _require(self.moe_expert_capacity_factor is not None or not self.moe_pad_expert_input_to_capacity,
+                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(self, name) is not None:
+                _require_positive(self, name)
+
     def validate(self) -> None:
         _require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
         _require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -117,6 +182,8 @@ class ModelConfig:
         _require(self.num_attention_heads % self.num_query_groups == 0,
                  f"--num-attention-heads={self.num_attention_heads} is not divisible by "
                  f"--num-query-groups={self.num_query_groups}")
+        if self.num_experts is not None:
+            self._validate_moe()
         if self.family == "llama":
             _require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (hidden/heads) must be even for RoPE")
         if self.family == "gpt2":
@@ -152,6 +219,8 @@ class ParallelConfig:
     """Shard fp32 Adam state across data-parallel ranks (ZeRO-1): reduce-scatter grads, all-gather params."""
     ddp_bucket_size: int = 40_000_000
     """Elements per data-parallel gradient bucket; a bucket's reduction starts as soon as its grads are final."""
+    expert_model_parallel_size: int = 1
+    """Ranks that split each MoE layer's experts (expert parallelism), carved out of dp x cp; tokens reach their experts by all-to-all."""
     overlap_param_gather: bool = False
     """With --use-distributed-optimizer: all-gather the updated parameters in the background, each bucket waited for just before the next forward first uses it."""
     distributed_timeout_minutes: float = 5.0
@@ -167,6 +236,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _require_positive(self, "tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size",
+                          "expert_model_parallel_size",
                           "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
         _require(self.cp_comm_type in CP_COMM_TYPES,
                  f"--cp-comm-type={self.cp_comm_type} is unknown; allowed: {', '.join(CP_COMM_TYPES)}")
@@ -198,6 +268,11 @@ class ParallelConfig:
             _require(model.seq_length % tp == 0,
                      f"--seq-length={model.seq_length} is not divisible by --tensor-model-parallel-size={tp}, "
                      "which --sequence-parallel needs")
+        ep = self.expert_model_parallel_size
+        if ep > 1:
+            _require(model.num_experts is not None, f"--expert-model-parallel-size={ep} needs --num-experts")
+            _require(model.num_experts % ep == 0,
+                     f"--num-experts={model.num_experts} is not divisible by --expert-model-parallel-size={ep}")
         cp = self.context_parallel_size
         if cp > 1:
             # The sequence is cut into 2*cp chunks (each rank holds two, for causal load balance),
@@ -404,6 +479,9 @@ class Config:
         self.parallel.validate()
         self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
+        _require(self.parallel.expert_model_parallel_size == 1 or not (self.train.save or self.train.load),
+                 f"--save/--load with --expert-model-parallel-size={self.parallel.expert_model_parallel_size}: "
+                 "checkpoints of experts split over ranks are not implemented yet; use --expert-model-parallel-size 1")
         m, pp = self.train.num_microbatches(self.parallel.data_parallel_size), self.parallel.pipeline_model_parallel_size
         # Megatron's interleaved schedule runs microbatches in groups of pp.
         _require(self.parallel.schedule != "interleaved" or m % pp == 0,

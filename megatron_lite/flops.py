@@ -9,7 +9,9 @@ The 12 is 2 FLOPs per multiply-add times 3 for forward + backward (the backward 
 forwards). Term by term: QKV + output projections (1 + g/n), the attention scores and
 weighted sum (s/h; the causal mask is not discounted, as in Megatron), the MLP, and the
 logits. For g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
-Activation recomputation is not counted: MFU measures useful model work only.
+Activation recomputation is not counted: MFU measures useful model work only. On a mixture-of-
+experts layer the MLP term counts the active parameters only: k routed experts of width
+f_moe and the shared expert, plus the router (E/2h), so MFU stays honest.
 """
 from __future__ import annotations
 
@@ -31,7 +33,13 @@ def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     h, s, layers = config.hidden_size, config.seq_length, config.num_layers
     gate = 1.5 if config.family == "llama" else 1.0
     attention = 1 + config.num_query_groups / config.num_attention_heads + s / h
-    mlp = config.ffn_hidden_size / h * gate
+    dense = config.ffn_hidden_size / h * gate
+    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
+    moe = 0.0
+    if moe_layers:
+        active = config.moe_router_topk * config.expert_ffn_hidden_size + (config.moe_shared_expert_intermediate_size or 0)
+        moe = active / h * gate + config.num_experts / (2 * h)  # the router: one h x E matmul
+    mlp = ((layers - moe_layers) * dense + moe_layers * moe) / layers
     logits = config.padded_vocab_size() / (2 * layers * h)
     return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
 

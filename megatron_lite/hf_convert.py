@@ -5,6 +5,9 @@ never sees a tensor-parallel shard. What differs between the two sides:
 - Llama: our fused QKV weight is laid out group by group (per query group its q heads, then
   k, then v) where HF has separate q_proj/k_proj/v_proj; our fc1 is [gate; up] where HF has
   gate_proj and up_proj. RoPE uses the same rotate-half convention, so q and k need no permutation.
+- Mixtral (our llama family with every MLP a mixture of experts, softmax top-k renormalised):
+  our stacked experts are the fused tensors transformers keeps (gate_up_proj [E, 2 ffn, h] with
+  gate first, down_proj [E, h, ffn]) and our router is its gate.
 - GPT-2: HF's Conv1D stores weights transposed ([in, out]) and its c_attn is [q; k; v] over
   all heads, not per head; the output layer is tied to the embedding on both sides.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +30,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def hf_config(model: ModelConfig) -> dict:
-    """config.json of the equivalent LlamaForCausalLM or GPT2LMHeadModel."""
+    """config.json of the equivalent LlamaForCausalLM, MixtralForCausalLM or GPT2LMHeadModel."""
+    if model.num_experts:
+        return _mixtral_config(model)
     if model.family == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": model.vocab_size,
                 "hidden_size": model.hidden_size, "intermediate_size": model.ffn_hidden_size,
@@ -48,9 +54,35 @@ def hf_config(model: ModelConfig) -> dict:
             "attn_pdrop": model.attention_dropout, "tie_word_embeddings": True, "torch_dtype": "float32"}
 
 
+def _mixtral_config(model: ModelConfig) -> dict:
+    """Mixtral: llama layers whose MLPs are all experts, softmax top-k renormalised, dropless."""
+    unrepresentable = [why for bad, why in (
+        (model.family != "llama", "the gpt2 family: Mixtral's layers are llama's"),
+        (model.moe_layer_freq != 1, f"--moe-layer-freq={model.moe_layer_freq}: every Mixtral layer is MoE"),
+        (model.moe_shared_expert_intermediate_size, "a shared expert: Mixtral has none"),
+        (model.moe_router_score_function != "softmax" or model.moe_router_pre_softmax,
+         "weights other than the softmax over the chosen experts' logits, Mixtral's"),
+        (model.moe_router_enable_expert_bias, "an expert bias: Mixtral has none"),
+        (model.moe_expert_capacity_factor is not None, "a capacity factor: Mixtral is dropless")) if bad]
+    if unrepresentable:
+        raise ConfigError(f"no Hugging Face family represents this mixture of experts: {unrepresentable[0]}")
+    dense = hf_config(replace(model, num_experts=None))
+    return {**dense, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "intermediate_size": model.expert_ffn_hidden_size, "num_local_experts": model.num_experts,
+            "num_experts_per_tok": model.moe_router_topk, "router_aux_loss_coef": model.moe_aux_loss_coeff,
+            "router_jitter_noise": 0.0, "output_router_logits": False, "sliding_window": None}
+
+
 def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
     """Our ModelConfig for a LlamaForCausalLM / GPT2LMHeadModel config.json (seq_length = its context)."""
     kind = hf.get("model_type")
+    if kind == "mixtral":
+        if hf.get("router_jitter_noise") or hf.get("sliding_window"):
+            raise ConfigError("only Mixtral models without router jitter and sliding-window attention are supported")
+        dense = model_config_from_hf({**hf, "model_type": "llama"}, make_vocab_size_divisible_by)
+        return replace(dense, num_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
+                       moe_ffn_hidden_size=hf["intermediate_size"],
+                       moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0))
     if kind == "llama":
         if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
             raise ConfigError("only Llama models without attention/MLP biases and with SiLU are supported")
@@ -72,7 +104,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
                            seq_length=hf["n_positions"], max_position_embeddings=hf["n_positions"],
                            vocab_size=hf["vocab_size"], make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                            norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-    raise ConfigError(f"model_type={kind} is not supported; allowed: llama, gpt2")
+    raise ConfigError(f"model_type={kind} is not supported; allowed: llama, mixtral, gpt2")
 
 
 def _renames(model: ModelConfig) -> dict[str, tuple[str, bool]]:
@@ -82,11 +114,15 @@ def _renames(model: ModelConfig) -> dict[str, tuple[str, bool]]:
                  "output_layer.weight": "lm_head.weight"}
         per_layer = {"input_layernorm.weight": "input_layernorm.weight",
                      "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-                     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-                     "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
+                     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
+        # Our stacked experts are transformers' fused ones: gate_up [E, 2 ffn, h] (gate first), down [E, h, ffn].
+        moe = {"mlp.router.weight": "mlp.gate.weight", "mlp.experts.linear_fc1": "mlp.experts.gate_up_proj",
+               "mlp.experts.linear_fc2": "mlp.experts.down_proj"}
         renames = {ours: (hf, False) for ours, hf in names.items()}
         for i in range(model.num_layers):
-            renames.update({f"layers.{i}.{ours}": (f"model.layers.{i}.{hf}", False) for ours, hf in per_layer.items()})
+            mlp = moe if model.is_moe_layer(i) else {"mlp.linear_fc2.weight": "mlp.down_proj.weight"}
+            renames.update({f"layers.{i}.{ours}": (f"model.layers.{i}.{hf}", False)
+                            for ours, hf in {**per_layer, **mlp}.items()})
         return renames
     renames = {"word_embeddings.weight": ("transformer.wte.weight", False),
                "position_embeddings.weight": ("transformer.wpe.weight", False),
@@ -125,8 +161,9 @@ def to_hf_state(ours: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
         if model.family == "llama":
             q, k, v = _split_qkv(ours[f"{attn}.weight"], model)
             hf.update({f"model.layers.{i}.self_attn.{n}_proj.weight": t for n, t in zip("qkv", (q, k, v))})
-            gate, up = ours[f"layers.{i}.mlp.linear_fc1.weight"].chunk(2)
-            hf[f"model.layers.{i}.mlp.gate_proj.weight"], hf[f"model.layers.{i}.mlp.up_proj.weight"] = gate, up
+            if not model.is_moe_layer(i):
+                gate, up = ours[f"layers.{i}.mlp.linear_fc1.weight"].chunk(2)
+                hf[f"model.layers.{i}.mlp.gate_proj.weight"], hf[f"model.layers.{i}.mlp.up_proj.weight"] = gate, up
         else:
             hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(_split_qkv(ours[f"{attn}.weight"], model)).t()
             hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(_split_qkv(ours[f"{attn}.bias"], model))
@@ -149,8 +186,9 @@ def from_hf_state(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
         if model.family == "llama":
             prefix = f"model.layers.{i}."
             ours[f"{attn}.weight"] = _join_qkv(*(hf[f"{prefix}self_attn.{n}_proj.weight"] for n in "qkv"), model)
-            ours[f"layers.{i}.mlp.linear_fc1.weight"] = torch.cat([hf[f"{prefix}mlp.gate_proj.weight"],
-                                                                   hf[f"{prefix}mlp.up_proj.weight"]])
+            if not model.is_moe_layer(i):
+                ours[f"layers.{i}.mlp.linear_fc1.weight"] = torch.cat([hf[f"{prefix}mlp.gate_proj.weight"],
+                                                                       hf[f"{prefix}mlp.up_proj.weight"]])
         else:
             ours[f"{attn}.weight"] = _join_qkv(*hf[f"transformer.h.{i}.attn.c_attn.weight"].t().chunk(3), model)
             ours[f"{attn}.bias"] = _join_qkv(*hf[f"transformer.h.{i}.attn.c_attn.bias"].chunk(3), model)

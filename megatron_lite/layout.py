@@ -17,6 +17,7 @@ class Layout:
     cp_comm: str = "p2p"  # --cp-comm-type
     pp: int = 1
     dp: int = 1
+    ep: int = 1  # expert parallelism, carved out of dp x cp (not a factor of the world size)
     vpp: int = 1
     schedule: str | None = None  # default: ParallelConfig's (interleaved when vpp > 1, else 1f1b)
     sp: bool = False
@@ -29,9 +30,9 @@ class Layout:
 
     @property
     def name(self) -> str:
-        """e.g. tp2-cp2-pp2-dp2-vpp2-sp-distopt-overlap, cp2-a2a; "single" for one device."""
+        """e.g. tp2-cp2-pp2-dp2-ep2-vpp2-sp-distopt-overlap, cp2-a2a; "single" for one device."""
         parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("cp", self.cp), ("pp", self.pp),
-                                                    ("dp", self.dp), ("vpp", self.vpp)) if size > 1]
+                                                    ("dp", self.dp), ("ep", self.ep), ("vpp", self.vpp)) if size > 1]
         parts += [self.cp_comm] if self.cp_comm != "p2p" else []
         parts += [self.schedule] if self.schedule else []
         parts += ["sp"] * self.sp + ["distopt"] * self.distopt + ["overlap"] * self.overlap
@@ -44,7 +45,7 @@ class Layout:
             return cls()
         fields: dict = {}
         for part in name.split("-"):
-            sized = re.fullmatch(r"(tp|cp|pp|dp|vpp)(\d+)", part)
+            sized = re.fullmatch(r"(tp|cp|pp|dp|ep|vpp)(\d+)", part)
             if sized:
                 fields[sized.group(1)] = int(sized.group(2))
             elif part in CP_COMM_TYPES:
@@ -54,7 +55,7 @@ class Layout:
             elif part in ("sp", "distopt", "overlap"):
                 fields[part] = True
             else:
-                raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, cpN, ppN, dpN, vppN, "
+                raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, cpN, ppN, dpN, epN, vppN, "
                                   f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt, overlap (e.g. tp2-pp2-dp2-sp-distopt)")
         return cls(**fields)
 
@@ -62,7 +63,7 @@ class Layout:
         """`parallel` with this layout's fields set (dp is what the world leaves: it is not a field)."""
         return dataclasses.replace(parallel, tensor_model_parallel_size=self.tp, context_parallel_size=self.cp,
                                    cp_comm_type=self.cp_comm, pipeline_model_parallel_size=self.pp,
-                                   data_parallel_size=self.dp,
+                                   data_parallel_size=self.dp, expert_model_parallel_size=self.ep,
                                    virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
                                    pipeline_schedule=self.schedule, sequence_parallel=self.sp,
                                    use_distributed_optimizer=self.distopt, overlap_param_gather=self.overlap)

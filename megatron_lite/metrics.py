@@ -35,7 +35,9 @@ class MetricsLogger:
     def training(self, record: dict) -> None:
         """record holds iteration, train_iters, consumed_samples, elapsed_ms, lr, global_batch_size,
         lm_loss, loss_scale, grad_norm, skipped_iterations (--fp16 overflows in the interval),
-        tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb."""
+        tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb; with mixture-of-
+        experts layers load_balancing_loss, expert_load_max_over_mean and tokens_per_expert (the
+        last step's routed tokens per expert of each MoE layer on this stage)."""
         if not self.enabled:
             return
         mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
@@ -48,6 +50,9 @@ class MetricsLogger:
               f" loss scale: {record['loss_scale']:.1f} |"
               f" grad norm: {record['grad_norm']:.3f} |"
               f" number of skipped iterations: {record['skipped_iterations']:3d} |"
+              + ("" if "load_balancing_loss" not in record else
+                 f" load balancing loss: {record['load_balancing_loss']:.6E} |"
+                 f" expert load max/mean: {record['expert_load_max_over_mean']:.3f} |") +
               f" tokens/s: {record['tokens_per_s']:.0f} |"
               f" TFLOP/s/GPU: {record['tflops_per_gpu']:.3f} |"
               f" MFU: {mfu} |"

@@ -63,14 +63,17 @@ class LocalOptimizer:
     """
 
     norm_groups = ("mp",)  # grads are replicated over dp after the all-reduce: sum norms over tp x pp only
+    expert_groups = ("mp", "ep")  # experts differ over ep as well
 
-    def __init__(self, chunks: list[nn.Module], cfg: TrainConfig) -> None:
+    def __init__(self, chunks: list[nn.Module], cfg: TrainConfig, experts: bool = False) -> None:
         self.tensors = [main_param(p, getattr(p, "main_grad", None), p)
                         for c in chunks for p in c.parameters() if p.requires_grad]
-        self._build(cfg)
+        self._build(cfg, experts)
 
-    def _build(self, cfg: TrainConfig) -> None:
-        """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler."""
+    def _build(self, cfg: TrainConfig, experts: bool) -> None:
+        """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler;
+        the groups the experts' norm sums over (None: the model has no experts, on any rank)."""
+        self.expert_norm_groups = self.expert_groups if experts else None
         self.optimizer = adamw([t.main for t in self.tensors if t.param.ndim > 1],
                                [t.main for t in self.tensors if t.param.ndim == 1], cfg)
         self.loss_scaler = build_loss_scaler(cfg)

@@ -14,9 +14,14 @@ process group (None) and every collective on it is a no-op. A single process nee
 torch.distributed at all.
 
 Adding a parallelism adds an axis name to AXES, where its size comes from in AXIS_SIZES, and
-any group of it to GROUPS; nothing else here changes. Megatron also views the same ranks
-through a second, expert grid (expert-tp x ep x expert-dp x pp) for mixture-of-experts layers:
-a Grid is generic over its axes, so that view is one more Grid over the same world.
+any group of it to GROUPS; nothing else here changes.
+
+Mixture-of-experts layers view the same ranks through Megatron's expert grid, tp x ep x edp x
+pp: the dp x cp coordinates of a rank, flattened (cp fastest), are split again into an
+expert-parallel coordinate (fastest) and an expert-data-parallel one. "ep" groups hold the
+different experts of a layer and exchange tokens; "edp" groups hold the same experts and
+average their gradients. Experts are not split over tp (Megatron's expert-tp of 1): tp ranks
+hold the same experts, and under sequence parallelism route their own tokens.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ AXIS_SIZES = {"tp": "tensor_model_parallel_size", "cp": "context_parallel_size",
               "pp": "pipeline_model_parallel_size"}
 # Named groups over several axes (a single axis is a group under its own name).
 GROUPS = {"mp": ("tp", "pp"), "tp-cp": ("tp", "cp"), "dp-cp": ("cp", "dp")}
+EXPERT_GROUPS = ("ep", "edp")  # the expert view (see the module docstring)
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Grid:
     """Axis sizes (fastest first), this rank, and its process groups (None for a group of one rank)."""
     sizes: dict[str, int] = field(default_factory=lambda: {axis: 1 for axis in AXES})
     rank: int = 0
+    expert_parallel: int = 1  # the ep size of the expert view (it divides cp x dp)
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
     # This rank's members of each group name, computed once: collectives ask for sizes on every call.
     _members: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
@@ -62,7 +69,7 @@ class Grid:
         if name in GROUPS:
             return GROUPS[name]
         raise KeyError(f"no group named {name!r}; axes: {', '.join(self.sizes)}; groups: {', '.join(GROUPS)}, "
-                       "embedding, world")
+                       f"{', '.join(EXPERT_GROUPS)}, embedding, world")
 
     def coord(self, axis: str, rank: int | None = None) -> int:
         """This rank's (or `rank`'s) coordinate on one axis."""
@@ -85,6 +92,8 @@ class Grid:
         """Every group of this name, as lists of global ranks (each in the order of its own coordinates)."""
         if name == "embedding":
             return [sorted({g[0], g[-1]}) for g in self.ranks("pp")]
+        if name in EXPERT_GROUPS:
+            return self._expert_ranks(name)
         inner = self.axes_of(name)
         outer = [a for a in self.sizes if a not in inner]
         groups = []
@@ -92,6 +101,20 @@ class Grid:
             base = dict(zip(reversed(outer), fixed))
             members = product(*(range(self.sizes[a]) for a in reversed(inner)))
             groups.append([self.rank_of({**base, **dict(zip(reversed(inner), m))}) for m in members])
+        return groups
+
+    def _expert_ranks(self, name: str) -> list[list[int]]:
+        """ep or edp groups: over the flattened cp x dp index f of each (tp, pp) coordinate,
+        ep groups are runs of `expert_parallel` consecutive f, edp groups every ep-th f."""
+        tp, flat, ep = self.sizes["tp"], self.sizes["cp"] * self.sizes["dp"], self.expert_parallel
+        groups = []
+        for pp_r, tp_r in product(range(self.sizes["pp"]), range(tp)):
+            def rank(f: int) -> int:
+                return tp_r + tp * (f + flat * pp_r)
+            if name == "ep":
+                groups += [[rank(e * ep + j) for j in range(ep)] for e in range(flat // ep)]
+            else:
+                groups += [[rank(i * ep + j) for i in range(flat // ep)] for j in range(ep)]
         return groups
 
     def members(self, name: str) -> list[int]:
@@ -110,7 +133,7 @@ class Grid:
 
 def group_names(grid: Grid) -> list[str]:
     """Every group name the grid builds, in the order every rank creates them."""
-    return [*grid.sizes, *GROUPS, "embedding"]
+    return [*grid.sizes, *GROUPS, *EXPERT_GROUPS, "embedding"]
 
 
 _GRID = Grid()
@@ -137,6 +160,10 @@ def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
     global _GRID
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = axis_sizes(parallel, world_size)
+    ep = parallel.expert_model_parallel_size
+    if (sizes["cp"] * sizes["dp"]) % ep:
+        raise ConfigError(f"--expert-model-parallel-size={ep} does not divide dp x cp = {sizes['dp']} x {sizes['cp']}"
+                          " (experts are split over ranks that hold different tokens)")
     if world_size == 1:
         _GRID = Grid(sizes)
         return _GRID
@@ -146,7 +173,7 @@ def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _init_process_group(backend, world_size, timeout)
-    grid = Grid(sizes, dist.get_rank())
+    grid = Grid(sizes, dist.get_rank(), ep)
     made: dict[tuple[int, ...], dist.ProcessGroup] = {}
     # new_group is collective: every rank creates every group, in the same order. Names with the
     # same members (any group over axes of size 1) share one process group. Without its own

@@ -11,7 +11,8 @@
                  --compile each transformer layer compiled (the unit torchtitan compiles: the
                  pipeline split and the tensor-parallel mappings between layers stay eager)
   4. buffers     a grad buffer per chunk, reduced over dp x cp in buckets during the last backward
-                 (distributed/data_parallel.py); partial grads' buckets wait for their sums
+                 (distributed/data_parallel.py); partial grads' buckets wait for their sums; a
+                 second one per chunk for mixture-of-experts experts, reduced over edp
   5. optimizer   AdamW over the whole chunks, or over this rank's dp x cp shard of the buffers
 
 Later parallelisms take their place in this order: activation recomputation wraps layers
@@ -33,14 +34,19 @@ from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.optimizer import LocalOptimizer
 from megatron_lite.pipeline_parallel.partition import build_model_chunks
+from megatron_lite.placement import is_expert
 
 
 @dataclass
 class TrainingModel:
     """This rank's model chunks, their data-parallel grad buffers and the optimizer over them."""
     chunks: list[nn.Module]
-    grad_buffers: list[DataParallelGrads]
+    grad_buffers: list[DataParallelGrads]  # one per chunk (dense parameters), then one per chunk for experts
     optimizer: LocalOptimizer | DistributedOptimizer
+
+    def buffers_of(self, chunk: int) -> list[DataParallelGrads]:
+        """The grad buffers of one model chunk (its dense buffer, and its experts' if any)."""
+        return self.grad_buffers[chunk::len(self.chunks)]
 
 
 def model_ops(config: Config) -> Ops:
@@ -75,9 +81,13 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
         if config.train.compile:
             for layer in chunk.layers.values():
                 layer.compile()
+    experts = bool(config.model.num_experts)
+    # Experts get buffers of their own, averaged over the expert-data-parallel group.
+    kinds = [dict(select=lambda p: not is_expert(p))] + ([dict(select=is_expert, group="edp")] if experts else [])
     buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
-                                 deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather)
-               for c in chunks]
-    optimizer = (DistributedOptimizer(buffers, config.train) if par.use_distributed_optimizer
-                 else LocalOptimizer(chunks, config.train))
+                                 deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather,
+                                 **kind)
+               for kind in kinds for c in chunks]
+    optimizer = (DistributedOptimizer(buffers, config.train, experts) if par.use_distributed_optimizer
+                 else LocalOptimizer(chunks, config.train, experts))
     return TrainingModel(chunks, buffers, optimizer)

@@ -89,6 +89,11 @@ def counted_here(param: torch.Tensor) -> bool:
     return all(grid.index(group) == 0 for group in placement(param).replicas)
 
 
+def is_expert(param: torch.Tensor) -> bool:
+    """Whether the parameter belongs to a mixture-of-experts layer's experts (split over ep)."""
+    return placement(param).shard("ep") is not None
+
+
 def shard(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
     """Rank `rank`'s piece of the full tensor (see the module docstring for stride)."""
     blocks = full.chunk(stride, dim=dim)
@@ -112,7 +117,7 @@ def local_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This rank's piece of `full` for `param` (full itself when param is replicated)."""
     grid = parallel_state.get_grid()
     for s in placement(param).shards:
-        full = shard(full, s.dim, s.stride, grid.coord(s.axis), grid.size(s.axis))
+        full = shard(full, s.dim, s.stride, grid.index(s.axis), grid.size(s.axis))
     return full
 
 

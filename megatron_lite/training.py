@@ -24,6 +24,7 @@ from megatron_lite.distributed.grad_sync import average_across_data_parallel, re
 from megatron_lite.exit_conditions import ExitConditions
 from megatron_lite.flops import flops_per_step, peak_tflops
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
+from megatron_lite.model.moe import finish_moe_step
 from megatron_lite.optimizer import learning_rate, set_learning_rate
 from megatron_lite.parallelize import TrainingModel, parallelize
 from megatron_lite.parallel_state import print_rank_0
@@ -91,7 +92,7 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
     num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"))
     runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
                          cfg.params_dtype, trace, loss_scale=loss_scale,
-                         before_last_backward=lambda c: model.grad_buffers[c].start_grad_sync_on_backward())
+                         before_last_backward=lambda c: [b.start_grad_sync_on_backward() for b in model.buffers_of(c)])
     run_schedule(runner, par.schedule, num_microbatches, par.vpp)
     # Partial grads summed first, then the data-parallel reduction of their (deferred) buckets.
     reduce_partial_grads(model.chunks)
@@ -105,6 +106,7 @@ class StepResult(NamedTuple):
     grad_norm: float  # before clipping (inf or nan on a step --fp16 skipped)
     lr: float
     skipped: bool  # --fp16: the gradients overflowed, the weights were left as they were
+    moe: dict | None = None  # mixture of experts: the step's balancing loss and expert load (model/moe.py)
 
 
 def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
@@ -123,7 +125,9 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     if inspect_grads is not None:
         inspect_grads(model)
     loss = last_stage_loss(losses)
-    grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups)
+    moe = finish_moe_step(model.chunks) if config.model.num_experts else None
+    grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups,
+                               model.optimizer.expert_norm_groups)
     # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
     skipped = scaler is not None and not math.isfinite(grad_norm)
     if scaler is not None:
@@ -134,7 +138,7 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     if not skipped:
         set_learning_rate(model.optimizer, lr)
         model.optimizer.step()
-    return StepResult(loss, grad_norm, lr, skipped)
+    return StepResult(loss, grad_norm, lr, skipped, moe)
 
 
 def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
@@ -180,6 +184,8 @@ def describe_layout(grid: parallel_state.Grid, par) -> str:
     """One line: the layout, the schedule and which global ranks form each group of more than one rank."""
     axes = " x ".join(f"{axis} {size}" for axis, size in grid.sizes.items() if size > 1 or axis in ("tp", "pp", "dp"))
     extras = [", sequence parallel" if par.sequence_parallel else ""]
+    if grid.expert_parallel > 1:
+        extras.append(f", experts over ep {grid.expert_parallel} x edp {grid.size('edp')}")
     if grid.size("pp") > 1:
         extras.append(f", {par.schedule} schedule" + (f" over {par.vpp} chunks per rank" if par.vpp > 1 else ""))
     shown = set()
@@ -284,7 +290,7 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
         iteration += 1
         start = time.perf_counter()
         batches = rank_microbatches(train_ds, consumed, config, device)
-        loss, grad_norm, lr, step_skipped = train_step(model, batches, iteration, config, device)
+        loss, grad_norm, lr, step_skipped, moe = train_step(model, batches, iteration, config, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         interval_seconds += time.perf_counter() - start
@@ -304,7 +310,7 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
                 "lm_loss": float(np.mean(interval_losses)),
                 "loss_scale": 1.0 if model.optimizer.loss_scaler is None else model.optimizer.loss_scaler.scale,
                 "grad_norm": float(np.mean(interval_norms)) if interval_norms else math.nan,
-                "skipped_iterations": skipped,
+                "skipped_iterations": skipped, **(moe or {}),
                 "tokens_per_s": tokens_per_step / seconds, "tflops_per_gpu": tflops,
                 "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device)})
             interval_seconds, interval_losses, interval_norms, skipped = 0.0, [], [], 0

@@ -60,12 +60,17 @@ class DataParallelGrads:
     """The grad buffer of one model chunk and its bucketed data-parallel reduction."""
 
     def __init__(self, module: nn.Module, bucket_size: int = DEFAULT_BUCKET_SIZE, shard: bool = False,
-                 deferred: Callable[[nn.Parameter], bool] = lambda p: False, overlap_param_gather: bool = False) -> None:
+                 deferred: Callable[[nn.Parameter], bool] = lambda p: False, overlap_param_gather: bool = False,
+                 select: Callable[[nn.Parameter], bool] = lambda p: True, group: str = GRAD_GROUP) -> None:
+        """The parameters of `module` that `select` picks, reduced over `group`. Dense parameters
+        are replicated over dp and cp: one reduction over both (cp ranks hold partial grads of
+        other tokens of the same samples, see model_runner.microbatch_loss). Experts are
+        replicated over "edp" only, but their grads, summed there, still hold contributions from
+        all dp x cp replicas' tokens (the all-to-all brought them): both divide by dp x cp."""
         grid = parallel_state.get_grid()
-        # Every parameter is replicated over dp and cp: one reduction over both (cp ranks hold
-        # partial grads of other tokens of the same samples, see model_runner.microbatch_loss).
-        self.dp, self.dp_rank, self.shard = grid.size(GRAD_GROUP), grid.index(GRAD_GROUP), shard
-        params = [p for p in module.parameters() if p.requires_grad]
+        self.group, self.dp, self.dp_rank, self.shard = group, grid.size(group), grid.index(group), shard
+        self.divisor = grid.size(GRAD_GROUP)
+        params = [p for p in module.parameters() if p.requires_grad and select(p)]
         ordered = [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
         self.buckets: list[Bucket] = []
         self.ranges: dict[nn.Parameter, tuple[int, int]] = {}
@@ -130,11 +135,12 @@ class DataParallelGrads:
     def _launch(self, bucket: Bucket) -> None:
         bucket.launched = True
         data = self.grad_data[bucket.start:bucket.end]
+        if self.divisor > 1:
+            data.div_(self.divisor)  # sum of per-replica means / (dp x cp) = mean over the global batch
         if self.dp == 1:
             return
-        data.div_(self.dp)  # sum of per-replica means / (dp x cp) = mean over the global batch
         # Sharded: only this rank's shard of the bucket needs the sum (on gloo all of it gets it).
-        bucket.work = reduce_scatter_flat_async(data, GRAD_GROUP) if self.shard else all_reduce_async(data, GRAD_GROUP)
+        bucket.work = reduce_scatter_flat_async(data, self.group) if self.shard else all_reduce_async(data, self.group)
 
     def finish_grad_sync(self) -> None:
         """Launch the buckets not yet launched (deferred ones, or all if backward never synced), wait for all."""
@@ -151,7 +157,7 @@ class DataParallelGrads:
         """After a sharded optimizer step: every rank gets every shard of the updated parameters,
         now, or with overlap_param_gather in the background (each forward pre-hook waits for its own)."""
         for bucket in reversed(self.buckets):  # forward order: the first layers' parameters first
-            bucket.gather = all_gather_flat_async(self.param_data[bucket.start:bucket.end], GRAD_GROUP)
+            bucket.gather = all_gather_flat_async(self.param_data[bucket.start:bucket.end], self.group)
         if not self.overlap_param_gather:
             self.finish_param_gather()
 

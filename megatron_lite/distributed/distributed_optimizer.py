@@ -23,20 +23,21 @@ from megatron_lite.optimizer import LocalOptimizer, main_param
 
 class DistributedOptimizer(LocalOptimizer):
     norm_groups = (GRAD_GROUP, "mp")  # each rank holds the grads of its shard only: sum norms over every rank
+    expert_groups = ("edp", "mp", "ep")
 
-    def __init__(self, buffers: list[DataParallelGrads], cfg: TrainConfig) -> None:
+    def __init__(self, buffers: list[DataParallelGrads], cfg: TrainConfig, experts: bool = False) -> None:
         grid = parallel_state.get_grid()
         self.buffers = buffers
         self.tensors = []  # one per piece: a (parameter, shard) overlap of the flat buffers
-        for buf in buffers:
+        for buf in buffers:  # each sharded over its own group: dp x cp, or edp for experts
             for bucket in buf.buckets:
-                shard_lo, shard_hi = bucket.shard(grid.index(GRAD_GROUP), grid.size(GRAD_GROUP))
+                shard_lo, shard_hi = bucket.shard(grid.index(buf.group), grid.size(buf.group))
                 for p in bucket.params:
                     p_lo, p_hi = buf.ranges[p]
                     lo, hi = max(p_lo, shard_lo), min(p_hi, shard_hi)
                     if lo < hi:
                         self.tensors.append(main_param(buf.param_data[lo:hi], buf.grad_data[lo:hi], p, lo - p_lo))
-        self._build(cfg)
+        self._build(cfg, experts)
 
     def step(self) -> None:
         super().step()
@@ -59,6 +60,6 @@ class DistributedOptimizer(LocalOptimizer):
                     lo = buf.ranges[t.param][0] + t.offset
                     flat[lo:lo + t.main.numel()].copy_(t.main)
             for bucket in buf.buckets:
-                all_gather_flat(flat[bucket.start:bucket.end], GRAD_GROUP)
+                all_gather_flat(flat[bucket.start:bucket.end], buf.group)
             weights.update({p: flat[lo:hi].view_as(p) for p, (lo, hi) in buf.ranges.items()})
         return weights

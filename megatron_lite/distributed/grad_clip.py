@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from megatron_lite.comm import all_reduce
-from megatron_lite.placement import counted_here
+from megatron_lite.placement import counted_here, is_expert
 
 
 def clip_grad_norm(grads: list[tuple[torch.Tensor, nn.Parameter]], max_norm: float,
-                   groups: tuple[str, ...] = ("mp",)) -> float:
+                   groups: tuple[str, ...] = ("mp",), expert_groups: tuple[str, ...] | None = None) -> float:
     """Scale the grads so the global L2 norm is at most max_norm (0: measure only); returns the norm.
 
     `grads` pairs each grad tensor this rank holds (a whole grad, or the shard of it the
@@ -17,15 +17,25 @@ def clip_grad_norm(grads: list[tuple[torch.Tensor, nn.Parameter]], max_norm: flo
     split over tp on every tp rank, one replicated over tp on tp rank 0 only, the tied
     embedding on the first stage only (placement.counted_here). The squares are then summed
     over `groups`: the model-parallel group (tp x pp), and with the distributed optimizer the
-    data-parallel group too. The result equals the single-device norm.
+    data-parallel group too. Experts (split over ep) sum over `expert_groups`, which add ep
+    (given whenever the model has experts, so every rank runs the same collectives). The
+    result equals the single-device norm.
     """
-    squares = torch.zeros((), dtype=torch.float32, device=grads[0][0].device)
+    device = grads[0][0].device
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    expert_squares = torch.zeros((), dtype=torch.float32, device=device)
     for grad, param in grads:
         if counted_here(param):
-            squares += torch.linalg.vector_norm(grad.float()).square()
+            square = torch.linalg.vector_norm(grad.float()).square()
+            if expert_groups is not None and is_expert(param):
+                expert_squares += square
+            else:
+                squares += square
     for group in groups:
         all_reduce(squares, group=group)
-    total = squares.sqrt()
+    for group in expert_groups or ():
+        all_reduce(expert_squares, group=group)
+    total = (squares + expert_squares).sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grad, _ in grads:

@@ -60,7 +60,7 @@ class GPTModel(nn.Module):
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, self.ops, sequence_parallel) for i in numbers})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, self.ops, sequence_parallel, i) for i in numbers})
         if post_process:
             self.final_layernorm = build_norm(config, self.ops, sequence_parallel)
             if not config.tie_embeddings:
@@ -105,7 +105,7 @@ class GPTModel(nn.Module):
 
 
 def _is_output_projection(name: str) -> bool:
-    return name.endswith(("linear_proj.weight", "linear_fc2.weight"))
+    return name.endswith(("linear_proj.weight", "linear_fc2.weight", "experts.linear_fc2"))
 
 
 def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
+from megatron_lite.model.moe import MoELayer
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops
 from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -59,15 +60,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU (llama: fc1 holds [gate; up]) or GELU (gpt2) feed-forward block."""
 
-    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False,
+                 ffn_hidden_size: int | None = None) -> None:
         super().__init__()
         gated = config.family == "llama"
         bias = not gated
-        fc1_out = config.ffn_hidden_size * (2 if gated else 1)
+        ffn = ffn_hidden_size or config.ffn_hidden_size
+        fc1_out = ffn * (2 if gated else 1)
         # stride 2: each rank takes its slice of the gate half and of the up half.
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, fc1_out, bias=bias,
                                                sequence_parallel=sequence_parallel, stride=2 if gated else 1)
-        self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, bias=bias,
+        self.linear_fc2 = RowParallelLinear(ffn, config.hidden_size, bias=bias,
                                             sequence_parallel=sequence_parallel)
         self.activation = ops.swiglu if gated else ops.gelu
 
@@ -76,14 +79,20 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)), computed by the model's `ops`."""
+    """x + attn(norm(x)), then x + mlp(norm(x)), computed by the model's `ops`; the MLP is a
+    mixture of experts on the layers ModelConfig.is_moe_layer names."""
 
-    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False, number: int = 0) -> None:
         super().__init__()
         self.input_layernorm = build_norm(config, ops, sequence_parallel)
         self.self_attention = Attention(config, ops, sequence_parallel)
         self.pre_mlp_layernorm = build_norm(config, ops, sequence_parallel)
-        self.mlp = MLP(config, ops, sequence_parallel)
+        if config.is_moe_layer(number):
+            shared = config.moe_shared_expert_intermediate_size
+            self.mlp = MoELayer(config, ops, sequence_parallel,
+                                MLP(config, ops, sequence_parallel, shared) if shared else None)
+        else:
+            self.mlp = MLP(config, ops, sequence_parallel)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_reduce
+from megatron_lite.model.moe import AuxLoss
 from megatron_lite.pipeline_parallel.trace import Trace
 
 
@@ -59,6 +60,8 @@ class ModelRunner:
         self.chunks, self.microbatches, self.num_microbatches = chunks, microbatches, num_microbatches
         self.tensor_shape, self.device, self.dtype, self.trace = tensor_shape, device, dtype, trace
         self.loss_scale = loss_scale
+        # The balancing losses of MoE layers enter the objective with the lm loss's weight.
+        AuxLoss.scale = loss_scale * parallel_state.get_grid().size("cp") / num_microbatches
         self.before_last_backward = before_last_backward
         # Detached device scalars: reading them (a host sync) waits for the end of the step.
         self.losses: list[torch.Tensor] = []

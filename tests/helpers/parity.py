@@ -97,7 +97,7 @@ def _gather_grad_shards(buf) -> None:
     """The distributed optimizer leaves only this rank's shard of each grad bucket reduced;
     assemble the full grads from every rank's shard to compare them."""
     for bucket in buf.buckets:
-        all_gather_flat(buf.grad_data[bucket.start:bucket.end], "dp-cp")
+        all_gather_flat(buf.grad_data[bucket.start:bucket.end], buf.group)
 
 
 def merge_tensors(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,234 @@
+"""Mixture of experts and expert parallelism.
+
+In-process: the balancing losses against a direct computation, the capacity rule, aux-loss-free
+balancing evening out a skewed router, refusals. Spawned (one spawn per world size 2, 4, 8):
+every expert-parallel layout against one device with dropless routing in fp32 (losses, grads
+before clipping, grad norms, weights; tolerances and their reasons in tests/helpers/parity.py),
+and the all-to-all volume against the routed token counts.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from megatron_lite import parallel_state
+from megatron_lite.arguments import parse_args
+from megatron_lite.comm import METER
+from megatron_lite.config import ConfigError
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.checkpointing import latest_iteration, read_checkpoint
+from megatron_lite.hf_convert import hf_config, load_safetensors
+from megatron_lite.model.gpt import GPTModel
+from megatron_lite.reshard import load_weights
+from megatron_lite.layout import Layout
+from megatron_lite.model.moe import MoELayer, finish_moe_step, moe_routers
+from megatron_lite.model.ops import select_ops
+from megatron_lite.training import pretrain, rank_microbatches, train_step
+from helpers.parity import assert_parity, merge_ranks, run_steps, setup_rank
+from helpers.tiny import tiny_config, tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import convert_checkpoint  # noqa: E402
+
+CPU = torch.device("cpu")
+STEPS = 3
+MOE = dict(num_layers=4, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_aux_loss_coeff=1e-2,
+           moe_z_loss_coeff=1e-3)
+# Both families, a shared expert and dense layers in between (moe_layer_freq 2) on gpt2.
+FAMILY_MOE = {"llama": MOE, "gpt2": {**MOE, "moe_layer_freq": 2, "moe_shared_expert_intermediate_size": 32}}
+CASES = [  # (family, layout)
+    ("llama", Layout(dp=2, ep=2)), ("gpt2", Layout(dp=2, ep=2)), ("llama", Layout(cp=2, ep=2)),
+    ("gpt2", Layout(dp=2, ep=2, distopt=True)),
+    ("llama", Layout(dp=4, ep=4)), ("llama", Layout(tp=2, dp=2, ep=2, sp=True)), ("gpt2", Layout(pp=2, dp=2, ep=2)),
+    ("llama", Layout(tp=2, pp=2, dp=2, ep=2, sp=True)),
+]
+
+
+def moe_config(family: str, layout: Layout = Layout(), clip: float = 0.5, **model):
+    config = tiny_config(family, model={**FAMILY_MOE[family], **model}, micro_batch_size=1, global_batch_size=8,
+                         train_iters=STEPS, clip_grad=clip)
+    config.parallel = layout.apply(config.parallel)
+    config.parallel.ddp_bucket_size = 3000
+    return config
+
+
+def _router_inputs(**model):
+    config = tiny_model("llama", **{**MOE, **model})
+    parallel_state.initialize_model_parallel(Layout().apply(tiny_config().parallel))
+    layer = MoELayer(config, select_ops(False), False, None)
+    for i, param in enumerate(layer.parameters()):
+        torch.nn.init.normal_(param, std=0.5 if param is layer.router.weight else 0.05,
+                              generator=torch.Generator().manual_seed(i))
+    x = torch.randn(3, 16, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    return config, layer, x
+
+
+@pytest.mark.parametrize("kind", ["aux_loss", "seq_aux_loss"])
+def test_balancing_losses_equal_a_direct_computation(kind: str) -> None:
+    config, layer, x = _router_inputs(moe_router_load_balancing_type=kind)
+    weights, experts, aux = layer.router(x)
+    logits = x @ layer.router.weight.t()
+    probs = logits.softmax(-1)
+    chosen = torch.zeros_like(probs).scatter_(-1, logits.topk(2, -1).indices, 1.0)
+    E, k = config.num_experts, config.moe_router_topk
+    if kind == "aux_loss":  # Switch: E * sum_i f_i P_i, f the fraction of routed pairs, P the mean prob
+        balance = E * ((chosen.sum((0, 1)) / (48 * k)) * probs.mean((0, 1))).sum()
+    else:  # the same per sequence, averaged over the sequences
+        balance = (E * ((chosen.sum(1) / (16 * k)) * probs.mean(1)).sum(-1)).mean()
+    z = torch.logsumexp(logits, -1).square().mean()
+    torch.testing.assert_close(aux, config.moe_aux_loss_coeff * balance + config.moe_z_loss_coeff * z,
+                               rtol=1e-6, atol=0)
+    # The weights: the softmax over the chosen k logits (renormalised), summing to one per token.
+    torch.testing.assert_close(weights, logits.flatten(0, 1).gather(-1, experts).softmax(-1))
+    assert torch.equal(experts.sort(-1).values, logits.topk(2, -1).indices.flatten(0, 1).sort(-1).values)
+
+
+def test_capacity_keeps_each_experts_highest_weighted_pairs() -> None:
+    config, layer, _ = _router_inputs(moe_expert_capacity_factor=0.5)
+    # 8 tokens x k 2 = 16 pairs over 4 experts: capacity ceil(0.5 * 8 * 2 / 4) = 2 per expert.
+    experts = torch.tensor([0, 1, 0, 2, 0, 1, 0, 3, 1, 2, 0, 1, 3, 3, 2, 2])
+    weights = torch.linspace(0.9, 0.1, 16)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    keep = layer._within_capacity(experts, weights, num_tokens=8)
+    for e in range(4):
+        pairs = (experts == e).nonzero().flatten()
+        best = pairs[weights[pairs].argsort(descending=True)[:2]]
+        assert set(keep.nonzero().flatten().tolist()) & set(pairs.tolist()) == set(best.tolist()), e
+
+
+def test_dropless_and_padded_capacity_compute_the_same_layer() -> None:
+    """A capacity nothing exceeds drops nothing; padding each expert's rows to the same count
+    changes shapes, not results."""
+    _, layer, x = _router_inputs()
+    reference = layer(x)
+    layer.config.moe_expert_capacity_factor, layer.config.moe_pad_expert_input_to_capacity = 4.0, True
+    torch.testing.assert_close(layer(x), reference)
+
+
+def test_expert_bias_balances_a_skewed_router() -> None:
+    """Aux-loss-free balancing alone (no aux loss, weights fixed): the inputs share a direction u
+    the router favours expert 0 along; as the bias moves each step, max/mean load falls."""
+    config, layer, x = _router_inputs(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.01,
+                                      moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
+    u = torch.nn.functional.normalize(torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(2)), dim=0)
+    x = x + 2.0 * u
+    with torch.no_grad():
+        layer.router.weight[0] += u
+        balance = []
+        for _ in range(100):
+            layer(x)
+            balance.append(finish_moe_step([layer])["expert_load_max_over_mean"])
+    assert balance[0] > 1.5 and max(balance[-20:]) < 1.25, balance
+    assert layer.router.expert_bias[0] < 0  # the overloaded expert's bias went down
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk=5 exceeds --num-experts=4"),
+    (["--num-experts", "4", "--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor=0.0 must be > 0"),
+    (["--num-experts", "6", "--ep", "4"], "--num-experts=6 is not divisible by --expert-model-parallel-size=4"),
+    (["--ep", "2"], "--expert-model-parallel-size=2 needs --num-experts"),
+])
+def test_bad_moe_flags_are_refused(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_args(flags)
+
+
+def test_expert_parallel_size_must_divide_dp_times_cp(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = moe_config("llama", Layout(tp=2, ep=2))
+    with pytest.raises(ConfigError, match=r"--expert-model-parallel-size=2 does not divide dp x cp = 1 x 1"):
+        parallel_state.initialize_model_parallel(config.parallel)
+
+
+def _all_to_all_volume() -> dict:
+    """One step at dp 2 x ep 2: the meter's all-to-all bytes and this rank's routed pairs."""
+    config = moe_config("llama", Layout(dp=2, ep=2))
+    model = setup_rank(config)
+    routers = moe_routers(model.chunks)
+    batches = list(rank_microbatches(RandomTokens(258, 16), 0, config, CPU))
+    METER.reset()
+    train_step(model, batches, 1, config, CPU)
+    pairs = len(batches) * config.model.seq_length * config.model.moe_router_topk * len(routers)
+    counts = len(batches) * len(routers) * 8 * config.model.num_experts  # one int64 count per expert and exchange
+    return {"measured": METER.total("all_to_all", "ep"), "pairs": pairs, "count_bytes": counts,
+            "hidden": config.model.hidden_size}
+
+
+def moe_worker(world: int) -> dict:
+    results = {(family, layout): run_steps(moe_config(family, layout), STEPS)
+               for family, layout in CASES if layout.world_size == world}
+    if world == 2:
+        results["volume"] = _all_to_all_volume()
+    return results
+
+
+@functools.cache
+def spawned(world: int) -> dict:
+    ranks = run_on_ranks(moe_worker, world, world)
+    merged = {key: merge_ranks([r[key] for r in ranks]) for key in ranks[0] if key != "volume"}
+    if world == 2:
+        merged["volume"] = [r["volume"] for r in ranks]
+    return merged
+
+
+@functools.cache
+def single(family: str) -> dict:
+    return run_steps(moe_config(family), STEPS)
+
+
+@pytest.mark.parametrize("family, layout", CASES, ids=[f"{f}-{layout.name}" for f, layout in CASES])
+def test_expert_parallel_layouts_match_single_device(family: str, layout: Layout) -> None:
+    result = spawned(layout.world_size)[(family, layout)]
+    assert_parity(single(family), result, 258)
+    assert all(math.isfinite(x) for x in result["losses"])
+
+
+def test_all_to_all_volume_is_the_routed_rows() -> None:
+    """Summed over the ep group: every (token, expert) pair's hidden fp32 row crosses four times
+    (dispatch and combine forward, their gradients backward), plus the exchanged counts."""
+    ranks = spawned(2)["volume"]
+    rows = 4 * 4 * ranks[0]["hidden"] * sum(r["pairs"] for r in ranks)
+    assert sum(r["measured"] for r in ranks) == rows + sum(r["count_bytes"] for r in ranks), ranks
+
+
+def test_moe_resume_is_bit_exact_with_the_expert_bias(tmp_path) -> None:
+    """At ep 1 experts checkpoint like any parameter, and the expert bias (a buffer) with them."""
+    model = {**MOE, "moe_router_enable_expert_bias": True, "moe_router_bias_update_rate": 0.05}
+    straight = pretrain(tiny_config(train_iters=4, model=model))["losses"]
+    pretrain(tiny_config(train_iters=4, exit_interval=2, save=str(tmp_path), model=model))
+    assert pretrain(tiny_config(train_iters=4, load=str(tmp_path), model=model))["losses"] == straight[2:]
+
+
+def test_mixtral_export_matches_transformers_and_import_round_trips(tmp_path) -> None:
+    """A trained tiny llama MoE exports as MixtralForCausalLM with our logits (fp32, 1e-4), and
+    importing the export and exporting it again gives the same tensors bit for bit."""
+    ours, hf_dir, back, again = (tmp_path / name for name in ("ours", "hf", "back", "again"))
+    config = tiny_config(train_iters=2, save=str(ours), model={**MOE, "num_layers": 2})
+    pretrain(config)
+    assert convert_checkpoint.main(["to-hf", "--load", str(ours), "--out", str(hf_dir)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    model = GPTModel(config.model)
+    load_weights(read_checkpoint(ours, latest_iteration(ours)).model, [model])
+    tokens = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model.eval()(tokens), rtol=0, atol=1e-4)
+    assert convert_checkpoint.main(["from-hf", str(hf_dir), "--out", str(back), "--make-vocab-size-divisible-by", "8"]) == 0
+    assert convert_checkpoint.main(["to-hf", "--load", str(back), "--out", str(again)]) == 0
+    first, second = load_safetensors(hf_dir), load_safetensors(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("model, why", [
+    ({"moe_shared_expert_intermediate_size": 32}, "a shared expert: Mixtral has none"),
+    ({"moe_layer_freq": 2}, "every Mixtral layer is MoE"),
+])
+def test_moe_models_no_hf_family_represents_are_refused(model: dict, why: str) -> None:
+    with pytest.raises(ConfigError, match=f"no Hugging Face family represents this mixture of experts: .*{why}"):
+        hf_config(tiny_model("llama", **{**MOE, **model}))
