@@ -238,12 +238,13 @@ def barrier() -> None:
         _progressed()
 
 
-def all_gather_object(obj: object) -> list:
-    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process.
-    For the few small host-side agreements (checkpoint files written, errors), not for tensors."""
-    if not dist.is_initialized():
+def all_gather_object(obj: object, group: str = "world") -> list:
+    """Every rank's `obj` (picklable) of the group, in its rank order, on each of them; [obj] on a
+    group of one. For host-side agreements (checkpoint files written, errors) and the small
+    state a checkpoint collects, not for tensors on the training path."""
+    if not dist.is_initialized() or parallel_state.get_grid().size(group) == 1:
         return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered = [None] * parallel_state.get_grid().size(group)
+    dist.all_gather_object(gathered, obj, group=parallel_state.get_group(group))
     _progressed()
     return gathered

@@ -42,6 +42,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 CP_COMM_TYPES = ("p2p", "allgather", "a2a")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+MOE_DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclass
@@ -106,13 +107,15 @@ class ModelConfig:
     """Tokens each expert takes at most, as a multiple of an even share (default: dropless)."""
     moe_pad_expert_input_to_capacity: bool = False
     """With a capacity factor: pad every expert's input to its capacity (fixed shapes)."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """How tokens reach their experts under expert parallelism: alltoall (each row to its expert's rank) or allgather (all tokens to every ep rank)."""
 
     # Fields a run may change when it resumes from a checkpoint: how the model trains, not the
     # function it computes. Every other field is taken from, or checked against, the checkpoint
     # (checkpointing.adopt_checkpoint_model_args); a new field is checked unless listed here.
     TRAINING_ONLY = ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "fused_kernels",
                      "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-                     "moe_router_bias_update_rate")
+                     "moe_router_bias_update_rate", "moe_token_dispatcher_type")
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -156,6 +159,9 @@ class ModelConfig:
         _require(self.moe_router_load_balancing_type in MOE_LOAD_BALANCING,
                  f"--moe-router-load-balancing-type={self.moe_router_load_balancing_type} is unknown; allowed: "
                  f"{', '.join(MOE_LOAD_BALANCING)}")
+        _require(self.moe_token_dispatcher_type in MOE_DISPATCHERS,
+                 f"--moe-token-dispatcher-type={self.moe_token_dispatcher_type} is unknown; allowed: "
+                 f"{', '.join(MOE_DISPATCHERS)}")
         _require(self.moe_router_score_function == "softmax" or not self.moe_router_pre_softmax,
                  "--moe-router-pre-softmax needs --moe-router-score-function softmax")
         _require(self.moe_aux_loss_coeff >= 0 and (self.moe_z_loss_coeff or 0) >= 0,
@@ -479,9 +485,6 @@ class Config:
         self.parallel.validate()
         self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
-        _require(self.parallel.expert_model_parallel_size == 1 or not (self.train.save or self.train.load),
-                 f"--save/--load with --expert-model-parallel-size={self.parallel.expert_model_parallel_size}: "
-                 "checkpoints of experts split over ranks are not implemented yet; use --expert-model-parallel-size 1")
         m, pp = self.train.num_microbatches(self.parallel.data_parallel_size), self.parallel.pipeline_model_parallel_size
         # Megatron's interleaved schedule runs microbatches in groups of pp.
         _require(self.parallel.schedule != "interleaved" or m % pp == 0,

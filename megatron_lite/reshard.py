@@ -28,9 +28,12 @@ import torch
 from torch import nn
 
 from megatron_lite.optimizer import MainParam
-from megatron_lite.placement import full_shape, local_shard, placement, unshard
+from megatron_lite import parallel_state
+from megatron_lite.comm import all_gather_object
+from megatron_lite.placement import full_shape, is_expert, local_shard, placement, unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+REPLICATED_LAYOUT = {"partition_dim": None, "partition_stride": 1, "unpadded_rows": None}
 
 
 @dataclass
@@ -66,9 +69,32 @@ def _state_order(optimizer) -> list[MainParam]:
 
 
 def optimizer_index(optimizer, chunks: list[nn.Module]) -> list[tuple[str, int, int]]:
-    """(parameter name, first element, end element) of each optimizer state entry."""
+    """(parameter name, first element, end element) of each optimizer state entry, in this rank's
+    (tp and ep) shard of the parameter."""
     names = {id(p): name for chunk in chunks for name, p in chunk.named_parameters()}
     return [(names[id(t.param)], t.offset, t.offset + t.main.numel()) for t in _state_order(optimizer)]
+
+
+def optimizer_checkpoint(optimizer, chunks: list[nn.Module], collect_experts: bool) -> tuple[dict, list]:
+    """The optimizer's state dict and index as a file stores them. Experts are saved whole (the
+    model file holds them gathered over ep), so their entries' ranges are moved to the full
+    parameter: the ep shard is a block of dim 0, i.e. a contiguous run of the flattened tensor.
+    `collect_experts` (the plain optimizer, whose file only the first dp x cp replica writes):
+    the other ep ranks' expert entries are gathered and appended. Collective over ep."""
+    state, index = optimizer.state_dict(), optimizer_index(optimizer, chunks)
+    ep_rank = parallel_state.get_grid().index("ep")
+    for i, t in enumerate(_state_order(optimizer)):
+        if is_expert(t.param):
+            name, lo, hi = index[i]
+            index[i] = (name, lo + ep_rank * t.param.numel(), hi + ep_rank * t.param.numel())
+    if collect_experts and parallel_state.get_grid().size("ep") > 1:
+        mine = [(index[i], state["state"][i]) for i, t in enumerate(_state_order(optimizer))
+                if is_expert(t.param) and i in state["state"]]
+        for rank, entries in enumerate(all_gather_object(mine, group="ep")):
+            for entry, entry_state in entries if rank != ep_rank else ():
+                state["state"][len(index)] = entry_state
+                index.append(entry)
+    return state, index
 
 
 def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_shapes: dict, tp_rank: int) -> None:
@@ -115,7 +141,8 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
         for opt in optimizer_files:
             if opt["optimizer"] is not None:
                 _gather_moments(moments, opt["optimizer"], opt["optimizer_index"], local_shapes, tp_rank)
-    model = {name: _assemble(by_rank, layouts[name]) for name, by_rank in weights.items()}
+    # Persistent buffers (an MoE router's expert bias) are in the state dicts too, replicated.
+    model = {name: _assemble(by_rank, layouts.get(name, REPLICATED_LAYOUT)) for name, by_rank in weights.items()}
     optimizer = None
     if moments:
         optimizer = {}
@@ -138,11 +165,16 @@ def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
 
 def load_weights(model: dict[str, torch.Tensor], chunks: list[nn.Module], optimizer=None) -> None:
     """Copy this rank's slices of full unpadded weights, keyed by global name, into the chunks
-    and, given the optimizer, their unrounded values into its fp32 main copies."""
+    (and the persistent buffers `model` has) and, given the optimizer, their unrounded values
+    into its fp32 main copies."""
     weights = {param: _local(model[name], param) for chunk in chunks for name, param in chunk.named_parameters()}
     with torch.no_grad():
         for param, weight in weights.items():
             param.copy_(weight)
+        for chunk in chunks:
+            for name, buffer in chunk.named_buffers():
+                if name in model:
+                    buffer.copy_(model[name])
     if optimizer is not None:
         optimizer.load_main_weights(weights)
 

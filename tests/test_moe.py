@@ -31,6 +31,7 @@ from megatron_lite.layout import Layout
 from megatron_lite.model.moe import MoELayer, finish_moe_step, moe_routers
 from megatron_lite.model.ops import select_ops
 from megatron_lite.training import pretrain, rank_microbatches, train_step
+from helpers.checkpoint_steps import train, train_jobs
 from helpers.parity import assert_parity, merge_ranks, run_steps, setup_rank
 from helpers.tiny import tiny_config, tiny_model
 
@@ -43,11 +44,13 @@ MOE = dict(num_layers=4, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=3
            moe_z_loss_coeff=1e-3)
 # Both families, a shared expert and dense layers in between (moe_layer_freq 2) on gpt2.
 FAMILY_MOE = {"llama": MOE, "gpt2": {**MOE, "moe_layer_freq": 2, "moe_shared_expert_intermediate_size": 32}}
-CASES = [  # (family, layout)
-    ("llama", Layout(dp=2, ep=2)), ("gpt2", Layout(dp=2, ep=2)), ("llama", Layout(cp=2, ep=2)),
-    ("gpt2", Layout(dp=2, ep=2, distopt=True)),
-    ("llama", Layout(dp=4, ep=4)), ("llama", Layout(tp=2, dp=2, ep=2, sp=True)), ("gpt2", Layout(pp=2, dp=2, ep=2)),
-    ("llama", Layout(tp=2, pp=2, dp=2, ep=2, sp=True)),
+ALLGATHER = {"moe_token_dispatcher_type": "allgather"}
+CASES = [  # (family, layout, model overrides)
+    ("llama", Layout(dp=2, ep=2), {}), ("gpt2", Layout(dp=2, ep=2), {}), ("llama", Layout(cp=2, ep=2), {}),
+    ("gpt2", Layout(dp=2, ep=2, distopt=True), {}), ("llama", Layout(dp=2, ep=2), ALLGATHER),
+    ("llama", Layout(dp=4, ep=4), {}), ("llama", Layout(tp=2, dp=2, ep=2, sp=True), {}),
+    ("gpt2", Layout(pp=2, dp=2, ep=2), {}), ("gpt2", Layout(dp=4, ep=2), ALLGATHER),
+    ("llama", Layout(tp=2, pp=2, dp=2, ep=2, sp=True), {}),
 ]
 
 
@@ -161,8 +164,8 @@ def _all_to_all_volume() -> dict:
 
 
 def moe_worker(world: int) -> dict:
-    results = {(family, layout): run_steps(moe_config(family, layout), STEPS)
-               for family, layout in CASES if layout.world_size == world}
+    results = {(family, layout, _name(model)): run_steps(moe_config(family, layout, **model), STEPS)
+               for family, layout, model in CASES if layout.world_size == world}
     if world == 2:
         results["volume"] = _all_to_all_volume()
     return results
@@ -182,9 +185,14 @@ def single(family: str) -> dict:
     return run_steps(moe_config(family), STEPS)
 
 
-@pytest.mark.parametrize("family, layout", CASES, ids=[f"{f}-{layout.name}" for f, layout in CASES])
-def test_expert_parallel_layouts_match_single_device(family: str, layout: Layout) -> None:
-    result = spawned(layout.world_size)[(family, layout)]
+def _name(model: dict) -> str:
+    return "-".join(str(v) for v in model.values())
+
+
+@pytest.mark.parametrize("family, layout, model", CASES,
+                         ids=["-".join(filter(None, (f, layout.name, _name(m)))) for f, layout, m in CASES])
+def test_expert_parallel_layouts_match_single_device(family: str, layout: Layout, model: dict) -> None:
+    result = spawned(layout.world_size)[(family, layout, _name(model))]
     assert_parity(single(family), result, 258)
     assert all(math.isfinite(x) for x in result["losses"])
 
@@ -232,3 +240,39 @@ def test_mixtral_export_matches_transformers_and_import_round_trips(tmp_path) ->
 def test_moe_models_no_hf_family_represents_are_refused(model: dict, why: str) -> None:
     with pytest.raises(ConfigError, match=f"no Hugging Face family represents this mixture of experts: .*{why}"):
         hf_config(tiny_model("llama", **{**MOE, **model}))
+
+
+def test_grouped_gemm_equals_the_loop_over_experts() -> None:
+    """Both paths of Experts on the same rows (some expert empty): outputs and grads alike."""
+    _, layer, x = _router_inputs()
+    experts = layer.experts
+    rows = x.flatten(0, 1)[:40].clone().requires_grad_()
+    counts = [3, 17, 0, 20]
+    assert experts._grouped_mm_fits(rows)
+    grouped = experts(rows, counts)
+    experts._grouped_mm_fits = lambda rows: False
+    looped = experts(rows, counts)
+    torch.testing.assert_close(grouped, looped, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), (rows, experts.linear_fc1, experts.linear_fc2))
+             for out in (grouped, looped)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_parallel_checkpoints_resume_exactly_and_reshard_across_ep(tmp_path) -> None:
+    """Saved at dp 2 x ep 2 with the plain and with the distributed optimizer (files hold experts
+    whole): resumed there bit-identically; loaded at one device, at dp 2 x ep 1 with the
+    distributed optimizer and at dp 4 x ep 4, the next steps' losses are the same to 1e-5 (only
+    the order of float sums differs)."""
+    plain, sharded = moe_config("llama", Layout(dp=2, ep=2)), moe_config("llama", Layout(dp=2, ep=2, distopt=True))
+    saved_plain, saved_sharded = str(tmp_path / "plain"), str(tmp_path / "sharded")
+    straight, _, straight_sharded, _ = run_on_ranks(train_jobs, 2, [(plain, 4), (plain, 2, None, saved_plain),
+                                                                    (sharded, 4), (sharded, 2, None, saved_sharded)])[0]
+    resumed = run_on_ranks(train_jobs, 2, [(plain, 2, saved_plain), (sharded, 2, saved_sharded)])[0]
+    assert resumed == [straight[2:], straight_sharded[2:]]
+    assert train(moe_config("llama"), 2, saved_plain) == pytest.approx(straight[2:], rel=1e-5)
+    other_ep = moe_config("llama", Layout(dp=2, distopt=True))
+    assert run_on_ranks(train_jobs, 2, [(other_ep, 2, saved_plain)])[0][0] == pytest.approx(straight[2:], rel=1e-5)
+    wider = moe_config("llama", Layout(dp=4, ep=4))
+    assert run_on_ranks(train_jobs, 4, [(wider, 2, saved_sharded)])[0][0] == pytest.approx(straight_sharded[2:],
+                                                                                            rel=1e-5)

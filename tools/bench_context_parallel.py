@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import parse_run_args  # noqa: E402
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.config import CP_COMM_TYPES, Config, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
@@ -65,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--query-groups", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = parser.parse_args(argv)
-    gpus = torch.cuda.device_count() if args.device == "cuda" else None
+    args, gpus = parse_run_args(parser, argv)
     print(f"{'cp':>3s} {'comm':>9s} {'tokens/s':>10s} {'vs cp 1':>8s} {'peak GB':>8s}   (seq {args.seq_length}, "
           f"{args.num_layers} layers, hidden {args.hidden_size}, {args.device})")
     base = None

@@ -116,11 +116,14 @@ def read_checkpoint(root: str | Path, iteration: int) -> FullState:
 
 def describe_layout(layout: dict) -> str:
     return (f"tp={layout['tp']} cp={layout.get('cp', 1)} pp={layout['pp']} vpp={layout['vpp']} dp={layout['dp']} "
+            f"ep={layout.get('ep', 1)} "
             "distributed optimizer "
             f"{'on' if layout['distributed_optimizer'] else 'off'}")
 
 
 def _same_layout(saved: dict, ours: dict) -> bool:
+    if saved.get("ep", 1) > 1 or ours["ep"] > 1:
+        return False  # files hold experts whole and their Adam state as full ranges: always resharded
     # dp decides which file holds what only when the Adam state is sharded over it.
     keys = ["tp", "pp", "vpp", "distributed_optimizer"] + (["dp", "cp"] if ours["distributed_optimizer"] else [])
     return all(saved.get(k, 1) == ours[k] for k in keys)  # checkpoints from before cp have no "cp"

@@ -27,14 +27,15 @@ from megatron_lite.checkpointing.manifest import file_entry, write_manifest
 from megatron_lite.checkpointing.paths import MARKER, checkpoint_dir, optimizer_file, rank_file, saved_iterations
 from megatron_lite.config import Config, TrainingError
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
-from megatron_lite.reshard import optimizer_index, tp_layout
+from megatron_lite.placement import gather_full, is_expert
+from megatron_lite.reshard import optimizer_checkpoint, tp_layout
 from megatron_lite.comm import all_reduce
 
 
 def current_layout(config: Config) -> dict:
     grid = parallel_state.get_grid()
     return {"tp": grid.size("tp"), "cp": grid.size("cp"), "pp": grid.size("pp"), "vpp": config.parallel.vpp,
-            "dp": grid.size("dp"),
+            "dp": grid.size("dp"), "ep": grid.expert_parallel,
             "distributed_optimizer": config.parallel.use_distributed_optimizer}
 
 
@@ -69,17 +70,17 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
     local = optimizer is not None and not sharded
     scaler = None if optimizer is None or optimizer.loss_scaler is None else optimizer.loss_scaler.state_dict()
     files = []
-    model = _model_state(chunks, optimizer)  # collective under the distributed optimizer
+    # Collective: the distributed optimizer's main weights, experts gathered over ep.
+    model = _model_state(chunks, optimizer)
+    opt_state, opt_index = optimizer_checkpoint(optimizer, chunks, local) if optimizer is not None else (None, None)
     if grid.index(GRAD_GROUP) == 0:
         files.append((path, {"iteration": iteration, "consumed_samples": consumed_samples,
                              "model": model, "tp_layout": tp_layout(chunks), "loss_scaler": scaler,
-                             "optimizer": optimizer.state_dict() if local else None,
-                             "optimizer_index": optimizer_index(optimizer, chunks) if local else None,
+                             "optimizer": opt_state if local else None, "optimizer_index": opt_index if local else None,
                              "finetune": optimizer is None, "layout": current_layout(config),
                              "rng": rng_state(), "config": dataclasses.asdict(config)}))
     if sharded:
-        files.append((optimizer_file(path, grid.index(GRAD_GROUP)),
-                      {"optimizer": optimizer.state_dict(), "optimizer_index": optimizer_index(optimizer, chunks)}))
+        files.append((optimizer_file(path, grid.index(GRAD_GROUP)), {"optimizer": opt_state, "optimizer_index": opt_index}))
     return files
 
 
@@ -87,10 +88,12 @@ def _model_state(chunks: list[nn.Module], optimizer) -> list[dict[str, torch.Ten
     """Each chunk's state dict with fp32 weights: under --bf16/--fp16 the optimizer's main copies,
     not the rounded model weights, so a resumed run continues exactly and an export loses nothing."""
     states = [c.state_dict() for c in chunks]
-    if optimizer is not None:
-        main = optimizer.main_weights()
-        for chunk, state in zip(chunks, states):
-            state.update({name: main[p].detach() for name, p in chunk.named_parameters()})
+    main = optimizer.main_weights() if optimizer is not None else {}
+    for chunk, state in zip(chunks, states):
+        for name, p in chunk.named_parameters():
+            weight = main.get(p, p).detach()
+            # Experts whole, whatever the ep size: the file is the same at every ep.
+            state[name] = gather_full(p, weight) if is_expert(p) else weight
     return states
 
 

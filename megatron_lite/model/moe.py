@@ -12,8 +12,9 @@ Per layer and microbatch:
   3. dispatch  every (token, expert) pair sorted by expert; with a capacity factor the pairs
                beyond an expert's capacity (lowest weight first) are dropped; under ep the rows
                go to the rank holding their expert (all_to_all_rows), which regroups what it
-               received by its local experts
-  4. experts   one MLP per local expert on its rows (a loop: CPU torch has no grouped GEMM)
+               received by its local experts; or, with the allgather dispatcher, every ep rank
+               gathers all tokens and routing and its outputs are reduce-scattered back
+  4. experts   one MLP per local expert on its rows, as grouped GEMMs (torch._grouped_mm)
   5. combine   the reverse exchange and permutation, each row times its weight, summed per token
 
 The statistics of the balancing losses are those of the whole microbatch: under sequence
@@ -30,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_lite import parallel_state
-from megatron_lite.comm import all_reduce, all_to_all_rows
+from megatron_lite.comm import all_gather, all_reduce, all_to_all_rows, reduce_scatter
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.ops import Ops
 from megatron_lite.placement import Placement, Shard, place
 from megatron_lite.tensor_parallel.layers import mark_sequence_parallel
+from megatron_lite.tensor_parallel.mappings import _Conjugate
 
 
 class AuxLoss(torch.autograd.Function):
@@ -134,9 +136,26 @@ class Experts(nn.Module):
         self.activation = ops.swiglu if gated else ops.gelu
 
     def forward(self, rows: Tensor, rows_per_expert: list[int]) -> Tensor:
+        """Each expert on its run of rows (rows sorted by expert): one grouped GEMM per matrix
+        (torch._grouped_mm) where torch has it and the strides allow, else a loop over experts."""
+        if rows.shape[0] == 0:
+            return rows.new_zeros(0, self.linear_fc2.shape[1])
+        if self._grouped_mm_fits(rows):
+            ends = torch.tensor(rows_per_expert, device=rows.device).cumsum(0).to(torch.int32)
+            dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else None
+            rows, fc1, fc2 = (t if dtype is None else t.to(dtype) for t in (rows, self.linear_fc1, self.linear_fc2))
+            hidden = torch._grouped_mm(rows, fc1.transpose(1, 2), offs=ends)
+            return torch._grouped_mm(self.activation(hidden), fc2.transpose(1, 2), offs=ends)
         outputs = [self.activation(chunk @ self.linear_fc1[e].t()) @ self.linear_fc2[e].t()
                    for e, chunk in enumerate(rows.split(rows_per_expert))]
-        return torch.cat(outputs) if outputs else rows
+        return torch.cat(outputs)
+
+    def _grouped_mm_fits(self, rows: Tensor) -> bool:
+        """torch._grouped_mm needs every row of its operands 16-byte aligned."""
+        if not hasattr(torch, "_grouped_mm"):
+            return False
+        dims = (rows.shape[1], *self.linear_fc1.shape[1:], *self.linear_fc2.shape[1:])
+        return all(d * rows.element_size() % 16 == 0 for d in dims)
 
 
 class MoELayer(nn.Module):
@@ -160,13 +179,31 @@ class MoELayer(nn.Module):
 
     def _routed(self, tokens: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         cfg = self.config
-        num_experts, k = cfg.num_experts, cfg.moe_router_topk
         flat_expert, flat_weight = experts.flatten(), weights.flatten()
         keep = self._within_capacity(flat_expert, flat_weight, tokens.shape[0])
+        grid = parallel_state.get_grid()
+        if cfg.moe_token_dispatcher_type == "alltoall" or grid.size("ep") == 1:
+            return self._combine(tokens, flat_weight, flat_expert, keep, cfg.num_experts, self._exchange_and_compute)
+        # allgather: every ep rank sees every rank's tokens and routing, computes its own experts'
+        # share of each token's output, and the shares are summed back to the tokens' owners.
+        local = cfg.num_experts // grid.size("ep")
+        first = grid.index("ep") * local
+        tokens, flat_weight = _gather_ep(tokens), _gather_ep(flat_weight)
+        flat_expert = all_gather(flat_expert, 0, "ep") - first
+        keep = all_gather(keep.to(torch.uint8), 0, "ep").bool()  # gloo gathers no bools
+        keep = keep & (flat_expert >= 0) & (flat_expert < local)
+        out = self._combine(tokens, flat_weight, flat_expert.clamp(0, local - 1), keep, local,
+                            lambda rows, per_expert: self._compute(rows, per_expert.tolist()))
+        return _scatter_ep(out)
+
+    def _combine(self, tokens: Tensor, flat_weight: Tensor, flat_expert: Tensor, keep: Tensor, num_experts: int,
+                 compute) -> Tensor:
+        """The kept (token, expert) pairs sorted by expert, `compute`d (rows, rows per expert) ->
+        output rows, each times its weight, summed per token."""
+        k = self.config.moe_router_topk
         order = torch.argsort(torch.where(keep, flat_expert, num_experts), stable=True)[:int(keep.sum())]
-        rows = tokens[order // k]
         per_expert = torch.bincount(flat_expert[order], minlength=num_experts)
-        out_rows = self._exchange_and_compute(rows, per_expert)
+        out_rows = compute(tokens[order // k], per_expert)
         out_rows = out_rows * flat_weight[order].unsqueeze(-1).to(out_rows.dtype)
         return torch.zeros_like(tokens).index_add_(0, order // k, out_rows.to(tokens.dtype))
 
@@ -223,6 +260,16 @@ def _exchange_counts(counts: Tensor) -> Tensor:
     """counts[j, e] sent to rank j; returns what every rank j sends this one, [ep, local]."""
     ep = counts.shape[0]
     return all_to_all_rows(counts, [1] * ep, [1] * ep, "ep")
+
+
+def _gather_ep(t: Tensor) -> Tensor:
+    """Every ep rank's t, concatenated in rank order; the gradient reduce-scattered back."""
+    return _Conjugate.apply(t, lambda x: all_gather(x, 0, "ep"), lambda g: reduce_scatter(g, 0, "ep"))
+
+
+def _scatter_ep(t: Tensor) -> Tensor:
+    """The sum over ep ranks of t, each rank keeping its slice; the gradient all-gathered."""
+    return _Conjugate.apply(t, lambda x: reduce_scatter(x, 0, "ep"), lambda g: all_gather(g, 0, "ep"))
 
 
 class _AllToAllRows(torch.autograd.Function):
