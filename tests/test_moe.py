@@ -23,6 +23,7 @@ from megatron_lite.comm import METER
 from megatron_lite.config import ConfigError
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.flops import flops_per_step
 from megatron_lite.checkpointing import latest_iteration, read_checkpoint
 from megatron_lite.hf_convert import hf_config, load_safetensors
 from megatron_lite.model.gpt import GPTModel
@@ -50,6 +51,7 @@ CASES = [  # (family, layout, model overrides)
     ("gpt2", Layout(dp=2, ep=2, distopt=True), {}), ("llama", Layout(dp=2, ep=2), ALLGATHER),
     ("llama", Layout(dp=4, ep=4), {}), ("llama", Layout(tp=2, dp=2, ep=2, sp=True), {}),
     ("gpt2", Layout(pp=2, dp=2, ep=2), {}), ("gpt2", Layout(dp=4, ep=2), ALLGATHER),
+    ("llama", Layout(pp=2, dp=2, ep=2, vpp=2), {}),
     ("llama", Layout(tp=2, pp=2, dp=2, ep=2, sp=True), {}),
 ]
 
@@ -276,3 +278,12 @@ def test_expert_parallel_checkpoints_resume_exactly_and_reshard_across_ep(tmp_pa
     wider = moe_config("llama", Layout(dp=4, ep=4))
     assert run_on_ranks(train_jobs, 4, [(wider, 2, saved_sharded)])[0][0] == pytest.approx(straight_sharded[2:],
                                                                                             rel=1e-5)
+
+
+def test_flops_count_the_active_parameters() -> None:
+    """k experts of width f/k cost what one dense MLP of width f does, plus the router's h x E matmul."""
+    dense = tiny_model("llama", num_layers=4, ffn_hidden_size=64)
+    moe = tiny_model("llama", num_layers=4, ffn_hidden_size=64, num_experts=8, moe_router_topk=2,
+                     moe_ffn_hidden_size=32)
+    router = 6 * 4 * dense.seq_length * dense.hidden_size * 8  # 2 FLOPs x 3 passes x layers x tokens x h x E
+    assert flops_per_step(moe, 1) == pytest.approx(flops_per_step(dense, 1) + router, rel=1e-12)

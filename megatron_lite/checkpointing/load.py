@@ -115,8 +115,9 @@ def read_checkpoint(root: str | Path, iteration: int) -> FullState:
 
 
 def describe_layout(layout: dict) -> str:
+    ep = layout.get("ep", 1)
     return (f"tp={layout['tp']} cp={layout.get('cp', 1)} pp={layout['pp']} vpp={layout['vpp']} dp={layout['dp']} "
-            f"ep={layout.get('ep', 1)} "
+            + (f"ep={ep} " if ep > 1 else "") +
             "distributed optimizer "
             f"{'on' if layout['distributed_optimizer'] else 'off'}")
 
