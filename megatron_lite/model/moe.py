@@ -115,8 +115,8 @@ class Router(nn.Module):
             aux = aux + cfg.moe_aux_loss_coeff * num_experts / (cfg.moe_router_topk * tokens**2 * sequences) * (c * p).sum()
         if cfg.moe_z_loss_coeff:
             aux = aux + cfg.moe_z_loss_coeff * torch.logsumexp(logits, -1).square().sum() / (b * seq)
-        if self.training:
-            self.aux_loss_sum += all_reduce(aux.detach().clone(), group=group)
+        if self.training:  # this rank's share; finish_moe_step sums the shares once per step
+            self.aux_loss_sum += aux.detach()
         return aux
 
 
@@ -297,15 +297,18 @@ def finish_moe_step(chunks: list[nn.Module]) -> dict[str, float] | None:
     grid = parallel_state.get_grid()
     dp = grid.size("dp")
     loads = torch.stack([r.tokens_per_expert for r in routers]) if routers else None
+    aux_shares = torch.stack([r.aux_loss_sum / max(r.microbatches, 1) for r in routers]) if routers else None
     if loads is not None:
         # Counts were summed over the ranks splitting a sequence only when they enter a balancing
-        # loss; sum them here over every rank that holds other tokens, once per token.
+        # loss; sum them here over every rank that holds other tokens, once per token, and the
+        # ranks' shares of each layer's balancing loss over the ranks splitting a sequence.
         split_group = _split_tokens_group(routers[0].sequence_parallel)
         loads = all_reduce(all_reduce(loads, group=split_group), group="dp")
+        aux_shares = all_reduce(aux_shares, group=split_group)
         for router, load in zip(routers, loads):
             if router.config.moe_router_enable_expert_bias:
                 router.expert_bias += router.config.moe_router_bias_update_rate * torch.sign(load.mean() - load)
-    aux = sum((r.aux_loss_sum.cpu() / max(r.microbatches, 1) for r in routers), torch.zeros(()))
+    aux = aux_shares.sum().cpu() if aux_shares is not None else torch.zeros(())
     balance = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).sum().cpu() if loads is not None else torch.zeros(())
     stats = torch.stack([aux.float(), balance.float(), torch.tensor(float(len(routers)))])
     if grid.size("pp") > 1:
