@@ -11,7 +11,7 @@ one micro batch: global batch = micro batch, one optimizer step.
 
   megatron_lite          our training step (parallelize + train_step, as pretrain runs it), fused kernels
   megatron_lite-unfused  the same with --no-fused-kernels (plain torch ops)
-  megatron_lite-compile  the same with --compile; "not available" while TrainConfig has no such field
+  megatron_lite-compile  the same with --compile (each transformer layer under torch.compile)
   hf-eager               transformers LlamaForCausalLM of the same shape (hf_convert.hf_config), sdpa
                          attention, plain torch.optim.AdamW (fused on CUDA), same clipping and lr
   hf-compile             the same, the model under torch.compile
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import bench  # noqa: E402
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.arguments import parse_args  # noqa: E402
-from megatron_lite.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from megatron_lite.config import Config, ModelConfig  # noqa: E402
 from megatron_lite.data.loader import global_batch  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
 from megatron_lite.flops import flops_per_step, peak_tflops  # noqa: E402
@@ -153,8 +153,6 @@ def timed_steps(step: Callable[[int], float], warmup: int, steps: int, device: t
 
 def run_row(row: str, flags: list[str], args: argparse.Namespace) -> Result:
     """One row in a fresh grid, seeded alike; an exception becomes the row's note."""
-    if row == "megatron_lite-compile" and not hasattr(TrainConfig, "compile"):
-        return Result(row, note="not available: TrainConfig has no compile field in this checkout")
     try:
         config = build_config(flags + OUR_ROWS.get(row, []), args.vocab_size)
         parallel_state.initialize_model_parallel(config.parallel)
