@@ -226,7 +226,7 @@ class ParallelConfig:
     ddp_bucket_size: int = 40_000_000
     """Elements per data-parallel gradient bucket; a bucket's reduction starts as soon as its grads are final."""
     expert_model_parallel_size: int = 1
-    """Ranks that split each MoE layer's experts (expert parallelism), carved out of dp x cp; tokens reach their experts by all-to-all."""
+    """Ranks that split each MoE layer's experts (expert parallelism), carved out of tp x dp x cp (tp first); tokens reach their experts by all-to-all."""
     overlap_param_gather: bool = False
     """With --use-distributed-optimizer: all-gather the updated parameters in the background, each bucket waited for just before the next forward first uses it."""
     distributed_timeout_minutes: float = 5.0

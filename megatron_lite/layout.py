@@ -17,7 +17,7 @@ class Layout:
     cp_comm: str = "p2p"  # --cp-comm-type
     pp: int = 1
     dp: int = 1
-    ep: int = 1  # expert parallelism, carved out of dp x cp (not a factor of the world size)
+    ep: int = 1  # expert parallelism, carved out of tp x dp x cp (not a factor of the world size)
     vpp: int = 1
     schedule: str | None = None  # default: ParallelConfig's (interleaved when vpp > 1, else 1f1b)
     sp: bool = False

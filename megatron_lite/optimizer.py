@@ -63,7 +63,7 @@ class LocalOptimizer:
     """
 
     norm_groups = ("mp",)  # grads are replicated over dp after the all-reduce: sum norms over tp x pp only
-    expert_groups = ("mp", "ep")  # experts differ over ep as well
+    expert_groups = ("pp", "ep")  # experts differ over pp and ep; their other replicas hold the same grads
 
     def __init__(self, chunks: list[nn.Module], cfg: TrainConfig, experts: bool = False) -> None:
         self.tensors = [main_param(p, getattr(p, "main_grad", None), p)

@@ -16,12 +16,13 @@ torch.distributed at all.
 Adding a parallelism adds an axis name to AXES, where its size comes from in AXIS_SIZES, and
 any group of it to GROUPS; nothing else here changes.
 
-Mixture-of-experts layers view the same ranks through Megatron's expert grid, tp x ep x edp x
-pp: the dp x cp coordinates of a rank, flattened (cp fastest), are split again into an
-expert-parallel coordinate (fastest) and an expert-data-parallel one. "ep" groups hold the
-different experts of a layer and exchange tokens; "edp" groups hold the same experts and
-average their gradients. Experts are not split over tp (Megatron's expert-tp of 1): tp ranks
-hold the same experts, and under sequence parallelism route their own tokens.
+Mixture-of-experts layers view the same ranks through Megatron's expert grid, expert-tp x ep x
+edp x pp with expert-tp 1 (experts are never split over tp): the tp x cp x dp coordinates of a
+rank, flattened (tp fastest), are split again into an expert-parallel coordinate (fastest) and
+an expert-data-parallel one. "ep" groups hold the different experts of a layer and exchange
+tokens; "edp" groups hold the same experts and sum their gradients. Taking ep from the fastest
+ranks first puts the all-to-all on neighbours, as Megatron does: at tp 2 x ep 2 the two tp ranks
+of a pair hold different experts, each routing its own sequence-parallel tokens.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class Grid:
     """Axis sizes (fastest first), this rank, and its process groups (None for a group of one rank)."""
     sizes: dict[str, int] = field(default_factory=lambda: {axis: 1 for axis in AXES})
     rank: int = 0
-    expert_parallel: int = 1  # the ep size of the expert view (it divides cp x dp)
+    expert_parallel: int = 1  # the ep size of the expert view (it divides tp x cp x dp)
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
     # This rank's members of each group name, computed once: collectives ask for sizes on every call.
     _members: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
@@ -104,17 +105,17 @@ class Grid:
         return groups
 
     def _expert_ranks(self, name: str) -> list[list[int]]:
-        """ep or edp groups: over the flattened cp x dp index f of each (tp, pp) coordinate,
-        ep groups are runs of `expert_parallel` consecutive f, edp groups every ep-th f."""
-        tp, flat, ep = self.sizes["tp"], self.sizes["cp"] * self.sizes["dp"], self.expert_parallel
+        """ep or edp groups: over the flattened tp x cp x dp index f of each pp coordinate (the
+        rank is f + flat * pp_r), ep groups are runs of `expert_parallel` consecutive f, edp
+        groups every ep-th f."""
+        flat, ep = self.sizes["tp"] * self.sizes["cp"] * self.sizes["dp"], self.expert_parallel
         groups = []
-        for pp_r, tp_r in product(range(self.sizes["pp"]), range(tp)):
-            def rank(f: int) -> int:
-                return tp_r + tp * (f + flat * pp_r)
+        for pp_r in range(self.sizes["pp"]):
+            base = flat * pp_r
             if name == "ep":
-                groups += [[rank(e * ep + j) for j in range(ep)] for e in range(flat // ep)]
+                groups += [[base + e * ep + j for j in range(ep)] for e in range(flat // ep)]
             else:
-                groups += [[rank(i * ep + j) for i in range(flat // ep)] for j in range(ep)]
+                groups += [[base + i * ep + j for i in range(flat // ep)] for j in range(ep)]
         return groups
 
     def members(self, name: str) -> list[int]:
@@ -161,9 +162,9 @@ def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = axis_sizes(parallel, world_size)
     ep = parallel.expert_model_parallel_size
-    if (sizes["cp"] * sizes["dp"]) % ep:
-        raise ConfigError(f"--expert-model-parallel-size={ep} does not divide dp x cp = {sizes['dp']} x {sizes['cp']}"
-                          " (experts are split over ranks that hold different tokens)")
+    if (sizes["tp"] * sizes["cp"] * sizes["dp"]) % ep:
+        raise ConfigError(f"--expert-model-parallel-size={ep} does not divide tp x dp x cp = "
+                          f"{sizes['tp']} x {sizes['dp']} x {sizes['cp']} (the ranks of one pipeline stage)")
     if world_size == 1:
         _GRID = Grid(sizes)
         return _GRID

@@ -12,7 +12,7 @@
                  pipeline split and the tensor-parallel mappings between layers stay eager)
   4. buffers     a grad buffer per chunk, reduced over dp x cp in buckets during the last backward
                  (distributed/data_parallel.py); partial grads' buckets wait for their sums; a
-                 second one per chunk for mixture-of-experts experts, reduced over edp
+                 second one per chunk for mixture-of-experts experts, summed over edp
   5. optimizer   AdamW over the whole chunks, or over this rank's dp x cp shard of the buffers
 
 Later parallelisms take their place in this order: activation recomputation wraps layers
@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from megatron_lite.config import Config
+from megatron_lite import parallel_state
+from megatron_lite.config import Config, ParallelConfig
 from megatron_lite.context_parallel.attention import context_parallel_attention
-from megatron_lite.distributed.data_parallel import DataParallelGrads
+from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
 from megatron_lite.model.gpt import GPTModel, init_weights
@@ -69,6 +70,14 @@ def build_chunks(config: Config) -> list[GPTModel]:
     return build_model_chunks(build, config.model.num_layers, par.vpp)
 
 
+def expert_grad_divisor(par: ParallelConfig) -> int:
+    """What the experts' grads, summed over edp, divide by to be the global batch's mean: every
+    dp x cp replica's tokens reach the experts once, and without sequence parallelism the tp
+    ranks of a replica route the same tokens, so each arrives tp times."""
+    grid = parallel_state.get_grid()
+    return grid.size(GRAD_GROUP) * (1 if par.sequence_parallel else grid.size("tp"))
+
+
 def parallelize(config: Config, device: torch.device) -> TrainingModel:
     """Steps 1 to 5 for this rank (the grid must be initialised)."""
     par = config.parallel
@@ -82,8 +91,9 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
             for layer in chunk.layers.values():
                 layer.compile()
     experts = bool(config.model.num_experts)
-    # Experts get buffers of their own, averaged over the expert-data-parallel group.
-    kinds = [dict(select=lambda p: not is_expert(p))] + ([dict(select=is_expert, group="edp")] if experts else [])
+    # Experts get buffers of their own, summed over the expert-data-parallel group.
+    kinds = [dict(select=lambda p: not is_expert(p))] + (
+        [dict(select=is_expert, group="edp", divisor=expert_grad_divisor(par))] if experts else [])
     buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
                                  deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather,
                                  **kind)

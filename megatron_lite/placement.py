@@ -49,7 +49,11 @@ class Placement:
     @property
     def replicas(self) -> tuple[str, ...]:
         """Groups whose members hold this same tensor: each replica axis it is not split over,
-        and each group it sums partial gradients over."""
+        and each group it sums partial gradients over. An expert (split over ep) has none here:
+        its replicas, tp ranks included, form the expert-data-parallel group (parallel_state),
+        the optimizer's business as dp is for the others."""
+        if self.shard("ep") is not None:
+            return self.partial_grads
         axes = tuple(a for a in REPLICA_AXES if self.shard(a) is None)
         return axes + tuple(g for g in self.partial_grads if g not in axes)
 

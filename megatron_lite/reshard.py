@@ -97,13 +97,17 @@ def optimizer_checkpoint(optimizer, chunks: list[nn.Module], collect_experts: bo
     return state, index
 
 
-def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_shapes: dict, tp_rank: int) -> None:
-    """Scatter one file's optimizer entries into flat per-(name, tp rank) buffers."""
+def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_shapes: dict, tp_rank: int,
+                    layouts: dict) -> None:
+    """Scatter one file's optimizer entries into flat per-(name, tp rank) buffers. A parameter
+    not split over tp has one buffer that every tp rank's files fill: an expert's Adam state
+    is sharded over edp, which may take tp ranks, so a tp rank's files alone need not cover it."""
     for i, (name, lo, hi) in enumerate(index):
         entry = optimizer_state["state"].get(i)
         if entry is None:  # saved before the first step: no state yet
             continue
-        flat = moments[name].setdefault(tp_rank, {k: torch.zeros(local_shapes[name].numel()) for k in MOMENTS})
+        key = tp_rank if layouts[name]["partition_dim"] is not None else 0
+        flat = moments[name].setdefault(key, {k: torch.zeros(local_shapes[name].numel()) for k in MOMENTS})
         for key in MOMENTS:
             flat[key][lo:hi] = entry[key].flatten()
         flat["step"] = entry["step"]
@@ -140,7 +144,7 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
         optimizer_files = [state] if len(paths) == 1 else [load(p) for p in paths[1:]]
         for opt in optimizer_files:
             if opt["optimizer"] is not None:
-                _gather_moments(moments, opt["optimizer"], opt["optimizer_index"], local_shapes, tp_rank)
+                _gather_moments(moments, opt["optimizer"], opt["optimizer_index"], local_shapes, tp_rank, layouts)
     # Persistent buffers (an MoE router's expert bias) are in the state dicts too, replicated.
     model = {name: _assemble(by_rank, layouts.get(name, REPLICATED_LAYOUT)) for name, by_rank in weights.items()}
     optimizer = None

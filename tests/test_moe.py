@@ -53,6 +53,9 @@ CASES = [  # (family, layout, model overrides)
     ("gpt2", Layout(pp=2, dp=2, ep=2), {}), ("gpt2", Layout(dp=4, ep=2), ALLGATHER),
     ("llama", Layout(pp=2, dp=2, ep=2, vpp=2), {}),
     ("llama", Layout(tp=2, pp=2, dp=2, ep=2, sp=True), {}),
+    # ep over tp ranks: with SP each routes its own tokens; without, the same ones (counted once).
+    ("llama", Layout(tp=2, ep=2, sp=True), {}), ("gpt2", Layout(tp=2, ep=2), {}),
+    ("gpt2", Layout(tp=2, dp=2, ep=4, sp=True, distopt=True), {}),
 ]
 
 
@@ -144,10 +147,10 @@ def test_bad_moe_flags_are_refused(flags: list[str], message: str) -> None:
         parse_args(flags)
 
 
-def test_expert_parallel_size_must_divide_dp_times_cp(monkeypatch) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    config = moe_config("llama", Layout(tp=2, ep=2))
-    with pytest.raises(ConfigError, match=r"--expert-model-parallel-size=2 does not divide dp x cp = 1 x 1"):
+def test_expert_parallel_size_must_divide_the_ranks_of_a_stage(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    config = moe_config("llama", Layout(tp=2, pp=2, ep=4))
+    with pytest.raises(ConfigError, match=r"--expert-model-parallel-size=4 does not divide tp x dp x cp = 2 x 1 x 1"):
         parallel_state.initialize_model_parallel(config.parallel)
 
 
@@ -265,14 +268,20 @@ def test_expert_parallel_checkpoints_resume_exactly_and_reshard_across_ep(tmp_pa
     """Saved at dp 2 x ep 2 with the plain and with the distributed optimizer (files hold experts
     whole): resumed there bit-identically; loaded at one device, at dp 2 x ep 1 with the
     distributed optimizer and at dp 4 x ep 4, the next steps' losses are the same to 1e-5 (only
-    the order of float sums differs)."""
+    the order of float sums differs). Also with ep over the tp ranks (tp 2 + SP x ep 2, the
+    distributed optimizer: each tp rank's files hold the Adam state of its own experts only),
+    resumed there and loaded at one device."""
     plain, sharded = moe_config("llama", Layout(dp=2, ep=2)), moe_config("llama", Layout(dp=2, ep=2, distopt=True))
-    saved_plain, saved_sharded = str(tmp_path / "plain"), str(tmp_path / "sharded")
-    straight, _, straight_sharded, _ = run_on_ranks(train_jobs, 2, [(plain, 4), (plain, 2, None, saved_plain),
-                                                                    (sharded, 4), (sharded, 2, None, saved_sharded)])[0]
-    resumed = run_on_ranks(train_jobs, 2, [(plain, 2, saved_plain), (sharded, 2, saved_sharded)])[0]
-    assert resumed == [straight[2:], straight_sharded[2:]]
+    over_tp = moe_config("llama", Layout(tp=2, ep=2, sp=True, distopt=True))
+    saved_plain, saved_sharded, saved_tp = (str(tmp_path / name) for name in ("plain", "sharded", "tp"))
+    straight, _, straight_sharded, _, straight_tp, _ = run_on_ranks(
+        train_jobs, 2, [(plain, 4), (plain, 2, None, saved_plain), (sharded, 4), (sharded, 2, None, saved_sharded),
+                        (over_tp, 4), (over_tp, 2, None, saved_tp)])[0]
+    resumed = run_on_ranks(train_jobs, 2, [(plain, 2, saved_plain), (sharded, 2, saved_sharded),
+                                           (over_tp, 2, saved_tp)])[0]
+    assert resumed == [straight[2:], straight_sharded[2:], straight_tp[2:]]
     assert train(moe_config("llama"), 2, saved_plain) == pytest.approx(straight[2:], rel=1e-5)
+    assert train(moe_config("llama"), 2, saved_tp) == pytest.approx(straight_tp[2:], rel=1e-5)
     other_ep = moe_config("llama", Layout(dp=2, distopt=True))
     assert run_on_ranks(train_jobs, 2, [(other_ep, 2, saved_plain)])[0][0] == pytest.approx(straight[2:], rel=1e-5)
     wider = moe_config("llama", Layout(dp=4, ep=4))

@@ -81,6 +81,26 @@ def test_every_group_matches_the_rank_formula(sizes: dict[str, int]) -> None:
         assert grid.rank_of(coords[rank]) == rank
 
 
+@pytest.mark.parametrize("sizes, ep", [(dict(tp=2, cp=1, dp=2, pp=2), 2), (dict(tp=2, cp=2, dp=2, pp=1), 4),
+                                       (dict(tp=1, cp=2, dp=2, pp=2), 2), (dict(tp=2, cp=1, dp=2, pp=1), 1)],
+                         ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) if isinstance(v, dict) else f"ep{v}")
+def test_expert_groups_split_each_stage_with_tp_fastest(sizes: dict[str, int], ep: int) -> None:
+    """Megatron's expert grid with expert-tp 1: the flattened index f = tp + TP*(cp + CP*dp) of a
+    rank within its stage; ep groups share the stage and f // ep, edp groups the stage and f % ep."""
+    coords = _brute_force(sizes)
+
+    def flat(r: int) -> int:
+        c = coords[r]
+        return c["tp"] + sizes["tp"] * (c["cp"] + sizes["cp"] * c["dp"])
+    for rank in coords:
+        grid = Grid(dict(sizes), rank, ep)
+        same_stage = [r for r in sorted(coords) if coords[r]["pp"] == coords[rank]["pp"]]
+        assert grid.members("ep") == [r for r in same_stage if flat(r) // ep == flat(rank) // ep]
+        assert grid.members("edp") == [r for r in same_stage if flat(r) % ep == flat(rank) % ep]
+        assert grid.size("ep") * grid.size("edp") == len(same_stage)
+        assert grid.index("ep") == flat(rank) % ep
+
+
 def test_axis_sizes_take_dp_from_the_world_and_name_what_does_not_divide() -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     assert axis_sizes(parallel, 8) == {"tp": 2, "cp": 1, "dp": 2, "pp": 2}

@@ -61,15 +61,17 @@ class DataParallelGrads:
 
     def __init__(self, module: nn.Module, bucket_size: int = DEFAULT_BUCKET_SIZE, shard: bool = False,
                  deferred: Callable[[nn.Parameter], bool] = lambda p: False, overlap_param_gather: bool = False,
-                 select: Callable[[nn.Parameter], bool] = lambda p: True, group: str = GRAD_GROUP) -> None:
-        """The parameters of `module` that `select` picks, reduced over `group`. Dense parameters
-        are replicated over dp and cp: one reduction over both (cp ranks hold partial grads of
-        other tokens of the same samples, see model_runner.microbatch_loss). Experts are
-        replicated over "edp" only, but their grads, summed there, still hold contributions from
-        all dp x cp replicas' tokens (the all-to-all brought them): both divide by dp x cp."""
+                 select: Callable[[nn.Parameter], bool] = lambda p: True, group: str = GRAD_GROUP,
+                 divisor: int | None = None) -> None:
+        """The parameters of `module` that `select` picks, summed over `group` and divided by
+        `divisor` (default: dp x cp). Dense parameters are replicated over dp and cp: one
+        reduction over both (cp ranks hold partial grads of other tokens of the same samples,
+        see model_runner.microbatch_loss), a mean over the replicas. Experts are replicated over
+        "edp", whose sum holds every dp x cp replica's tokens' contributions (the all-to-all
+        brought them), so they divide by dp x cp too (see parallelize.expert_grad_divisor)."""
         grid = parallel_state.get_grid()
         self.group, self.dp, self.dp_rank, self.shard = group, grid.size(group), grid.index(group), shard
-        self.divisor = grid.size(GRAD_GROUP)
+        self.divisor = grid.size(GRAD_GROUP) if divisor is None else divisor
         params = [p for p in module.parameters() if p.requires_grad and select(p)]
         ordered = [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
         self.buckets: list[Bucket] = []
@@ -136,7 +138,7 @@ class DataParallelGrads:
         bucket.launched = True
         data = self.grad_data[bucket.start:bucket.end]
         if self.divisor > 1:
-            data.div_(self.divisor)  # sum of per-replica means / (dp x cp) = mean over the global batch
+            data.div_(self.divisor)  # sum of per-replica means / replicas = mean over the global batch
         if self.dp == 1:
             return
         # Sharded: only this rank's shard of the bucket needs the sum (on gloo all of it gets it).

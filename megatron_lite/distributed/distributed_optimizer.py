@@ -23,7 +23,7 @@ from megatron_lite.optimizer import LocalOptimizer, main_param
 
 class DistributedOptimizer(LocalOptimizer):
     norm_groups = (GRAD_GROUP, "mp")  # each rank holds the grads of its shard only: sum norms over every rank
-    expert_groups = ("edp", "mp", "ep")
+    expert_groups = ("edp", "pp", "ep")
 
     def __init__(self, buffers: list[DataParallelGrads], cfg: TrainConfig, experts: bool = False) -> None:
         grid = parallel_state.get_grid()

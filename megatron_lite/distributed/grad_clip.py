@@ -17,9 +17,10 @@ def clip_grad_norm(grads: list[tuple[torch.Tensor, nn.Parameter]], max_norm: flo
     split over tp on every tp rank, one replicated over tp on tp rank 0 only, the tied
     embedding on the first stage only (placement.counted_here). The squares are then summed
     over `groups`: the model-parallel group (tp x pp), and with the distributed optimizer the
-    data-parallel group too. Experts (split over ep) sum over `expert_groups`, which add ep
-    (given whenever the model has experts, so every rank runs the same collectives). The
-    result equals the single-device norm.
+    data-parallel group too. Experts (split over ep) count on every rank and sum over
+    `expert_groups` instead: pp and ep, and edp with the distributed optimizer (the expert grid's
+    replicas, tp ranks among them, otherwise hold the same grads). Given whenever the model has
+    experts, so every rank runs the same collectives. The result equals the single-device norm.
     """
     device = grads[0][0].device
     squares = torch.zeros((), dtype=torch.float32, device=device)

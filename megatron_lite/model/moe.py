@@ -1,6 +1,7 @@
 """Mixture of experts: a router picks k of E expert MLPs per token; expert parallelism splits the
 experts over the "ep" group and moves tokens to them by all-to-all (Megatron-Core's MoE layer
-with the alltoall token dispatcher, expert-tp 1).
+with the alltoall token dispatcher, expert-tp 1: ep may take tp ranks, which under sequence
+parallelism hold different tokens).
 
 Per layer and microbatch:
   1. route     logits = x W_r^T (fp32); scores softmax or sigmoid; the top k (chosen on scores
@@ -123,7 +124,7 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """This rank's E/ep expert MLPs, stacked: fc1 [E/ep, ffn (x2 gated), h], fc2 [E/ep, h, ffn]."""
 
-    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops) -> None:
         super().__init__()
         local = config.num_experts // parallel_state.get_grid().size("ep")
         gated = config.family == "llama"
@@ -131,8 +132,9 @@ class Experts(nn.Module):
         self.linear_fc1 = nn.Parameter(torch.empty(local, ffn * (2 if gated else 1), config.hidden_size))
         self.linear_fc2 = nn.Parameter(torch.empty(local, config.hidden_size, ffn))
         for param in (self.linear_fc1, self.linear_fc2):
-            # Split over ep on the expert dim; replicated over tp, a partial grad under SP.
-            place(param, Placement(shards=(Shard("ep", 0),), partial_grads=("tp",) if sequence_parallel else ()))
+            # Split over ep on the expert dim; the ranks holding the same experts (edp, tp ranks
+            # among them) sum their grads in the experts' own grad buffer.
+            place(param, Placement(shards=(Shard("ep", 0),)))
         self.activation = ops.swiglu if gated else ops.gelu
 
     def forward(self, rows: Tensor, rows_per_expert: list[int]) -> Tensor:
@@ -166,7 +168,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config, sequence_parallel)
-        self.experts = Experts(config, ops, sequence_parallel)
+        self.experts = Experts(config, ops)
         self.shared_expert = shared_expert
 
     def forward(self, x: Tensor) -> Tensor:
