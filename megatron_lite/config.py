@@ -57,6 +57,12 @@ class ModelConfig:
     """Number of query heads."""
     num_query_groups: int | None = None
     """Number of key/value heads for grouped-query attention (default: one per query head)."""
+    kv_channels: int | None = None
+    """Width of each attention head (default: hidden/heads); Qwen3 and Gemma use wider heads."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2), llama family; gpt2 has every bias anyway."""
+    qk_layernorm: bool = False
+    """Normalise each query and key head (the family's norm over the head dim) before RoPE (Qwen3, OLMo2)."""
     ffn_hidden_size: int | None = None
     """Width of the MLP (default: 4*hidden for gpt2, 8/3*hidden rounded up to 64 for llama)."""
     seq_length: int = 128
@@ -89,6 +95,8 @@ class ModelConfig:
     """Every N-th layer is a mixture of experts (layers N-1, 2N-1, ...), the others dense; 1: all of them."""
     moe_shared_expert_intermediate_size: int | None = None
     """Width of a shared expert every token passes through besides its routed ones (default: none)."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by a learned per-token sigmoid gate (Qwen2-MoE)."""
     moe_router_score_function: str = "softmax"
     """Router scores: softmax over the experts, or sigmoid per expert."""
     moe_router_pre_softmax: bool = False
@@ -138,7 +146,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def tie_embeddings(self) -> bool:
@@ -173,6 +181,8 @@ class ModelConfig:
                      "for dropless routing)")
         _require(self.moe_expert_capacity_factor is not None or not self.moe_pad_expert_input_to_capacity,
                  "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+        _require(not self.moe_shared_expert_gate or self.moe_shared_expert_intermediate_size,
+                 "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if getattr(self, name) is not None:
                 _require_positive(self, name)
@@ -182,16 +192,22 @@ class ModelConfig:
         _require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                           "ffn_hidden_size", "seq_length", "max_position_embeddings", "vocab_size",
                           "make_vocab_size_divisible_by", "norm_epsilon", "init_method_std")
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"--hidden-size={self.hidden_size} is not divisible by "
-                 f"--num-attention-heads={self.num_attention_heads}")
+        if self.kv_channels is None:
+            _require(self.hidden_size % self.num_attention_heads == 0,
+                     f"--hidden-size={self.hidden_size} is not divisible by "
+                     f"--num-attention-heads={self.num_attention_heads} (or set --kv-channels)")
+        else:
+            _require_positive(self, "kv_channels")
+        _require(not self.add_qkv_bias or self.family == "llama",
+                 "--add-qkv-bias is for the llama family (gpt2 has every bias already)")
         _require(self.num_attention_heads % self.num_query_groups == 0,
                  f"--num-attention-heads={self.num_attention_heads} is not divisible by "
                  f"--num-query-groups={self.num_query_groups}")
         if self.num_experts is not None:
             self._validate_moe()
         if self.family == "llama":
-            _require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (hidden/heads) must be even for RoPE")
+            _require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (--kv-channels or hidden/heads) must be "
+                     "even for RoPE")
         if self.family == "gpt2":
             _require(self.seq_length <= self.max_position_embeddings,
                      f"--seq-length={self.seq_length} exceeds the gpt2 position table "

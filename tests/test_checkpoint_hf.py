@@ -2,7 +2,9 @@
 logits, and importing it back reproduces them; one spawn (4 ranks) trains both families."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,12 +13,16 @@ import torch
 import transformers
 
 from megatron_lite.checkpointing import latest_iteration, read_checkpoint
-from megatron_lite.model.gpt import GPTModel
+from megatron_lite.config import ConfigError
+from megatron_lite.hf_convert import from_hf_state, to_hf_state
+from megatron_lite.hf_families import hf_config, model_config_from_hf
+from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.layout import Layout
 from megatron_lite.reshard import load_weights
 from megatron_lite.training import pretrain
 from helpers.checkpoint_steps import layout_config, train_jobs
+from helpers.tiny import tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -75,3 +81,53 @@ def test_byte_tokenizer_export_says_no_files(trained: Path, tmp_path: Path, caps
     assert convert_checkpoint.main(["to-hf", "--load", str(trained / "llama"), "--out", str(tmp_path)]) == 0
     assert "byte tokenizer, which has no files" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def _perturbed(config) -> GPTModel:
+    """A one-device model of `config`, initialised and then moved off the init's round values
+    (unit norm weights, zero biases), so a mapping that mixed them up would show."""
+    model = GPTModel(config)
+    init_weights(model, config, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("architecture, model", [
+    ("LlamaForCausalLM", {"kv_channels": 16}), ("Qwen2ForCausalLM", {"add_qkv_bias": True}),
+    ("Qwen3ForCausalLM", {"qk_layernorm": True, "kv_channels": 16})])
+def test_dense_llama_variants_map_to_their_hf_family(architecture: str, model: dict) -> None:
+    """Wider heads, q/k/v biases, q/k norms: the family hf_config names computes our logits
+    (fp32, 1e-4), and its config and weights map back to the same model bit for bit."""
+    config = tiny_model("llama", **model)
+    ours = _perturbed(config)
+    state = {name: t[:config.vocab_size] if name in ("word_embeddings.weight", "output_layer.weight") else t
+             for name, t in ours.state_dict().items()}
+    hf_json = hf_config(config)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_json)).eval()
+    assert type(hf).__name__ == architecture
+    hf.load_state_dict(to_hf_state(state, config), strict=True)
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=0, atol=1e-4)
+    back = model_config_from_hf(hf_json, config.make_vocab_size_divisible_by)
+    assert dataclasses.replace(back, fused_kernels=config.fused_kernels) == config
+    again = from_hf_state(to_hf_state(state, config), back)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type='llama3' is not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling="),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"model_type": "mistral"}, "model_type=mistral is not supported; allowed: llama, qwen2"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=True is not supported"),
+])
+def test_hf_configs_we_cannot_compute_are_refused_naming_the_field(fields: dict, message: str) -> None:
+    hf_json = {**hf_config(tiny_model("llama")), **fields}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        model_config_from_hf(hf_json)

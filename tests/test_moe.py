@@ -25,7 +25,8 @@ from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.flops import flops_per_step
 from megatron_lite.checkpointing import latest_iteration, read_checkpoint
-from megatron_lite.hf_convert import hf_config, load_safetensors
+from megatron_lite.hf_convert import load_safetensors
+from megatron_lite.hf_families import hf_config
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.reshard import load_weights
 from megatron_lite.layout import Layout
@@ -46,6 +47,11 @@ MOE = dict(num_layers=4, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=3
 # Both families, a shared expert and dense layers in between (moe_layer_freq 2) on gpt2.
 FAMILY_MOE = {"llama": MOE, "gpt2": {**MOE, "moe_layer_freq": 2, "moe_shared_expert_intermediate_size": 32}}
 ALLGATHER = {"moe_token_dispatcher_type": "allgather"}
+# The Hugging Face MoE families' features: Qwen2-MoE's gated shared expert, q/k/v biases and
+# unnormalised top-k; Qwen3-MoE's per-head q/k norms over heads wider than hidden/heads.
+QWEN2_MOE = {"moe_shared_expert_intermediate_size": 32, "moe_shared_expert_gate": True, "add_qkv_bias": True,
+             "moe_layer_freq": 2, "moe_router_pre_softmax": True}
+QWEN3_MOE = {"qk_layernorm": True, "kv_channels": 32}
 CASES = [  # (family, layout, model overrides)
     ("llama", Layout(dp=2, ep=2), {}), ("gpt2", Layout(dp=2, ep=2), {}), ("llama", Layout(cp=2, ep=2), {}),
     ("gpt2", Layout(dp=2, ep=2, distopt=True), {}), ("llama", Layout(dp=2, ep=2), ALLGATHER),
@@ -56,6 +62,7 @@ CASES = [  # (family, layout, model overrides)
     # ep over tp ranks: with SP each routes its own tokens; without, the same ones (counted once).
     ("llama", Layout(tp=2, ep=2, sp=True), {}), ("gpt2", Layout(tp=2, ep=2), {}),
     ("gpt2", Layout(tp=2, dp=2, ep=4, sp=True, distopt=True), {}),
+    ("llama", Layout(tp=2, dp=2, ep=2, sp=True), QWEN2_MOE), ("llama", Layout(tp=2, ep=2), QWEN3_MOE),
 ]
 
 
@@ -186,8 +193,9 @@ def spawned(world: int) -> dict:
 
 
 @functools.cache
-def single(family: str) -> dict:
-    return run_steps(moe_config(family), STEPS)
+def single(family: str, model: tuple = ()) -> dict:
+    """The one-device run of a family with model overrides (as sorted items, to be cached)."""
+    return run_steps(moe_config(family, **dict(model)), STEPS)
 
 
 def _name(model: dict) -> str:
@@ -198,7 +206,9 @@ def _name(model: dict) -> str:
                          ids=["-".join(filter(None, (f, layout.name, _name(m)))) for f, layout, m in CASES])
 def test_expert_parallel_layouts_match_single_device(family: str, layout: Layout, model: dict) -> None:
     result = spawned(layout.world_size)[(family, layout, _name(model))]
-    assert_parity(single(family), result, 258)
+    # The dispatcher does not change the one-device model.
+    reference = {k: v for k, v in model.items() if k != "moe_token_dispatcher_type"}
+    assert_parity(single(family, tuple(sorted(reference.items()))), result, 258)
     assert all(math.isfinite(x) for x in result["losses"])
 
 
@@ -218,15 +228,17 @@ def test_moe_resume_is_bit_exact_with_the_expert_bias(tmp_path) -> None:
     assert pretrain(tiny_config(train_iters=4, load=str(tmp_path), model=model))["losses"] == straight[2:]
 
 
-def test_mixtral_export_matches_transformers_and_import_round_trips(tmp_path) -> None:
-    """A trained tiny llama MoE exports as MixtralForCausalLM with our logits (fp32, 1e-4), and
-    importing the export and exporting it again gives the same tensors bit for bit."""
+@pytest.mark.parametrize("architecture, model", [("MixtralForCausalLM", {}), ("Qwen2MoeForCausalLM", QWEN2_MOE),
+                                                 ("Qwen3MoeForCausalLM", QWEN3_MOE)])
+def test_hf_moe_export_matches_transformers_and_import_round_trips(tmp_path, architecture: str, model: dict) -> None:
+    """A trained tiny llama MoE exports as its Hugging Face family with our logits (fp32, 1e-4),
+    and importing the export and exporting it again gives the same tensors bit for bit."""
     ours, hf_dir, back, again = (tmp_path / name for name in ("ours", "hf", "back", "again"))
-    config = tiny_config(train_iters=2, save=str(ours), model={**MOE, "num_layers": 2})
+    config = tiny_config(train_iters=2, save=str(ours), model={**MOE, "num_layers": 2, **model})
     pretrain(config)
     assert convert_checkpoint.main(["to-hf", "--load", str(ours), "--out", str(hf_dir)]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    assert type(hf).__name__ == "MixtralForCausalLM"
+    assert type(hf).__name__ == architecture
     model = GPTModel(config.model)
     load_weights(read_checkpoint(ours, latest_iteration(ours)).model, [model])
     tokens = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -239,8 +251,11 @@ def test_mixtral_export_matches_transformers_and_import_round_trips(tmp_path) ->
 
 
 @pytest.mark.parametrize("model, why", [
-    ({"moe_shared_expert_intermediate_size": 32}, "a shared expert: Mixtral has none"),
+    ({"moe_shared_expert_intermediate_size": 32}, r"a shared expert without a gate \(Qwen2-MoE's is gated"),
     ({"moe_layer_freq": 2}, "every Mixtral layer is MoE"),
+    ({"moe_router_pre_softmax": True}, "unnormalised top-k weights without a shared expert or q/k norms"),
+    ({"qk_layernorm": True, "moe_router_score_function": "sigmoid"}, "sigmoid router scores"),
+    ({**QWEN2_MOE, "qk_layernorm": True, "add_qkv_bias": False}, "a shared expert with q/k norms"),
 ])
 def test_moe_models_no_hf_family_represents_are_refused(model: dict, why: str) -> None:
     with pytest.raises(ConfigError, match=f"no Hugging Face family represents this mixture of experts: .*{why}"):

@@ -12,7 +12,7 @@ one micro batch: global batch = micro batch, one optimizer step.
   megatron_lite          our training step (parallelize + train_step, as pretrain runs it), fused kernels
   megatron_lite-unfused  the same with --no-fused-kernels (plain torch ops)
   megatron_lite-compile  the same with --compile (each transformer layer under torch.compile)
-  hf-eager               transformers LlamaForCausalLM of the same shape (hf_convert.hf_config), sdpa
+  hf-eager               transformers LlamaForCausalLM of the same shape (hf_families.hf_config), sdpa
                          attention, plain torch.optim.AdamW (fused on CUDA), same clipping and lr
   hf-compile             the same, the model under torch.compile
 
@@ -49,7 +49,7 @@ from megatron_lite.config import Config, ModelConfig  # noqa: E402
 from megatron_lite.data.loader import global_batch  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
 from megatron_lite.flops import flops_per_step, peak_tflops  # noqa: E402
-from megatron_lite.hf_convert import hf_config  # noqa: E402
+from megatron_lite.hf_families import hf_config  # noqa: E402
 from megatron_lite.parallelize import parallelize  # noqa: E402
 from megatron_lite.training import rank_microbatches, select_device, set_seed, train_step  # noqa: E402
 

@@ -26,8 +26,9 @@ from megatron_lite.checkpointing import (first_file, latest_iteration, load_chec
                                          read_checkpoint, save_checkpoint, saved_config)
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.hf_convert import (copy_tokenizer, from_hf_state, hf_config, load_safetensors,  # noqa: E402
-                                      model_config_from_hf, save_safetensors, to_hf_state)
+from megatron_lite.hf_convert import (copy_tokenizer, from_hf_state, load_safetensors, save_safetensors,  # noqa: E402
+                                      to_hf_state)
+from megatron_lite.hf_families import hf_config, model_config_from_hf  # noqa: E402
 from megatron_lite.reshard import load_weights  # noqa: E402
 from megatron_lite.parallelize import build_chunks, parallelize  # noqa: E402
 
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("reshard", "from-hf"):
         sub = commands.add_parser(name)
         if name == "from-hf":
-            sub.add_argument("hf_dir", help="local LlamaForCausalLM or GPT2LMHeadModel folder")
+            sub.add_argument("hf_dir", help="local Hugging Face folder of a family in megatron_lite/hf_families.py "
+                                             "(Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2)")
             sub.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
         else:
             sub.add_argument("--load", required=True)

@@ -170,13 +170,20 @@ class MoELayer(nn.Module):
         self.router = Router(config, sequence_parallel)
         self.experts = Experts(config, ops)
         self.shared_expert = shared_expert
+        self.shared_expert_gate = None
+        if config.moe_shared_expert_gate:  # Qwen2-MoE: sigmoid(x w) scales the shared expert per token
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            mark_sequence_parallel(self.shared_expert_gate, sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
         weights, experts, aux = self.router(x)
         tokens = x.flatten(0, 1)
         out = self._routed(tokens, weights, experts).view_as(x)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
         return AuxLoss.apply(out, aux) if aux.requires_grad else out
 
     def _routed(self, tokens: Tensor, weights: Tensor, experts: Tensor) -> Tensor:

@@ -45,12 +45,15 @@ class LayerNorm(nn.Module):
         return self.norm(x, self.weight, self.bias, self.eps, residual)
 
 
-def build_norm(config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> nn.Module:
-    """The family's norm, computed by `ops`. Under sequence parallelism it sees only this
-    rank's tokens, so its params are flagged for the tp all-reduce of their grads."""
+def build_norm(config: ModelConfig, ops: Ops, partial_over_tp: bool = False, size: int | None = None) -> nn.Module:
+    """The family's norm over the last `size` (default: hidden) features, computed by `ops`.
+    `partial_over_tp`: each tp rank's copy sees part of the input (its tokens under sequence
+    parallelism, its heads for the q/k norms), so its params are flagged for the tp all-reduce
+    of their grads."""
+    size = size or config.hidden_size
     if config.family == "llama":
-        norm = RMSNorm(config.hidden_size, config.norm_epsilon, ops.rms_norm)
+        norm = RMSNorm(size, config.norm_epsilon, ops.rms_norm)
     else:
-        norm = LayerNorm(config.hidden_size, config.norm_epsilon, ops.layer_norm)
-    mark_sequence_parallel(norm, sequence_parallel)
+        norm = LayerNorm(size, config.norm_epsilon, ops.layer_norm)
+    mark_sequence_parallel(norm, partial_over_tp)
     return norm

@@ -25,6 +25,9 @@ class Attention(nn.Module):
     The fused QKV projection is laid out group by group: for each query group its query
     heads, then its key head, then its value head. Splitting that output dimension into
     contiguous pieces therefore hands every tp rank whole groups (Megatron's layout too).
+    With qk_layernorm every query and key head is normalised over its width before RoPE,
+    by one norm for all query heads and one for all key heads (Megatron's q_layernorm,
+    k_layernorm); each tp rank normalises its own heads, so their grads are partial over tp.
     """
 
     def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> None:
@@ -37,10 +40,14 @@ class Attention(nn.Module):
         self.ops = ops
         bias = config.family == "gpt2"
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
-        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size, bias=bias,
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size, bias=bias or config.add_qkv_bias,
                                                sequence_parallel=sequence_parallel)
         self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                              bias=bias, sequence_parallel=sequence_parallel)
+        self.q_layernorm = self.k_layernorm = None
+        if config.qk_layernorm:
+            self.q_layernorm = build_norm(config, ops, tp > 1, self.head_dim)
+            self.k_layernorm = build_norm(config, ops, tp > 1, self.head_dim)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         qkv = self.linear_qkv(x)
@@ -49,6 +56,8 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.num_groups, heads_per_group + 2, self.head_dim)
         q = qkv[:, :, :, :heads_per_group].reshape(b, s, self.num_heads, self.head_dim)
         k, v = qkv[:, :, :, heads_per_group], qkv[:, :, :, heads_per_group + 1]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             q, k = self.ops.apply_rotary(q, k, *rotary)
         # Attention takes [batch, heads, seq, dim].
