@@ -43,6 +43,9 @@ CP_COMM_TYPES = ("p2p", "allgather", "a2a")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
 MOE_DISPATCHERS = ("alltoall", "allgather")
+# Megatron-FSDP's names for what data-parallel replicas shard: nothing, the optimizer state
+# (ZeRO-1), also the gradients (ZeRO-2), also the parameters (ZeRO-3 / FSDP).
+SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 
 
 @dataclass
@@ -239,6 +242,8 @@ class ParallelConfig:
     """Model replicas; derived as world_size / (tp * pp), never set by hand."""
     use_distributed_optimizer: bool = False
     """Shard fp32 Adam state across data-parallel ranks (ZeRO-1): reduce-scatter grads, all-gather params."""
+    data_parallel_sharding_strategy: str | None = None
+    """What data-parallel ranks shard: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3 / FSDP); default: optim with --use-distributed-optimizer, else no_shard."""
     ddp_bucket_size: int = 40_000_000
     """Elements per data-parallel gradient bucket; a bucket's reduction starts as soon as its grads are final."""
     expert_model_parallel_size: int = 1
@@ -253,6 +258,11 @@ class ParallelConfig:
         return self.virtual_pipeline_model_parallel_size or 1
 
     @property
+    def sharding(self) -> str:
+        """The data-parallel sharding strategy in effect (one of SHARDING_STRATEGIES)."""
+        return self.data_parallel_sharding_strategy or ("optim" if self.use_distributed_optimizer else "no_shard")
+
+    @property
     def schedule(self) -> str:
         return self.pipeline_schedule or ("interleaved" if self.vpp > 1 else "1f1b")
 
@@ -262,8 +272,19 @@ class ParallelConfig:
                           "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
         _require(self.cp_comm_type in CP_COMM_TYPES,
                  f"--cp-comm-type={self.cp_comm_type} is unknown; allowed: {', '.join(CP_COMM_TYPES)}")
+        strategy = self.data_parallel_sharding_strategy
+        if strategy is not None:
+            _require(strategy in SHARDING_STRATEGIES, f"--data-parallel-sharding-strategy={strategy} is unknown; "
+                     f"allowed: {', '.join(SHARDING_STRATEGIES)}")
+            _require(strategy != "no_shard" or not self.use_distributed_optimizer,
+                     "--data-parallel-sharding-strategy=no_shard contradicts --use-distributed-optimizer")
+            # Every sharded strategy steps through the distributed optimizer (its Adam state is sharded).
+            self.use_distributed_optimizer = strategy != "no_shard"
         _require(not self.overlap_param_gather or self.use_distributed_optimizer,
                  "--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are gathered)")
+        _require(not self.overlap_param_gather or self.sharding != "optim_grads_params",
+                 "--overlap-param-gather is for optim and optim_grads; optim_grads_params gathers each layer's "
+                 "parameters before it runs anyway, the next layer's in the background")
         if self.virtual_pipeline_model_parallel_size is not None:
             _require_positive(self, "virtual_pipeline_model_parallel_size")
         pp, vpp = self.pipeline_model_parallel_size, self.vpp
@@ -378,6 +399,8 @@ class TrainConfig:
     """--fp16 dynamic loss scaling: overflowing steps tolerated before the scale halves."""
     compile: bool = False
     """torch.compile each transformer layer (pipeline stages and tensor-parallel mappings stay as they are)."""
+    optimizer_cpu_offload: bool = False
+    """Keep the fp32 main weights and Adam state in host memory and step the optimizer there (grads copied to the host, updated weights back)."""
     seed: int = 1234
     """Seed of weights, data order and dropout."""
     save: str | None = None
@@ -501,6 +524,9 @@ class Config:
         self.parallel.validate()
         self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
+        _require(not (self.train.compile and self.parallel.sharding == "optim_grads_params"),
+                 "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
+                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
         m, pp = self.train.num_microbatches(self.parallel.data_parallel_size), self.parallel.pipeline_model_parallel_size
         # Megatron's interleaved schedule runs microbatches in groups of pp.
         _require(self.parallel.schedule != "interleaved" or m % pp == 0,

@@ -23,6 +23,7 @@ class Layout:
     sp: bool = False
     distopt: bool = False
     overlap: bool = False  # --overlap-param-gather (with distopt)
+    zero: int = 0  # 2 or 3: --data-parallel-sharding-strategy optim_grads / optim_grads_params (ZeRO-1 is distopt)
 
     @property
     def world_size(self) -> int:
@@ -30,12 +31,13 @@ class Layout:
 
     @property
     def name(self) -> str:
-        """e.g. tp2-cp2-pp2-dp2-ep2-vpp2-sp-distopt-overlap, cp2-a2a; "single" for one device."""
+        """e.g. tp2-cp2-pp2-dp2-ep2-vpp2-sp-distopt-overlap, cp2-a2a, dp4-zero3; "single" for one device."""
         parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("cp", self.cp), ("pp", self.pp),
                                                     ("dp", self.dp), ("ep", self.ep), ("vpp", self.vpp)) if size > 1]
         parts += [self.cp_comm] if self.cp_comm != "p2p" else []
         parts += [self.schedule] if self.schedule else []
         parts += ["sp"] * self.sp + ["distopt"] * self.distopt + ["overlap"] * self.overlap
+        parts += [f"zero{self.zero}"] if self.zero else []
         return "-".join(parts) or "single"
 
     @classmethod
@@ -45,7 +47,7 @@ class Layout:
             return cls()
         fields: dict = {}
         for part in name.split("-"):
-            sized = re.fullmatch(r"(tp|cp|pp|dp|ep|vpp)(\d+)", part)
+            sized = re.fullmatch(r"(tp|cp|pp|dp|ep|vpp|zero)(\d+)", part)
             if sized:
                 fields[sized.group(1)] = int(sized.group(2))
             elif part in CP_COMM_TYPES:
@@ -56,7 +58,8 @@ class Layout:
                 fields[part] = True
             else:
                 raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, cpN, ppN, dpN, epN, vppN, "
-                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt, overlap (e.g. tp2-pp2-dp2-sp-distopt)")
+                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt, overlap, zero2, zero3 "
+                                  "(e.g. tp2-pp2-dp2-sp-distopt)")
         return cls(**fields)
 
     def apply(self, parallel: ParallelConfig) -> ParallelConfig:
@@ -66,4 +69,6 @@ class Layout:
                                    data_parallel_size=self.dp, expert_model_parallel_size=self.ep,
                                    virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
                                    pipeline_schedule=self.schedule, sequence_parallel=self.sp,
-                                   use_distributed_optimizer=self.distopt, overlap_param_gather=self.overlap)
+                                   use_distributed_optimizer=self.distopt or self.zero > 0,
+                                   overlap_param_gather=self.overlap,
+                                   data_parallel_sharding_strategy={2: "optim_grads", 3: "optim_grads_params"}.get(self.zero))

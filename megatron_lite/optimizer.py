@@ -7,7 +7,10 @@ an fp32 buffer (`main_grad`, distributed/data_parallel.py), and the optimizer ke
 rounded result back into the model's weight. In fp32 the main copy is the weight itself.
 Bytes per parameter on a data-parallel rank: fp32 4 weight + 4 grad + 8 Adam moments = 16;
 bf16 2 + 4 + 4 main + 8 = 18. The distributed optimizer shards main copies and moments over
-dp: 8 + 8/dp in fp32, 6 + 12/dp in bf16.
+dp: 8 + 8/dp in fp32, 6 + 12/dp in bf16 (ZeRO-1); ZeRO-2 shards the grads too, 4 + 12/dp and
+2 + 16/dp; ZeRO-3 everything, 16/dp and 18/dp, plus the gathered layers (distributed/).
+With --optimizer-cpu-offload the main copies (also in fp32, then a copy of the weights) and the
+moments are host memory.
 """
 from __future__ import annotations
 
@@ -27,11 +30,23 @@ class MainParam(NamedTuple):
     param: nn.Parameter
     offset: int  # the first element of the flattened parameter that `main` holds
     model: torch.Tensor  # where the model reads those elements (the same tensor as `main` in fp32)
+    device_grad: torch.Tensor | None = None  # --optimizer-cpu-offload: the grad on the device (main.grad: on the host)
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The reduced fp32 grad where the model is (what clipping measures and scales)."""
+        return self.main.grad if self.device_grad is None else self.device_grad
 
 
-def main_param(model: torch.Tensor, grad: torch.Tensor | None, param: nn.Parameter, offset: int = 0) -> MainParam:
+def main_param(model: torch.Tensor, grad: torch.Tensor | None, param: nn.Parameter, offset: int = 0,
+               offload: bool = False) -> MainParam:
     """The fp32 tensor AdamW updates for `model` (a parameter or a piece of one), holding `grad`
-    (None: an fp32 parameter without a grad buffer keeps the .grad autograd gives it)."""
+    (None: an fp32 parameter without a grad buffer keeps the .grad autograd gives it). With
+    `offload` it is a copy in host memory, whose grad the step copies from `grad`."""
+    if offload:
+        main = model.detach().to("cpu", torch.float32, copy=True)
+        main.grad = torch.zeros_like(main)
+        return MainParam(main, param, offset, model, grad)
     main = model if model.dtype == torch.float32 else model.detach().float()
     if grad is not None:
         main.grad = grad
@@ -66,7 +81,7 @@ class LocalOptimizer:
     expert_groups = ("pp", "ep")  # experts differ over pp and ep; their other replicas hold the same grads
 
     def __init__(self, chunks: list[nn.Module], cfg: TrainConfig, experts: bool = False) -> None:
-        self.tensors = [main_param(p, getattr(p, "main_grad", None), p)
+        self.tensors = [main_param(p, getattr(p, "main_grad", None), p, offload=cfg.optimizer_cpu_offload)
                         for c in chunks for p in c.parameters() if p.requires_grad]
         self._build(cfg, experts)
 
@@ -79,7 +94,7 @@ class LocalOptimizer:
         self.loss_scaler = build_loss_scaler(cfg)
 
     def grads_for_norm(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
-        return [(t.main.grad, t.param) for t in self.tensors if t.main.grad is not None]
+        return [(t.grad, t.param) for t in self.tensors if t.grad is not None]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -87,6 +102,13 @@ class LocalOptimizer:
         return self.optimizer.param_groups
 
     def step(self) -> None:
+        # --optimizer-cpu-offload: the (clipped) grads to the host, each copy queued behind the
+        # previous ones, one wait; the updated weights go back the same way.
+        offloaded = [t for t in self.tensors if t.device_grad is not None]
+        for t in offloaded:
+            t.main.grad.copy_(t.device_grad, non_blocking=True)
+        if offloaded and torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.optimizer.step()
         self._copy_main_to_model()
 
@@ -94,7 +116,7 @@ class LocalOptimizer:
     def _copy_main_to_model(self) -> None:
         for t in self.tensors:
             if t.main is not t.model:
-                t.model.copy_(t.main)
+                t.model.copy_(t.main, non_blocking=True)
 
     def finish_param_gather(self) -> None:
         """Nothing in flight: every replica updates its own full weights."""

@@ -11,7 +11,9 @@
                  --compile each transformer layer compiled (the unit torchtitan compiles: the
                  pipeline split and the tensor-parallel mappings between layers stay eager)
   4. buffers     a grad buffer per chunk, reduced over dp x cp in buckets during the last backward
-                 (distributed/data_parallel.py); partial grads' buckets wait for their sums; a
+                 (distributed/data_parallel.py; under ZeRO-2/3 reduce-scattered in every
+                 backward, under ZeRO-3 the parameters sharded too and gathered per layer by
+                 distributed/param_sharding.py); partial grads' buckets wait for their sums; a
                  second one per chunk for mixture-of-experts experts, summed over edp
   5. optimizer   AdamW over the whole chunks, or over this rank's dp x cp shard of the buffers
 
@@ -31,6 +33,7 @@ from megatron_lite.context_parallel.attention import context_parallel_attention
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
+from megatron_lite.distributed.param_sharding import ParamUnit, ShardedParams
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.optimizer import LocalOptimizer
@@ -94,10 +97,26 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
     # Experts get buffers of their own, summed over the expert-data-parallel group.
     kinds = [dict(select=lambda p: not is_expert(p))] + (
         [dict(select=is_expert, group="edp", divisor=expert_grad_divisor(par))] if experts else [])
+    zero3 = par.sharding == "optim_grads_params"
+    units = [c.param_units() for c in chunks] if zero3 else None
     buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
                                  deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather,
-                                 **kind)
-               for kind in kinds for c in chunks]
+                                 shard_grads=par.sharding in ("optim_grads", "optim_grads_params"), shard_params=zero3,
+                                 unit_of=_unit_index(units[i]) if zero3 else None, **kind)
+               for kind in kinds for i, c in enumerate(chunks)]
     optimizer = (DistributedOptimizer(buffers, config.train, experts) if par.use_distributed_optimizer
                  else LocalOptimizer(chunks, config.train, experts))
-    return TrainingModel(chunks, buffers, optimizer)
+    model = TrainingModel(chunks, buffers, optimizer)
+    if zero3:
+        for i in range(len(chunks)):
+            ShardedParams(units[i], model.buffers_of(i))
+    return model
+
+
+def _unit_index(units: list[ParamUnit]):
+    """Which unit (the first, for a weight two units share) each parameter belongs to."""
+    index: dict[nn.Parameter, int] = {}
+    for i, unit in enumerate(units):
+        for p in unit.params:
+            index.setdefault(p, i)
+    return index.__getitem__

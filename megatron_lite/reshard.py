@@ -30,6 +30,7 @@ from torch import nn
 from megatron_lite.optimizer import MainParam
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_object
+from megatron_lite.distributed.data_parallel import materialized
 from megatron_lite.placement import full_shape, is_expert, local_shard, placement, unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -174,7 +175,8 @@ def load_weights(model: dict[str, torch.Tensor], chunks: list[nn.Module], optimi
     weights = {param: _local(model[name], param) for chunk in chunks for name, param in chunk.named_parameters()}
     with torch.no_grad():
         for param, weight in weights.items():
-            param.copy_(weight)
+            if materialized(param):  # a ZeRO-3 parameter gets its shard through the optimizer
+                param.copy_(weight)
         for chunk in chunks:
             for name, buffer in chunk.named_buffers():
                 if name in model:

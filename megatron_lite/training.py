@@ -92,7 +92,8 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
     num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"))
     runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
                          cfg.params_dtype, trace, loss_scale=loss_scale,
-                         before_last_backward=lambda c: [b.start_grad_sync_on_backward() for b in model.buffers_of(c)])
+                         before_last_backward=lambda c: [b.start_grad_sync_on_backward() for b in model.buffers_of(c)],
+                         after_backward=lambda c: [b.finish_microbatch() for b in model.buffers_of(c)])
     run_schedule(runner, par.schedule, num_microbatches, par.vpp)
     # Partial grads summed first, then the data-parallel reduction of their (deferred) buckets.
     reduce_partial_grads(model.chunks)
@@ -198,22 +199,34 @@ def describe_layout(grid: parallel_state.Grid, par) -> str:
 
 
 def describe_memory(model: TrainingModel, dp: int) -> str:
-    """Rank 0's bytes of weights, fp32 grads, fp32 main weights and Adam moments, and the bytes per
-    parameter they amount to (fp32 16, bf16 18; distributed optimizer 8 + 8/dp, 6 + 12/dp)."""
+    """Rank 0's bytes of weights, fp32 grads, fp32 main weights and Adam moments as allocated, and
+    the bytes per parameter they amount to (fp32 16, bf16 18; ZeRO-1 8 + 8/dp, 6 + 12/dp; ZeRO-2
+    4 + 12/dp, 2 + 16/dp; ZeRO-3 16/dp, 18/dp plus the layers gathered at the time)."""
     params = [p for c in model.chunks for p in c.parameters()]
     n = sum(p.numel() for p in params)
     optimized = model.optimizer.tensors
-    parts = {"weights": sum(p.numel() * p.element_size() for p in params), "grads": 4 * n,
+    buckets = [b for buf in model.grad_buffers for b in buf.buckets]
+    sharded = isinstance(model.optimizer, DistributedOptimizer)
+    weights = (sum(buf.param_data.numel() * buf.param_data.element_size() for buf in model.grad_buffers) if sharded
+               else sum(p.numel() * p.element_size() for p in params))
+    offload = any(t.device_grad is not None for t in optimized)
+    parts = {"weights": weights, "grads": sum(4 * buf.grad_data.numel() for buf in model.grad_buffers),
              "main weights": sum(4 * t.main.numel() for t in optimized if t.main is not t.model),
              "Adam state": sum(8 * t.main.numel() for t in optimized)}
     mb = 2**20
     dtype = str(params[0].dtype).removeprefix("torch.")
-    sharded = isinstance(model.optimizer, DistributedOptimizer)
+    if any(b.shard_params for b in buckets):
+        how = f"; ZeRO-3: all of it sharded over dp={dp}, plus the layers gathered at the time (two: one running, one prefetched)"
+    elif any(b.shard_grads for b in buckets):
+        how = f"; ZeRO-2: grads, main weights and moments sharded over dp={dp}"
+    elif sharded:
+        how = f"; distributed optimizer: main weights and moments sharded over dp={dp}"
+    else:
+        how = "; --use-distributed-optimizer shards them over dp"
     return ("> memory on rank 0: " + " + ".join(f"{k} {v / mb:.2f} MB" for k, v in parts.items() if v)
             + f" = {sum(parts.values()) / n:.1f} bytes per parameter ({dtype} weights, fp32 grads"
             + (", main weights and Adam moments" if parts["main weights"] else " and Adam moments")
-            + (f"; distributed optimizer: main weights and moments sharded over dp={dp})" if sharded else
-               "; --use-distributed-optimizer shards them over dp)"))
+            + (" (those two in host memory)" if offload else "") + how + ")")
 
 
 def pretrain(config: Config) -> dict:

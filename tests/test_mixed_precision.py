@@ -167,6 +167,7 @@ def _train(config, steps: int = 4, poison: set[int] = frozenset()) -> dict:
 def two_rank_worker() -> dict:
     return {"dp2-distopt-overlap": _train(_two_rank_config(Layout(dp=2, distopt=True, overlap=True), bf16=True)),
             "pp2": _train(_two_rank_config(Layout(pp=2), bf16=True)),
+            "dp2-zero3": _train(_two_rank_config(Layout(dp=2, zero=3), bf16=True)),
             "fp16-dp2": _train(_two_rank_config(Layout(dp=2, distopt=True), fp16=True, initial_loss_scale=1024.0,
                                                 hysteresis=1), poison={2})}
 
@@ -189,6 +190,14 @@ def test_bf16_over_dp_with_the_distributed_optimizer_and_overlapped_gather() -> 
     assert "= 12.0 bytes per parameter" in ours["memory"] and ours["dtypes"] == {torch.bfloat16}
     assert ours["losses"] == pytest.approx(single(bf16=True)["losses"], rel=1e-2)
     assert min(ours["in_flight"]) > 0
+
+
+def test_bf16_zero3_gathers_bf16_parameters() -> None:
+    """ZeRO-3 in bf16: 18/dp bytes per parameter held (bf16 weight shards, fp32 grad, main and
+    moment shards), and the losses of one bf16 device to bf16 rounding."""
+    ours = spawned()[0]["dp2-zero3"]
+    assert "= 9.0 bytes per parameter" in ours["memory"] and ours["dtypes"] == {torch.bfloat16}
+    assert ours["losses"] == pytest.approx(single(bf16=True)["losses"], rel=1e-2)
 
 
 def test_bf16_pipeline_sends_bf16_activations() -> None:

@@ -63,6 +63,8 @@ CASES = [  # (family, layout, model overrides)
     ("llama", Layout(tp=2, ep=2, sp=True), {}), ("gpt2", Layout(tp=2, ep=2), {}),
     ("gpt2", Layout(tp=2, dp=2, ep=4, sp=True, distopt=True), {}),
     ("llama", Layout(tp=2, dp=2, ep=2, sp=True), QWEN2_MOE), ("llama", Layout(tp=2, ep=2), QWEN3_MOE),
+    # ZeRO-2/3: the experts' buckets shard over edp, the dense ones over dp x cp.
+    ("llama", Layout(dp=4, ep=2, zero=3), {}), ("gpt2", Layout(tp=2, dp=2, ep=2, sp=True, zero=2), {}),
 ]
 
 

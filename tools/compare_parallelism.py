@@ -1,11 +1,12 @@
-"""Train one model under DP, TP, PP, CP, the distributed optimizer and 3D on CPU ranks; print what each costs.
+"""Train one model under DP, TP, PP, CP, ZeRO-1/2/3 and 3D on CPU ranks; print what each costs.
 
     python tools/compare_parallelism.py                           # the default layouts, 8 layers, hidden 64
     python tools/compare_parallelism.py --layouts dp2 tp2-pp2-sp  # any layout name (megatron_lite/layout.py)
 
 For every layout the same global batch trains for a few steps (all layouts give the same
 losses: that is what the parity tests prove) and the table shows, per rank (the largest
-over ranks): weight and optimizer-state bytes, the peak of activation bytes saved for
+over ranks): the bytes of weights, fp32 grads and Adam state as allocated (sharded by ZeRO-1, 2
+and 3: the distributed optimizer, zero2, zero3 in a layout name), the peak of activation bytes saved for
 backward, bytes each rank sends per step by group (tp / cp / pp / dp; ring-algorithm wire bytes
 from the communication meter, so an all-reduce and the reduce-scatter + all-gather that
 replace it under SP or the distributed optimizer compare fairly), and the step time. Times are CPU and gloo: they show the shape of the
@@ -33,8 +34,8 @@ from megatron_lite.optimizer import state_bytes  # noqa: E402
 from megatron_lite.parallelize import parallelize  # noqa: E402
 from megatron_lite.training import rank_microbatches, set_seed, train_step  # noqa: E402
 
-DEFAULT_LAYOUTS = ["single", "dp4", "dp4-distopt", "tp4", "tp4-sp", "pp4", "cp4", "cp4-allgather", "cp4-a2a",
-                   "tp2-pp2-dp2-sp-distopt"]
+DEFAULT_LAYOUTS = ["single", "dp4", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4", "cp4",
+                   "cp4-allgather", "cp4-a2a", "tp2-pp2-dp2-sp-distopt"]
 GROUPS = {"tp": ("tp",), "cp": ("cp",), "pp": ("pp",), "dp": ("dp", "dp-cp")}  # columns: groups metered
 
 
@@ -79,7 +80,10 @@ def layout_worker(layout: Layout, layers: int, hidden: int, steps: int) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             loss = train_step(model, batches, it, config, device)[0]
         times.append(time.perf_counter() - start)
-    return {"params": 4 * sum(p.numel() for c in model.chunks for p in c.parameters()),
+    sharded = model.grad_buffers[0].param_data is not None  # the distributed optimizer's flat parameters
+    weights = (sum(b.param_data.numel() for b in model.grad_buffers) if sharded
+               else sum(p.numel() for c in model.chunks for p in c.parameters()))
+    return {"params": 4 * weights, "grads": 4 * sum(b.grad_data.numel() for b in model.grad_buffers),
             "optimizer": state_bytes(model.optimizer.optimizer), "activations": meter.peak,
             "comm": {column: sum(METER.total(group=g, wire=True) for g in groups) for column, groups in GROUPS.items()},
             "time": sum(times[1:]) / max(len(times) - 1, 1), "loss": loss}
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
     mb = 2**20
-    print(f"{'layout':22s} {'ranks':>5s} {'weights MB':>10s} {'Adam MB':>8s} {'activ. MB':>9s} "
+    print(f"{'layout':22s} {'ranks':>5s} {'weights MB':>10s} {'grads MB':>8s} {'Adam MB':>8s} {'activ. MB':>9s} "
           + " ".join(f"{c + ' MB/step':>10s}" for c in GROUPS) + f" {'step ms':>8s} {'last loss':>9s}")
     try:
         layouts = [Layout.parse(name) for name in args.layouts]
@@ -102,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     for layout in layouts:
         ranks = run_on_ranks(layout_worker, layout.world_size, layout, args.num_layers, args.hidden_size, args.steps)
-        worst = {k: max(r[k] for r in ranks) for k in ("params", "optimizer", "activations", "time")}
+        worst = {k: max(r[k] for r in ranks) for k in ("params", "grads", "optimizer", "activations", "time")}
         comm = {c: max(r["comm"][c] for r in ranks) for c in GROUPS}
-        print(f"{layout.name:22s} {layout.world_size:5d} {worst['params'] / mb:10.3f} {worst['optimizer'] / mb:8.3f} "
+        print(f"{layout.name:22s} {layout.world_size:5d} {worst['params'] / mb:10.3f} {worst['grads'] / mb:8.3f} "
+              f"{worst['optimizer'] / mb:8.3f} "
               f"{worst['activations'] / mb:9.2f} " + " ".join(f"{comm[c] / mb:10.2f}" for c in GROUPS)
               + f" {1e3 * worst['time']:8.1f} {ranks[0]['loss']:9.5f}", flush=True)
     return 0

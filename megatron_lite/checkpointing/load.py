@@ -119,15 +119,21 @@ def describe_layout(layout: dict) -> str:
     return (f"tp={layout['tp']} cp={layout.get('cp', 1)} pp={layout['pp']} vpp={layout['vpp']} dp={layout['dp']} "
             + (f"ep={ep} " if ep > 1 else "") +
             "distributed optimizer "
-            f"{'on' if layout['distributed_optimizer'] else 'off'}")
+            f"{'on' if layout['distributed_optimizer'] else 'off'}"
+            + (f" ({layout['sharding']})" if layout.get("sharding") in ("optim_grads", "optim_grads_params") else ""))
 
 
 def _same_layout(saved: dict, ours: dict) -> bool:
     if saved.get("ep", 1) > 1 or ours["ep"] > 1:
         return False  # files hold experts whole and their Adam state as full ranges: always resharded
-    # dp decides which file holds what only when the Adam state is sharded over it.
+    if ours["sharding"] == "optim_grads_params":
+        return False  # the parameters are sharded: their shards come from full tensors
+    # dp, and the buckets the strategy and size cut, decide which file holds what only when the
+    # Adam state is sharded over dp. Checkpoints from before cp, or before ZeRO-2/3, lack the key.
     keys = ["tp", "pp", "vpp", "distributed_optimizer"] + (["dp", "cp"] if ours["distributed_optimizer"] else [])
-    return all(saved.get(k, 1) == ours[k] for k in keys)  # checkpoints from before cp have no "cp"
+    saved_sharding = saved.get("sharding", "optim" if saved["distributed_optimizer"] else "no_shard")
+    return (all(saved.get(k, 1) == ours[k] for k in keys) and saved_sharding == ours["sharding"]
+            and (not ours["distributed_optimizer"] or saved.get("bucket_size", ours["bucket_size"]) == ours["bucket_size"]))
 
 
 def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config: Config,

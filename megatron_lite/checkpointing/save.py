@@ -36,7 +36,8 @@ def current_layout(config: Config) -> dict:
     grid = parallel_state.get_grid()
     return {"tp": grid.size("tp"), "cp": grid.size("cp"), "pp": grid.size("pp"), "vpp": config.parallel.vpp,
             "dp": grid.size("dp"), "ep": grid.expert_parallel,
-            "distributed_optimizer": config.parallel.use_distributed_optimizer}
+            "distributed_optimizer": config.parallel.use_distributed_optimizer,
+            "sharding": config.parallel.sharding, "bucket_size": config.parallel.ddp_bucket_size}
 
 
 def rng_state() -> dict:

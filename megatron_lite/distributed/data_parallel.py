@@ -1,5 +1,5 @@
-"""Data-parallel gradient reduction: a contiguous grad buffer per model chunk, reduced in buckets
-that start while backward is still running.
+"""Data-parallel gradient reduction: a grad buffer per model chunk, reduced in buckets that start
+while backward is still running, and the sharding of ZeRO-1/2/3 over those buckets.
 
 Why not torch DDP: DDP reduces after every backward unless each microbatch's forward *and*
 backward run inside no_sync(), which the pipeline schedules interleave across microbatches
@@ -20,13 +20,28 @@ With overlap_param_gather the all-gather after the step is asynchronous per buck
 forward pre-hook on each module waits for the buckets of its parameters only, so gathering
 later buckets overlaps computing with earlier ones.
 
+Sharding more (Megatron-FSDP's strategies on the same buckets):
+- shard_grads (ZeRO-2): only this rank's shard of each bucket's grads persists. In every
+  microbatch's backward a bucket's grads land in a transient full-size buffer, which is
+  reduce-scattered as soon as the bucket is complete; finish_microbatch() adds this rank's
+  shard to the persistent one and frees the rest. dp x the reduce-scatters of ZeRO-1 for
+  1/dp of its grad memory.
+- shard_params (ZeRO-3): only this rank's shard of the parameters persists too; each bucket
+  has a full-size tensor the parameters are views of, whose storage exists only between
+  gather_params() and free_params() (distributed/param_sharding.py decides when, layer by
+  layer). A bucket is freed as soon as backward has produced all its grads.
+The buffers' flat storage (grad_data, param_data) holds what persists: a sharded bucket's
+shard, an unsharded bucket whole; `ranges` index the full, unsharded layout.
+
 Parameters whose grads need another reduction first (SP-replicated norm weights summed over
 tp, the tied embedding summed over the first and last stage) go to trailing "deferred"
-buckets that only finish_grad_sync() launches, after those reductions ran.
+buckets that only finish_grad_sync() launches, after those reductions ran. They are never
+sharded beyond ZeRO-1: the sum over the first and last stage cannot run per microbatch,
+when the two stages are at different microbatches.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,14 +61,30 @@ class Bucket:
     end: int  # padded: (end - start) % dp == 0
     params: list[nn.Parameter] = field(default_factory=list)
     deferred: bool = False
+    shard_grads: bool = False  # ZeRO-2/3: only this rank's shard of the grads persists
+    shard_params: bool = False  # ZeRO-3: only this rank's shard of the parameters persists
+    grad_offset: int = 0  # where the bucket's persistent grads (its shard, or all of it) start in grad_data
+    param_offset: int = 0  # likewise in param_data
     pending: int = 0
     work: dist.Work | None = None
     launched: bool = False
-    gather: dist.Work | None = None  # the parameter all-gather in flight (overlap_param_gather)
+    gather: dist.Work | None = None  # a parameter all-gather in flight
+    grad_full: torch.Tensor | None = None  # ZeRO-2/3: the full grads during one microbatch's backward
+    param_full: torch.Tensor | None = None  # ZeRO-3: the gathered parameters (storage freed between uses)
+    gathered: bool = False  # ZeRO-3: param_full holds the parameters (or is being filled: see gather)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
 
     def shard(self, dp_rank: int, dp: int) -> tuple[int, int]:
-        size = (self.end - self.start) // dp
+        size = self.size // dp
         return self.start + dp_rank * size, self.start + (dp_rank + 1) * size
+
+
+def materialized(param: torch.Tensor) -> bool:
+    """False for a ZeRO-3 parameter whose full storage is freed (only its shard exists)."""
+    return param.numel() == 0 or param.untyped_storage().nbytes() > 0
 
 
 class DataParallelGrads:
@@ -62,13 +93,17 @@ class DataParallelGrads:
     def __init__(self, module: nn.Module, bucket_size: int = DEFAULT_BUCKET_SIZE, shard: bool = False,
                  deferred: Callable[[nn.Parameter], bool] = lambda p: False, overlap_param_gather: bool = False,
                  select: Callable[[nn.Parameter], bool] = lambda p: True, group: str = GRAD_GROUP,
-                 divisor: int | None = None) -> None:
+                 divisor: int | None = None, shard_grads: bool = False, shard_params: bool = False,
+                 unit_of: Callable[[nn.Parameter], Hashable] | None = None) -> None:
         """The parameters of `module` that `select` picks, summed over `group` and divided by
         `divisor` (default: dp x cp). Dense parameters are replicated over dp and cp: one
         reduction over both (cp ranks hold partial grads of other tokens of the same samples,
         see model_runner.microbatch_loss), a mean over the replicas. Experts are replicated over
         "edp", whose sum holds every dp x cp replica's tokens' contributions (the all-to-all
-        brought them), so they divide by dp x cp too (see parallelize.expert_grad_divisor)."""
+        brought them), so they divide by dp x cp too (see parallelize.expert_grad_divisor).
+        `shard`: the distributed optimizer owns one shard of each bucket; `shard_grads`,
+        `shard_params`: ZeRO-2 and ZeRO-3 (module docstring). `unit_of`: no bucket holds
+        parameters of two units (ZeRO-3 gathers and frees whole buckets per unit)."""
         grid = parallel_state.get_grid()
         self.group, self.dp, self.dp_rank, self.shard = group, grid.size(group), grid.index(group), shard
         self.divisor = grid.size(GRAD_GROUP) if divisor is None else divisor
@@ -79,25 +114,42 @@ class DataParallelGrads:
         offset = 0
         for p in ordered:
             bucket = self.buckets[-1] if self.buckets else None
-            if bucket is None or bucket.deferred != deferred(p) or offset - bucket.start >= bucket_size:
+            if (bucket is None or bucket.deferred != deferred(p) or offset - bucket.start >= bucket_size
+                    or (unit_of is not None and not deferred(p) and unit_of(p) != unit_of(bucket.params[-1]))):
                 offset = self._close(bucket, offset)
-                bucket = Bucket(offset, offset, deferred=deferred(p))
+                bucket = Bucket(offset, offset, deferred=deferred(p), shard_grads=shard_grads and not deferred(p),
+                                shard_params=shard_params and not deferred(p))
                 self.buckets.append(bucket)
             self.ranges[p] = (offset, offset + p.numel())
             bucket.params.append(p)
             offset += p.numel()
-        offset = self._close(self.buckets[-1] if self.buckets else None, offset)
+        self.size = self._close(self.buckets[-1] if self.buckets else None, offset)
         device = params[0].device if params else None
-        self.grad_data = torch.zeros(offset, dtype=torch.float32, device=device)
         dtype = params[0].dtype if params else torch.float32
-        self.param_data = torch.zeros(offset, dtype=dtype, device=device) if shard else None
+        grad_size = param_size = 0
+        for bucket in self.buckets:
+            bucket.grad_offset, bucket.param_offset = grad_size, param_size
+            grad_size += bucket.size // self.dp if bucket.shard_grads else bucket.size
+            param_size += bucket.size // self.dp if bucket.shard_params else bucket.size
+        self.grad_data = torch.zeros(grad_size, dtype=torch.float32, device=device)
+        self.param_data = torch.zeros(param_size, dtype=dtype, device=device) if shard else None
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
-        for p, (lo, hi) in self.ranges.items():
-            if self.param_data is not None:
-                self.param_data[lo:hi].copy_(p.data.flatten())
-                p.data = self.param_data[lo:hi].view_as(p)
-            p.main_grad = self.grad_data[lo:hi].view_as(p)
-            p.register_post_accumulate_grad_hook(self._grad_ready)
+        for bucket in self.buckets:
+            if bucket.shard_params:
+                bucket.param_full = torch.zeros(bucket.size, dtype=dtype, device=device)
+            for p in bucket.params:
+                if self.param_data is not None:
+                    full = self.bucket_params(bucket) if not bucket.shard_params else bucket.param_full
+                    view = full[self.ranges[p][0] - bucket.start:self.ranges[p][1] - bucket.start]
+                    view.copy_(p.data.flatten())
+                    p.data = view.view_as(p)
+                if not bucket.shard_grads:
+                    p.main_grad = self.grad_view(bucket, *self.ranges[p]).view_as(p)
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+            if bucket.shard_params:  # keep this rank's shard, free the rest
+                lo, hi = bucket.shard(self.dp_rank, self.dp)
+                self.bucket_params(bucket).copy_(bucket.param_full[lo - bucket.start:hi - bucket.start])
+                bucket.param_full.untyped_storage().resize_(0)
         self.sync_on_backward = False
         self.overlap_param_gather = overlap_param_gather
         if overlap_param_gather:
@@ -110,56 +162,142 @@ class DataParallelGrads:
         bucket.end = bucket.start + -(-(offset - bucket.start) // self.dp) * self.dp
         return bucket.end
 
+    def bucket_grads(self, bucket: Bucket) -> torch.Tensor:
+        """The bucket's persistent grads in grad_data: this rank's shard (ZeRO-2/3), or all of it."""
+        return self.grad_data[bucket.grad_offset:bucket.grad_offset + (bucket.size // self.dp if bucket.shard_grads
+                                                                        else bucket.size)]
+
+    def bucket_params(self, bucket: Bucket) -> torch.Tensor:
+        """The bucket's persistent parameters in param_data: this rank's shard (ZeRO-3), or all of it."""
+        return self.param_data[bucket.param_offset:bucket.param_offset + (bucket.size // self.dp
+                                                                           if bucket.shard_params else bucket.size)]
+
+    def _first_held(self, bucket: Bucket, sharded: bool) -> int:
+        """The first element (in the full layout) that the bucket's persistent storage holds."""
+        return bucket.shard(self.dp_rank, self.dp)[0] if sharded else bucket.start
+
+    def grad_view(self, bucket: Bucket, lo: int, hi: int) -> torch.Tensor:
+        """The persistent grads of elements [lo, hi) (full layout) of `bucket`, which it must hold."""
+        first = self._first_held(bucket, bucket.shard_grads)
+        return self.bucket_grads(bucket)[lo - first:hi - first]
+
+    def param_view(self, bucket: Bucket, lo: int, hi: int) -> torch.Tensor:
+        """The persistent parameters of elements [lo, hi) (full layout) of `bucket`, which it must hold."""
+        first = self._first_held(bucket, bucket.shard_params)
+        return self.bucket_params(bucket)[lo - first:hi - first]
+
     def zero_grad(self) -> None:
         """Zero the buffer; an fp32 parameter's .grad is (re)pointed at its view, so backward
-        accumulates in place, a half-precision one's is dropped (_grad_ready moves it over)."""
+        accumulates in place, a half-precision one's is dropped (_grad_ready moves it over).
+        Under ZeRO-2/3 every grad is dropped: _grad_ready moves it to its bucket's full buffer."""
         self.grad_data.zero_()
-        for p in self.ranges:
-            p.grad = p.main_grad if p.dtype == torch.float32 else None
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.grad = p.main_grad if p.dtype == torch.float32 and not bucket.shard_grads else None
+            if bucket.shard_grads:
+                bucket.pending, bucket.launched, bucket.work, bucket.grad_full = len(bucket.params), False, None, None
 
     def start_grad_sync_on_backward(self) -> None:
         """Called before this chunk's last microbatch backward: from now on complete buckets reduce."""
         for bucket in self.buckets:
-            bucket.pending, bucket.launched, bucket.work = len(bucket.params), False, None
+            if not bucket.shard_grads:
+                bucket.pending, bucket.launched, bucket.work = len(bucket.params), False, None
         self.sync_on_backward = True
 
     def _grad_ready(self, param: nn.Parameter) -> None:
+        bucket = self.bucket_of[param]
+        if bucket.shard_grads:
+            if bucket.grad_full is None:
+                bucket.grad_full = torch.zeros(bucket.size, dtype=torch.float32, device=self.grad_data.device)
+            lo, hi = self.ranges[param]
+            bucket.grad_full[lo - bucket.start:hi - bucket.start].add_(param.grad.flatten())
+            param.grad = None
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch(bucket)
+                if bucket.shard_params:  # every use of its parameters in this backward is done
+                    self.free_params(bucket)
+            return
         if param.dtype != torch.float32:  # bf16/fp16: accumulate in fp32, free the half grad
             param.main_grad.add_(param.grad)
             param.grad = None
         if not self.sync_on_backward:
             return
-        bucket = self.bucket_of[param]
         bucket.pending -= 1
         if bucket.pending == 0 and not bucket.deferred:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
         bucket.launched = True
-        data = self.grad_data[bucket.start:bucket.end]
+        data = bucket.grad_full if bucket.shard_grads else self.bucket_grads(bucket)
         if self.divisor > 1:
             data.div_(self.divisor)  # sum of per-replica means / replicas = mean over the global batch
         if self.dp == 1:
             return
         # Sharded: only this rank's shard of the bucket needs the sum (on gloo all of it gets it).
-        bucket.work = reduce_scatter_flat_async(data, self.group) if self.shard else all_reduce_async(data, self.group)
+        sharded = self.shard or bucket.shard_grads
+        bucket.work = reduce_scatter_flat_async(data, self.group) if sharded else all_reduce_async(data, self.group)
+
+    def finish_microbatch(self) -> None:
+        """ZeRO-2/3, after each backward of this chunk: reduce-scatter what has not been (buckets
+        with a parameter that got no grad), add this rank's shard of every bucket to the persistent
+        grads, free the full buffers. A no-op for unsharded grads."""
+        sharded = [b for b in self.buckets if b.shard_grads]
+        for bucket in sharded:
+            if not bucket.launched:
+                if bucket.grad_full is None:
+                    bucket.grad_full = torch.zeros(bucket.size, dtype=torch.float32, device=self.grad_data.device)
+                self._launch(bucket)
+            if bucket.shard_params and bucket.gathered:
+                self.free_params(bucket)
+        for bucket in sharded:
+            if bucket.work is not None:
+                bucket.work.wait()
+            lo, hi = bucket.shard(self.dp_rank, self.dp)
+            self.bucket_grads(bucket).add_(bucket.grad_full[lo - bucket.start:hi - bucket.start])
+            bucket.pending, bucket.launched, bucket.work, bucket.grad_full = len(bucket.params), False, None, None
 
     def finish_grad_sync(self) -> None:
         """Launch the buckets not yet launched (deferred ones, or all if backward never synced), wait for all."""
-        for bucket in self.buckets:
+        unsharded = [b for b in self.buckets if not b.shard_grads]
+        for bucket in unsharded:
             if not bucket.launched:
                 self._launch(bucket)
-        for bucket in self.buckets:
+        for bucket in unsharded:
             if bucket.work is not None:
                 bucket.work.wait()
                 bucket.work = None
         self.sync_on_backward = False
 
+    def gather_params(self, bucket: Bucket) -> None:
+        """ZeRO-3: start filling the bucket's full parameters from every rank's shard (no-op if
+        they are there or on their way); wait_params before reading them."""
+        if bucket.gathered:
+            return
+        bucket.param_full.untyped_storage().resize_(bucket.size * bucket.param_full.element_size())
+        lo, hi = bucket.shard(self.dp_rank, self.dp)
+        bucket.param_full[lo - bucket.start:hi - bucket.start].copy_(self.bucket_params(bucket))
+        bucket.gather = all_gather_flat_async(bucket.param_full, self.group)
+        bucket.gathered = True
+
+    def wait_params(self, bucket: Bucket) -> None:
+        if bucket.gather is not None:
+            bucket.gather.wait()
+            bucket.gather = None
+
+    def free_params(self, bucket: Bucket) -> None:
+        """ZeRO-3: drop the bucket's full parameters (its shard stays in param_data)."""
+        self.wait_params(bucket)
+        bucket.param_full.untyped_storage().resize_(0)
+        bucket.gathered = False
+
     def all_gather_params(self) -> None:
         """After a sharded optimizer step: every rank gets every shard of the updated parameters,
-        now, or with overlap_param_gather in the background (each forward pre-hook waits for its own)."""
+        now, or with overlap_param_gather in the background (each forward pre-hook waits for its
+        own). ZeRO-3 buckets are left sharded: their next use gathers them."""
         for bucket in reversed(self.buckets):  # forward order: the first layers' parameters first
-            bucket.gather = all_gather_flat_async(self.param_data[bucket.start:bucket.end], self.group)
+            if not bucket.shard_params:
+                bucket.gather = all_gather_flat_async(self.bucket_params(bucket), self.group)
         if not self.overlap_param_gather:
             self.finish_param_gather()
 
@@ -180,9 +318,7 @@ class DataParallelGrads:
     @torch.compiler.disable  # a host-side wait: under --compile, outside the layer's graph
     def _wait_param_gather(self, buckets: list[Bucket]) -> None:
         for bucket in buckets:
-            if bucket.gather is not None:
-                bucket.gather.wait()
-                bucket.gather = None
+            self.wait_params(bucket)
 
     def finish_param_gather(self) -> None:
         """Wait for every parameter all-gather in flight: before anything reads the weights outside

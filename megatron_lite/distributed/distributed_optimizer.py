@@ -8,6 +8,10 @@ parameters again. A shard may cut a parameter anywhere, so the optimizer works o
 views of the flat parameter and grad buffers, one per (parameter, shard) overlap, each
 inheriting its parameter's weight-decay group. AdamW is elementwise, so updating pieces
 gives exactly the elements the unsharded update would.
+
+The same optimizer steps ZeRO-2 and ZeRO-3 (data_parallel.py): its pieces are views of
+whatever the buffers keep of this rank's shard; under ZeRO-3 the updated shards are not
+gathered after the step, the next forward gathers each layer's.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ class DistributedOptimizer(LocalOptimizer):
                     p_lo, p_hi = buf.ranges[p]
                     lo, hi = max(p_lo, shard_lo), min(p_hi, shard_hi)
                     if lo < hi:
-                        self.tensors.append(main_param(buf.param_data[lo:hi], buf.grad_data[lo:hi], p, lo - p_lo))
+                        self.tensors.append(main_param(buf.param_view(bucket, lo, hi), buf.grad_view(bucket, lo, hi),
+                                                       p, lo - p_lo, cfg.optimizer_cpu_offload))
         self._build(cfg, experts)
 
     def step(self) -> None:
@@ -50,11 +55,12 @@ class DistributedOptimizer(LocalOptimizer):
 
     def main_weights(self) -> dict[nn.Parameter, torch.Tensor]:
         self.finish_param_gather()
-        if all(t.main is t.model for t in self.tensors):  # fp32: the gathered weights are the main copies
-            return {p: p.detach() for buf in self.buffers for p in buf.ranges}
+        if all(t.main is t.model for t in self.tensors) and not any(b.shard_params for buf in self.buffers
+                                                                    for b in buf.buckets):
+            return {p: p.detach() for buf in self.buffers for p in buf.ranges}  # fp32: the gathered weights
         weights = {}
-        for buf in self.buffers:  # bf16/fp16: gather the fp32 main pieces into a buffer laid out as the grads
-            flat = torch.zeros_like(buf.grad_data)
+        for buf in self.buffers:  # gather the fp32 main pieces into a buffer laid out as the full grads
+            flat = torch.zeros(buf.size, dtype=torch.float32, device=buf.grad_data.device)
             for t in self.tensors:
                 if t.param in buf.ranges:
                     lo = buf.ranges[t.param][0] + t.offset

@@ -11,6 +11,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
+from megatron_lite.distributed.param_sharding import ParamUnit
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_angles
@@ -68,6 +69,23 @@ class GPTModel(nn.Module):
                                                          sequence_parallel=sequence_parallel)
                 weight = self.output_layer.weight
                 place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
+
+    def param_units(self) -> list[ParamUnit]:
+        """The groups of parameters used together, in forward order (what ZeRO-3 gathers at once):
+        the embeddings (whose backward reads only the token ids), each layer, and the output
+        head (final norm and output layer, or the tied embedding), from the final norm's forward
+        to the end of the model's."""
+        units = []
+        if self.pre_process:
+            embeddings = [self.word_embeddings] + ([self.position_embeddings] if self.config.family == "gpt2" else [])
+            units += [ParamUnit(f"embedding {i}", list(m.parameters()), m, m, backward_reads=False)
+                      for i, m in enumerate(embeddings)]
+        units += [ParamUnit(f"layer {number}", list(layer.parameters()), layer, layer)
+                  for number, layer in self.layers.items()]
+        if self.post_process:
+            output = self.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
+            units.append(ParamUnit("output", [*self.final_layernorm.parameters(), output], self.final_layernorm, self))
+        return units
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)

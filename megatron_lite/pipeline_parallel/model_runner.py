@@ -52,17 +52,18 @@ class ModelRunner:
     def __init__(self, chunks: list[nn.Module], microbatches: list[dict[str, torch.Tensor]], num_microbatches: int,
                  tensor_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32,
                  trace: Trace | None = None, before_last_backward: Callable[[int], None] | None = None,
-                 loss_scale: float = 1.0) -> None:
+                 loss_scale: float = 1.0, after_backward: Callable[[int], None] | None = None) -> None:
         """`dtype`: the weights' dtype, which is also that of the residual stream passed between
         stages (bf16 activations under --bf16: half the pipeline traffic of fp32).
         before_last_backward(chunk) runs before each chunk's backward of the last microbatch:
-        every schedule runs a chunk's backwards in microbatch order, so that one makes its grads final."""
+        every schedule runs a chunk's backwards in microbatch order, so that one makes its grads final.
+        after_backward(chunk) runs after each of a chunk's backwards (ZeRO-2/3 reduce then)."""
         self.chunks, self.microbatches, self.num_microbatches = chunks, microbatches, num_microbatches
         self.tensor_shape, self.device, self.dtype, self.trace = tensor_shape, device, dtype, trace
         self.loss_scale = loss_scale
         # The balancing losses of MoE layers enter the objective with the lm loss's weight.
         AuxLoss.scale = loss_scale * parallel_state.get_grid().size("cp") / num_microbatches
-        self.before_last_backward = before_last_backward
+        self.before_last_backward, self.after_backward = before_last_backward, after_backward
         # Detached device scalars: reading them (a host sync) waits for the end of the step.
         self.losses: list[torch.Tensor] = []
 
@@ -93,5 +94,7 @@ class ModelRunner:
         if self.before_last_backward is not None and microbatch == self.num_microbatches - 1:
             self.before_last_backward(chunk)
         torch.autograd.backward(output_tensor, grad_tensors=output_grad)
+        if self.after_backward is not None:
+            self.after_backward(chunk)
         self._record(chunk, microbatch, "B", start)
         return None if input_tensor is None else input_tensor.grad

@@ -36,6 +36,7 @@ from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_flat
 from megatron_lite.config import Config
 from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.data_parallel import materialized
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.placement import gather_full
 from megatron_lite.parallelize import TrainingModel, parallelize
@@ -69,10 +70,11 @@ def setup_rank(config: Config) -> TrainingModel:
 def full_grads(model: TrainingModel) -> dict[str, torch.Tensor]:
     """Every parameter's current grad as a full tensor (gathered over tp and, for the distributed
     optimizer, over the dp shards), keyed by its global name."""
-    if isinstance(model.optimizer, DistributedOptimizer):
-        for buf in model.grad_buffers:
-            _gather_grad_shards(buf)
-    return {n: gather_full(p, p.main_grad) for chunk in model.chunks for n, p in chunk.named_parameters()}
+    grads = {}
+    for buf in model.grad_buffers:
+        grads.update(_gathered_grads(buf) if isinstance(model.optimizer, DistributedOptimizer)
+                     else {p: p.main_grad for p in buf.ranges})
+    return {n: gather_full(p, grads[p]) for chunk in model.chunks for n, p in chunk.named_parameters()}
 
 
 def run_steps(config: Config, steps: int) -> dict:
@@ -89,15 +91,21 @@ def run_steps(config: Config, steps: int) -> dict:
         losses.append(loss)
         norms.append(grad_norm)
     model.optimizer.finish_param_gather()  # --overlap-param-gather leaves the last gather in flight
-    weights = {n: gather_full(p) for chunk in model.chunks for n, p in chunk.named_parameters()}
+    main = model.optimizer.main_weights()  # ZeRO-3 holds only shards: the full values come from here
+    weights = {n: gather_full(p, p if materialized(p) else main[p].to(p.dtype))
+               for chunk in model.chunks for n, p in chunk.named_parameters()}
     return {"losses": losses, "grad_norms": norms, "grads": grads, "weights": weights}
 
 
-def _gather_grad_shards(buf) -> None:
-    """The distributed optimizer leaves only this rank's shard of each grad bucket reduced;
-    assemble the full grads from every rank's shard to compare them."""
+def _gathered_grads(buf) -> dict:
+    """The distributed optimizer leaves only this rank's shard of each grad bucket reduced (and
+    under ZeRO-2/3 keeps only that shard); the full grads from every rank's shard, to compare them."""
+    flat = torch.zeros(buf.size)
     for bucket in buf.buckets:
-        all_gather_flat(buf.grad_data[bucket.start:bucket.end], buf.group)
+        lo, hi = bucket.shard(buf.dp_rank, buf.dp)
+        flat[lo:hi] = buf.grad_view(bucket, lo, hi)
+        all_gather_flat(flat[bucket.start:bucket.end], buf.group)
+    return {p: flat[lo:hi].view_as(p) for p, (lo, hi) in buf.ranges.items()}
 
 
 def merge_tensors(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
