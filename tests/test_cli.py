@@ -53,7 +53,7 @@ def test_bad_flag_is_one_line_and_nonzero() -> None:
     result = run(["--hidden-size", "100", "--num-attention-heads", "3"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "pretrain_gpt.py: error: --hidden-size=100 is not divisible by --num-attention-heads=3"]
+        "pretrain_gpt.py: error: --hidden-size=100 is not divisible by --num-attention-heads=3 (or set --kv-channels)"]
     assert result.stdout == ""
 
 
