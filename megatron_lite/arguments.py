@@ -8,8 +8,9 @@ import types
 import typing
 
 from megatron_lite.config import (CP_COMM_TYPES, FAMILIES, LR_DECAY_STYLES, MOE_DISPATCHERS, MOE_LOAD_BALANCING,
-                                  MOE_SCORE_FUNCTIONS, SCHEDULES, SHARDING_STRATEGIES, Config, ConfigError, ModelConfig,
-                                  ParallelConfig, TrainConfig, field_docs)
+                                  MOE_SCORE_FUNCTIONS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, RECOMPUTE_MODULES,
+                                  SCHEDULES, SHARDING_STRATEGIES, Config, ConfigError, ModelConfig, ParallelConfig,
+                                  TrainConfig, field_docs)
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
 
@@ -44,7 +45,9 @@ _DERIVED = {"vocab_size", "data_parallel_size"}
 _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda"),
             "pipeline_schedule": SCHEDULES, "cp_comm_type": CP_COMM_TYPES, "tokenizer_type": tuple(TOKENIZERS),
             "moe_router_score_function": MOE_SCORE_FUNCTIONS, "moe_router_load_balancing_type": MOE_LOAD_BALANCING,
-            "moe_token_dispatcher_type": MOE_DISPATCHERS, "data_parallel_sharding_strategy": SHARDING_STRATEGIES}
+            "moe_token_dispatcher_type": MOE_DISPATCHERS, "data_parallel_sharding_strategy": SHARDING_STRATEGIES,
+            "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
+            "recompute_modules": RECOMPUTE_MODULES}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
                                   "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],

@@ -46,6 +46,9 @@ MOE_DISPATCHERS = ("alltoall", "allgather")
 # Megatron-FSDP's names for what data-parallel replicas shard: nothing, the optimizer state
 # (ZeRO-1), also the gradients (ZeRO-2), also the parameters (ZeRO-3 / FSDP).
 SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
 
 
 @dataclass
@@ -88,6 +91,14 @@ class ModelConfig:
     """Dropout on the attention probabilities."""
     fused_kernels: bool = True
     """Fused kernels (kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
+    recompute_granularity: str | None = None
+    """Activation recomputation: full (keep each layer's input, replay the layer in backward) or selective (replay only --recompute-modules); default: none."""
+    recompute_method: str | None = None
+    """With full: uniform (layers in groups of --recompute-num-layers, each group replayed as one) or block (the first --recompute-num-layers layers of each pipeline chunk, the rest kept)."""
+    recompute_num_layers: int | None = None
+    """With full: layers per group (uniform, default 1) or layers replayed per chunk (block)."""
+    recompute_modules: list[str] | None = None
+    """With selective: which parts of each layer to replay, any of core_attn, mlp, layernorm, moe (default: core_attn)."""
     num_experts: int | None = None
     """Experts of each mixture-of-experts layer (default: none, every layer dense)."""
     moe_router_topk: int = 2
@@ -125,6 +136,7 @@ class ModelConfig:
     # function it computes. Every other field is taken from, or checked against, the checkpoint
     # (checkpointing.adopt_checkpoint_model_args); a new field is checked unless listed here.
     TRAINING_ONLY = ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "fused_kernels",
+                     "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
                      "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
                      "moe_router_bias_update_rate", "moe_token_dispatcher_type")
 
@@ -190,8 +202,35 @@ class ModelConfig:
             if getattr(self, name) is not None:
                 _require_positive(self, name)
 
+    @property
+    def selective_recompute(self) -> tuple[str, ...]:
+        """The modules selective recomputation replays (none unless --recompute-granularity selective)."""
+        if self.recompute_granularity != "selective":
+            return ()
+        return tuple(self.recompute_modules or ("core_attn",))
+
+    def _validate_recompute(self) -> None:
+        granularity, method = self.recompute_granularity, self.recompute_method
+        _require(granularity in (None, *RECOMPUTE_GRANULARITIES), f"--recompute-granularity={granularity} is "
+                 f"unknown; allowed: {', '.join(RECOMPUTE_GRANULARITIES)}")
+        if granularity == "full":
+            _require(method in RECOMPUTE_METHODS, f"--recompute-granularity full needs --recompute-method "
+                     f"{' or '.join(RECOMPUTE_METHODS)} (it is {method})")
+            if method == "block" or self.recompute_num_layers is not None:
+                _require_positive(self, "recompute_num_layers")
+        else:
+            _require(method is None and self.recompute_num_layers is None,
+                     "--recompute-method and --recompute-num-layers need --recompute-granularity full")
+        _require(granularity == "selective" or self.recompute_modules is None,
+                 "--recompute-modules needs --recompute-granularity selective")
+        unknown = [m for m in self.selective_recompute if m not in RECOMPUTE_MODULES]
+        _require(not unknown, f"--recompute-modules {' '.join(unknown)} is unknown; allowed: {', '.join(RECOMPUTE_MODULES)}")
+        _require("moe" not in self.selective_recompute or self.num_experts,
+                 "--recompute-modules moe needs --num-experts")
+
     def validate(self) -> None:
         _require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
+        self._validate_recompute()
         _require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                           "ffn_hidden_size", "seq_length", "max_position_embeddings", "vocab_size",
                           "make_vocab_size_divisible_by", "norm_epsilon", "init_method_std")
@@ -524,6 +563,9 @@ class Config:
         self.parallel.validate()
         self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
+        _require(not (self.model.recompute_granularity and self.parallel.sharding == "optim_grads_params"),
+                 "--recompute-granularity with --data-parallel-sharding-strategy=optim_grads_params is not "
+                 "supported yet (a replayed layer would free the parameters its backward still needs)")
         _require(not (self.train.compile and self.parallel.sharding == "optim_grads_params"),
                  "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
                  "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")

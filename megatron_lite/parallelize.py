@@ -33,8 +33,8 @@ from megatron_lite.context_parallel.attention import context_parallel_attention
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
-from megatron_lite.distributed.param_sharding import ParamUnit, ShardedParams
-from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.distributed.param_sharding import ShardedParams
+from megatron_lite.model.gpt import GPTModel, ParamUnit, init_weights
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.optimizer import LocalOptimizer
 from megatron_lite.pipeline_parallel.partition import build_model_chunks

@@ -44,7 +44,7 @@ class FullState:
     optimizer: dict[str, dict[str, torch.Tensor]] | None  # name -> exp_avg, exp_avg_sq, step; None: weights only
     iteration: int
     consumed_samples: int
-    rng: dict
+    rng: dict  # the RNG states of each (tp rank, pp rank) of the saved layout
     config: dict
     layout: dict  # the saved layout: tp, pp, vpp, dp, distributed_optimizer
     loss_scaler: dict | None = None  # --fp16's scaler state
@@ -132,10 +132,11 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
     weights: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     moments: dict[str, dict[int, dict]] = defaultdict(dict)
     layouts: dict[str, dict] = {}
-    first = None
-    for (tp_rank, _), paths in sorted(files.items()):
+    first, rng = None, {}
+    for (tp_rank, pp_rank), paths in sorted(files.items()):
         state = load(paths[0])
         first = state if first is None else first
+        rng[(tp_rank, pp_rank)] = state["rng"]
         layouts.update(state["tp_layout"])
         local_shapes = {}
         for chunk_state in state["model"]:
@@ -156,7 +157,7 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
             optimizer[name] = {k: _assemble({r: m[k].view(shape) for r, m in by_rank.items()}, layouts[name])
                                for k in MOMENTS}
             optimizer[name]["step"] = by_rank[0]["step"]
-    return FullState(model, optimizer, first["iteration"], first["consumed_samples"], first["rng"], first["config"],
+    return FullState(model, optimizer, first["iteration"], first["consumed_samples"], rng, first["config"],
                      first["layout"], first.get("loss_scaler"))
 
 

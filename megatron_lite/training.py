@@ -31,13 +31,16 @@ from megatron_lite.parallel_state import print_rank_0
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
 from megatron_lite.pipeline_parallel.schedules import forward_only, run_schedule
 from megatron_lite.pipeline_parallel.trace import Trace
+from megatron_lite.tensor_parallel.random import model_parallel_seed
 from megatron_lite.comm import all_reduce
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, device: torch.device = torch.device("cpu")) -> None:
+    """Python's and numpy's generators, and torch's with the model-parallel RNG on `device`
+    (tensor_parallel/random.py); after the grid exists, whose pp and tp ranks the seeds take."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    model_parallel_seed(seed, device)
 
 
 def select_device(config: Config) -> torch.device:
@@ -234,7 +237,7 @@ def pretrain(config: Config) -> dict:
     cfg, par = config.train, config.parallel
     grid = parallel_state.initialize_model_parallel(par)
     device = select_device(config)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device)
     tokenizer, train_ds, valid_ds, data_description = build_training_data(cfg, config.model.seq_length)
     config.model.vocab_size = tokenizer.vocab_size
     config.model.validate()

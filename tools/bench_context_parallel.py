@@ -44,7 +44,7 @@ def bench_worker(layout: Layout, args: argparse.Namespace) -> dict:
     config.validate()
     parallel_state.initialize_model_parallel(config.parallel)
     device = torch.device(args.device, parallel_state.get_grid().rank) if args.device == "cuda" else torch.device("cpu")
-    set_seed(config.train.seed)
+    set_seed(config.train.seed, device)
     model = parallelize(config, device)
     data = RandomTokens(config.model.vocab_size, config.model.seq_length)
     times = []

@@ -157,7 +157,7 @@ def run_row(row: str, flags: list[str], args: argparse.Namespace) -> Result:
         config = build_config(flags + OUR_ROWS.get(row, []), args.vocab_size)
         parallel_state.initialize_model_parallel(config.parallel)
         device = select_device(config)
-        set_seed(config.train.seed)
+        set_seed(config.train.seed, device)
         data = RandomTokens(config.model.vocab_size, config.model.seq_length)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -16,6 +16,7 @@ from megatron_lite.checkpointing.save import current_layout
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
 from megatron_lite.reshard import FullState, load_full_state, read_full_state
+from megatron_lite.tensor_parallel.random import get_rng_tracker
 
 
 def saved_config(config: dict) -> Config:
@@ -188,7 +189,11 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
     if full.optimizer is None:
         return 0, 0
     _load_loss_scaler(optimizer, full.loss_scaler)
-    _set_rng_state(full.rng)
+    # This rank's own RNG states where the saved layout has its (tp, pp) position (ZeRO-3 and
+    # ep > 1 resume through here), else the first rank's: a new layout draws new masks anyway.
+    grid = parallel_state.get_grid()
+    same = (full.layout["tp"], full.layout["pp"]) == (grid.size("tp"), grid.size("pp"))
+    _set_rng_state(full.rng[(grid.coord("tp"), grid.coord("pp")) if same else (0, 0)])
     return full.iteration, full.consumed_samples
 
 
@@ -196,3 +201,5 @@ def _set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+    if "tracker" in rng:  # checkpoints from before the model-parallel RNG have none
+        get_rng_tracker().set_states(rng["tracker"])

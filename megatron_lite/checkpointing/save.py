@@ -29,6 +29,7 @@ from megatron_lite.config import Config, TrainingError
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
 from megatron_lite.placement import gather_full, is_expert
 from megatron_lite.reshard import optimizer_checkpoint, tp_layout
+from megatron_lite.tensor_parallel.random import get_rng_tracker
 from megatron_lite.comm import all_reduce
 
 
@@ -41,7 +42,8 @@ def current_layout(config: Config) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    """torch's generators and the model-parallel RNG's states (dropout masks continue on resume)."""
+    state = {"torch": torch.get_rng_state(), "tracker": get_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

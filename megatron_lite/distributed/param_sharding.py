@@ -20,22 +20,10 @@ all assume the flat buckets. So ZeRO-3 extends those buckets, as Megatron-FSDP d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
 from megatron_lite.distributed.data_parallel import Bucket, DataParallelGrads
-
-
-@dataclass
-class ParamUnit:
-    """Parameters used together, between `enter`'s forward start and `exit`'s forward end."""
-    name: str
-    params: list[nn.Parameter]
-    enter: nn.Module
-    exit: nn.Module
-    backward_reads: bool = True  # its backward needs the parameters (gather them again for it)
+from megatron_lite.model.gpt import ParamUnit
 
 
 class ShardedParams:

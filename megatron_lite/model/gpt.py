@@ -1,9 +1,11 @@
 """The GPT model: embedding, transformer layers, final norm, output layer and loss."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,6 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
-from megatron_lite.distributed.param_sharding import ParamUnit
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_angles
@@ -19,7 +20,19 @@ from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                            enter_tensor_parallel_region, mark_sequence_parallel)
 from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.placement import full_shape, local_shard, place, placement, with_partial_grads
+
+
+@dataclass
+class ParamUnit:
+    """Parameters used together, from `enter`'s forward start to `exit`'s forward end (what
+    ZeRO-3 gathers at once, distributed/param_sharding.py)."""
+    name: str
+    params: list[nn.Parameter]
+    enter: nn.Module
+    exit: nn.Module
+    backward_reads: bool = True  # its backward needs the parameters (gather them again for it)
 
 
 class GPTModel(nn.Module):
@@ -94,7 +107,30 @@ class GPTModel(nn.Module):
                 grid = parallel_state.get_grid()
                 positions = positions.chunk(grid.size("tp"))[grid.coord("tp")]
             x = x + self.position_embeddings(positions)
-        return self.embedding_dropout(x)
+        with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
+            return self.embedding_dropout(x)
+
+    def _run_layers(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The layers in order; under full recomputation each group of layers keeps only its
+        input and is replayed in backward (uniform: groups of recompute_num_layers; block: the
+        first recompute_num_layers layers of this chunk, one by one, the rest kept)."""
+        layers, cfg = list(self.layers.values()), self.config
+        if cfg.recompute_granularity != "full" or not torch.is_grad_enabled():
+            groups, replayed = [[layer] for layer in layers], 0
+        elif cfg.recompute_method == "uniform":
+            n = cfg.recompute_num_layers or 1
+            groups = [layers[i:i + n] for i in range(0, len(layers), n)]
+            replayed = len(groups)
+        else:
+            groups, replayed = [[layer] for layer in layers], cfg.recompute_num_layers
+
+        def run(group: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+            for layer in group:
+                x = layer(x, rotary)
+            return x
+        for i, group in enumerate(groups):
+            x = checkpoint(functools.partial(run, group), x) if i < replayed else run(group, x)
+        return x
 
     def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 hidden: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,8 +144,9 @@ class GPTModel(nn.Module):
             positions = torch.arange(seq, device=(tokens if tokens is not None else hidden).device)
         x = self.embed(tokens, positions) if self.pre_process else hidden
         rotary = None if self.config.family == "gpt2" else (self.rotary_cos[positions], self.rotary_sin[positions])
-        for layer in self.layers.values():
-            x = layer(x, rotary)
+        # Under SP every dropout in the layers is on this rank's tokens: the tensor-parallel RNG.
+        with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
+            x = self._run_layers(x, rotary)
         if not self.post_process:
             return x
         x = self.final_layernorm(x)

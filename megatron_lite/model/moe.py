@@ -38,6 +38,7 @@ from megatron_lite.model.ops import Ops
 from megatron_lite.placement import Placement, Shard, place
 from megatron_lite.tensor_parallel.layers import mark_sequence_parallel
 from megatron_lite.tensor_parallel.mappings import _Conjugate
+from megatron_lite.tensor_parallel.random import replaying
 
 
 class AuxLoss(torch.autograd.Function):
@@ -92,7 +93,7 @@ class Router(nn.Module):
             weights = logits.gather(-1, experts).softmax(-1)
         counts = torch.zeros_like(scores).scatter_(-1, experts, 1.0)  # [b, s, E] 0/1
         aux = self._balancing_loss(logits, scores, counts)
-        if self.training:  # evaluation does not count towards the step's statistics
+        if self.training and not replaying():  # evaluation and recomputation do not count
             self.tokens_per_expert += counts.detach().sum((0, 1))
             self.microbatches += 1
         return weights.flatten(0, 1), experts.flatten(0, 1), aux
@@ -116,7 +117,7 @@ class Router(nn.Module):
             aux = aux + cfg.moe_aux_loss_coeff * num_experts / (cfg.moe_router_topk * tokens**2 * sequences) * (c * p).sum()
         if cfg.moe_z_loss_coeff:
             aux = aux + cfg.moe_z_loss_coeff * torch.logsumexp(logits, -1).square().sum() / (b * seq)
-        if self.training:  # this rank's share; finish_moe_step sums the shares once per step
+        if self.training and not replaying():  # this rank's share; finish_moe_step sums the shares once per step
             self.aux_loss_sum += aux.detach()
         return aux
 

@@ -8,6 +8,8 @@ the layer's input and output hold seq/tp tokens; the linears gather and scatter 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -17,6 +19,7 @@ from megatron_lite.model.moe import MoELayer
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops
 from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 
 
 class Attention(nn.Module):
@@ -37,6 +40,7 @@ class Attention(nn.Module):
         self.num_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
+        self.sequence_parallel, self.recompute = sequence_parallel, config.selective_recompute
         self.ops = ops
         bias = config.family == "gpt2"
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
@@ -62,8 +66,16 @@ class Attention(nn.Module):
             q, k = self.ops.apply_rotary(q, k, *rotary)
         # Attention takes [batch, heads, seq, dim].
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = self.ops.attention(q, k, v, self.dropout if self.training else 0.0)
+        attend = checkpointed(self._core_attention, "core_attn" in self.recompute)
+        out = attend(q, k, v)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax(q k^T) v with dropout on this rank's heads: drawn from the tensor-parallel RNG
+        (under SP the whole layer stack already is, see tensor_parallel/random.py)."""
+        dropout = self.dropout if self.training else 0.0
+        with get_rng_tracker().fork() if dropout and not self.sequence_parallel else contextlib.nullcontext():
+            return self.ops.attention(q, k, v, dropout)
 
 
 class MLP(nn.Module):
@@ -103,10 +115,21 @@ class TransformerLayer(nn.Module):
         else:
             self.mlp = MLP(config, ops, sequence_parallel)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        # Selective recomputation: which of this layer's parts backward replays.
+        recompute = config.selective_recompute
+        self.recompute_norms = "layernorm" in recompute
+        self.recompute_mlp = ("moe" if config.is_moe_layer(number) else "mlp") in recompute
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        attn = self.dropout(self.self_attention(self.input_layernorm(x), rotary))
+        input_norm = checkpointed(self.input_layernorm, self.recompute_norms)
+        attn = self.dropout(self.self_attention(input_norm(x), rotary))
         # The residual add and the MLP's norm in one op (one pass in the fused kernel). The
         # stream x goes first: the sum takes its dtype, fp32 under autocast.
-        normed, x = self.pre_mlp_layernorm(x, residual=attn)
-        return x + self.dropout(self.mlp(normed))
+        normed, x = checkpointed(self.pre_mlp_layernorm, self.recompute_norms)(x, attn)
+        return x + self.dropout(checkpointed(self.mlp, self.recompute_mlp)(normed))
+
+
+def checkpointed(function, recompute: bool):
+    """`function`, or with `recompute` the same computed without keeping its intermediates
+    (selective recomputation: backward replays it)."""
+    return (lambda *args: checkpoint(function, *args)) if recompute else function
