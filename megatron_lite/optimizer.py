@@ -44,8 +44,10 @@ def main_param(model: torch.Tensor, grad: torch.Tensor | None, param: nn.Paramet
     (None: an fp32 parameter without a grad buffer keeps the .grad autograd gives it). With
     `offload` it is a copy in host memory, whose grad the step copies from `grad`."""
     if offload:
+        # Pinned host memory, so the copies to and from the GPU run asynchronously.
         main = model.detach().to("cpu", torch.float32, copy=True)
-        main.grad = torch.zeros_like(main)
+        main = main.pin_memory() if torch.cuda.is_available() else main
+        main.grad = torch.zeros_like(main).pin_memory() if torch.cuda.is_available() else torch.zeros_like(main)
         return MainParam(main, param, offset, model, grad)
     main = model if model.dtype == torch.float32 else model.detach().float()
     if grad is not None:

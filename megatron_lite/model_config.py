@@ -1,0 +1,226 @@
+"""The model's configuration: architecture, mixture of experts, activation recomputation.
+
+Each field carries a one-line docstring (the string literal under it); `arguments.py` turns
+those into `--help` text, so the CLI and the code never disagree on what a field means.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_lite.config_checks import flag, require, require_positive
+
+FAMILIES = ("llama", "gpt2")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+MOE_DISPATCHERS = ("alltoall", "allgather")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"
+    """Architecture family: llama (RMSNorm, RoPE, SwiGLU, GQA, untied head) or gpt2 (LayerNorm, learned positions, GELU, tied embeddings)."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: int | None = None
+    """Number of key/value heads for grouped-query attention (default: one per query head)."""
+    kv_channels: int | None = None
+    """Width of each attention head (default: hidden/heads); Qwen3 and Gemma use wider heads."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2), llama family; gpt2 has every bias anyway."""
+    qk_layernorm: bool = False
+    """Normalise each query and key head (the family's norm over the head dim) before RoPE (Qwen3, OLMo2)."""
+    ffn_hidden_size: int | None = None
+    """Width of the MLP (default: 4*hidden for gpt2, 8/3*hidden rounded up to 64 for llama)."""
+    seq_length: int = 128
+    """Tokens per training sample."""
+    max_position_embeddings: int | None = None
+    """Size of the learned position table for gpt2 (default: seq_length); the RoPE context for llama."""
+    vocab_size: int = 258
+    """Tokenizer vocabulary size (set from the tokenizer, before padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (times tp) so the embedding shards evenly."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the layer norms."""
+    rotary_base: float = 10000.0
+    """RoPE base frequency (llama family)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight init; output projections use std/sqrt(2*num_layers)."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+    fused_kernels: bool = True
+    """Fused kernels (kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
+    recompute_granularity: str | None = None
+    """Activation recomputation: full (keep each layer's input, replay the layer in backward) or selective (replay only --recompute-modules); default: none."""
+    recompute_method: str | None = None
+    """With full: uniform (layers in groups of --recompute-num-layers, each group replayed as one) or block (the first --recompute-num-layers layers of each pipeline chunk, the rest kept)."""
+    recompute_num_layers: int | None = None
+    """With full: layers per group (uniform, default 1) or layers replayed per chunk (block)."""
+    recompute_modules: list[str] | None = None
+    """With selective: which parts of each layer to replay, any of core_attn, mlp, layernorm, moe (default: core_attn)."""
+    num_experts: int | None = None
+    """Experts of each mixture-of-experts layer (default: none, every layer dense)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of each expert's MLP (default: --ffn-hidden-size)."""
+    moe_layer_freq: int = 1
+    """Every N-th layer is a mixture of experts (layers N-1, 2N-1, ...), the others dense; 1: all of them."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Width of a shared expert every token passes through besides its routed ones (default: none)."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by a learned per-token sigmoid gate (Qwen2-MoE)."""
+    moe_router_score_function: str = "softmax"
+    """Router scores: softmax over the experts, or sigmoid per expert."""
+    moe_router_pre_softmax: bool = False
+    """softmax: weights are the softmax over all experts (unnormalised top-k), not over the chosen k."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (Switch/GShard, over the microbatch), seq_aux_loss (per sequence), or none."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss (0: off)."""
+    moe_z_loss_coeff: float | None = None
+    """Weight of the router z-loss, mean of logsumexp(logits)^2 (default: off)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing experts, moved each step towards balanced load."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step of the expert bias per optimizer step, towards the mean load."""
+    moe_expert_capacity_factor: float | None = None
+    """Tokens each expert takes at most, as a multiple of an even share (default: dropless)."""
+    moe_pad_expert_input_to_capacity: bool = False
+    """With a capacity factor: pad every expert's input to its capacity (fixed shapes)."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """How tokens reach their experts under expert parallelism: alltoall (each row to its expert's rank) or allgather (all tokens to every ep rank)."""
+
+    # Fields a run may change when it resumes from a checkpoint: how the model trains, not the
+    # function it computes. Every other field is taken from, or checked against, the checkpoint
+    # (checkpointing.adopt_checkpoint_model_args); a new field is checked unless listed here.
+    TRAINING_ONLY = ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "fused_kernels",
+                     "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+                     "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                     "moe_router_bias_update_rate", "moe_token_dispatcher_type")
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.ffn_hidden_size is None and self.hidden_size:
+            if self.family == "gpt2":
+                self.ffn_hidden_size = 4 * self.hidden_size
+            else:
+                self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def is_moe_layer(self, number: int) -> bool:
+        """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1, ...)."""
+        return bool(self.num_experts) and (number + 1) % self.moe_layer_freq == 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.family == "gpt2"
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Megatron's rule: round the vocabulary up to a multiple of divisible_by * tp."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def _validate_moe(self) -> None:
+        require_positive(self, "num_experts", "moe_router_topk", "moe_layer_freq")
+        require(self.moe_router_topk <= self.num_experts,
+                 f"--moe-router-topk={self.moe_router_topk} exceeds --num-experts={self.num_experts}")
+        require(self.moe_router_score_function in MOE_SCORE_FUNCTIONS,
+                 f"--moe-router-score-function={self.moe_router_score_function} is unknown; allowed: "
+                 f"{', '.join(MOE_SCORE_FUNCTIONS)}")
+        require(self.moe_router_load_balancing_type in MOE_LOAD_BALANCING,
+                 f"--moe-router-load-balancing-type={self.moe_router_load_balancing_type} is unknown; allowed: "
+                 f"{', '.join(MOE_LOAD_BALANCING)}")
+        require(self.moe_token_dispatcher_type in MOE_DISPATCHERS,
+                 f"--moe-token-dispatcher-type={self.moe_token_dispatcher_type} is unknown; allowed: "
+                 f"{', '.join(MOE_DISPATCHERS)}")
+        require(self.moe_router_score_function == "softmax" or not self.moe_router_pre_softmax,
+                 "--moe-router-pre-softmax needs --moe-router-score-function softmax")
+        require(self.moe_aux_loss_coeff >= 0 and (self.moe_z_loss_coeff or 0) >= 0,
+                 f"--moe-aux-loss-coeff={self.moe_aux_loss_coeff} and --moe-z-loss-coeff={self.moe_z_loss_coeff} "
+                 "must be >= 0")
+        if self.moe_expert_capacity_factor is not None:
+            require(self.moe_expert_capacity_factor > 0,
+                     f"--moe-expert-capacity-factor={self.moe_expert_capacity_factor} must be > 0 (leave it unset "
+                     "for dropless routing)")
+        require(self.moe_expert_capacity_factor is not None or not self.moe_pad_expert_input_to_capacity,
+                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+        require(not self.moe_shared_expert_gate or self.moe_shared_expert_intermediate_size,
+                 "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(self, name) is not None:
+                require_positive(self, name)
+
+    @property
+    def selective_recompute(self) -> tuple[str, ...]:
+        """The modules selective recomputation replays (none unless --recompute-granularity selective)."""
+        if self.recompute_granularity != "selective":
+            return ()
+        return tuple(self.recompute_modules or ("core_attn",))
+
+    def _validate_recompute(self) -> None:
+        granularity, method = self.recompute_granularity, self.recompute_method
+        require(granularity in (None, *RECOMPUTE_GRANULARITIES), f"--recompute-granularity={granularity} is "
+                 f"unknown; allowed: {', '.join(RECOMPUTE_GRANULARITIES)}")
+        if granularity == "full":
+            require(method in RECOMPUTE_METHODS, f"--recompute-granularity full needs --recompute-method "
+                     f"{' or '.join(RECOMPUTE_METHODS)} (it is {method})")
+            if method == "block" or self.recompute_num_layers is not None:
+                require_positive(self, "recompute_num_layers")
+        else:
+            require(method is None and self.recompute_num_layers is None,
+                     "--recompute-method and --recompute-num-layers need --recompute-granularity full")
+        require(granularity == "selective" or self.recompute_modules is None,
+                 "--recompute-modules needs --recompute-granularity selective")
+        unknown = [m for m in self.selective_recompute if m not in RECOMPUTE_MODULES]
+        require(not unknown, f"--recompute-modules {' '.join(unknown)} is unknown; allowed: {', '.join(RECOMPUTE_MODULES)}")
+        require("moe" not in self.selective_recompute or self.num_experts,
+                 "--recompute-modules moe needs --num-experts")
+
+    def validate(self) -> None:
+        require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
+        self._validate_recompute()
+        require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                          "ffn_hidden_size", "seq_length", "max_position_embeddings", "vocab_size",
+                          "make_vocab_size_divisible_by", "norm_epsilon", "init_method_std")
+        if self.kv_channels is None:
+            require(self.hidden_size % self.num_attention_heads == 0,
+                     f"--hidden-size={self.hidden_size} is not divisible by "
+                     f"--num-attention-heads={self.num_attention_heads} (or set --kv-channels)")
+        else:
+            require_positive(self, "kv_channels")
+        require(not self.add_qkv_bias or self.family == "llama",
+                 "--add-qkv-bias is for the llama family (gpt2 has every bias already)")
+        require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"--num-attention-heads={self.num_attention_heads} is not divisible by "
+                 f"--num-query-groups={self.num_query_groups}")
+        if self.num_experts is not None:
+            self._validate_moe()
+        if self.family == "llama":
+            require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (--kv-channels or hidden/heads) must be "
+                     "even for RoPE")
+        if self.family == "gpt2":
+            require(self.seq_length <= self.max_position_embeddings,
+                     f"--seq-length={self.seq_length} exceeds the gpt2 position table "
+                     f"--max-position-embeddings={self.max_position_embeddings}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, f"{flag(name)}={value} must be in [0, 1)")
