@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from megatron_lite import parallel_state
+from megatron_lite.activation_memory import describe_activation_memory
 from megatron_lite.checkpointing import (CheckpointWriter, adopt_checkpoint_model_args, latest_iteration,
                                         load_checkpoint, resolve_load)
 from megatron_lite.config import Config, ConfigError, TrainingError
@@ -278,6 +279,10 @@ def _print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, 
                  f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
                  f"{config.model.padded_vocab_size(tp)}")
     print_rank_0(describe_memory(model, dp))
+    par = config.parallel
+    layers_per_chunk = config.model.num_layers // (par.pipeline_model_parallel_size * par.vpp)
+    print_rank_0(describe_activation_memory(config.model, layers_per_chunk, par.vpp, cfg.micro_batch_size, tp,
+                                            par.sequence_parallel))
     print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
                  f"{cfg.micro_batch_size} x {cfg.num_microbatches(dp)} microbatches x dp {dp}, on "
                  f"{device} in {str(cfg.params_dtype).removeprefix('torch.')}"

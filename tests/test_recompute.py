@@ -1,6 +1,6 @@
 """Activation recomputation (--recompute-granularity full|selective) and the model-parallel RNG:
 recomputing gives bit-identical losses, grads and weights, with dropout on and off, on one
-device and at tp 2 + SP, pp 2 (1F1B) and pp 2 x vpp 2 (interleaved); dropout masks agree
+device and at tp 2 + SP, pp 2 (1F1B), pp 2 x vpp 2 (interleaved) and cp 2; dropout masks agree
 across tp ranks where the tensor is replicated and differ where it is split; resume with
 dropout on is bit-exact. One spawn of 2 ranks runs the parallel cases.
 """
@@ -32,11 +32,13 @@ RECOMPUTE = {  # name: model fields
     "full-block": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
     "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp", "layernorm"]},
 }
-LAYOUTS = [Layout(tp=2, sp=True), Layout(pp=2), Layout(pp=2, vpp=2)]
+LAYOUTS = [Layout(tp=2, sp=True), Layout(pp=2), Layout(pp=2, vpp=2), Layout(cp=2)]
 
 
 def recompute_config(family: str, layout: Layout = Layout(), dropout: bool = True, recompute: str | None = None):
     model = {"num_layers": 4, **(DROPOUT if dropout else {}), **RECOMPUTE.get(recompute, {})}
+    if layout.cp > 1:  # context parallelism refuses attention dropout
+        model["attention_dropout"] = 0.0
     config = tiny_config(family, model=model, micro_batch_size=1, global_batch_size=4, train_iters=STEPS)
     config.parallel = layout.apply(config.parallel)
     return config
@@ -81,14 +83,18 @@ def spawned() -> list[dict]:
     return run_on_ranks(recompute_worker, 2)
 
 
+@functools.cache
+def single(family: str, dropout: bool, recompute: str | None) -> dict:
+    return run_steps(recompute_config(family, dropout=dropout, recompute=recompute), STEPS)
+
+
 @pytest.mark.parametrize("recompute", list(RECOMPUTE))
 @pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_recompute_is_bit_identical_on_one_device(family: str, dropout: bool, recompute: str) -> None:
-    reference = run_steps(recompute_config(family, dropout=dropout), STEPS)
-    assert identical(run_steps(recompute_config(family, dropout=dropout, recompute=recompute), STEPS), reference)
+    assert identical(single(family, dropout, recompute), single(family, dropout, None))
     if dropout:  # the masks are drawn: training differs from the run without dropout
-        assert reference["losses"] != run_steps(recompute_config(family, dropout=False), STEPS)["losses"]
+        assert single(family, True, None)["losses"] != single(family, False, None)["losses"]
 
 
 @pytest.mark.parametrize("recompute", list(RECOMPUTE))
@@ -144,6 +150,7 @@ def test_resume_with_dropout_is_bit_exact(tmp_path) -> None:
     (["--recompute-granularity", "selective", "--recompute-modules", "moe"], "--recompute-modules moe needs"),
     (["--recompute-granularity", "selective", "--data-parallel-sharding-strategy", "optim_grads_params"],
      "not supported yet"),
+    (["--recompute-granularity", "selective", "--compile"], "full recomputation compiles"),
 ])
 def test_bad_recompute_flags_are_refused(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

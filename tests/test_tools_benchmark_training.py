@@ -38,7 +38,7 @@ def compiled_graphs(row: dict[str, str]) -> int:
 
 def test_eager_rows_are_measured_against_hf_and_written_to_csv(tmp_path: Path) -> None:
     out = tmp_path / "train.csv"
-    rows = ["megatron_lite", "megatron_lite-unfused", "hf-eager"]
+    rows = ["megatron_lite", "megatron_lite-unfused", "megatron_lite-recompute-full", "hf-eager"]
     printed = table(["--rows", *rows, "--csv", str(out)])
     assert list(printed) == rows
     for row in printed.values():
@@ -47,6 +47,8 @@ def test_eager_rows_are_measured_against_hf_and_written_to_csv(tmp_path: Path) -
     assert printed["hf-eager"]["vs_hf_eager"] == "1.00"
     # Same weights init, data and math on CPU (the fused ops fall back to the same references).
     assert printed["megatron_lite"]["final_loss"] == printed["megatron_lite-unfused"]["final_loss"]
+    # Recomputation replays the same math: the same loss.
+    assert printed["megatron_lite"]["final_loss"] == printed["megatron_lite-recompute-full"]["final_loss"]
 
     with out.open() as f:
         written = list(csv.DictReader(f))

@@ -12,6 +12,10 @@ one micro batch: global batch = micro batch, one optimizer step.
   megatron_lite          our training step (parallelize + train_step, as pretrain runs it), fused kernels
   megatron_lite-unfused  the same with --no-fused-kernels (plain torch ops)
   megatron_lite-compile  the same with --compile (each transformer layer under torch.compile)
+  megatron_lite-recompute-selective, megatron_lite-recompute-full
+                         the same with --recompute-granularity selective (core_attn) or full
+                         (uniform, every layer): the peak memory each saves and its step time
+                         (for llama-1b at seq 4096, as docs/parallelism.md asks: --seq-length 4096)
   hf-eager               transformers LlamaForCausalLM of the same shape (hf_families.hf_config), sdpa
                          attention, plain torch.optim.AdamW (fused on CUDA), same clipping and lr
   hf-compile             the same, the model under torch.compile
@@ -55,7 +59,9 @@ from megatron_lite.training import rank_microbatches, select_device, set_seed, t
 
 # Our rows: the pretrain_gpt.py flags each adds to the common ones.
 OUR_ROWS = {"megatron_lite": [], "megatron_lite-unfused": ["--no-fused-kernels"],
-            "megatron_lite-compile": ["--compile"]}
+            "megatron_lite-compile": ["--compile"],
+            "megatron_lite-recompute-selective": ["--recompute-granularity", "selective"],
+            "megatron_lite-recompute-full": ["--recompute-granularity", "full", "--recompute-method", "uniform"]}
 HF_ROWS = ("hf-eager", "hf-compile")
 ROWS = (*OUR_ROWS, *HF_ROWS)
 BASELINE = "hf-eager"

@@ -64,6 +64,10 @@ class Attention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             q, k = self.ops.apply_rotary(q, k, *rotary)
+        if "core_attn" in self.recompute:
+            # What the replay keeps are its inputs: q, k and v of their own, not views that
+            # would keep the whole fused QKV output alive.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         # Attention takes [batch, heads, seq, dim].
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         attend = checkpointed(self._core_attention, "core_attn" in self.recompute)
