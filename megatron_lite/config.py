@@ -40,9 +40,6 @@ class Config:
         require(not (self.model.recompute_granularity and self.parallel.sharding == "optim_grads_params"),
                  "--recompute-granularity with --data-parallel-sharding-strategy=optim_grads_params is not "
                  "supported yet (a replayed layer would free the parameters its backward still needs)")
-        require(not (self.train.compile and self.model.recompute_granularity == "selective"),
-                "--recompute-granularity selective with --compile is not supported yet (torch.compile cannot trace "
-                "the replay of the model-parallel RNG inside a layer); full recomputation compiles")
         require(not (self.train.compile and self.parallel.sharding == "optim_grads_params"),
                  "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
                  "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")

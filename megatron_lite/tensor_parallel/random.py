@@ -14,7 +14,9 @@ on this rank's tokens), and without SP only core attention's dropout is.
 torch.utils.checkpoint replays a region in backward with torch's generator restored to where
 it was in the forward; `checkpoint` here restores the tracked states too, so the replay draws
 exactly the masks of the first forward. Megatron writes its own checkpoint function for the
-same reason; torch's `context_fn` hook lets us keep torch's.
+same reason; torch's `context_fn` hook lets us keep torch's. Inside a compiled layer
+torch.compile traces the checkpoint and replays its own RNG draws; there the hook is left out
+(dynamo cannot trace it).
 """
 from __future__ import annotations
 
@@ -123,4 +125,6 @@ def checkpoint(function: Callable, *args: torch.Tensor) -> torch.Tensor:
                 _replaying[0] = False
                 _TRACKER.set_states(now)
         return contextlib.nullcontext(), replay()
+    if torch.compiler.is_compiling():  # inside a compiled layer: torch.compile replays its own RNG draws
+        return torch_checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
     return torch_checkpoint(function, *args, use_reentrant=False, context_fn=contexts, preserve_rng_state=True)
