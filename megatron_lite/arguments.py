@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                   flush=True)
         parallel.sequence_parallel = False
     config.validate()
-    if parallel.use_distributed_optimizer and parallel.data_parallel_size == 1 and int(os.environ.get("RANK", "0")) == 0:
+    if parallel.sharded_optimizer and parallel.data_parallel_size == 1 and int(os.environ.get("RANK", "0")) == 0:
         print("WARNING: --use-distributed-optimizer with data-parallel size 1 shards nothing; it runs unsharded",
               flush=True)
     load, save = config.train.load, config.train.save

@@ -38,18 +38,18 @@ class Config:
         self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
         require(not (self.model.recompute_granularity and self.parallel.sharding == "optim_grads_params"),
-                 "--recompute-granularity with --data-parallel-sharding-strategy=optim_grads_params is not "
-                 "supported yet (a replayed layer would free the parameters its backward still needs)")
+                "--recompute-granularity with --data-parallel-sharding-strategy=optim_grads_params is not "
+                "supported yet (a replayed layer would free the parameters its backward still needs)")
         require(not (self.train.compile and self.parallel.sharding == "optim_grads_params"),
-                 "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
-                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
+                "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
+                "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
         m, pp = self.train.num_microbatches(self.parallel.data_parallel_size), self.parallel.pipeline_model_parallel_size
         # Megatron's interleaved schedule runs microbatches in groups of pp.
         require(self.parallel.schedule != "interleaved" or m % pp == 0,
-                 f"the interleaved schedule needs the number of microbatches (global batch "
-                 f"{self.train.global_batch_size} / (micro batch {self.train.micro_batch_size} x dp "
-                 f"{self.parallel.data_parallel_size}) = {m}) to be a multiple of "
-                 f"--pipeline-model-parallel-size={pp}")
+                f"the interleaved schedule needs the number of microbatches (global batch "
+                f"{self.train.global_batch_size} / (micro batch {self.train.micro_batch_size} x dp "
+                f"{self.parallel.data_parallel_size}) = {m}) to be a multiple of "
+                f"--pipeline-model-parallel-size={pp}")
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -69,6 +69,6 @@ class Layout:
                                    data_parallel_size=self.dp, expert_model_parallel_size=self.ep,
                                    virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
                                    pipeline_schedule=self.schedule, sequence_parallel=self.sp,
-                                   use_distributed_optimizer=self.distopt or self.zero > 0,
+                                   use_distributed_optimizer=self.distopt,
                                    overlap_param_gather=self.overlap,
                                    data_parallel_sharding_strategy={2: "optim_grads", 3: "optim_grads_params"}.get(self.zero))

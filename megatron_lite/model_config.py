@@ -142,29 +142,29 @@ class ModelConfig:
     def _validate_moe(self) -> None:
         require_positive(self, "num_experts", "moe_router_topk", "moe_layer_freq")
         require(self.moe_router_topk <= self.num_experts,
-                 f"--moe-router-topk={self.moe_router_topk} exceeds --num-experts={self.num_experts}")
+                f"--moe-router-topk={self.moe_router_topk} exceeds --num-experts={self.num_experts}")
         require(self.moe_router_score_function in MOE_SCORE_FUNCTIONS,
-                 f"--moe-router-score-function={self.moe_router_score_function} is unknown; allowed: "
-                 f"{', '.join(MOE_SCORE_FUNCTIONS)}")
+                f"--moe-router-score-function={self.moe_router_score_function} is unknown; allowed: "
+                f"{', '.join(MOE_SCORE_FUNCTIONS)}")
         require(self.moe_router_load_balancing_type in MOE_LOAD_BALANCING,
-                 f"--moe-router-load-balancing-type={self.moe_router_load_balancing_type} is unknown; allowed: "
-                 f"{', '.join(MOE_LOAD_BALANCING)}")
+                f"--moe-router-load-balancing-type={self.moe_router_load_balancing_type} is unknown; allowed: "
+                f"{', '.join(MOE_LOAD_BALANCING)}")
         require(self.moe_token_dispatcher_type in MOE_DISPATCHERS,
-                 f"--moe-token-dispatcher-type={self.moe_token_dispatcher_type} is unknown; allowed: "
-                 f"{', '.join(MOE_DISPATCHERS)}")
+                f"--moe-token-dispatcher-type={self.moe_token_dispatcher_type} is unknown; allowed: "
+                f"{', '.join(MOE_DISPATCHERS)}")
         require(self.moe_router_score_function == "softmax" or not self.moe_router_pre_softmax,
-                 "--moe-router-pre-softmax needs --moe-router-score-function softmax")
+                "--moe-router-pre-softmax needs --moe-router-score-function softmax")
         require(self.moe_aux_loss_coeff >= 0 and (self.moe_z_loss_coeff or 0) >= 0,
-                 f"--moe-aux-loss-coeff={self.moe_aux_loss_coeff} and --moe-z-loss-coeff={self.moe_z_loss_coeff} "
-                 "must be >= 0")
+                f"--moe-aux-loss-coeff={self.moe_aux_loss_coeff} and --moe-z-loss-coeff={self.moe_z_loss_coeff} "
+                "must be >= 0")
         if self.moe_expert_capacity_factor is not None:
             require(self.moe_expert_capacity_factor > 0,
-                     f"--moe-expert-capacity-factor={self.moe_expert_capacity_factor} must be > 0 (leave it unset "
-                     "for dropless routing)")
+                    f"--moe-expert-capacity-factor={self.moe_expert_capacity_factor} must be > 0 (leave it unset "
+                    "for dropless routing)")
         require(self.moe_expert_capacity_factor is not None or not self.moe_pad_expert_input_to_capacity,
-                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+                "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
         require(not self.moe_shared_expert_gate or self.moe_shared_expert_intermediate_size,
-                 "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+                "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if getattr(self, name) is not None:
                 require_positive(self, name)
@@ -179,48 +179,48 @@ class ModelConfig:
     def _validate_recompute(self) -> None:
         granularity, method = self.recompute_granularity, self.recompute_method
         require(granularity in (None, *RECOMPUTE_GRANULARITIES), f"--recompute-granularity={granularity} is "
-                 f"unknown; allowed: {', '.join(RECOMPUTE_GRANULARITIES)}")
+                f"unknown; allowed: {', '.join(RECOMPUTE_GRANULARITIES)}")
         if granularity == "full":
             require(method in RECOMPUTE_METHODS, f"--recompute-granularity full needs --recompute-method "
-                     f"{' or '.join(RECOMPUTE_METHODS)} (it is {method})")
+                    f"{' or '.join(RECOMPUTE_METHODS)} (it is {method})")
             if method == "block" or self.recompute_num_layers is not None:
                 require_positive(self, "recompute_num_layers")
         else:
             require(method is None and self.recompute_num_layers is None,
-                     "--recompute-method and --recompute-num-layers need --recompute-granularity full")
+                    "--recompute-method and --recompute-num-layers need --recompute-granularity full")
         require(granularity == "selective" or self.recompute_modules is None,
-                 "--recompute-modules needs --recompute-granularity selective")
+                "--recompute-modules needs --recompute-granularity selective")
         unknown = [m for m in self.selective_recompute if m not in RECOMPUTE_MODULES]
         require(not unknown, f"--recompute-modules {' '.join(unknown)} is unknown; allowed: {', '.join(RECOMPUTE_MODULES)}")
         require("moe" not in self.selective_recompute or self.num_experts,
-                 "--recompute-modules moe needs --num-experts")
+                "--recompute-modules moe needs --num-experts")
 
     def validate(self) -> None:
         require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
         self._validate_recompute()
         require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                          "ffn_hidden_size", "seq_length", "max_position_embeddings", "vocab_size",
-                          "make_vocab_size_divisible_by", "norm_epsilon", "init_method_std")
+                         "ffn_hidden_size", "seq_length", "max_position_embeddings", "vocab_size",
+                         "make_vocab_size_divisible_by", "norm_epsilon", "init_method_std")
         if self.kv_channels is None:
             require(self.hidden_size % self.num_attention_heads == 0,
-                     f"--hidden-size={self.hidden_size} is not divisible by "
-                     f"--num-attention-heads={self.num_attention_heads} (or set --kv-channels)")
+                    f"--hidden-size={self.hidden_size} is not divisible by "
+                    f"--num-attention-heads={self.num_attention_heads} (or set --kv-channels)")
         else:
             require_positive(self, "kv_channels")
         require(not self.add_qkv_bias or self.family == "llama",
-                 "--add-qkv-bias is for the llama family (gpt2 has every bias already)")
+                "--add-qkv-bias is for the llama family (gpt2 has every bias already)")
         require(self.num_attention_heads % self.num_query_groups == 0,
-                 f"--num-attention-heads={self.num_attention_heads} is not divisible by "
-                 f"--num-query-groups={self.num_query_groups}")
+                f"--num-attention-heads={self.num_attention_heads} is not divisible by "
+                f"--num-query-groups={self.num_query_groups}")
         if self.num_experts is not None:
             self._validate_moe()
         if self.family == "llama":
             require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (--kv-channels or hidden/heads) must be "
-                     "even for RoPE")
+                    "even for RoPE")
         if self.family == "gpt2":
             require(self.seq_length <= self.max_position_embeddings,
-                     f"--seq-length={self.seq_length} exceeds the gpt2 position table "
-                     f"--max-position-embeddings={self.max_position_embeddings}")
+                    f"--seq-length={self.seq_length} exceeds the gpt2 position table "
+                    f"--max-position-embeddings={self.max_position_embeddings}")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"{flag(name)}={value} must be in [0, 1)")

@@ -59,74 +59,77 @@ class ParallelConfig:
         return self.data_parallel_sharding_strategy or ("optim" if self.use_distributed_optimizer else "no_shard")
 
     @property
+    def sharded_optimizer(self) -> bool:
+        """Whether the distributed optimizer steps: every strategy but no_shard shards the Adam state."""
+        return self.sharding != "no_shard"
+
+    @property
     def schedule(self) -> str:
         return self.pipeline_schedule or ("interleaved" if self.vpp > 1 else "1f1b")
 
     def validate(self) -> None:
         require_positive(self, "tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size",
-                          "expert_model_parallel_size",
-                          "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
+                         "expert_model_parallel_size",
+                         "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
         require(self.cp_comm_type in CP_COMM_TYPES,
-                 f"--cp-comm-type={self.cp_comm_type} is unknown; allowed: {', '.join(CP_COMM_TYPES)}")
+                f"--cp-comm-type={self.cp_comm_type} is unknown; allowed: {', '.join(CP_COMM_TYPES)}")
         strategy = self.data_parallel_sharding_strategy
         if strategy is not None:
             require(strategy in SHARDING_STRATEGIES, f"--data-parallel-sharding-strategy={strategy} is unknown; "
-                     f"allowed: {', '.join(SHARDING_STRATEGIES)}")
+                    f"allowed: {', '.join(SHARDING_STRATEGIES)}")
             require(strategy != "no_shard" or not self.use_distributed_optimizer,
-                     "--data-parallel-sharding-strategy=no_shard contradicts --use-distributed-optimizer")
-            # Every sharded strategy steps through the distributed optimizer (its Adam state is sharded).
-            self.use_distributed_optimizer = strategy != "no_shard"
-        require(not self.overlap_param_gather or self.use_distributed_optimizer,
-                 "--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are gathered)")
+                    "--data-parallel-sharding-strategy=no_shard contradicts --use-distributed-optimizer")
+        require(not self.overlap_param_gather or self.sharded_optimizer,
+                "--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are gathered)")
         require(not self.overlap_param_gather or self.sharding != "optim_grads_params",
-                 "--overlap-param-gather is for optim and optim_grads; optim_grads_params gathers each layer's "
-                 "parameters before it runs anyway, the next layer's in the background")
+                "--overlap-param-gather is for optim and optim_grads; optim_grads_params gathers each layer's "
+                "parameters before it runs anyway, the next layer's in the background")
         if self.virtual_pipeline_model_parallel_size is not None:
             require_positive(self, "virtual_pipeline_model_parallel_size")
         pp, vpp = self.pipeline_model_parallel_size, self.vpp
         require(self.schedule in SCHEDULES,
-                 f"--pipeline-schedule={self.schedule} is unknown; allowed: {', '.join(SCHEDULES)}")
+                f"--pipeline-schedule={self.schedule} is unknown; allowed: {', '.join(SCHEDULES)}")
         require(vpp == 1 or pp > 1, f"--virtual-pipeline-model-parallel-size={vpp} needs "
                                      f"--pipeline-model-parallel-size > 1 (it is {pp})")
         require(vpp == 1 or self.schedule == "interleaved",
-                 f"--pipeline-schedule={self.schedule} cannot run {vpp} model chunks per rank; "
-                 "use --pipeline-schedule interleaved (or leave it unset)")
+                f"--pipeline-schedule={self.schedule} cannot run {vpp} model chunks per rank; "
+                "use --pipeline-schedule interleaved (or leave it unset)")
         require(self.schedule != "interleaved" or vpp > 1,
-                 "--pipeline-schedule=interleaved needs --virtual-pipeline-model-parallel-size > 1")
+                "--pipeline-schedule=interleaved needs --virtual-pipeline-model-parallel-size > 1")
 
     def validate_model(self, model: ModelConfig) -> None:
         """The model must split evenly over the tensor- and pipeline-parallel groups."""
         pp, vpp = self.pipeline_model_parallel_size, self.vpp
         require(model.num_layers % (pp * vpp) == 0,
-                 f"--num-layers={model.num_layers} is not divisible by pp*vpp={pp}*{vpp}={pp * vpp}")
+                f"--num-layers={model.num_layers} is not divisible by pp*vpp={pp}*{vpp}={pp * vpp}")
         tp = self.tensor_model_parallel_size
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
             value = getattr(model, name)
             require(value % tp == 0, f"{flag(name)}={value} is not divisible by --tensor-model-parallel-size={tp}")
         if self.sequence_parallel:
             require(model.seq_length % tp == 0,
-                     f"--seq-length={model.seq_length} is not divisible by --tensor-model-parallel-size={tp}, "
-                     "which --sequence-parallel needs")
+                    f"--seq-length={model.seq_length} is not divisible by --tensor-model-parallel-size={tp}, "
+                    "which --sequence-parallel needs")
         ep = self.expert_model_parallel_size
         if ep > 1:
             require(model.num_experts is not None, f"--expert-model-parallel-size={ep} needs --num-experts")
             require(model.num_experts % ep == 0,
-                     f"--num-experts={model.num_experts} is not divisible by --expert-model-parallel-size={ep}")
+                    f"--num-experts={model.num_experts} is not divisible by --expert-model-parallel-size={ep}")
         cp = self.context_parallel_size
         if cp > 1:
             # The sequence is cut into 2*cp chunks (each rank holds two, for causal load balance),
             # and under SP the rank's tokens are cut again over tp.
             chunks = 2 * cp * (tp if self.sequence_parallel else 1)
             require(model.seq_length % chunks == 0,
-                     f"--seq-length={model.seq_length} is not divisible by 2 x --context-parallel-size={cp}"
-                     + (f" x --tensor-model-parallel-size={tp} (sequence parallel)" if self.sequence_parallel else "")
-                     + f" = {chunks}")
+                    f"--seq-length={model.seq_length} is not divisible by 2 x --context-parallel-size={cp}"
+                    + (f" x --tensor-model-parallel-size={tp} (sequence parallel)" if self.sequence_parallel else "")
+                    + f" = {chunks}")
             if self.cp_comm_type == "a2a":
                 for name in ("num_attention_heads", "num_query_groups"):
                     value = getattr(model, name)
                     require(value % (tp * cp) == 0,
-                             f"{flag(name)}={value} is not divisible by tp x cp = {tp * cp}, which "
-                             "--cp-comm-type=a2a needs (each rank takes whole heads)")
+                            f"{flag(name)}={value} is not divisible by tp x cp = {tp * cp}, which "
+                            "--cp-comm-type=a2a needs (each rank takes whole heads)")
             require(model.attention_dropout == 0.0,
-                     f"--attention-dropout={model.attention_dropout} is not supported with "
-                     f"--context-parallel-size={cp}; use 0")
+                    f"--attention-dropout={model.attention_dropout} is not supported with "
+                    f"--context-parallel-size={cp}; use 0")

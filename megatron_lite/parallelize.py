@@ -99,12 +99,12 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
         [dict(select=is_expert, group="edp", divisor=expert_grad_divisor(par))] if experts else [])
     zero3 = par.sharding == "optim_grads_params"
     units = [c.param_units() for c in chunks] if zero3 else None
-    buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.use_distributed_optimizer,
+    buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.sharded_optimizer,
                                  deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather,
                                  shard_grads=par.sharding in ("optim_grads", "optim_grads_params"), shard_params=zero3,
                                  unit_of=_unit_index(units[i]) if zero3 else None, **kind)
                for kind in kinds for i, c in enumerate(chunks)]
-    optimizer = (DistributedOptimizer(buffers, config.train, experts) if par.use_distributed_optimizer
+    optimizer = (DistributedOptimizer(buffers, config.train, experts) if par.sharded_optimizer
                  else LocalOptimizer(chunks, config.train, experts))
     model = TrainingModel(chunks, buffers, optimizer)
     if zero3:

@@ -29,7 +29,7 @@ def _require_writable_dir(name: str, path: str | None) -> None:
     else:
         require(existing.is_dir(), f"{flag(name)}={path} cannot be created: {existing} is a file")
         require(os.access(existing, os.W_OK | os.X_OK),
-                 f"{flag(name)}={path} cannot be created: {existing} is not writable")
+                f"{flag(name)}={path} cannot be created: {existing} is not writable")
 
 
 @dataclass
@@ -133,7 +133,7 @@ class TrainConfig:
 
     def validate(self, data_parallel_size: int = 1) -> None:
         require_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval",
-                          "eval_iters")
+                         "eval_iters")
         per_step = self.micro_batch_size * data_parallel_size
         if self.global_batch_size % per_step:
             lower = max(per_step, self.global_batch_size // per_step * per_step)
@@ -145,17 +145,17 @@ class TrainConfig:
         require(self.min_lr <= self.lr, f"--min-lr={self.min_lr} must not exceed --lr={self.lr}")
         require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters={self.lr_warmup_iters} must be >= 0")
         require(self.lr_decay_style in LR_DECAY_STYLES,
-                 f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
+                f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
         if self.lr_decay_iters is not None:
             require(self.lr_decay_iters > 0, f"--lr-decay-iters={self.lr_decay_iters} must be positive")
         require(not (self.bf16 and self.fp16), "--bf16 and --fp16 exclude each other; choose one")
         if self.loss_scale is not None:
             require(self.fp16 and self.loss_scale > 0, f"--loss-scale={self.loss_scale} needs --fp16 and must be > 0")
         require(0 < self.min_loss_scale <= self.initial_loss_scale,
-                 f"--min-loss-scale={self.min_loss_scale} must be > 0 and at most --initial-loss-scale="
-                 f"{self.initial_loss_scale}")
+                f"--min-loss-scale={self.min_loss_scale} must be > 0 and at most --initial-loss-scale="
+                f"{self.initial_loss_scale}")
         require(self.loss_scale_window > 0 and self.hysteresis > 0,
-                 f"--loss-scale-window={self.loss_scale_window} and --hysteresis={self.hysteresis} must be positive")
+                f"--loss-scale-window={self.loss_scale_window} and --hysteresis={self.hysteresis} must be positive")
         require(self.clip_grad >= 0, f"--clip-grad={self.clip_grad} must be >= 0 (0 disables clipping)")
         require(self.weight_decay >= 0, f"--weight-decay={self.weight_decay} must be >= 0")
         require(self.eval_interval >= 0, f"--eval-interval={self.eval_interval} must be >= 0 (0 disables)")
@@ -168,18 +168,18 @@ class TrainConfig:
         require(self.device in (None, "cpu", "cuda"), f"--device={self.device} is unknown; allowed: cpu, cuda")
         weights = self.split.replace("/", ",").split(",")
         require(len(weights) == 3 and all(w.strip().replace(".", "", 1).isdigit() for w in weights)
-                 and sum(float(w) for w in weights) > 0,
-                 f"--split={self.split} must be three non-negative numbers like 98,2,0")
+                and sum(float(w) for w in weights) > 0,
+                f"--split={self.split} must be three non-negative numbers like 98,2,0")
         require(self.data_path is not None or self.tokenizer_type == "ByteTokenizer",
-                 f"--tokenizer-type={self.tokenizer_type} needs --data-path (data preprocessed with it); "
-                 "the built-in corpus is byte-level")
+                f"--tokenizer-type={self.tokenizer_type} needs --data-path (data preprocessed with it); "
+                "the built-in corpus is byte-level")
         if self.ckpt_step is not None:
             require(self.load is not None, f"--ckpt-step={self.ckpt_step} needs --load")
             require(self.ckpt_step >= 0, f"--ckpt-step={self.ckpt_step} must be >= 0")
         if self.exit_duration_in_mins is not None:
             require(self.exit_duration_in_mins > 0,
-                     f"--exit-duration-in-mins={self.exit_duration_in_mins} must be positive")
+                    f"--exit-duration-in-mins={self.exit_duration_in_mins} must be positive")
         require(self.exit_signal in EXIT_SIGNALS,
-                 f"--exit-signal={self.exit_signal} is not a signal a job is warned with; allowed: {', '.join(EXIT_SIGNALS)}")
+                f"--exit-signal={self.exit_signal} is not a signal a job is warned with; allowed: {', '.join(EXIT_SIGNALS)}")
         for name in ("save", "log_dir"):
             _require_writable_dir(name, getattr(self, name))

@@ -202,21 +202,30 @@ def describe_layout(grid: parallel_state.Grid, par) -> str:
     return f"> layout: world {grid.world_size} = {axes}{''.join(extras)}"
 
 
+def memory_parts(model: TrainingModel) -> dict[str, int]:
+    """This rank's bytes of weights (the distributed optimizer's flat buffers: under ZeRO-3 the
+    shards), fp32 grads (the grad buffers: under ZeRO-2/3 the shards), fp32 main weights and
+    Adam moments, as allocated."""
+    optimized = model.optimizer.tensors
+    if isinstance(model.optimizer, DistributedOptimizer):
+        weights = sum(buf.param_data.numel() * buf.param_data.element_size() for buf in model.grad_buffers)
+    else:
+        weights = sum(p.numel() * p.element_size() for c in model.chunks for p in c.parameters())
+    return {"weights": weights, "grads": sum(4 * buf.grad_data.numel() for buf in model.grad_buffers),
+            "main weights": sum(4 * t.main.numel() for t in optimized if t.main is not t.model),
+            "Adam state": sum(8 * t.main.numel() for t in optimized)}
+
+
 def describe_memory(model: TrainingModel, dp: int) -> str:
-    """Rank 0's bytes of weights, fp32 grads, fp32 main weights and Adam moments as allocated, and
-    the bytes per parameter they amount to (fp32 16, bf16 18; ZeRO-1 8 + 8/dp, 6 + 12/dp; ZeRO-2
-    4 + 12/dp, 2 + 16/dp; ZeRO-3 16/dp, 18/dp plus the layers gathered at the time)."""
+    """Rank 0's memory_parts and the bytes per parameter they amount to (fp32 16, bf16 18; ZeRO-1
+    8 + 8/dp, 6 + 12/dp; ZeRO-2 4 + 12/dp, 2 + 16/dp; ZeRO-3 16/dp, 18/dp plus the layers
+    gathered at the time)."""
     params = [p for c in model.chunks for p in c.parameters()]
     n = sum(p.numel() for p in params)
-    optimized = model.optimizer.tensors
     buckets = [b for buf in model.grad_buffers for b in buf.buckets]
     sharded = isinstance(model.optimizer, DistributedOptimizer)
-    weights = (sum(buf.param_data.numel() * buf.param_data.element_size() for buf in model.grad_buffers) if sharded
-               else sum(p.numel() * p.element_size() for p in params))
-    offload = any(t.device_grad is not None for t in optimized)
-    parts = {"weights": weights, "grads": sum(4 * buf.grad_data.numel() for buf in model.grad_buffers),
-             "main weights": sum(4 * t.main.numel() for t in optimized if t.main is not t.model),
-             "Adam state": sum(8 * t.main.numel() for t in optimized)}
+    offload = any(t.device_grad is not None for t in model.optimizer.tensors)
+    parts = memory_parts(model)
     mb = 2**20
     dtype = str(params[0].dtype).removeprefix("torch.")
     if any(b.shard_params for b in buckets):

@@ -88,13 +88,13 @@ def test_formula_is_what_the_layers_save_at_tp2_with_sp(family: str, setting: st
 
 
 def test_recomputation_saves_what_it_should() -> None:
-    """Full recomputation keeps one h-vector per token per replayed group; selective of the MLP
-    removes its 4f (llama) intermediates; with flash-style attention core_attn saves little."""
-    config = {s: model_config("llama", s) for s in SETTINGS}
-    none = stage_bytes(config["none"], 4, MICRO_BATCH)
-    assert stage_bytes(config["full-uniform-1"], 4, MICRO_BATCH) == 4 * 4 * 32 * MICRO_BATCH * 64
-    assert stage_bytes(config["mlp"], 4, MICRO_BATCH) < 0.5 * none
-    assert 0.9 * none < stage_bytes(config["core_attn"], 4, MICRO_BATCH) < none
+    """Measured: full recomputation keeps one h-vector per token per layer (4 layers, fp32);
+    selective of the MLP removes more than half; with flash-style attention core_attn saves
+    little (under a tenth), and the settings order as the formula says."""
+    measured = {s: saved_bytes("llama", s) for s in ("none", "core_attn", "mlp", "full-uniform-1")}
+    assert measured["full-uniform-1"] == 4 * 4 * 32 * MICRO_BATCH * 64
+    assert measured["mlp"] < 0.5 * measured["none"]
+    assert 0.9 * measured["none"] < measured["core_attn"] < measured["none"]
 
 
 def test_start_up_line_states_the_bytes_and_what_it_leaves_out() -> None:

@@ -230,6 +230,6 @@ def test_bad_sharding_flags_are_refused(flags: list[str], message: str) -> None:
 
 
 def test_sharding_strategy_implies_the_distributed_optimizer() -> None:
-    assert parse_args(["--data-parallel-sharding-strategy", "optim_grads"]).parallel.use_distributed_optimizer
+    assert parse_args(["--data-parallel-sharding-strategy", "optim_grads"]).parallel.sharded_optimizer
     assert parse_args(["--use-distributed-optimizer"]).parallel.sharding == "optim"
     assert parse_args([]).parallel.sharding == "no_shard"

@@ -32,7 +32,7 @@ from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.layout import Layout  # noqa: E402
 from megatron_lite.optimizer import state_bytes  # noqa: E402
 from megatron_lite.parallelize import parallelize  # noqa: E402
-from megatron_lite.training import rank_microbatches, set_seed, train_step  # noqa: E402
+from megatron_lite.training import memory_parts, rank_microbatches, set_seed, train_step  # noqa: E402
 
 DEFAULT_LAYOUTS = ["single", "dp4", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4", "cp4",
                    "cp4-allgather", "cp4-a2a", "tp2-pp2-dp2-sp-distopt"]
@@ -80,10 +80,8 @@ def layout_worker(layout: Layout, layers: int, hidden: int, steps: int) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             loss = train_step(model, batches, it, config, device)[0]
         times.append(time.perf_counter() - start)
-    sharded = model.grad_buffers[0].param_data is not None  # the distributed optimizer's flat parameters
-    weights = (sum(b.param_data.numel() for b in model.grad_buffers) if sharded
-               else sum(p.numel() for c in model.chunks for p in c.parameters()))
-    return {"params": 4 * weights, "grads": 4 * sum(b.grad_data.numel() for b in model.grad_buffers),
+    allocated = memory_parts(model)
+    return {"params": allocated["weights"], "grads": allocated["grads"],
             "optimizer": state_bytes(model.optimizer.optimizer), "activations": meter.peak,
             "comm": {column: sum(METER.total(group=g, wire=True) for g in groups) for column, groups in GROUPS.items()},
             "time": sum(times[1:]) / max(len(times) - 1, 1), "loss": loss}

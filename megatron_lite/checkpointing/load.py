@@ -156,7 +156,7 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
     # The files hold fp32 weights; under --bf16 the model's are rounded, the main copies are not.
     optimizer.load_main_weights({p: chunk_state[name] for chunk, chunk_state in zip(chunks, state["model"])
                                  for name, p in chunk.named_parameters()})
-    if config.parallel.use_distributed_optimizer:
+    if config.parallel.sharded_optimizer:
         shard = parallel_state.get_grid().index(GRAD_GROUP)
         optimizer.load_state_dict(load_file(optimizer_file(path, shard))["optimizer"])
     else:

@@ -37,7 +37,7 @@ def current_layout(config: Config) -> dict:
     grid = parallel_state.get_grid()
     return {"tp": grid.size("tp"), "cp": grid.size("cp"), "pp": grid.size("pp"), "vpp": config.parallel.vpp,
             "dp": grid.size("dp"), "ep": grid.expert_parallel,
-            "distributed_optimizer": config.parallel.use_distributed_optimizer,
+            "distributed_optimizer": config.parallel.sharded_optimizer,
             "sharding": config.parallel.sharding, "bucket_size": config.parallel.ddp_bucket_size}
 
 
@@ -69,7 +69,7 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
     grid = parallel_state.get_grid()
     root = tmp.parent
     path = tmp / rank_file(root, iteration).relative_to(checkpoint_dir(root, iteration))
-    sharded = config.parallel.use_distributed_optimizer and optimizer is not None
+    sharded = config.parallel.sharded_optimizer and optimizer is not None
     local = optimizer is not None and not sharded
     scaler = None if optimizer is None or optimizer.loss_scaler is None else optimizer.loss_scaler.state_dict()
     files = []

@@ -49,6 +49,7 @@ class RNGStatesTracker:
     def __init__(self) -> None:
         self.states: dict[str, torch.Tensor] = {}
         self.device_type = "cpu"
+        self.replaying = False  # a recomputation is replaying a forward now
 
     def seed(self, name: str, seed: int) -> None:
         """Start the state `name` from `seed`, leaving the current generator as it was."""
@@ -100,12 +101,9 @@ def model_parallel_seed(seed: int, device: torch.device) -> None:
     _TRACKER.seed(MODEL_PARALLEL_RNG, default + TP_SEED_OFFSET + grid.coord("tp"))
 
 
-_replaying = [False]
-
-
 def replaying() -> bool:
     """Whether a recomputation is replaying a forward now (statistics must not count it twice)."""
-    return _replaying[0]
+    return _TRACKER.replaying
 
 
 def checkpoint(function: Callable, *args: torch.Tensor) -> torch.Tensor:
@@ -118,11 +116,11 @@ def checkpoint(function: Callable, *args: torch.Tensor) -> torch.Tensor:
         def replay() -> Iterator[None]:
             now = _TRACKER.get_states()
             _TRACKER.set_states(at_forward)
-            _replaying[0] = True
+            _TRACKER.replaying = True
             try:
                 yield
             finally:
-                _replaying[0] = False
+                _TRACKER.replaying = False
                 _TRACKER.set_states(now)
         return contextlib.nullcontext(), replay()
     if torch.compiler.is_compiling():  # inside a compiled layer: torch.compile replays its own RNG draws
