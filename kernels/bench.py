@@ -22,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
-PEAK_BF16_TFLOPS = {  # dense, by device-name substring, most specific first
-    "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
-    "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from megatron_lite.planner.hardware import peak_tflops  # noqa: E402
+
 CSV_FIELDS = ["op", "shape", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "unit", "fwd_throughput",
               "fwd_bwd_throughput", "fwd_bwd_frac_of_peak", "peak_mem_mib", "fwd_speedup_vs_eager",
               "fwd_bwd_speedup_vs_eager", "error"]
@@ -59,8 +59,7 @@ def _copy_gbps(device: torch.device, nbytes: int) -> float:
 def _peak_tflops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return peak_tflops(torch.cuda.get_device_name(device))
 
 
 def _as_tuple(out) -> tuple:
@@ -166,7 +165,6 @@ def main(argv: Optional[list] = None) -> int:
                         help="tiny fp32 shapes on CPU under TRITON_INTERPRET=1 (checks the code path)")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
     if args.cpu_smoke:
         # triton.jit reads this when the kernel modules are imported, i.e. in run().
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -26,45 +26,94 @@ Recomputation replaces the terms of what it replays by the inputs it keeps:
   layernorm  2h/t_s instead of the norms' terms
   core_attn  q, k, v and the output: (2·a·d + 2·g·d)/t instead of attention's term
   mlp        the MLP's input, h/t_s, instead of the fc1 input's h and the MLP's term
+Context parallelism (on s/cp tokens per rank) and q/k norms (llama) change the attention
+term: see layer_bytes. Outside the layers: embedding_bytes (first stage), head_bytes (last).
 Not modelled: dropout (its masks, and with attention dropout the s x s probabilities of
-torch's math attention), mixture-of-experts layers, q/k norms, and --bf16 (most tensors take 2 bytes
-there, the norms' fp32 statistics 4). tests/test_activation_memory.py measures the saved
-tensors with saved-tensor hooks against this formula.
+torch's math attention), mixture-of-experts layers, and --bf16 (most tensors take 2 bytes
+there, the norms' fp32 statistics and the fp32 residual stream 4). tests/test_activation_memory.py
+measures the layers' saved tensors with saved-tensor hooks against this formula, and
+tests/test_planner.py whole steps of 19 layouts (the planner's peak: megatron_lite/planner/memory.py).
 """
 from __future__ import annotations
 
 import math
+import weakref
+
+import torch
 
 from megatron_lite.model_config import ModelConfig
 
 BYTES = 4  # fp32
 
 
-def layer_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Bytes one dense layer keeps for backward with the selective setting of `model` (none if unset)."""
+def layer_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
+                cp_comm: str | None = None) -> float:
+    """Bytes one dense layer keeps for backward with the selective setting of `model` (none if unset).
+    `cp_comm`: the context-parallel attention in use (None: cp 1). p2p and allgather keep this
+    rank's q, its k unrepeated, the fused QKV output (v is a view of it), the output and the
+    log-sum-exp, and the output projection's input apart (the merged output is head-major, so
+    its [b, s, a·d] view is a copy): (4a + 3g)·d + a per token for llama (k after RoPE is a
+    tensor of its own), (3a + 2g)·d + a for gpt2. a2a (Ulysses) keeps q, k and v as exchanged
+    (a/cp heads of the whole sequence: a·d per token each), the output, the projection's input
+    and the log-sum-exp, 5·a·d + a, and two int64 token indices of the exchange."""
     h, a, g, d, f = (model.hidden_size, model.num_attention_heads, model.num_query_groups, model.head_dim,
                      model.ffn_hidden_size)
     ts = tp if sequence_parallel else 1
     recompute = model.selective_recompute
     llama = model.family == "llama"
     norm = (2 * h + 1 if llama else h + 2) if "layernorm" not in recompute else h
-    attention = (2 * a * d + 2 * g * d if "core_attn" in recompute else (4 if llama else 6) * a * d + a) / tp
+    if "core_attn" in recompute:
+        attention = 2 * a * d + 2 * g * d
+    elif cp_comm in ("p2p", "allgather"):
+        attention = ((4 * a + 3 * g) if llama else (3 * a + 2 * g)) * d + a
+    elif cp_comm == "a2a":
+        attention = 5 * a * d + a
+    else:
+        attention = (4 if llama else 6) * a * d + a
+    if model.qk_layernorm:
+        # The q and k RMSNorms' inputs and 1/rms, and the normalised q (RoPE's input; k's is kept
+        # as k already): (2a + g)·d + a + g. (Models with q/k norms are of the llama family.)
+        attention += (2 * a + g) * d + a + g
+    attention = attention / tp + (4 if cp_comm == "a2a" and "core_attn" not in recompute else 0)
     mlp = h / ts if "mlp" in recompute else h + (4 if llama else 2) * f / tp
     per_token = 2 * norm / ts + h + attention + mlp
     return BYTES * model.seq_length * micro_batch * per_token
 
 
-def stage_bytes(model: ModelConfig, layers: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False) -> float:
+def stage_bytes(model: ModelConfig, layers: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
+                cp_comm: str | None = None) -> float:
     """Bytes `layers` consecutive layers of one model chunk keep per microbatch (with full
     recomputation: the kept inputs of the replayed layers), RoPE tables included."""
     tokens = model.seq_length * micro_batch
     layer_input = BYTES * tokens * model.hidden_size / (tp if sequence_parallel else 1)
-    kept = layer_bytes(model, micro_batch, tp, sequence_parallel)
+    kept = layer_bytes(model, micro_batch, tp, sequence_parallel, cp_comm)
     if model.recompute_granularity == "full" and model.recompute_method == "uniform":
         return math.ceil(layers / (model.recompute_num_layers or 1)) * layer_input
     replayed = min(model.recompute_num_layers, layers) if model.recompute_granularity == "full" else 0
     rope = BYTES * model.seq_length * model.head_dim if model.family == "llama" else 0
     return replayed * layer_input + (layers - replayed) * kept + (rope if layers > replayed else 0)
+
+
+def embedding_bytes(model: ModelConfig, micro_batch: int) -> float:
+    """Bytes the first stage keeps per microbatch outside the layers: the token ids (int64) and
+    the embedding's mask of ids outside this rank's vocabulary shard (bool); gpt2's position ids."""
+    tokens = model.seq_length * micro_batch
+    return 9 * tokens + (8 * model.seq_length if model.family == "gpt2" else 0)
+
+
+def head_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
+               logits_kept: bool = True) -> float:
+    """Bytes the last stage keeps per microbatch after the layers: the final norm's (as in
+    layer_bytes, on this rank's tokens), the output layer's input (the whole sequence), and the
+    vocab-parallel loss's: with the plain loss the fp32 logits shard and its softmax (V/t each),
+    the labels twice (int64) and 10 bytes of masks and statistics per token, plus the pad
+    columns' mask; the fused loss kernel keeps no logits (`logits_kept` False)."""
+    h, v = model.hidden_size, model.padded_vocab_size(tp) // tp
+    tokens = model.seq_length * micro_batch
+    ts = tp if sequence_parallel else 1
+    norm = 2 * h + 1 if model.family == "llama" else h + 2
+    loss = (8 * v + 26) * tokens + v if logits_kept else 0
+    return BYTES * tokens * (norm / ts + h) + loss
 
 
 def describe_activation_memory(model: ModelConfig, layers_per_chunk: int, chunks: int, micro_batch: int,
@@ -76,8 +125,46 @@ def describe_activation_memory(model: ModelConfig, layers_per_chunk: int, chunks
         setting += f" ({model.recompute_method}, {model.recompute_num_layers or 1})"
     elif model.recompute_granularity == "selective":
         setting += f" ({' '.join(model.selective_recompute)})"
-    caveats = [why for bad, why in ((model.num_experts, "MoE layers"), (model.qk_layernorm, "q/k norms"),
+    caveats = [why for bad, why in ((model.num_experts, "MoE layers"),
                                     (model.hidden_dropout or model.attention_dropout, "dropout")) if bad]
     return (f"> activations: {chunks * per_chunk / 2**20:.2f} MB per microbatch on this rank ({chunks} x "
             f"{layers_per_chunk} layers, {setting} recomputation; fp32 formula of megatron_lite/activation_memory.py"
             + (f", not counting {' and '.join(caveats)}" if caveats else "") + ")")
+
+
+class SavedTensorMeter:
+    """Live bytes of the tensors autograd saves for backward, and their peak, measured with
+    saved-tensor hooks (`with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)`):
+    what the formula predicts, counted from what autograd actually keeps. Each storage counts
+    once while any saved tensor holds it; the model's parameters (whose storage a linear saves
+    for its backward, and ZeRO-3's gathered buckets) are not activations and do not count."""
+
+    def __init__(self, params: list[torch.Tensor] | None = None) -> None:
+        self.params = list(params or [])
+        self.live = self.peak = 0
+        self._holders: dict[int, int] = {}  # storage address -> saved tensors holding it
+
+    def pack(self, t: torch.Tensor) -> object:
+        holder = type("Saved", (), {})()
+        holder.tensor = t
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in {p.untyped_storage().data_ptr() for p in self.params} or storage.nbytes() == 0:
+            return holder
+        if key not in self._holders:
+            self._holders[key] = 0
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._holders[key] += 1
+        weakref.finalize(holder, self._release, key, storage.nbytes())  # runs when autograd drops it
+        return holder
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self.live -= nbytes
+
+    @staticmethod
+    def unpack(holder: object) -> torch.Tensor:
+        return holder.tensor

@@ -7,10 +7,10 @@ import os
 import types
 import typing
 
-from megatron_lite.config import (CP_COMM_TYPES, FAMILIES, LR_DECAY_STYLES, MOE_DISPATCHERS, MOE_LOAD_BALANCING,
-                                  MOE_SCORE_FUNCTIONS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, RECOMPUTE_MODULES,
-                                  SCHEDULES, SHARDING_STRATEGIES, Config, ConfigError, ModelConfig, ParallelConfig,
-                                  TrainConfig, field_docs)
+from megatron_lite.config import (CP_COMM_TYPES, DATA_PARALLEL_MODES, FAMILIES, LR_DECAY_STYLES, MOE_DISPATCHERS,
+                                  MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS,
+                                  RECOMPUTE_MODULES, SCHEDULES, SHARDING_STRATEGIES, Config, ConfigError, ModelConfig,
+                                  ParallelConfig, TrainConfig, field_docs)
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
 
@@ -46,6 +46,7 @@ _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("c
             "pipeline_schedule": SCHEDULES, "cp_comm_type": CP_COMM_TYPES, "tokenizer_type": tuple(TOKENIZERS),
             "moe_router_score_function": MOE_SCORE_FUNCTIONS, "moe_router_load_balancing_type": MOE_LOAD_BALANCING,
             "moe_token_dispatcher_type": MOE_DISPATCHERS, "data_parallel_sharding_strategy": SHARDING_STRATEGIES,
+            "data_parallel_mode": DATA_PARALLEL_MODES,
             "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
             "recompute_modules": RECOMPUTE_MODULES}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
@@ -98,11 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # No default here, so that parse_args sees whether the user named a preset: an unnamed one
     # only fills the fields a checkpoint given to --load does not.
+    add_config_flags(parser)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--model and every config field's flag, as pretrain_gpt.py takes them (tools that describe a
+    run, such as tools/plan_parallelism.py, take the same)."""
     parser.add_argument("--model", default=argparse.SUPPRESS, choices=sorted(PRESETS),
                         help=f"Model preset; any model flag overrides its value (default: {DEFAULT_PRESET}).")
     for cls in (ModelConfig, ParallelConfig, TrainConfig):
         _add_dataclass_flags(parser, cls)
-    return parser
 
 
 class _ErrorRaisingParser(argparse.ArgumentParser):

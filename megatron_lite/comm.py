@@ -25,6 +25,12 @@ from megatron_lite import parallel_state
 _RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "all_to_all": 1.0}
 
 
+def ring_wire_bytes(op: str, n: int, nbytes: float) -> float:
+    """What each of n ranks sends for an op of logical volume `nbytes` with the ring algorithm
+    (a point-to-point "send": its bytes)."""
+    return nbytes if op == "send" else _RING_FACTOR[op] * (n - 1) / n * nbytes
+
+
 class CommMeter:
     """Logical bytes, ring wire bytes and calls per (op, group name) since the last reset."""
 
@@ -35,9 +41,8 @@ class CommMeter:
 
     def record(self, op: str, group: str, nbytes: int) -> None:
         """Count one collective, or one point-to-point "send" (whose wire bytes are its bytes)."""
-        n = parallel_state.get_grid().size(group)
         self.bytes[(op, group)] += nbytes
-        self.wire_bytes[(op, group)] += nbytes if op == "send" else _RING_FACTOR[op] * (n - 1) / n * nbytes
+        self.wire_bytes[(op, group)] += ring_wire_bytes(op, parallel_state.get_grid().size(group), nbytes)
         self.calls[(op, group)] += 1
 
     def reset(self) -> None:

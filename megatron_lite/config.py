@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from megatron_lite.config_checks import ConfigError, TrainingError, require
 from megatron_lite.model_config import (FAMILIES, MOE_DISPATCHERS, MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS,
                                         RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, RECOMPUTE_MODULES, ModelConfig)
-from megatron_lite.parallel_config import CP_COMM_TYPES, SCHEDULES, SHARDING_STRATEGIES, ParallelConfig
+from megatron_lite.parallel_config import (CP_COMM_TYPES, DATA_PARALLEL_MODES, SCHEDULES, SHARDING_STRATEGIES,
+                                           ParallelConfig)
 from megatron_lite.train_config import EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
 
-__all__ = ["CP_COMM_TYPES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS", "MOE_LOAD_BALANCING",
-           "MOE_SCORE_FUNCTIONS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS", "RECOMPUTE_MODULES", "SCHEDULES",
-           "SHARDING_STRATEGIES", "Config", "ConfigError", "ModelConfig", "ParallelConfig", "TrainConfig",
-           "TrainingError", "field_docs"]
+__all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS",
+           "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
+           "RECOMPUTE_MODULES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError", "ModelConfig",
+           "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Config:
         require(not (self.train.compile and self.parallel.sharding == "optim_grads_params"),
                 "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
+        self._validate_parameter_server()
         m, pp = self.train.num_microbatches(self.parallel.data_parallel_size), self.parallel.pipeline_model_parallel_size
         # Megatron's interleaved schedule runs microbatches in groups of pp.
         require(self.parallel.schedule != "interleaved" or m % pp == 0,
@@ -50,6 +52,26 @@ class Config:
                 f"{self.train.global_batch_size} / (micro batch {self.train.micro_batch_size} x dp "
                 f"{self.parallel.data_parallel_size}) = {m}) to be a multiple of "
                 f"--pipeline-model-parallel-size={pp}")
+
+    def _validate_parameter_server(self) -> None:
+        """What --data-parallel-mode parameter-server does not combine with, and why (its server
+        averages one dense grad buffer over dp and holds the whole optimizer state)."""
+        par = self.parallel
+        if not par.parameter_server:
+            return
+        sharding = (f"--data-parallel-sharding-strategy={par.sharding}" if par.data_parallel_sharding_strategy
+                    else "--use-distributed-optimizer")
+        unsupported = [
+            (par.sharded_optimizer, sharding, "the server holds the whole optimizer state, nothing is sharded"),
+            (par.context_parallel_size > 1, f"--context-parallel-size={par.context_parallel_size}",
+             "the server averages grads over dp only, not dp x cp"),
+            (bool(self.model.num_experts), f"--num-experts={self.model.num_experts}",
+             "expert grads are averaged over the expert-data-parallel group, which has no server"),
+            (self.train.fp16, "--fp16", "loss scaling is not wired through the server; use --bf16"),
+        ]
+        for given, what, why in unsupported:
+            require(not given, f"--data-parallel-mode=parameter-server does not support {what} ({why}); drop it "
+                               "or use --data-parallel-mode=all-reduce")
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Model FLOPs and MFU, with Megatron-LM's formula.
+"""Model FLOPs, with Megatron-LM's formula (the device peaks of MFU: planner/hardware.py).
 
 Per step, for global batch B, sequence s, L layers, hidden h, query groups g out of n heads of
 width d (r = n*d/h, 1 unless --kv-channels widens the heads), MLP width f (times 3/2 when
@@ -19,17 +19,6 @@ from __future__ import annotations
 
 from megatron_lite.config import ModelConfig
 
-# Dense bf16 peak TFLOP/s (no sparsity) by device-name substring; the first match wins.
-PEAK_TFLOPS_BF16 = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 125.0),
-)
-
-
 def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     """Model FLOPs of one optimizer step (forward + backward) over the whole global batch."""
     h, s, layers = config.hidden_size, config.seq_length, config.num_layers
@@ -46,13 +35,3 @@ def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     mlp = ((layers - moe_layers) * dense + moe_layers * moe) / layers
     logits = config.padded_vocab_size() / (2 * layers * h)
     return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
-
-
-def peak_tflops(device_name: str | None) -> float | None:
-    """Dense bf16 peak of a known accelerator; None on CPU or an unknown device."""
-    if not device_name:
-        return None
-    for key, peak in PEAK_TFLOPS_BF16:
-        if key in device_name:
-            return peak
-    return None

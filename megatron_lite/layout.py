@@ -1,5 +1,5 @@
 """A parallel layout in one value (and one short name): the size of every grid axis, the pipeline
-schedule and chunks, sequence parallelism and optimizer sharding. Tests and tools describe the
+schedule and chunks, sequence parallelism, optimizer sharding and the data-parallel mode. Tests and tools describe the
 layouts they run with it; `apply` writes it into a ParallelConfig."""
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class Layout:
     distopt: bool = False
     overlap: bool = False  # --overlap-param-gather (with distopt)
     zero: int = 0  # 2 or 3: --data-parallel-sharding-strategy optim_grads / optim_grads_params (ZeRO-1 is distopt)
+    ps: bool = False  # --data-parallel-mode parameter-server (else all-reduce)
 
     @property
     def world_size(self) -> int:
@@ -31,13 +32,14 @@ class Layout:
 
     @property
     def name(self) -> str:
-        """e.g. tp2-cp2-pp2-dp2-ep2-vpp2-sp-distopt-overlap, cp2-a2a, dp4-zero3; "single" for one device."""
+        """e.g. tp2-cp2-pp2-dp2-ep2-vpp2-sp-distopt-overlap, cp2-a2a, dp4-zero3, dp4-ps; "single" for one device."""
         parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("cp", self.cp), ("pp", self.pp),
                                                     ("dp", self.dp), ("ep", self.ep), ("vpp", self.vpp)) if size > 1]
         parts += [self.cp_comm] if self.cp_comm != "p2p" else []
         parts += [self.schedule] if self.schedule else []
         parts += ["sp"] * self.sp + ["distopt"] * self.distopt + ["overlap"] * self.overlap
         parts += [f"zero{self.zero}"] if self.zero else []
+        parts += ["ps"] * self.ps
         return "-".join(parts) or "single"
 
     @classmethod
@@ -54,11 +56,11 @@ class Layout:
                 fields["cp_comm"] = part
             elif part in SCHEDULES:
                 fields["schedule"] = part
-            elif part in ("sp", "distopt", "overlap"):
+            elif part in ("sp", "distopt", "overlap", "ps"):
                 fields[part] = True
             else:
                 raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, cpN, ppN, dpN, epN, vppN, "
-                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt, overlap, zero2, zero3 "
+                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt, overlap, zero2, zero3, ps "
                                   "(e.g. tp2-pp2-dp2-sp-distopt)")
         return cls(**fields)
 
@@ -71,4 +73,5 @@ class Layout:
                                    pipeline_schedule=self.schedule, sequence_parallel=self.sp,
                                    use_distributed_optimizer=self.distopt,
                                    overlap_param_gather=self.overlap,
+                                   data_parallel_mode="parameter-server" if self.ps else "all-reduce",
                                    data_parallel_sharding_strategy={2: "optim_grads", 3: "optim_grads_params"}.get(self.zero))

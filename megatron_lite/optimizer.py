@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import TrainConfig
+from megatron_lite.distributed.grad_clip import clip_grad_norm
 from megatron_lite.loss_scaler import build_loss_scaler
 
 
@@ -74,8 +75,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 class LocalOptimizer:
     """AdamW over all of this rank's parameters; every data-parallel replica runs the same update.
 
-    What the training loop needs of an optimizer: param_groups (for the lr), grads_for_norm()
-    and norm_groups (for clipping), loss_scaler (--fp16), step(), state_dict()/load_state_dict()
+    What the training loop needs of an optimizer: param_groups (for the lr), clip_grads() (over
+    grads_for_norm() and norm_groups), loss_scaler (--fp16), step(), state_dict()/load_state_dict()
     for checkpoints, and the fp32 weights a checkpoint stores (main_weights, load_main_weights).
     """
 
@@ -97,6 +98,10 @@ class LocalOptimizer:
 
     def grads_for_norm(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
         return [(t.grad, t.param) for t in self.tensors if t.grad is not None]
+
+    def clip_grads(self, max_norm: float) -> float:
+        """Clip the grads to a global norm of max_norm (0: measure only); returns the norm before."""
+        return clip_grad_norm(self.grads_for_norm(), max_norm, self.norm_groups, self.expert_norm_groups)
 
     @property
     def param_groups(self) -> list[dict]:

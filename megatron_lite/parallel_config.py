@@ -14,6 +14,9 @@ CP_COMM_TYPES = ("p2p", "allgather", "a2a")
 # Megatron-FSDP's names for what data-parallel replicas shard: nothing, the optimizer state
 # (ZeRO-1), also the gradients (ZeRO-2), also the parameters (ZeRO-3 / FSDP).
 SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+# How data-parallel replicas combine their gradients: a ring all-reduce among equals, or a
+# parameter server (distributed/parameter_server.py) that sums them and steps for everyone.
+DATA_PARALLEL_MODES = ("all-reduce", "parameter-server")
 
 
 @dataclass
@@ -40,6 +43,8 @@ class ParallelConfig:
     """Shard fp32 Adam state across data-parallel ranks (ZeRO-1): reduce-scatter grads, all-gather params."""
     data_parallel_sharding_strategy: str | None = None
     """What data-parallel ranks shard: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3 / FSDP); default: optim with --use-distributed-optimizer, else no_shard."""
+    data_parallel_mode: str = "all-reduce"
+    """How data-parallel replicas average gradients: all-reduce (ring, in buckets overlapping backward) or parameter-server (workers send grads to dp rank 0, which steps and sends the parameters back)."""
     ddp_bucket_size: int = 40_000_000
     """Elements per data-parallel gradient bucket; a bucket's reduction starts as soon as its grads are final."""
     expert_model_parallel_size: int = 1
@@ -64,6 +69,11 @@ class ParallelConfig:
         return self.sharding != "no_shard"
 
     @property
+    def parameter_server(self) -> bool:
+        """Whether dp rank 0 of each data-parallel group steps for the others (--data-parallel-mode)."""
+        return self.data_parallel_mode == "parameter-server"
+
+    @property
     def schedule(self) -> str:
         return self.pipeline_schedule or ("interleaved" if self.vpp > 1 else "1f1b")
 
@@ -73,6 +83,8 @@ class ParallelConfig:
                          "data_parallel_size", "distributed_timeout_minutes", "ddp_bucket_size")
         require(self.cp_comm_type in CP_COMM_TYPES,
                 f"--cp-comm-type={self.cp_comm_type} is unknown; allowed: {', '.join(CP_COMM_TYPES)}")
+        require(self.data_parallel_mode in DATA_PARALLEL_MODES, f"--data-parallel-mode={self.data_parallel_mode} "
+                f"is unknown; allowed: {', '.join(DATA_PARALLEL_MODES)}")
         strategy = self.data_parallel_sharding_strategy
         if strategy is not None:
             require(strategy in SHARDING_STRATEGIES, f"--data-parallel-sharding-strategy={strategy} is unknown; "

@@ -15,7 +15,9 @@
                  backward, under ZeRO-3 the parameters sharded too and gathered per layer by
                  distributed/param_sharding.py); partial grads' buckets wait for their sums; a
                  second one per chunk for mixture-of-experts experts, summed over edp
-  5. optimizer   AdamW over the whole chunks, or over this rank's dp x cp shard of the buffers
+  5. optimizer   AdamW over the whole chunks, or over this rank's dp x cp shard of the buffers;
+                 under --data-parallel-mode parameter-server on the server (dp rank 0) only,
+                 which steps for its workers (distributed/parameter_server.py)
 
 Later parallelisms take their place in this order: activation recomputation wraps layers
 between 3 and 4, fully sharded data parallelism hooks the chunks before 4.
@@ -33,6 +35,7 @@ from megatron_lite.context_parallel.attention import context_parallel_attention
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
+from megatron_lite.distributed.parameter_server import ParameterServerGrads, ParameterServerOptimizer
 from megatron_lite.distributed.param_sharding import ShardedParams
 from megatron_lite.model.gpt import GPTModel, ParamUnit, init_weights
 from megatron_lite.model.ops import Ops, select_ops
@@ -46,7 +49,7 @@ class TrainingModel:
     """This rank's model chunks, their data-parallel grad buffers and the optimizer over them."""
     chunks: list[nn.Module]
     grad_buffers: list[DataParallelGrads]  # one per chunk (dense parameters), then one per chunk for experts
-    optimizer: LocalOptimizer | DistributedOptimizer
+    optimizer: LocalOptimizer | DistributedOptimizer | ParameterServerOptimizer
 
     def buffers_of(self, chunk: int) -> list[DataParallelGrads]:
         """The grad buffers of one model chunk (its dense buffer, and its experts' if any)."""
@@ -99,13 +102,19 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
         [dict(select=is_expert, group="edp", divisor=expert_grad_divisor(par))] if experts else [])
     zero3 = par.sharding == "optim_grads_params"
     units = [c.param_units() for c in chunks] if zero3 else None
-    buffers = [DataParallelGrads(c, par.ddp_bucket_size, par.sharded_optimizer,
-                                 deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather,
-                                 shard_grads=par.sharding in ("optim_grads", "optim_grads_params"), shard_params=zero3,
-                                 unit_of=_unit_index(units[i]) if zero3 else None, **kind)
+    # A parameter server reduces the same buffers its own way (no experts, no sharding there).
+    grads = ParameterServerGrads if par.parameter_server else DataParallelGrads
+    buffers = [grads(c, par.ddp_bucket_size, shard=par.sharded_optimizer,
+                     deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather,
+                     shard_grads=par.sharding in ("optim_grads", "optim_grads_params"), shard_params=zero3,
+                     unit_of=_unit_index(units[i]) if zero3 else None, **kind)
                for kind in kinds for i, c in enumerate(chunks)]
-    optimizer = (DistributedOptimizer(buffers, config.train, experts) if par.sharded_optimizer
-                 else LocalOptimizer(chunks, config.train, experts))
+    if par.sharded_optimizer:
+        optimizer = DistributedOptimizer(buffers, config.train, experts)
+    elif par.parameter_server:
+        optimizer = ParameterServerOptimizer(chunks, buffers, config.train)
+    else:
+        optimizer = LocalOptimizer(chunks, config.train, experts)
     model = TrainingModel(chunks, buffers, optimizer)
     if zero3:
         for i in range(len(chunks)):

@@ -19,11 +19,11 @@ from megatron_lite.config import Config, ConfigError, TrainingError
 from megatron_lite.context_parallel.zigzag import split_for_context_parallel
 from megatron_lite.data import build_training_data
 from megatron_lite.data.loader import global_batch
-from megatron_lite.distributed.grad_clip import clip_grad_norm
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import average_across_data_parallel, reduce_partial_grads
+from megatron_lite.distributed.parameter_server import ParameterServerOptimizer
 from megatron_lite.exit_conditions import ExitConditions
-from megatron_lite.flops import flops_per_step, peak_tflops
+from megatron_lite.flops import flops_per_step
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.model.moe import finish_moe_step
 from megatron_lite.optimizer import learning_rate, set_learning_rate
@@ -32,8 +32,10 @@ from megatron_lite.parallel_state import print_rank_0
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
 from megatron_lite.pipeline_parallel.schedules import forward_only, run_schedule
 from megatron_lite.pipeline_parallel.trace import Trace
+from megatron_lite.planner.hardware import peak_tflops
+from megatron_lite.planner.report import describe_measured, describe_plan
 from megatron_lite.tensor_parallel.random import model_parallel_seed
-from megatron_lite.comm import all_reduce
+from megatron_lite.comm import METER, all_reduce
 
 
 def set_seed(seed: int, device: torch.device = torch.device("cpu")) -> None:
@@ -131,8 +133,7 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
         inspect_grads(model)
     loss = last_stage_loss(losses)
     moe = finish_moe_step(model.chunks) if config.model.num_experts else None
-    grad_norm = clip_grad_norm(model.optimizer.grads_for_norm(), cfg.clip_grad, model.optimizer.norm_groups,
-                               model.optimizer.expert_norm_groups)
+    grad_norm = model.optimizer.clip_grads(cfg.clip_grad)
     # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
     skipped = scaler is not None and not math.isfinite(grad_norm)
     if scaler is not None:
@@ -234,6 +235,8 @@ def describe_memory(model: TrainingModel, dp: int) -> str:
         how = f"; ZeRO-2: grads, main weights and moments sharded over dp={dp}"
     elif sharded:
         how = f"; distributed optimizer: main weights and moments sharded over dp={dp}"
+    elif isinstance(model.optimizer, ParameterServerOptimizer) and dp > 1:
+        how = f"; parameter server: rank 0 serves dp={dp}, its {dp - 1} workers hold no main weights or moments"
     else:
         how = "; --use-distributed-optimizer shards them over dp"
     return ("> memory on rank 0: " + " + ".join(f"{k} {v / mb:.2f} MB" for k, v in parts.items() if v)
@@ -292,6 +295,7 @@ def _print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, 
     layers_per_chunk = config.model.num_layers // (par.pipeline_model_parallel_size * par.vpp)
     print_rank_0(describe_activation_memory(config.model, layers_per_chunk, par.vpp, cfg.micro_batch_size, tp,
                                             par.sequence_parallel))
+    print_rank_0(describe_plan(config))
     print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
                  f"{cfg.micro_batch_size} x {cfg.num_microbatches(dp)} microbatches x dp {dp}, on "
                  f"{device} in {str(cfg.params_dtype).removeprefix('torch.')}"
@@ -320,7 +324,9 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
         iteration += 1
         start = time.perf_counter()
         batches = rank_microbatches(train_ds, consumed, config, device)
+        METER.reset()  # what the meter holds after the loop is the last step's traffic
         loss, grad_norm, lr, step_skipped, moe = train_step(model, batches, iteration, config, device)
+        last_traffic = dict(METER.bytes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         interval_seconds += time.perf_counter() - start
@@ -363,4 +369,6 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     if writer is not None:
         writer.wait()
     model.optimizer.finish_param_gather()
+    if losses:
+        print_rank_0(describe_measured(config, memory_parts(model), last_traffic))
     return {"losses": losses, "iteration": iteration, "valid_loss": valid_loss}

@@ -4,8 +4,9 @@ microbatch counts each accepts, under the cost model (forward 1/v, backward 2/v 
 For each setting and rank: the order of forward and backward passes is the schedule's
 closed form (written out below independently of schedules.py), every (chunk, microbatch) runs
 exactly one forward and one backward, each pass starts only after its inputs exist on the
-neighbouring stage, the peak number of microbatches in flight is the schedule's, and the
-bubble is the textbook (p-1)/m or (p-1)/(v*m). One spawn per p; the p2p is real gloo traffic.
+neighbouring stage, and the peak number of microbatches in flight and the bubble (the textbook
+(p-1)/m or (p-1)/(v*m)) are what the planner predicts (megatron_lite/planner/schedule.py).
+One spawn per p; the p2p is real gloo traffic.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from megatron_lite import parallel_state
 from megatron_lite.config import ParallelConfig
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.pipeline_parallel.schedules import run_schedule
+from megatron_lite.planner.schedule import bubble_fraction as planned_bubble, interleaved_warmup
+from megatron_lite.planner.schedule import peak_in_flight as planned_peak
 from megatron_lite.pipeline_parallel.trace import CostModelRunner, Event, Trace, bubble_fraction, peak_in_flight
 
 STAGES = (2, 3, 4)
@@ -44,11 +47,6 @@ def spawned(p: int) -> list[dict]:
     return run_on_ranks(sweep_worker, p, p)
 
 
-def interleaved_warmup(p: int, r: int, v: int, m: int) -> int:
-    """Forwards rank r runs before its first backward (Megatron's rule; all of them when m == p)."""
-    return m * v if m == p else min((p - r - 1) * 2 + (v - 1) * p, m * v)
-
-
 def expected_order(schedule: str, p: int, r: int, v: int, m: int) -> list[tuple[str, int, int]]:
     """(kind, chunk, microbatch) in the order rank r runs them."""
     if schedule == "gpipe":
@@ -71,15 +69,6 @@ def expected_order(schedule: str, p: int, r: int, v: int, m: int) -> list[tuple[
     return order + [step("B", k) for k in range(total - warmup, total)]
 
 
-def expected_peak(schedule: str, p: int, r: int, v: int, m: int) -> int:
-    if schedule == "gpipe":
-        return m
-    if schedule == "1f1b":
-        return min(p - r, m)
-    warmup = interleaved_warmup(p, r, v, m)
-    return warmup if warmup == m * v else warmup + 1
-
-
 CASES = [(p, *s) for p in STAGES for s in settings(p)]
 
 
@@ -92,7 +81,7 @@ def test_schedule_order_dependencies_memory_and_bubble(p: int, schedule: str, v:
         assert [(e.kind, e.chunk, e.microbatch) for e in mine] == expected_order(schedule, p, r, v, m), f"rank {r}"
         for e in mine:
             by_pass[(e.kind, e.chunk * p + r, e.microbatch)] = e  # keyed by virtual stage
-        assert peak_in_flight(events, r) == expected_peak(schedule, p, r, v, m), f"rank {r}"
+        assert peak_in_flight(events, r) == planned_peak(schedule, p, r, v, m), f"rank {r}"
     # Each pass exactly once (the order check above allows no repeats), and each starts after its inputs.
     stages = p * v
     assert len(by_pass) == 2 * stages * m
@@ -103,4 +92,4 @@ def test_schedule_order_dependencies_memory_and_bubble(p: int, schedule: str, v:
             assert e.start >= by_pass[("F", stage, i)].end
             if stage < stages - 1:
                 assert e.start >= by_pass[("B", stage + 1, i)].end
-    assert bubble_fraction(events) == pytest.approx((p - 1) / (v * m), abs=1e-12)
+    assert bubble_fraction(events) == pytest.approx(planned_bubble(p, v, m), abs=1e-12)

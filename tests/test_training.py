@@ -12,7 +12,8 @@ from megatron_lite import training
 from megatron_lite.arguments import parse_args
 from megatron_lite.config import ConfigError, TrainConfig, TrainingError
 from megatron_lite.data.loader import microbatch_indices
-from megatron_lite.flops import flops_per_step, peak_tflops
+from megatron_lite.flops import flops_per_step
+from megatron_lite.planner.hardware import peak_tflops
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.optimizer import LocalOptimizer, learning_rate
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite import parallel_state  # noqa: E402
+from megatron_lite.activation_memory import SavedTensorMeter  # noqa: E402
 from megatron_lite.comm import METER  # noqa: E402
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
@@ -32,33 +32,13 @@ from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.layout import Layout  # noqa: E402
 from megatron_lite.optimizer import state_bytes  # noqa: E402
 from megatron_lite.parallelize import parallelize  # noqa: E402
+from megatron_lite.planner.memory import RankCoords, activation_memory, state_memory  # noqa: E402
+from megatron_lite.planner.traffic import step_traffic  # noqa: E402
 from megatron_lite.training import memory_parts, rank_microbatches, set_seed, train_step  # noqa: E402
 
-DEFAULT_LAYOUTS = ["single", "dp4", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4", "cp4",
+DEFAULT_LAYOUTS = ["single", "dp4", "dp4-ps", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4", "cp4",
                    "cp4-allgather", "cp4-a2a", "tp2-pp2-dp2-sp-distopt"]
 GROUPS = {"tp": ("tp",), "cp": ("cp",), "pp": ("pp",), "dp": ("dp", "dp-cp")}  # columns: groups metered
-
-
-class ActivationMeter:
-    """Live bytes of tensors saved for backward, and their peak, via saved-tensor hooks."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def pack(self, t: torch.Tensor) -> object:
-        holder = type("Saved", (), {})()
-        holder.tensor, nbytes = t, t.numel() * t.element_size()
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(holder, self._release, nbytes)  # runs when autograd drops the saved tensor
-        return holder
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    @staticmethod
-    def unpack(holder: object) -> torch.Tensor:
-        return holder.tensor
 
 
 def layout_worker(layout: Layout, layers: int, hidden: int, steps: int) -> dict:
@@ -72,7 +52,7 @@ def layout_worker(layout: Layout, layers: int, hidden: int, steps: int) -> dict:
     device = torch.device("cpu")
     model = parallelize(config, device)
     data = RandomTokens(config.model.vocab_size, config.model.seq_length)
-    meter, times = ActivationMeter(), []
+    meter, times = SavedTensorMeter([p for c in model.chunks for p in c.parameters()]), []
     for it in range(1, steps + 1):
         batches = rank_microbatches(data, (it - 1) * config.train.global_batch_size, config, device)
         METER.reset()
@@ -81,10 +61,23 @@ def layout_worker(layout: Layout, layers: int, hidden: int, steps: int) -> dict:
             loss = train_step(model, batches, it, config, device)[0]
         times.append(time.perf_counter() - start)
     allocated = memory_parts(model)
-    return {"params": allocated["weights"], "grads": allocated["grads"],
+    grid = parallel_state.get_grid()
+    coords = RankCoords(grid.coord("pp"), grid.index("dp-cp"))
+    exact = (state_memory(config, coords) == allocated
+             and step_traffic(config, coords) == {k: float(v) for k, v in METER.bytes.items()})
+    return {"params": allocated["weights"], "grads": allocated["grads"], "planned": exact,
+            "planned_activations": activation_memory(config, coords.pp),
             "optimizer": state_bytes(model.optimizer.optimizer), "activations": meter.peak,
             "comm": {column: sum(METER.total(group=g, wire=True) for g in groups) for column, groups in GROUPS.items()},
             "time": sum(times[1:]) / max(len(times) - 1, 1), "loss": loss}
+
+
+def _planner_verdict(ranks: list[dict]) -> str:
+    """Whether the planner's formulas (megatron_lite/planner/) predicted every rank's state bytes and
+    traffic exactly, and how far its activation peak is from the measured one."""
+    error = max(abs(r["planned_activations"] / r["activations"] - 1) for r in ranks)
+    state = "state+traffic exact" if all(r["planned"] for r in ranks) else "state/traffic DIFFER"
+    return f"{state}, activations {100 * error:.1f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mb = 2**20
     print(f"{'layout':22s} {'ranks':>5s} {'weights MB':>10s} {'grads MB':>8s} {'Adam MB':>8s} {'activ. MB':>9s} "
-          + " ".join(f"{c + ' MB/step':>10s}" for c in GROUPS) + f" {'step ms':>8s} {'last loss':>9s}")
+          + " ".join(f"{c + ' MB/step':>10s}" for c in GROUPS) + f" {'step ms':>8s} {'last loss':>9s}  planner")
     try:
         layouts = [Layout.parse(name) for name in args.layouts]
     except ConfigError as exc:
@@ -109,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{layout.name:22s} {layout.world_size:5d} {worst['params'] / mb:10.3f} {worst['grads'] / mb:8.3f} "
               f"{worst['optimizer'] / mb:8.3f} "
               f"{worst['activations'] / mb:9.2f} " + " ".join(f"{comm[c] / mb:10.2f}" for c in GROUPS)
-              + f" {1e3 * worst['time']:8.1f} {ranks[0]['loss']:9.5f}", flush=True)
+              + f" {1e3 * worst['time']:8.1f} {ranks[0]['loss']:9.5f}  "
+              + _planner_verdict(ranks), flush=True)
     return 0
 
 

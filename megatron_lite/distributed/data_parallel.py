@@ -87,6 +87,32 @@ def materialized(param: torch.Tensor) -> bool:
     return param.numel() == 0 or param.untyped_storage().nbytes() > 0
 
 
+def bucket_spans(params: list[tuple[int, bool, Hashable]], bucket_size: int, dp: int) -> list[tuple[int, int, list[int]]]:
+    """How a grad buffer cuts its parameters, given in buffer order as (elements, deferred, unit),
+    into buckets: (start, padded end, the parameters' indices) each. A bucket closes once it holds
+    `bucket_size` elements, before a deferred parameter follows a plain one, and before a
+    parameter of another unit (unit None: no unit boundary); its end is padded to a multiple of
+    dp so that it splits into equal shards. The planner (megatron_lite/planner/) counts the bytes
+    of a layout with this same function."""
+    spans: list[tuple[int, int, list[int]]] = []
+    start = offset = 0
+    members: list[int] = []
+    for i, (numel, deferred, unit) in enumerate(params):
+        if members:
+            last_deferred, last_unit = params[members[-1]][1:]
+            if (deferred != last_deferred or offset - start >= bucket_size
+                    or (unit is not None and unit != last_unit)):
+                end = start + -(-(offset - start) // dp) * dp
+                spans.append((start, end, members))
+                start = offset = end
+                members = []
+        members.append(i)
+        offset += numel
+    if members:
+        spans.append((start, start + -(-(offset - start) // dp) * dp, members))
+    return spans
+
+
 class DataParallelGrads:
     """The grad buffer of one model chunk and its bucketed data-parallel reduction."""
 
@@ -94,7 +120,7 @@ class DataParallelGrads:
                  deferred: Callable[[nn.Parameter], bool] = lambda p: False, overlap_param_gather: bool = False,
                  select: Callable[[nn.Parameter], bool] = lambda p: True, group: str = GRAD_GROUP,
                  divisor: int | None = None, shard_grads: bool = False, shard_params: bool = False,
-                 unit_of: Callable[[nn.Parameter], Hashable] | None = None) -> None:
+                 unit_of: Callable[[nn.Parameter], Hashable] | None = None, flat_params: bool = False) -> None:
         """The parameters of `module` that `select` picks, summed over `group` and divided by
         `divisor` (default: dp x cp). Dense parameters are replicated over dp and cp: one
         reduction over both (cp ranks hold partial grads of other tokens of the same samples,
@@ -103,7 +129,9 @@ class DataParallelGrads:
         brought them), so they divide by dp x cp too (see parallelize.expert_grad_divisor).
         `shard`: the distributed optimizer owns one shard of each bucket; `shard_grads`,
         `shard_params`: ZeRO-2 and ZeRO-3 (module docstring). `unit_of`: no bucket holds
-        parameters of two units (ZeRO-3 gathers and frees whole buckets per unit)."""
+        parameters of two units (ZeRO-3 gathers and frees whole buckets per unit). `flat_params`:
+        the parameters are views of one flat buffer, `param_data`, as under `shard`, without
+        sharding anything (the parameter server sends and receives them as one message)."""
         grid = parallel_state.get_grid()
         self.group, self.dp, self.dp_rank, self.shard = group, grid.size(group), grid.index(group), shard
         self.divisor = grid.size(GRAD_GROUP) if divisor is None else divisor
@@ -111,19 +139,19 @@ class DataParallelGrads:
         ordered = [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
         self.buckets: list[Bucket] = []
         self.ranges: dict[nn.Parameter, tuple[int, int]] = {}
-        offset = 0
-        for p in ordered:
-            bucket = self.buckets[-1] if self.buckets else None
-            if (bucket is None or bucket.deferred != deferred(p) or offset - bucket.start >= bucket_size
-                    or (unit_of is not None and not deferred(p) and unit_of(p) != unit_of(bucket.params[-1]))):
-                offset = self._close(bucket, offset)
-                bucket = Bucket(offset, offset, deferred=deferred(p), shard_grads=shard_grads and not deferred(p),
-                                shard_params=shard_params and not deferred(p))
-                self.buckets.append(bucket)
-            self.ranges[p] = (offset, offset + p.numel())
-            bucket.params.append(p)
-            offset += p.numel()
-        self.size = self._close(self.buckets[-1] if self.buckets else None, offset)
+        spans = bucket_spans([(p.numel(), deferred(p), None if unit_of is None or deferred(p) else unit_of(p))
+                              for p in ordered], bucket_size, self.dp)
+        for start, end, members in spans:
+            first = ordered[members[0]]
+            bucket = Bucket(start, end, deferred=deferred(first), shard_grads=shard_grads and not deferred(first),
+                            shard_params=shard_params and not deferred(first))
+            offset = start
+            for i in members:
+                self.ranges[ordered[i]] = (offset, offset + ordered[i].numel())
+                bucket.params.append(ordered[i])
+                offset += ordered[i].numel()
+            self.buckets.append(bucket)
+        self.size = spans[-1][1] if spans else 0
         device = params[0].device if params else None
         dtype = params[0].dtype if params else torch.float32
         grad_size = param_size = 0
@@ -132,7 +160,7 @@ class DataParallelGrads:
             grad_size += bucket.size // self.dp if bucket.shard_grads else bucket.size
             param_size += bucket.size // self.dp if bucket.shard_params else bucket.size
         self.grad_data = torch.zeros(grad_size, dtype=torch.float32, device=device)
-        self.param_data = torch.zeros(param_size, dtype=dtype, device=device) if shard else None
+        self.param_data = torch.zeros(param_size, dtype=dtype, device=device) if shard or flat_params else None
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         for bucket in self.buckets:
             if bucket.shard_params:
@@ -155,12 +183,6 @@ class DataParallelGrads:
         if overlap_param_gather:
             self._register_param_gather_waits(module)
         self.zero_grad()
-
-    def _close(self, bucket: Bucket | None, offset: int) -> int:
-        if bucket is None:
-            return offset
-        bucket.end = bucket.start + -(-(offset - bucket.start) // self.dp) * self.dp
-        return bucket.end
 
     def bucket_grads(self, bucket: Bucket) -> torch.Tensor:
         """The bucket's persistent grads in grad_data: this rank's shard (ZeRO-2/3), or all of it."""

@@ -38,6 +38,7 @@ from megatron_lite.config import Config
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.data_parallel import materialized
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
+from megatron_lite.distributed.parameter_server import ParameterServerOptimizer
 from megatron_lite.placement import gather_full
 from megatron_lite.parallelize import TrainingModel, parallelize
 from megatron_lite.training import rank_microbatches, set_seed, train_step
@@ -69,7 +70,10 @@ def setup_rank(config: Config) -> TrainingModel:
 
 def full_grads(model: TrainingModel) -> dict[str, torch.Tensor]:
     """Every parameter's current grad as a full tensor (gathered over tp and, for the distributed
-    optimizer, over the dp shards), keyed by its global name."""
+    optimizer, over the dp shards), keyed by its global name. A parameter server's workers hold
+    only their own replica's grads, not the mean: none from them."""
+    if isinstance(model.optimizer, ParameterServerOptimizer) and not model.optimizer.server:
+        return {}
     grads = {}
     for buf in model.grad_buffers:
         grads.update(_gathered_grads(buf) if isinstance(model.optimizer, DistributedOptimizer)

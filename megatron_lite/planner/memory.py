@@ -1,0 +1,123 @@
+"""Bytes one rank holds for a layout, by formula: weights, grads, fp32 main weights, Adam
+moments (exactly as allocated: each bucket's padding and each ZeRO shard counted as the grad
+buffers lay them out), activations (activation_memory.py's formula times the microbatches the
+schedule keeps in flight) and transient buffers.
+
+Every rank of a pipeline stage holds the same except for the last data-parallel shard of a
+bucket, which may include the bucket's padding: the functions take the rank's coordinates.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_lite.activation_memory import embedding_bytes, head_bytes, stage_bytes
+from megatron_lite.config import Config
+from megatron_lite.distributed.data_parallel import bucket_spans
+from megatron_lite.planner.parameters import ParamSpec, chunk_params
+from megatron_lite.planner.schedule import in_flight
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    pp: int = 0  # pipeline rank
+    dp: int = 0  # index in the dense grads' group (dp x cp, GRAD_GROUP)
+    edp: int = 0  # index in the experts' data-parallel group
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """A grad buffer's buckets: (start, padded end, elements of parameters) each, and its group size."""
+    buckets: list[tuple[int, int, int]]
+    group_size: int
+    shard_grads: list[bool]
+    shard_params: list[bool]
+    gathers: list[int]  # ZeRO-3: all-gathers of the bucket per microbatch
+
+
+def grad_buffers(config: Config, params: list[ParamSpec]) -> list[BufferLayout]:
+    """The dense buffer and (with experts) the experts' buffer of one chunk, as parameterize builds them."""
+    par = config.parallel
+    tp, cp, dp, ep = par.tensor_model_parallel_size, par.context_parallel_size, par.data_parallel_size, \
+        par.expert_model_parallel_size
+    zero2, zero3 = par.sharding in ("optim_grads", "optim_grads_params"), par.sharding == "optim_grads_params"
+    kinds = [(False, dp * cp)] + ([(True, tp * cp * dp // ep)] if config.model.num_experts else [])
+    layouts = []
+    for expert, group in kinds:
+        chosen = [p for p in params if p.expert == expert]
+        ordered = [p for p in reversed(chosen) if not p.deferred] + [p for p in reversed(chosen) if p.deferred]
+        spans = bucket_spans([(p.numel, p.deferred, p.unit if zero3 and not p.deferred else None) for p in ordered],
+                             par.ddp_bucket_size, group)
+        deferred = [ordered[members[0]].deferred for _, _, members in spans]
+        layouts.append(BufferLayout([(s, e, sum(ordered[i].numel for i in members)) for s, e, members in spans],
+                                    group, [zero2 and not d for d in deferred], [zero3 and not d for d in deferred],
+                                    [ordered[members[0]].gathers for _, _, members in spans]))
+    return layouts
+
+
+def rank_params(config: Config, pp_rank: int) -> list[list[ParamSpec]]:
+    """The tensors of each model chunk of pipeline rank `pp_rank`."""
+    par = config.parallel
+    return [chunk_params(config.model, par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.vpp,
+                         par.expert_model_parallel_size, par.sequence_parallel, pp_rank, c) for c in range(par.vpp)]
+
+
+def _shard_overlap(start: int, end: int, used: int, index: int, size: int) -> int:
+    """Elements of parameters (not padding) in shard `index` of a bucket [start, end) whose first `used` are parameters."""
+    width = (end - start) // size
+    lo = start + index * width
+    return max(0, min(lo + width, start + used) - lo)
+
+
+def state_memory(config: Config, rank: RankCoords = RankCoords()) -> dict[str, int]:
+    """Bytes of weights, fp32 grads, fp32 main weights and Adam moments on one rank, as
+    training.memory_parts reports them from the allocated tensors."""
+    par, train = config.parallel, config.train
+    pbytes = train.params_dtype.itemsize
+    half = pbytes != 4
+    weights = grads = optimized = 0
+    for params in rank_params(config, rank.pp):
+        if not par.sharded_optimizer:
+            weights += pbytes * sum(p.numel for p in params)
+            optimized += sum(p.numel for p in params)
+        for i, buf in enumerate(grad_buffers(config, params)):
+            index = rank.edp if i else rank.dp
+            for (start, end, used), sg, sp in zip(buf.buckets, buf.shard_grads, buf.shard_params):
+                size = end - start
+                grads += 4 * (size // buf.group_size if sg else size)
+                if par.sharded_optimizer:
+                    weights += pbytes * (size // buf.group_size if sp else size)
+                    optimized += _shard_overlap(start, end, used, index, buf.group_size)
+    if par.parameter_server and rank.dp != 0:
+        optimized = 0  # a parameter server's workers hold no optimizer state
+    return {"weights": weights, "grads": grads, "main weights": 4 * optimized if half else 0,
+            "Adam state": 8 * optimized}
+
+
+def logits_kept(config: Config) -> bool:
+    """Whether the loss keeps the logits for backward: the plain loss does, the fused kernel
+    (ModelConfig.fused_kernels on a GPU) does not."""
+    return not (config.model.fused_kernels and config.train.device == "cuda")
+
+
+def activation_memory(config: Config, pp_rank: int = 0) -> int:
+    """Peak bytes saved for backward on pipeline rank `pp_rank`: the microbatches the schedule
+    keeps in flight at its peak (planner/schedule.py), each holding a chunk's layers
+    (activation_memory.stage_bytes), on the first stage the embedding's ids and on the last the
+    output head's tensors."""
+    par, model, mb = config.parallel, config.model, config.train.micro_batch_size
+    tp, cp, pp, vpp = (par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size,
+                       par.vpp)
+    local = dataclasses.replace(model, seq_length=model.seq_length // cp)
+    # The formula counts fp32 tensors; under --bf16/--fp16 the layers' tensors take 2 bytes (their
+    # few fp32 statistics are not told apart), the loss's stay fp32.
+    half = config.train.params_dtype.itemsize / 4
+    per_chunk = half * stage_bytes(local, model.num_layers // (pp * vpp), mb, tp, par.sequence_parallel,
+                                   par.cp_comm_type if cp > 1 else None)
+    chunks = in_flight(config, pp_rank)
+    total = sum(chunks) * per_chunk
+    if pp_rank == 0:
+        total += chunks[0] * embedding_bytes(local, mb)
+    if pp_rank == pp - 1:
+        total += chunks[-1] * head_bytes(local, mb, tp, par.sequence_parallel, logits_kept(config))
+    return int(total)

@@ -1,0 +1,101 @@
+"""The parameter tensors a rank holds, by formula: what the model classes build for a layout,
+without building them (a 1T-parameter layout is counted in microseconds).
+
+The list is in the order of the chunk's `parameters()` (GPTModel, TransformerLayer, Attention,
+MLP, MoELayer register them in this order), because the grad buffer cuts buckets in that
+order (distributed/data_parallel.py: bucket_spans) and the padding of each bucket depends on
+it. Each tensor says whether its grad is partial (summed over tp or the embedding group
+before the data-parallel reduction: a deferred bucket), whether it is an expert's (its own
+buffer, over edp), and which ZeRO-3 unit it belongs to (GPTModel.param_units).
+tests/test_planner.py checks the list against the parameters of the built model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_lite.model_config import ModelConfig
+from megatron_lite.pipeline_parallel.partition import chunk_layers
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    numel: int
+    deferred: bool = False  # partial grad: waits for its tp / embedding sum (a trailing bucket)
+    expert: bool = False
+    unit: int = 0  # index of its ZeRO-3 unit in the chunk (GPTModel.param_units)
+    gathers: int = 2  # ZeRO-3 all-gathers per microbatch: before its unit's forward and backward
+
+
+def _norm(model: ModelConfig, size: int, partial: bool, unit: int) -> list[ParamSpec]:
+    count = 1 if model.family == "llama" else 2  # RMSNorm: weight; LayerNorm: weight and bias
+    return [ParamSpec(size, partial, unit=unit)] * count
+
+
+def layer_params(model: ModelConfig, number: int, tp: int, ep: int, sp: bool, unit: int) -> list[ParamSpec]:
+    """One transformer layer's tensors on a tp rank (and ep rank, for its experts)."""
+    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
+    gpt2 = model.family == "gpt2"
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
+    out = [*_norm(model, h, sp, unit), ParamSpec(qkv * h // tp, unit=unit)]
+    if gpt2 or model.add_qkv_bias:
+        out.append(ParamSpec(qkv // tp, unit=unit))
+    out.append(ParamSpec(h * model.num_attention_heads * d // tp, unit=unit))
+    if gpt2:
+        out.append(ParamSpec(h, sp, unit=unit))  # row-parallel bias: replicated, partial under SP
+    if model.qk_layernorm:
+        out += _norm(model, d, tp > 1, unit) + _norm(model, d, tp > 1, unit)
+    out += _norm(model, h, sp, unit)
+    if model.is_moe_layer(number):
+        out.append(ParamSpec(model.num_experts * h, sp, unit=unit))  # router
+        gate = 2 if model.family == "llama" else 1
+        local = model.num_experts // ep
+        fe = model.expert_ffn_hidden_size
+        out += [ParamSpec(local * fe * gate * h, expert=True, unit=unit), ParamSpec(local * h * fe, expert=True, unit=unit)]
+        if model.moe_shared_expert_intermediate_size:
+            out += _mlp(model, model.moe_shared_expert_intermediate_size, tp, sp, unit)
+        if model.moe_shared_expert_gate:
+            out.append(ParamSpec(h, sp, unit=unit))
+    else:
+        out += _mlp(model, f, tp, sp, unit)
+    return out
+
+
+def _mlp(model: ModelConfig, ffn: int, tp: int, sp: bool, unit: int) -> list[ParamSpec]:
+    h = model.hidden_size
+    if model.family == "llama":  # SwiGLU fc1 [gate; up], no biases
+        return [ParamSpec(2 * ffn * h // tp, unit=unit), ParamSpec(h * ffn // tp, unit=unit)]
+    return [ParamSpec(ffn * h // tp, unit=unit), ParamSpec(ffn // tp, unit=unit), ParamSpec(h * ffn // tp, unit=unit),
+            ParamSpec(h, sp, unit=unit)]
+
+
+def chunk_params(model: ModelConfig, tp: int, pp: int, vpp: int, ep: int, sp: bool, pp_rank: int,
+                 chunk: int) -> list[ParamSpec]:
+    """Every tensor of model chunk `chunk` on pipeline rank `pp_rank`, in parameters() order."""
+    layers = chunk_layers(model.num_layers, pp, vpp, pp_rank, chunk)
+    pre, post = pp_rank == 0 and chunk == 0, pp_rank == pp - 1 and chunk == vpp - 1
+    h, vocab = model.hidden_size, model.padded_vocab_size(tp)
+    out: list[ParamSpec] = []
+    unit = 0
+    if pre or (post and model.tie_embeddings):
+        # The embedding's backward needs only the ids: one gather; tied on one stage the output
+        # unit uses the same table, gathered for its forward and backward too.
+        gathers = (1 if pre else 0) + (2 if post and model.tie_embeddings else 0)
+        out.append(ParamSpec(vocab // tp * h, deferred=model.tie_embeddings and pp > 1, unit=0, gathers=gathers))
+    if pre:
+        unit = 1
+        if model.family == "gpt2":
+            out.append(ParamSpec(model.max_position_embeddings * h, deferred=sp, unit=unit, gathers=1))
+            unit += 1
+    for number in layers:
+        out += layer_params(model, number, tp, ep, sp, unit)
+        unit += 1
+    if post:
+        out += _norm(model, h, sp, unit)
+        if not model.tie_embeddings:
+            out.append(ParamSpec(vocab // tp * h, unit=unit))
+    return out
+
+
+def count_parameters(model: ModelConfig) -> int:
+    """Parameters of the whole model on one device (the padded vocabulary included)."""
+    return sum(p.numel for p in chunk_params(model, 1, 1, 1, 1, False, 0, 0))

@@ -1,0 +1,94 @@
+"""Every valid layout of a model on N GPUs, ranked by predicted throughput among those that fit.
+
+A layout is (tp, cp, pp, vpp, ep, dp, data-parallel sharding, recomputation, micro batch); each
+candidate is a Config that passes the same validation as pretrain_gpt.py (so the search never
+proposes what the code refuses), estimated by planner/step_time.py. Sequence parallelism is on
+whenever tp > 1 (it only saves memory and moves the same bytes), tp stays inside a node.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.planner.hardware import GPU
+from megatron_lite.planner.step_time import StepEstimate, estimate
+
+SHARDINGS = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+RECOMPUTE = {"none": {}, "selective": {"recompute_granularity": "selective"},
+             "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+
+
+@dataclass
+class Candidate:
+    config: Config
+    estimate: StepEstimate
+
+    @property
+    def name(self) -> str:
+        """e.g. tp8-pp4-vpp2-dp16-sp-zero1 mbs1 recompute=selective."""
+        par, model = self.config.parallel, self.config.model
+        parts = [f"{axis}{size}" for axis, size in (
+            ("tp", par.tensor_model_parallel_size), ("cp", par.context_parallel_size),
+            ("pp", par.pipeline_model_parallel_size), ("vpp", par.vpp), ("ep", par.expert_model_parallel_size),
+            ("dp", par.data_parallel_size)) if size > 1]
+        parts += ["sp"] * par.sequence_parallel
+        parts += [{"no_shard": "", "optim": "zero1", "optim_grads": "zero2", "optim_grads_params": "zero3"}[par.sharding]]
+        recompute = model.recompute_granularity or "none"
+        return "-".join(p for p in parts if p) + f" mbs{self.config.train.micro_batch_size} recompute={recompute}"
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2**i for i in range(limit.bit_length()) if 2**i <= limit]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(base: Config, num_gpus: int, gpu: GPU) -> Iterator[Config]:
+    """Every layout of `base`'s model and batch on `num_gpus` GPUs that validates."""
+    model, train = base.model, base.train
+    experts = model.num_experts or 1
+    for tp in _powers_of_two(min(gpu.gpus_per_node, num_gpus)):
+        for cp in _powers_of_two(num_gpus // tp):
+            for pp in _divisors(num_gpus // (tp * cp)):
+                dp = num_gpus // (tp * cp * pp)
+                for vpp in [v for v in (1, 2, 4) if pp > 1 or v == 1]:
+                    for ep in [e for e in _divisors(experts) if e <= tp * cp * dp]:
+                        for mbs in (1, 2, 4, 8):
+                            for sharding in SHARDINGS:
+                                for recompute in RECOMPUTE.values():
+                                    parallel = dataclasses.replace(
+                                        base.parallel, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                        pipeline_model_parallel_size=pp, data_parallel_size=dp,
+                                        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                                        pipeline_schedule=None, expert_model_parallel_size=ep,
+                                        sequence_parallel=tp > 1, data_parallel_sharding_strategy=sharding,
+                                        use_distributed_optimizer=sharding != "no_shard")
+                                    config = Config(model=dataclasses.replace(model, **{**_no_recompute(), **recompute}),
+                                                    parallel=parallel,
+                                                    train=dataclasses.replace(train, micro_batch_size=mbs))
+                                    try:
+                                        config.validate()
+                                    except (ConfigError, ValueError):
+                                        continue
+                                    yield config
+
+
+def _no_recompute() -> dict:
+    return {"recompute_granularity": None, "recompute_method": None, "recompute_num_layers": None,
+            "recompute_modules": None}
+
+
+def plan(base: Config, num_gpus: int, gpu: GPU, top: int = 5) -> tuple[list[Candidate], int]:
+    """The `top` fitting layouts by predicted tokens/s, and how many valid layouts there were."""
+    ranked, count = [], 0
+    for config in candidates(base, num_gpus, gpu):
+        count += 1
+        result = estimate(config, gpu)
+        if result.fits:
+            ranked.append(Candidate(config, result))
+    ranked.sort(key=lambda c: -c.estimate.tokens_per_s)
+    return ranked[:top], count

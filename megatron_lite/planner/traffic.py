@@ -1,0 +1,159 @@
+"""The bytes one rank's collectives move in one optimizer step, per (op, group), by formula:
+what comm.METER counts when the step runs (its logical volume: an all-reduce's tensor, an
+all-gather's gathered output, a reduce-scatter's unreduced input, a send's tensor; see
+comm.py), so tests compare the two for equality. Ring wire bytes follow with `wire_bytes`.
+
+With b the micro batch, s/cp the tokens of a sequence on a cp rank, h the hidden size and a
+the activations' bytes per element, A = b·(s/cp)·h·a is one activation. Per microbatch:
+- tp without SP: an all-reduce of A after each row-parallel linear (2 per layer) and of its
+  input grad before each column-parallel one (2 per layer), the vocab-parallel embedding's
+  forward and the output layer's input grad; with SP the same places all-gather and
+  reduce-scatter A instead (4 + 4 per layer). Recomputed modules repeat their forward's.
+  The vocab-parallel loss all-reduces 3 fp32 numbers per token (max, sum of exp, target logit).
+- cp: ring attention sends K and V (K = b·(s/cp)·(g/tp)·d·a for g query groups of width d)
+  to the next rank cp-1 times forward, again backward, and each block's dK, dV home; all-gather
+  gathers K, V forward and backward and reduce-scatters dK, dV; Ulysses all-to-alls q, k, v
+  and the output, and their grads. The loss sum and token count (2 fp32) over cp.
+- pp: a stage sends each microbatch's output forward and its input grad backward,
+  b·(s/cp)·h/(tp under SP)·a each, per model chunk boundary.
+Per step: the data-parallel reduction of the grad buffers (bucket sizes from
+planner/memory.py), the partial grads' sums (tp, embedding), the grad norm's squares (4 bytes
+over each norm group) and the loss (fp64 mean over pp and dp).
+Not modelled exactly: mixture-of-experts token exchange (it depends on the router; the
+expected volume of balanced routing is given).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from megatron_lite.comm import ring_wire_bytes
+from megatron_lite.config import Config
+from megatron_lite.distributed.parameter_server import step_bytes
+from megatron_lite.planner.memory import RankCoords, grad_buffers, rank_params
+from megatron_lite.planner.schedule import num_microbatches
+
+Traffic = dict[tuple[str, str], float]
+
+
+def _replayed(config: Config, layers: int) -> tuple[int, int, int]:
+    """(all-gathers under SP, reductions: all-reduces or under SP reduce-scatters, cp attention
+    passes) that recomputation repeats per microbatch on `layers` layers of a chunk.
+
+    A replay runs forward only as far as the last tensor backward needs (torch's non-reentrant
+    checkpoint stops there), so the reduction after a replayed group's last fc2 never reruns:
+    a group of n layers repeats 2n gathers (QKV and fc1 inputs), 2n - 1 reductions and n
+    attentions; the MLP alone repeats its input's gather; core attention only itself."""
+    model = config.model
+    if model.recompute_granularity == "full":
+        if model.recompute_method == "uniform":
+            n = model.recompute_num_layers or 1
+            groups = [min(n, layers - i) for i in range(0, layers, n)]
+        else:
+            groups = [1] * min(model.recompute_num_layers, layers)
+        replayed = sum(groups)
+        return 2 * replayed, 2 * replayed - len(groups), replayed
+    modules = model.selective_recompute
+    return layers * ("mlp" in modules), 0, layers * ("core_attn" in modules)
+
+
+def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
+    """Bytes per (op, group) that `rank` records in one optimizer step (dense models)."""
+    model, par, train = config.model, config.parallel, config.train
+    tp, cp, pp, dp, vpp = (par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size,
+                           par.data_parallel_size, par.vpp)
+    sp, abytes, pbytes = par.sequence_parallel, train.params_dtype.itemsize, train.params_dtype.itemsize
+    m, b, s, h = num_microbatches(config), train.micro_batch_size, model.seq_length // cp, model.hidden_size
+    out: Traffic = defaultdict(float)
+    chunks = [(c, c * pp + rank.pp) for c in range(vpp)]  # (chunk, virtual stage)
+    first, last = rank.pp == 0, rank.pp == pp - 1
+    layers = model.num_layers // pp
+    per_chunk = model.num_layers // (pp * vpp)
+    act = b * s * h * abytes
+    gathers, reductions, cp_replay = (vpp * x for x in _replayed(config, per_chunk))
+    if tp > 1:
+        passes = m * (4 * layers + first + last)
+        if sp:
+            out[("all_gather", "tp")] += passes * act + m * gathers * act
+            out[("reduce_scatter", "tp")] += passes * act + m * reductions * act
+        else:
+            out[("all_reduce", "tp")] += passes * act + m * reductions * act
+        if last:
+            out[("all_reduce", "tp")] += m * 3 * 4 * b * s
+        partial_tp = sum(p.numel for chunk in rank_params(config, rank.pp) for p in chunk
+                         if p.deferred and not p.expert) - _embedding_partial(config, rank)
+        if partial_tp:
+            out[("all_reduce", "tp")] += 4 * partial_tp
+    if cp > 1:
+        d, g = model.head_dim, model.num_query_groups // tp
+        k = b * s * g * d * abytes
+        q = b * s * (model.num_attention_heads // tp) * d * abytes
+        passes, replays = m * layers, m * cp_replay
+        if par.cp_comm_type == "p2p":
+            out[("send", "cp")] += passes * (4 * (cp - 1) + 2 * cp) * k + replays * 2 * (cp - 1) * k
+        elif par.cp_comm_type == "allgather":
+            out[("all_gather", "cp")] += (2 * passes + replays) * cp * 2 * k
+            out[("reduce_scatter", "cp")] += passes * cp * 2 * k
+        else:
+            out[("all_to_all", "cp")] += (2 * passes + replays) * (2 * q + 2 * k)
+        if last:
+            out[("all_reduce", "cp")] += m * 2 * 4
+    if pp > 1:
+        boundary = b * s * h // (tp if sp else 1) * abytes
+        for _, stage in chunks:
+            out[("send", "pp")] += m * boundary * ((stage != pp * vpp - 1) + (stage != 0))
+        out[("all_reduce", "pp")] += 8
+        if model.tie_embeddings and (first or last):
+            out[("all_reduce", "embedding")] += 4 * _embedding_partial(config, rank)
+    if par.parameter_server:
+        _parameter_server(config, rank, pbytes, out)
+    else:
+        _data_parallel(config, rank, m, pbytes, out)
+    norm_groups = ("dp-cp", "mp") if par.sharded_optimizer else ("mp",)
+    sizes = {"dp-cp": dp * cp, "mp": tp * pp}
+    for group in norm_groups:
+        if sizes[group] > 1 and not (par.parameter_server and rank.dp != 0 and dp > 1):  # servers clip for workers
+            out[("all_reduce", group)] += 4
+    if dp > 1:
+        out[("all_reduce", "dp")] += 8
+    return dict(out)
+
+
+def _embedding_partial(config: Config, rank: RankCoords) -> int:
+    """Elements of the tied embedding copy this stage holds, whose grad sums over the embedding group."""
+    par, model = config.parallel, config.model
+    pp = par.pipeline_model_parallel_size
+    if not (model.tie_embeddings and pp > 1 and rank.pp in (0, pp - 1)):
+        return 0
+    return model.padded_vocab_size(par.tensor_model_parallel_size) // par.tensor_model_parallel_size * model.hidden_size
+
+
+def _data_parallel(config: Config, rank: RankCoords, m: int, pbytes: int, out: Traffic) -> None:
+    """The grad buffers' reduction, and the parameters' all-gather of the sharded strategies."""
+    par = config.parallel
+    for params in rank_params(config, rank.pp):
+        for i, buf in enumerate(grad_buffers(config, params)):
+            group = "edp" if i else "dp-cp"
+            if buf.group_size == 1:
+                continue
+            for (start, end, _), sg, sp, gathers in zip(buf.buckets, buf.shard_grads, buf.shard_params, buf.gathers):
+                size = end - start
+                if not par.sharded_optimizer:
+                    out[("all_reduce", group)] += 4 * size
+                    continue
+                out[("reduce_scatter", group)] += 4 * size * (m if sg else 1)
+                # ZeRO-3 gathers a unit before its forward, and again before its backward, per microbatch.
+                out[("all_gather", group)] += pbytes * size * (m * gathers if sp else 1)
+
+
+def _parameter_server(config: Config, rank: RankCoords, pbytes: int, out: Traffic) -> None:
+    """Workers send their grad buffers to the server, which sends back the grad norm and the parameters."""
+    elements = sum(end - start for params in rank_params(config, rank.pp) for buf in grad_buffers(config, params)
+                   for start, end, _ in buf.buckets)
+    sent = step_bytes(4 * elements, pbytes * elements, config.parallel.data_parallel_size, server=rank.dp == 0)
+    if sent:
+        out[("send", "dp")] += sent
+
+
+def wire_bytes(traffic: Traffic, group_sizes: dict[str, int]) -> Traffic:
+    """What each rank sends with the ring algorithm, per (op, group)."""
+    return {(op, group): ring_wire_bytes(op, group_sizes[group], nbytes) for (op, group), nbytes in traffic.items()}

@@ -1,0 +1,80 @@
+"""tools/plan_parallelism.py: the published throughputs reproduced within 15 % per row with one
+calibration, a search that proposes only what pretrain_gpt.py accepts and that fits, one given
+layout evaluated, the seed tables, JSON for scripts and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_lite.arguments import PRESETS
+from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.planner.hardware import GPUS
+from megatron_lite.planner.parameters import count_parameters
+from megatron_lite.planner.published import PUBLISHED
+from megatron_lite.planner.search import plan
+from tools import plan_parallelism
+
+
+def test_published_throughputs_within_fifteen_percent(capsys) -> None:
+    rows = plan_parallelism.validate()
+    assert len(rows) == len(PUBLISHED) == 14
+    assert max(abs(r["error"]) for r in rows) <= plan_parallelism.TOLERANCE
+    assert plan_parallelism.main(["--validate"]) == 0
+    assert "worst error" in capsys.readouterr().out
+
+
+def test_search_proposes_valid_layouts_that_fit_best_first() -> None:
+    base = Config(model=ModelConfig(**{**PRESETS["llama-1b"], "vocab_size": 32000}), parallel=ParallelConfig(),
+                  train=TrainConfig(micro_batch_size=1, global_batch_size=64, bf16=True, device="cuda"))
+    best, count = plan(base, 16, GPUS["H100"], top=4)
+    assert count > 100 and len(best) == 4
+    speeds = [c.estimate.tokens_per_s for c in best]
+    assert speeds == sorted(speeds, reverse=True)
+    for candidate in best:
+        candidate.config.validate()  # what pretrain_gpt.py would accept
+        par = candidate.config.parallel
+        assert par.tensor_model_parallel_size * par.context_parallel_size * par.pipeline_model_parallel_size \
+            * par.data_parallel_size == 16
+        assert candidate.estimate.fits and candidate.estimate.peak_memory <= 0.95 * GPUS["H100"].memory_bytes
+        assert 0 < candidate.estimate.mfu < 1
+
+
+def test_one_layout_in_json(capsys) -> None:
+    assert plan_parallelism.main(["--model", "llama-1b", "--gpu", "h200", "--num-gpus", "8", "--layout", "--tp", "2",
+                                  "--sp", "--use-distributed-optimizer", "--micro-batch-size", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["layouts"]
+    assert row["layout"].startswith("tp2-dp4-sp-zero1")
+    assert set(row["memory_gb"]) == {"weights", "grads", "main weights", "Adam state", "activations", "buffers"}
+    assert row["traffic_gb_per_step"]["tp"] > 0 and row["traffic_gb_per_step"]["dp-cp"] > 0
+    assert row["step_s"] == pytest.approx(row["compute_s"] + row["exposed_comm_s"] + row["bubble_s"])
+
+
+def test_search_table(capsys) -> None:
+    assert plan_parallelism.main(["--model", "llama-1b", "--num-gpus", "8", "--top", "2", "--micro-batch-size", "1",
+                                  "--global-batch-size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "valid layout(s), 2 shown" in lines[0] and len(lines) == 4
+
+
+def test_seed_tables() -> None:
+    tables = plan_parallelism.seed_tables()
+    for row in tables["speedup"]:
+        assert 1 < row["DP"] <= row["DDP"] <= row["gpus"] + 1e-9
+        assert row["FSDP"] <= row["gpus"] + 1e-9
+    seven = tables["memory_gb"][0]
+    params = count_parameters(ModelConfig(family="llama", num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                          ffn_hidden_size=11008, seq_length=4096, vocab_size=32000))
+    assert seven["unsharded"] == pytest.approx(18 * params / 1e9)  # bf16 mixed-precision Adam: 18 bytes/param
+    assert seven["ZeRO-3 (dp 8)"] < seven["ZeRO-2 (dp 8)"] < seven["unsharded"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tp", "3", "--num-gpus", "8"], "tensor-model-parallel size"),
+    (["--num-gpus", "0"], "--num-gpus=0 must be positive"),
+])
+def test_bad_input_is_one_line(argv, message, capsys) -> None:
+    assert plan_parallelism.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,196 @@
+"""Plan a training run's parallel layout: predicted memory, traffic and step time of every valid
+layout on a cluster, best first (megatron_lite/planner/).
+
+    python tools/plan_parallelism.py --model llama-8b --seq-length 4096 --global-batch-size 512 --gpu H100 --num-gpus 64
+    python tools/plan_parallelism.py --model llama-8b --gpu H200 --num-gpus 16 --layout --tp 2 --pp 2 --sp --use-distributed-optimizer
+    python tools/plan_parallelism.py --validate        # against published Megatron-LM throughputs
+    python tools/plan_parallelism.py --seed-tables     # DP / DDP / FSDP speedups and ZeRO memory
+
+Model, parallel and batch flags are pretrain_gpt.py's (same names, same checks); --layout
+evaluates the layout those flags describe instead of searching. Times assume bf16 weights
+(--bf16 is implied) and this code's kernels (flash attention, fused loss).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_lite.arguments import parse_args  # noqa: E402
+from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from megatron_lite.planner.hardware import GPUS, gpu as gpu_named  # noqa: E402
+from megatron_lite.planner.published import PUBLISHED, PublishedRun  # noqa: E402
+from megatron_lite.planner.search import Candidate, plan  # noqa: E402
+from megatron_lite.planner.step_time import GEMM_EFFICIENCY, StepEstimate, estimate  # noqa: E402
+
+GB = 1e9
+TOLERANCE = 0.15  # --validate: the largest error a row may have
+
+
+def _row(name: str, est: StepEstimate) -> dict:
+    return {"layout": name, "memory_gb": {k: v / GB for k, v in est.memory.items()},
+            "peak_memory_gb": est.peak_memory / GB, "fits": est.fits,
+            "traffic_gb_per_step": {k: v / GB for k, v in est.traffic.items()},
+            "comm_s": est.comm_s, "compute_s": est.compute_s, "exposed_comm_s": est.exposed_comm_s,
+            "bubble_s": est.bubble_s, "step_s": est.step_s, "tokens_per_s": est.tokens_per_s, "mfu": est.mfu}
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(f"{'layout':44s} {'weights':>7s} {'grads':>6s} {'optim':>6s} {'activ':>6s} {'buffer':>6s} {'peak GB':>7s} "
+          f"{'compute s':>9s} {'exposed':>7s} {'bubble':>6s} {'step s':>7s} {'tokens/s':>9s} {'MFU':>5s}  traffic GB/step")
+    for r in rows:
+        mem = r["memory_gb"]
+        optim = mem["main weights"] + mem["Adam state"]
+        traffic = " ".join(f"{g} {v:.2f}" for g, v in sorted(r["traffic_gb_per_step"].items()) if v >= 0.005)
+        print(f"{r['layout']:44s} {mem['weights']:7.1f} {mem['grads']:6.1f} {optim:6.1f} {mem['activations']:6.1f} "
+              f"{mem['buffers']:6.1f} {r['peak_memory_gb']:7.1f} {r['compute_s']:9.3f} {r['exposed_comm_s']:7.3f} "
+              f"{r['bubble_s']:6.3f} {r['step_s']:7.3f} {r['tokens_per_s']:9.0f} {100 * r['mfu']:4.1f}%  {traffic}")
+
+
+def published_config(run: PublishedRun) -> Config:
+    """The run of a published table row, as our Config (GPT: the gpt2 family, tied embeddings)."""
+    recompute = {"recompute_granularity": run.recompute, "recompute_method": "uniform" if run.recompute == "full" else None}
+    return Config(model=ModelConfig(family="gpt2", num_layers=run.layers, hidden_size=run.hidden,
+                                    num_attention_heads=run.heads, seq_length=run.seq_length,
+                                    vocab_size=run.vocab_size, **recompute),
+                  parallel=ParallelConfig(tensor_model_parallel_size=run.tp, pipeline_model_parallel_size=run.pp,
+                                          data_parallel_size=run.gpus // (run.tp * run.pp),
+                                          sequence_parallel=run.sequence_parallel),
+                  train=TrainConfig(micro_batch_size=1, global_batch_size=run.global_batch, bf16=True, device="cuda"))
+
+
+def validate() -> list[dict]:
+    """Each published row beside the planner's prediction for it."""
+    rows = []
+    for run in PUBLISHED:
+        est = estimate(published_config(run), GPUS[run.gpu], megatron_2021=True)
+        predicted = est.hardware_tflops if run.metric == "tflops" else 100 * est.mfu
+        rows.append({"source": run.source, "model": run.label, "gpus": run.gpus, "tp": run.tp, "pp": run.pp,
+                     "metric": "TFLOP/s per GPU" if run.metric == "tflops" else "MFU %", "published": run.value,
+                     "predicted": predicted, "error": predicted / run.value - 1})
+    return rows
+
+
+def seed_tables(gpu_key: str = "H100") -> dict:
+    """The seed documents' two tables, regenerated: speedup of a parameter server (PS), DP (reduction after backward), DDP
+    (bucketed, overlapping the last backward) and FSDP (ZeRO-3, gathers prefetched) at a fixed
+    global batch, and the per-GPU state memory of 7B/13B/70B unsharded, ZeRO-2 and ZeRO-3."""
+    hardware = GPUS[gpu_key]
+    base = Config(model=ModelConfig(family="llama", num_layers=22, hidden_size=2048, num_attention_heads=32,
+                                    num_query_groups=4, ffn_hidden_size=5632, seq_length=2048, vocab_size=32000),
+                  parallel=ParallelConfig(), train=TrainConfig(micro_batch_size=4, global_batch_size=256, bf16=True,
+                                                               device="cuda"))
+
+    def step(n: int, sharding: str, overlap: bool, mode: str = "all-reduce") -> float:
+        par = dataclasses.replace(base.parallel, data_parallel_size=n, data_parallel_sharding_strategy=sharding,
+                                  data_parallel_mode=mode)
+        return estimate(dataclasses.replace(base, parallel=par), hardware, overlap_grad_reduce=overlap).step_s
+
+    speedup = []
+    one = step(1, "no_shard", True)
+    for n in (2, 4, 8, 16):
+        row = {"gpus": n}
+        for name, sharding, overlap, mode in (("PS", "no_shard", False, "parameter-server"),
+                                              ("DP", "no_shard", False, "all-reduce"),
+                                              ("DDP", "no_shard", True, "all-reduce"),
+                                              ("FSDP", "optim_grads_params", True, "all-reduce")):
+            s = one / step(n, sharding, overlap, mode)
+            row[name] = s
+            row[f"{name} P"] = (1 - 1 / s) / (1 - 1 / n)  # Amdahl's parallel fraction this speedup implies
+        speedup.append(row)
+    shapes = {"7B": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008),
+              "13B": dict(num_layers=40, hidden_size=5120, num_attention_heads=40, ffn_hidden_size=13824),
+              "70B": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                          ffn_hidden_size=28672)}
+    memory = []
+    for label, shape in shapes.items():
+        model = ModelConfig(family="llama", seq_length=4096, vocab_size=32000, **shape)
+        row = {"model": label}
+        for name, sharding, dp in (("unsharded", "no_shard", 1), ("ZeRO-2 (dp 8)", "optim_grads", 8),
+                                   ("ZeRO-3 (dp 8)", "optim_grads_params", 8)):
+            config = Config(model=model, parallel=ParallelConfig(data_parallel_size=dp,
+                                                                 data_parallel_sharding_strategy=sharding),
+                            train=TrainConfig(micro_batch_size=1, global_batch_size=8, bf16=True, device="cuda"))
+            est = estimate(config, hardware)
+            row[name] = sum(v for k, v in est.memory.items() if k not in ("activations", "buffers")) / GB
+        memory.append(row)
+    return {"gpu": hardware.name, "speedup": speedup, "memory_gb": memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser.add_argument("--gpu", default="H100", type=str.upper, choices=sorted(GPUS), help="the GPU type")
+    parser.add_argument("--num-gpus", type=int, default=8, help="GPUs in the cluster")
+    parser.add_argument("--top", type=int, default=5, help="layouts to print")
+    parser.add_argument("--layout", action="store_true", help="evaluate the layout the parallel flags give")
+    parser.add_argument("--validate", action="store_true", help="compare with published throughputs")
+    parser.add_argument("--seed-tables", action="store_true", help="regenerate the DP/DDP/FSDP and ZeRO tables")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ours, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print("\nplus pretrain_gpt.py's model, parallel and batch flags (python pretrain_gpt.py --help)")
+        return 0
+    if ours.validate:
+        rows = validate()
+        worst = max(abs(r["error"]) for r in rows)
+        if ours.json:
+            print(json.dumps({"gemm_efficiency": GEMM_EFFICIENCY, "rows": rows, "worst_error": worst}, indent=1))
+        else:
+            print(f"calibration: GEMM efficiency {GEMM_EFFICIENCY} of dense bf16 peak (one value for every row)")
+            for r in rows:
+                print(f"{r['source']:33s} {r['model']:8s} {r['gpus']:5d} GPUs tp{r['tp']} pp{r['pp']:<3d} {r['metric']:16s} "
+                      f"published {r['published']:6.1f} predicted {r['predicted']:6.1f} error {100 * r['error']:+6.1f}%")
+            print(f"worst error {100 * worst:.1f}% (limit {100 * TOLERANCE:.0f}%)")
+        return 0 if worst <= TOLERANCE else 1
+    if ours.seed_tables:
+        tables = seed_tables(ours.gpu)
+        if ours.json:
+            print(json.dumps(tables, indent=1))
+            return 0
+        print(f"speedup at a fixed global batch (llama-1b, 256 x 2048 tokens, bf16, {tables['gpu']}, 8 per node), "
+              "with the Amdahl parallel fraction P each implies")
+        columns = ("PS", "PS P", "DP", "DP P", "DDP", "DDP P", "FSDP", "FSDP P")
+        print(f"{'GPUs':>4s} " + " ".join(f"{k:>9s}" for k in columns))
+        for r in tables["speedup"]:
+            print(f"{r['gpus']:4d} " + " ".join(f"{r[k]:8.2f}x" if " " not in k else f"{r[k]:9.3f}" for k in columns))
+        print("\nper-GPU weights + grads + optimizer state, GB (bf16 weights, fp32 grads, main weights and Adam)")
+        for r in tables["memory_gb"]:
+            print(f"{r['model']:>4s} " + " ".join(f"{k} {v:7.1f}" for k, v in r.items() if k != "model"))
+        return 0
+    if ours.num_gpus <= 0:
+        print(f"error: --num-gpus={ours.num_gpus} must be positive", file=sys.stderr)
+        return 2
+    os.environ["WORLD_SIZE"] = str(ours.num_gpus)  # pretrain_gpt.py derives dp from it
+    try:
+        config = parse_args(rest + ["--bf16", "--device", "cuda"] if "--fp16" not in rest else rest)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    hardware = gpu_named(ours.gpu)
+    if ours.layout:
+        rows = [_row(Candidate(config, estimate(config, hardware)).name, estimate(config, hardware))]
+        count = 1
+    else:
+        best, count = plan(config, ours.num_gpus, hardware, ours.top)
+        rows = [_row(c.name, c.estimate) for c in best]
+    if ours.json:
+        print(json.dumps({"gpu": hardware.name, "num_gpus": ours.num_gpus, "valid_layouts": count, "layouts": rows},
+                         indent=1))
+        return 0
+    print(f"{config.model.num_layers} layers, hidden {config.model.hidden_size}, seq {config.model.seq_length}, "
+          f"global batch {config.train.global_batch_size} on {ours.num_gpus} x {hardware.name}: "
+          f"{count} valid layout(s), {len(rows)} shown (fits: peak <= 95% of {hardware.memory_gb:.0f} GB)")
+    _print_rows(rows)
+    if not rows:
+        print("no layout fits in memory: more GPUs, a smaller micro batch or a shorter sequence")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
