@@ -99,17 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # No default here, so that parse_args sees whether the user named a preset: an unnamed one
     # only fills the fields a checkpoint given to --load does not.
-    add_config_flags(parser)
-    return parser
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--model and every config field's flag, as pretrain_gpt.py takes them (tools that describe a
-    run, such as tools/plan_parallelism.py, take the same)."""
     parser.add_argument("--model", default=argparse.SUPPRESS, choices=sorted(PRESETS),
                         help=f"Model preset; any model flag overrides its value (default: {DEFAULT_PRESET}).")
     for cls in (ModelConfig, ParallelConfig, TrainConfig):
         _add_dataclass_flags(parser, cls)
+    return parser
 
 
 class _ErrorRaisingParser(argparse.ArgumentParser):

@@ -46,15 +46,15 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import bench  # noqa: E402
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.arguments import parse_args  # noqa: E402
 from megatron_lite.config import Config, ModelConfig  # noqa: E402
 from megatron_lite.data.loader import global_batch  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
-from megatron_lite.flops import flops_per_step, peak_tflops  # noqa: E402
+from megatron_lite.flops import flops_per_step  # noqa: E402
 from megatron_lite.hf_families import hf_config  # noqa: E402
 from megatron_lite.parallelize import parallelize  # noqa: E402
+from megatron_lite.planner.hardware import peak_tflops  # noqa: E402
 from megatron_lite.training import rank_microbatches, select_device, set_seed, train_step  # noqa: E402
 
 # Our rows: the pretrain_gpt.py flags each adds to the common ones.
@@ -200,10 +200,8 @@ def compile_note(row: str, graphs: int) -> str:
 
 
 def _peak_tflops(device: torch.device) -> float | None:
-    """Dense bf16 peak: the training log's table first, then the kernel benchmark's (which knows more devices)."""
-    if device.type != "cuda":
-        return None
-    return peak_tflops(torch.cuda.get_device_name(device)) or bench._peak_tflops(device)
+    """Dense bf16 peak of the device (megatron_lite/planner/hardware.py); None on CPU."""
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def free_memory(device: torch.device) -> None:

@@ -122,6 +122,20 @@ def seed_tables(gpu_key: str = "H100") -> dict:
     return {"gpu": hardware.name, "speedup": speedup, "memory_gb": memory}
 
 
+def _parse_run_flags(argv: list[str], num_gpus: int) -> Config:
+    """pretrain_gpt.py's flags as a run on `num_gpus` ranks would parse them (its data-parallel
+    size comes from WORLD_SIZE, set only while parsing)."""
+    previous = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(num_gpus)
+    try:
+        return parse_args(argv)
+    finally:
+        if previous is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--gpu", default="H100", type=str.upper, choices=sorted(GPUS), help="the GPU type")
@@ -166,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if ours.num_gpus <= 0:
         print(f"error: --num-gpus={ours.num_gpus} must be positive", file=sys.stderr)
         return 2
-    os.environ["WORLD_SIZE"] = str(ours.num_gpus)  # pretrain_gpt.py derives dp from it
     try:
-        config = parse_args(rest + ["--bf16", "--device", "cuda"] if "--fp16" not in rest else rest)
+        config = _parse_run_flags(rest + (["--bf16"] if "--fp16" not in rest else []) + ["--device", "cuda"],
+                                  ours.num_gpus)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ bubble    (p-1)/(v·m) of the stage's compute (planner/schedule.py).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from megatron_lite.comm import ring_wire_bytes
 from megatron_lite.config import Config
@@ -47,7 +47,6 @@ class StepEstimate:
     mfu: float
     hardware_tflops: float  # per GPU, recomputation counted (what Megatron's papers report)
     fits: bool
-    notes: list[str] = field(default_factory=list)
 
     @property
     def peak_memory(self) -> float:
@@ -154,9 +153,7 @@ def estimate(config: Config, gpu: GPU, gemm_efficiency: float = GEMM_EFFICIENCY,
     step = compute + bubble + exposed
     tokens = train.global_batch_size * model.seq_length
     peak = gpu.peak_tflops * 1e12
-    memory = state_memory(config, last)
-    memory["activations"] = max(activation_memory(config, r) for r in (0, pp - 1))
-    memory["buffers"] = _buffers(config, memory)
+    memory = _peak_memory(config)
     hardware_flops = (layer_flops * (1 + _recompute_extra(config)) + head_flops) / world
     return StepEstimate(memory=memory, traffic=wire, compute_s=compute, bubble_s=bubble, comm_s=comm,
                         exposed_comm_s=exposed, step_s=step, tokens_per_s=tokens / step,
@@ -179,6 +176,22 @@ def _parameter_server_link(config: Config, gpu: GPU, comm: dict[str, float], wir
                           else (gpu.network_bandwidth, gpu.network_latency))
     wire["dp"] = sent
     comm["dp"] = max(sent, received) / bandwidth + 2 * (dp - 1) * latency
+
+
+def _peak_memory(config: Config) -> dict[str, float]:
+    """The memory parts of the rank with the largest total: the first stage keeps the most
+    microbatches in flight, the last holds the output layer and the logits; the last shard of
+    a bucket holds its padding, and a parameter server (dp index 0) all the optimizer state."""
+    par = config.parallel
+    dp_index = 0 if par.parameter_server else par.data_parallel_size * par.context_parallel_size - 1
+    best: dict[str, float] = {}
+    for stage in {0, par.pipeline_model_parallel_size - 1}:
+        memory: dict[str, float] = dict(state_memory(config, RankCoords(pp=stage, dp=dp_index)))
+        memory["activations"] = activation_memory(config, stage)
+        memory["buffers"] = _buffers(config, memory, last_stage=stage == par.pipeline_model_parallel_size - 1)
+        if sum(memory.values()) > sum(best.values()):
+            best = memory
+    return best
 
 
 def _calls(config: Config, op: str, group: str, m: int) -> int:
@@ -219,7 +232,7 @@ def _exposed(config: Config, comm: dict[str, float], compute: float, m: int | No
     return exposed
 
 
-def _buffers(config: Config, memory: dict[str, float]) -> float:
+def _buffers(config: Config, memory: dict[str, float], last_stage: bool) -> float:
     """Transient bytes beside the state and activations: ZeRO-3's gathered working set (two layers'
     parameters and their full grads), ZeRO-2's full grads of a layer being reduced, and the
     logits of a microbatch on the last stage."""
@@ -234,6 +247,7 @@ def _buffers(config: Config, memory: dict[str, float]) -> float:
         extra += 2 * layer_params * (train.params_dtype.itemsize + 4)
     elif par.sharding == "optim_grads":
         extra += 2 * layer_params * 4 * par.data_parallel_size
-    tokens = train.micro_batch_size * model.seq_length // par.context_parallel_size
-    extra += 4 * tokens * model.padded_vocab_size(tp) // tp + 4 * tokens * h
+    if last_stage:
+        tokens = train.micro_batch_size * model.seq_length // par.context_parallel_size
+        extra += 4 * tokens * model.padded_vocab_size(tp) // tp + 4 * tokens * h
     return extra
