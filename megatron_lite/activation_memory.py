@@ -32,7 +32,7 @@ Not modelled: dropout (its masks, and with attention dropout the s x s probabili
 torch's math attention), mixture-of-experts layers, and --bf16 (most tensors take 2 bytes
 there, the norms' fp32 statistics and the fp32 residual stream 4). tests/test_activation_memory.py
 measures the layers' saved tensors with saved-tensor hooks against this formula, and
-tests/test_planner.py whole steps of 19 layouts (the planner's peak: megatron_lite/planner/memory.py).
+tests/test_planner.py whole steps of its dense layouts (the planner's peak: megatron_lite/planner/memory.py).
 """
 from __future__ import annotations
 

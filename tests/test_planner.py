@@ -1,8 +1,9 @@
 """The planner's formulas (megatron_lite/planner/) against what a layout really allocates, saves
 and sends, on CPU ranks: for every layout of the matrix, per rank, the bytes of weights, grads,
 main weights and Adam state equal the allocated tensors exactly, the activation peak is within
-5 % of the saved tensors' (measured with saved-tensor hooks), and the traffic per (op, group)
-equals the communication meter exactly. One spawn of 4 ranks runs the whole matrix."""
+5 % of the saved tensors' (measured with saved-tensor hooks; dense fp32 layouts), and the traffic
+per (op, group) equals the communication meter exactly (MoE's token exchange: summed over the
+ranks). One spawn of 4 ranks runs the whole matrix."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,11 @@ from megatron_lite.training import memory_parts, rank_microbatches, set_seed, tr
 from helpers.tiny import tiny_model
 
 FULL = {"recompute_granularity": "full", "recompute_method": "uniform"}
+MOE = {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32}
 SELECTIVE = {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}
 # (layout name, family, model overrides, train overrides): every parallelism, sharding and
-# schedule, both families (gpt2: tied embeddings, biases, LayerNorm), recomputation, bf16.
+# schedule, both families (gpt2: tied embeddings, biases, LayerNorm), recomputation, bf16, the
+# parameter server, mixture of experts (ep over dp, tp and with pp; shared expert; balancing losses).
 MATRIX = [
     ("single", "llama", {}, {}),
     ("single", "gpt2", FULL, {}),
@@ -52,7 +55,12 @@ MATRIX = [
     ("cp4-allgather", "gpt2", {}, {}),
     ("tp2-cp2-a2a", "gpt2", {}, {}),
     ("cp2-pp2", "llama", {"qk_layernorm": True, "add_qkv_bias": True}, {}),
+    ("dp4-ep4", "llama", {**MOE, "moe_aux_loss_coeff": 0.01}, {}),
+    ("pp2-dp2-ep2-distopt", "llama", MOE, {}),
+    ("tp2-dp2-ep4-sp", "llama", {**MOE, "moe_shared_expert_intermediate_size": 32}, {}),
+    ("tp2-dp2-ep2", "llama", {**MOE, "moe_aux_loss_coeff": 0.01, "moe_router_load_balancing_type": "seq_aux_loss"}, {}),
 ]
+EXCHANGE = ("all_to_all", "ep")  # MoE: what a rank receives depends on the router
 
 
 def matrix_config(name: str, family: str, model: dict, train: dict) -> Config:
@@ -75,7 +83,7 @@ def measure(config: Config) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             train_step(model, batches, iteration, config, torch.device("cpu"))
     grid = parallel_state.get_grid()
-    coords = RankCoords(grid.coord("pp"), grid.index("dp-cp"))
+    coords = RankCoords(grid.coord("pp"), grid.index("dp-cp"), grid.index("edp") if config.model.num_experts else 0)
     numels = [[p.numel() for p in chunk.parameters()] for chunk in build_chunks(config)]
     return {"coords": coords, "memory": memory_parts(model), "adam": state_bytes(model.optimizer.optimizer),
             "activations": meter.peak, "traffic": {k: float(v) for k, v in METER.bytes.items()}, "numels": numels}
@@ -117,7 +125,8 @@ def test_state_bytes_equal_the_allocated_tensors(case) -> None:
         assert predicted["Adam state"] == rank["adam"]
 
 
-FP32 = [case for case in CASES if not case[3].get("bf16")]  # the activation formula counts fp32 tensors
+# The activation formula counts fp32 tensors, of dense layers.
+FP32 = [case for case in CASES if not case[3].get("bf16") and "num_experts" not in case[2]]
 
 
 @pytest.mark.parametrize("case", FP32, ids=[IDS[CASES.index(c)] for c in FP32])
@@ -130,9 +139,16 @@ def test_activation_peak_within_five_percent_of_the_saved_tensors(case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_traffic_per_group_equals_the_meter(case) -> None:
+    """Every (op, group) on every rank; the MoE token exchange summed over the ranks (each rank's
+    share is the expectation of balanced routing)."""
     config = matrix_config(*case)
-    for rank in results(case):
-        assert step_traffic(config, rank["coords"]) == rank["traffic"], rank["coords"]
+    predicted = [step_traffic(config, rank["coords"]) for rank in results(case)]
+    for rank, mine in zip(results(case), predicted):
+        measured = dict(rank["traffic"])
+        assert {k: v for k, v in mine.items() if k != EXCHANGE} == \
+            {k: v for k, v in measured.items() if k != EXCHANGE}, rank["coords"]
+    assert sum(p.get(EXCHANGE, 0.0) for p in predicted) == sum(r["traffic"].get(EXCHANGE, 0.0)
+                                                               for r in results(case))
 
 
 def test_single_device_prediction_is_exact() -> None:

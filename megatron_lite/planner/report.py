@@ -17,7 +17,7 @@ def _traffic_mb(traffic: dict[tuple[str, str], float]) -> str:
 
 
 def _exact(config: Config) -> str:
-    return " (MoE token exchange not counted)" if config.model.num_experts else ""
+    return " (MoE token exchange: the expectation of balanced routing)" if config.model.num_experts else ""
 
 
 def describe_plan(config: Config) -> str:

@@ -19,8 +19,9 @@ the activations' bytes per element, A = b·(s/cp)·h·a is one activation. Per m
 Per step: the data-parallel reduction of the grad buffers (bucket sizes from
 planner/memory.py), the partial grads' sums (tp, embedding), the grad norm's squares (4 bytes
 over each norm group) and the loss (fp64 mean over pp and dp).
-Not modelled exactly: mixture-of-experts token exchange (it depends on the router; the
-expected volume of balanced routing is given).
+Mixture of experts: the token exchange per rank is the expectation of balanced routing (what a
+rank receives depends on the router; the sum over an ep group is exact, dropless); the small
+collectives of its routing statistics are not counted.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from megatron_lite.comm import ring_wire_bytes
 from megatron_lite.config import Config
 from megatron_lite.distributed.parameter_server import step_bytes
 from megatron_lite.planner.memory import RankCoords, grad_buffers, rank_params
+from megatron_lite.pipeline_parallel.partition import chunk_layers
 from megatron_lite.planner.schedule import num_microbatches
 
 Traffic = dict[tuple[str, str], float]
@@ -57,7 +59,7 @@ def _replayed(config: Config, layers: int) -> tuple[int, int, int]:
 
 
 def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
-    """Bytes per (op, group) that `rank` records in one optimizer step (dense models)."""
+    """Bytes per (op, group) that `rank` records in one optimizer step."""
     model, par, train = config.model, config.parallel, config.train
     tp, cp, pp, dp, vpp = (par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size,
                            par.data_parallel_size, par.vpp)
@@ -70,8 +72,13 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
     per_chunk = model.num_layers // (pp * vpp)
     act = b * s * h * abytes
     gathers, reductions, cp_replay = (vpp * x for x in _replayed(config, per_chunk))
+    numbers = [n for c in range(vpp) for n in chunk_layers(model.num_layers, pp, vpp, rank.pp, c)]
+    moe_layers = sum(model.is_moe_layer(n) for n in numbers)
+    # A mixture-of-experts layer's experts are not split over tp: only its shared expert's linears
+    # (if any) gather and reduce like a dense MLP's.
+    tp_linears = 4 * layers - (2 * moe_layers if not model.moe_shared_expert_intermediate_size else 0)
     if tp > 1:
-        passes = m * (4 * layers + first + last)
+        passes = m * (tp_linears + first + last)
         if sp:
             out[("all_gather", "tp")] += passes * act + m * gathers * act
             out[("reduce_scatter", "tp")] += passes * act + m * reductions * act
@@ -104,6 +111,10 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
         out[("all_reduce", "pp")] += 8
         if model.tie_embeddings and (first or last):
             out[("all_reduce", "embedding")] += 4 * _embedding_partial(config, rank)
+    if model.num_experts:
+        _moe_statistics(config, moe_layers, m, out)
+    if moe_layers and par.expert_model_parallel_size > 1 and model.moe_token_dispatcher_type == "alltoall":
+        out[("all_to_all", "ep")] += m * moe_layers * _token_exchange(config, abytes)
     if par.parameter_server:
         _parameter_server(config, rank, pbytes, out)
     else:
@@ -116,6 +127,45 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
     if dp > 1:
         out[("all_reduce", "dp")] += 8
     return dict(out)
+
+
+def _moe_statistics(config: Config, moe_layers: int, m: int, out: Traffic) -> None:
+    """The routers' small fp32 sums: per microbatch the balancing loss's expert counts over the
+    ranks splitting a sequence; per step each layer's tokens per expert and loss share over them
+    and the counts over dp, the step's statistics over pp, the experts' grad-norm squares."""
+    model, par = config.model, config.parallel
+    tp, cp, pp, dp, ep = (par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size,
+                          par.data_parallel_size, par.expert_model_parallel_size)
+    experts = model.num_experts
+    split, split_size = ("tp-cp", tp * cp) if par.sequence_parallel else ("cp", cp)
+    if moe_layers and split_size > 1:
+        if model.moe_router_load_balancing_type != "none" and model.moe_aux_loss_coeff > 0:
+            per_layer = experts * (config.train.micro_batch_size if model.moe_router_load_balancing_type
+                                   == "seq_aux_loss" else 1)
+            out[("all_reduce", split)] += 4 * m * moe_layers * per_layer
+        out[("all_reduce", split)] += 4 * moe_layers * (experts + 1)
+    if moe_layers and dp > 1:
+        out[("all_reduce", "dp")] += 4 * moe_layers * experts
+    if pp > 1:
+        out[("all_reduce", "pp")] += 12  # the loss, the balance and the layer count
+    sizes = {"edp": tp * cp * dp // ep, "pp": pp, "ep": ep}
+    for group in (("edp", "pp", "ep") if par.sharded_optimizer else ("pp", "ep")):
+        if sizes[group] > 1:
+            out[("all_reduce", group)] += 4
+
+
+def _token_exchange(config: Config, abytes: int) -> float:
+    """All-to-all bytes of one MoE layer and microbatch on a rank (alltoall dispatcher): the
+    expert counts (int64), the routed rows out and their outputs back forward, both again
+    backward. The rows a rank sends are exact (its tokens x top-k, dropless); those it receives
+    depend on the router and are counted as many (balanced routing), so the sum over an ep
+    group is exact while one rank's share is an expectation."""
+    model, par = config.model, config.parallel
+    tokens = config.train.micro_batch_size * model.seq_length // par.context_parallel_size
+    if par.sequence_parallel:
+        tokens //= par.tensor_model_parallel_size
+    rows = tokens * model.moe_router_topk
+    return 8 * model.num_experts + 4 * rows * model.hidden_size * abytes
 
 
 def _embedding_partial(config: Config, rank: RankCoords) -> int:
