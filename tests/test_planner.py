@@ -20,7 +20,7 @@ from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.layout import Layout
 from megatron_lite.optimizer import state_bytes
-from megatron_lite.parallelize import build_chunks, parallelize
+from megatron_lite.parallelize import parallelize
 from megatron_lite.planner.memory import RankCoords, activation_memory, rank_params, state_memory
 from megatron_lite.planner.traffic import step_traffic
 from megatron_lite.training import memory_parts, rank_microbatches, set_seed, train_step
@@ -84,7 +84,7 @@ def measure(config: Config) -> dict:
             train_step(model, batches, iteration, config, torch.device("cpu"))
     grid = parallel_state.get_grid()
     coords = RankCoords(grid.coord("pp"), grid.index("dp-cp"), grid.index("edp") if config.model.num_experts else 0)
-    numels = [[p.numel() for p in chunk.parameters()] for chunk in build_chunks(config)]
+    numels = [[p.numel() for p in chunk.parameters()] for chunk in model.chunks]
     return {"coords": coords, "memory": memory_parts(model), "adam": state_bytes(model.optimizer.optimizer),
             "activations": meter.peak, "traffic": {k: float(v) for k, v in METER.bytes.items()}, "numels": numels}
 

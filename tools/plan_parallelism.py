@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     hardware = gpu_named(ours.gpu)
     if ours.layout:
-        rows = [_row(Candidate(config, estimate(config, hardware)).name, estimate(config, hardware))]
+        given = Candidate(config, estimate(config, hardware))
+        rows = [_row(given.name, given.estimate)]
         count = 1
     else:
         best, count = plan(config, ours.num_gpus, hardware, ours.top)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_flat_async, all_reduce_async, reduce_scatter_flat_async
 
+T = TypeVar("T")
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements, Megatron's default
 GRAD_GROUP = "dp-cp"  # the replicas whose gradients are averaged (and over which ZeRO shards)
 
@@ -85,6 +87,12 @@ class Bucket:
 def materialized(param: torch.Tensor) -> bool:
     """False for a ZeRO-3 parameter whose full storage is freed (only its shard exists)."""
     return param.numel() == 0 or param.untyped_storage().nbytes() > 0
+
+
+def buffer_order(params: list[T], deferred: Callable[[T], bool]) -> list[T]:
+    """The order of a grad buffer: parameters in reverse (the order backward produces their grads),
+    those with partial grads (`deferred`) last, in trailing buckets."""
+    return [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
 
 
 def bucket_spans(params: list[tuple[int, bool, Hashable]], bucket_size: int, dp: int) -> list[tuple[int, int, list[int]]]:
@@ -136,7 +144,7 @@ class DataParallelGrads:
         self.group, self.dp, self.dp_rank, self.shard = group, grid.size(group), grid.index(group), shard
         self.divisor = grid.size(GRAD_GROUP) if divisor is None else divisor
         params = [p for p in module.parameters() if p.requires_grad and select(p)]
-        ordered = [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
+        ordered = buffer_order(params, deferred)
         self.buckets: list[Bucket] = []
         self.ranges: dict[nn.Parameter, tuple[int, int]] = {}
         spans = bucket_spans([(p.numel(), deferred(p), None if unit_of is None or deferred(p) else unit_of(p))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from megatron_lite.activation_memory import embedding_bytes, head_bytes, stage_bytes
 from megatron_lite.config import Config
-from megatron_lite.distributed.data_parallel import bucket_spans
+from megatron_lite.distributed.data_parallel import bucket_spans, buffer_order
 from megatron_lite.planner.parameters import ParamSpec, chunk_params
 from megatron_lite.planner.schedule import in_flight
 
@@ -45,7 +45,7 @@ def grad_buffers(config: Config, params: list[ParamSpec]) -> list[BufferLayout]:
     layouts = []
     for expert, group in kinds:
         chosen = [p for p in params if p.expert == expert]
-        ordered = [p for p in reversed(chosen) if not p.deferred] + [p for p in reversed(chosen) if p.deferred]
+        ordered = buffer_order(chosen, lambda p: p.deferred)
         spans = bucket_spans([(p.numel, p.deferred, p.unit if zero3 and not p.deferred else None) for p in ordered],
                              par.ddp_bucket_size, group)
         deferred = [ordered[members[0]].deferred for _, _, members in spans]

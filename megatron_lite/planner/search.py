@@ -8,6 +8,7 @@ whenever tp > 1 (it only saves memory and moves the same bytes), tp stays inside
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,34 +48,35 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(base: Config, num_gpus: int, gpu: GPU) -> Iterator[Config]:
-    """Every layout of `base`'s model and batch on `num_gpus` GPUs that validates."""
-    model, train = base.model, base.train
-    experts = model.num_experts or 1
+def _grids(num_gpus: int, gpu: GPU, experts: int) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """(tp, cp, pp, dp, vpp, ep) whose product tp x cp x pp x dp is `num_gpus`, tp inside a node."""
     for tp in _powers_of_two(min(gpu.gpus_per_node, num_gpus)):
         for cp in _powers_of_two(num_gpus // tp):
             for pp in _divisors(num_gpus // (tp * cp)):
                 dp = num_gpus // (tp * cp * pp)
-                for vpp in [v for v in (1, 2, 4) if pp > 1 or v == 1]:
-                    for ep in [e for e in _divisors(experts) if e <= tp * cp * dp]:
-                        for mbs in (1, 2, 4, 8):
-                            for sharding in SHARDINGS:
-                                for recompute in RECOMPUTE.values():
-                                    parallel = dataclasses.replace(
-                                        base.parallel, tensor_model_parallel_size=tp, context_parallel_size=cp,
-                                        pipeline_model_parallel_size=pp, data_parallel_size=dp,
-                                        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-                                        pipeline_schedule=None, expert_model_parallel_size=ep,
-                                        sequence_parallel=tp > 1, data_parallel_sharding_strategy=sharding,
-                                        use_distributed_optimizer=sharding != "no_shard")
-                                    config = Config(model=dataclasses.replace(model, **{**_no_recompute(), **recompute}),
-                                                    parallel=parallel,
-                                                    train=dataclasses.replace(train, micro_batch_size=mbs))
-                                    try:
-                                        config.validate()
-                                    except (ConfigError, ValueError):
-                                        continue
-                                    yield config
+                for vpp, ep in itertools.product((1, 2, 4) if pp > 1 else (1,), _divisors(experts)):
+                    if ep <= tp * cp * dp:
+                        yield tp, cp, pp, dp, vpp, ep
+
+
+def candidates(base: Config, num_gpus: int, gpu: GPU) -> Iterator[Config]:
+    """Every layout of `base`'s model and batch on `num_gpus` GPUs that validates."""
+    model, train = base.model, base.train
+    choices = itertools.product(_grids(num_gpus, gpu, model.num_experts or 1), (1, 2, 4, 8), SHARDINGS,
+                                RECOMPUTE.values())
+    for (tp, cp, pp, dp, vpp, ep), mbs, sharding, recompute in choices:
+        parallel = dataclasses.replace(
+            base.parallel, tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp,
+            data_parallel_size=dp, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+            pipeline_schedule=None, expert_model_parallel_size=ep, sequence_parallel=tp > 1,
+            data_parallel_sharding_strategy=sharding, use_distributed_optimizer=sharding != "no_shard")
+        config = Config(model=dataclasses.replace(model, **{**_no_recompute(), **recompute}), parallel=parallel,
+                        train=dataclasses.replace(train, micro_batch_size=mbs))
+        try:
+            config.validate()
+        except (ConfigError, ValueError):
+            continue
+        yield config
 
 
 def _no_recompute() -> dict:

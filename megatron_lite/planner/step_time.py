@@ -149,7 +149,7 @@ def estimate(config: Config, gpu: GPU, gemm_efficiency: float = GEMM_EFFICIENCY,
         comm[group] = comm.get(group, 0.0) + moved / bandwidth + steps * latency * _calls(config, op, group, m)
     if par.parameter_server and dp > 1:
         _parameter_server_link(config, gpu, comm, wire)
-    exposed = _exposed(config, comm, compute, m if overlap_grad_reduce and not par.parameter_server else None)
+    exposed = _exposed(config, comm, compute, m, overlap_grad_reduce and not par.parameter_server)
     step = compute + bubble + exposed
     tokens = train.global_batch_size * model.seq_length
     peak = gpu.peak_tflops * 1e12
@@ -188,7 +188,7 @@ def _peak_memory(config: Config) -> dict[str, float]:
     for stage in {0, par.pipeline_model_parallel_size - 1}:
         memory: dict[str, float] = dict(state_memory(config, RankCoords(pp=stage, dp=dp_index)))
         memory["activations"] = activation_memory(config, stage)
-        memory["buffers"] = _buffers(config, memory, last_stage=stage == par.pipeline_model_parallel_size - 1)
+        memory["buffers"] = _buffers(config, memory)
         if sum(memory.values()) > sum(best.values()):
             best = memory
     return best
@@ -207,12 +207,11 @@ def _calls(config: Config, op: str, group: str, m: int) -> int:
     return 1
 
 
-def _exposed(config: Config, comm: dict[str, float], compute: float, m: int | None) -> float:
-    """The communication time the step waits for (module docstring: what overlaps); m None: the
-    data-parallel reduction overlaps nothing."""
+def _exposed(config: Config, comm: dict[str, float], compute: float, m: int, overlap_grad_reduce: bool) -> float:
+    """The communication time the step waits for (module docstring: what overlaps); without
+    `overlap_grad_reduce` the data-parallel reduction overlaps nothing."""
     par = config.parallel
-    backward_per_microbatch = compute / m * 2 / 3 if m else 0.0
-    m = m or 1
+    backward_per_microbatch = compute / m * 2 / 3 if overlap_grad_reduce else 0.0
     exposed = comm.get("tp", 0.0) + comm.get("pp", 0.0) + comm.get("mp", 0.0) + comm.get("embedding", 0.0)
     exposed += max(0.0, comm.get("cp", 0.0) - (compute / 3 if par.cp_comm_type == "p2p" else 0.0))
     exposed += comm.get("ep", 0.0)
@@ -232,22 +231,15 @@ def _exposed(config: Config, comm: dict[str, float], compute: float, m: int | No
     return exposed
 
 
-def _buffers(config: Config, memory: dict[str, float], last_stage: bool) -> float:
-    """Transient bytes beside the state and activations: ZeRO-3's gathered working set (two layers'
-    parameters and their full grads), ZeRO-2's full grads of a layer being reduced, and the
-    logits of a microbatch on the last stage."""
-    model, par, train = config.model, config.parallel, config.train
-    tp = par.tensor_model_parallel_size
-    h, layers = model.hidden_size, model.num_layers
-    layer_params = (memory["grads"] / 4) / max(layers // par.pipeline_model_parallel_size, 1)
-    if par.sharding == "optim_grads_params":
-        layer_params = (memory["weights"] / train.params_dtype.itemsize) * par.data_parallel_size / max(layers, 1)
-    extra = 0.0
-    if par.sharding == "optim_grads_params":
-        extra += 2 * layer_params * (train.params_dtype.itemsize + 4)
-    elif par.sharding == "optim_grads":
-        extra += 2 * layer_params * 4 * par.data_parallel_size
-    if last_stage:
-        tokens = train.micro_batch_size * model.seq_length // par.context_parallel_size
-        extra += 4 * tokens * model.padded_vocab_size(tp) // tp + 4 * tokens * h
-    return extra
+def _buffers(config: Config, memory: dict[str, float]) -> float:
+    """Transient bytes beside the state and activations (the logits the loss keeps are
+    activations already): ZeRO-3's gathered working set, two layers' full parameters and grads;
+    ZeRO-2's full grads of the two layers being reduced."""
+    par, train = config.parallel, config.train
+    layers = max(config.model.num_layers // par.pipeline_model_parallel_size, 1)
+    dp = par.data_parallel_size * par.context_parallel_size
+    if par.sharding == "optim_grads_params":  # weights and grads are this rank's shards
+        return 2 * memory["weights"] / train.params_dtype.itemsize * dp / layers * (train.params_dtype.itemsize + 4)
+    if par.sharding == "optim_grads":
+        return 2 * memory["grads"] * dp / layers
+    return 0.0
