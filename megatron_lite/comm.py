@@ -31,6 +31,12 @@ def ring_wire_bytes(op: str, n: int, nbytes: float) -> float:
     return nbytes if op == "send" else _RING_FACTOR[op] * (n - 1) / n * nbytes
 
 
+def ring_steps(op: str, n: int) -> float:
+    """Sequential transfers of the ring algorithm on n ranks (each paying one latency): 2(n-1) for
+    an all-reduce, n-1 for an all-gather, a reduce-scatter or an all-to-all, 1 for a send."""
+    return 1 if op == "send" else _RING_FACTOR[op] * (n - 1)
+
+
 class CommMeter:
     """Logical bytes, ring wire bytes and calls per (op, group name) since the last reset."""
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_lite.comm import ring_wire_bytes
+from megatron_lite.comm import ring_steps, ring_wire_bytes
 from megatron_lite.config import Config
 from megatron_lite.flops import flops_per_step
 from megatron_lite.planner.hardware import GPU
@@ -31,7 +31,6 @@ from megatron_lite.planner.schedule import bubble_fraction, num_microbatches
 from megatron_lite.planner.traffic import step_traffic
 
 GEMM_EFFICIENCY = 0.7  # the one calibration: fitted once to the published tables (docs/planner.md)
-_RING_STEPS = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "all_to_all": 1.0}
 
 
 @dataclass
@@ -144,7 +143,7 @@ def estimate(config: Config, gpu: GPU, gemm_efficiency: float = GEMM_EFFICIENCY,
         moved = ring_wire_bytes(op, n, nbytes)
         if megatron_2021 and group == "pp" and not par.sequence_parallel:
             moved /= tp
-        steps = 1 if op == "send" else _RING_STEPS[op] * (n - 1)
+        steps = ring_steps(op, n)
         wire[group] = wire.get(group, 0.0) + moved
         comm[group] = comm.get(group, 0.0) + moved / bandwidth + steps * latency * _calls(config, op, group, m)
     if par.parameter_server and dp > 1:
