@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError) as exc:
         # Raised on every rank alike (the same flags, the same agreed numbers): every rank
         # reports and exits, nothing hangs. Bad input exits 2, a run that cannot go on 1.
-        print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
+        # One write (print makes two): the lines of ranks that share a pipe stay whole.
+        sys.stderr.write(f"pretrain_gpt.py: error: {exc}\n")
+        sys.stderr.flush()
         destroy_model_parallel(wait_for_peers=False)
         return 2 if isinstance(exc, ConfigError) else 1
     except BaseException:

@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"reshard": reshard, "to-hf": to_hf, "from-hf": from_hf}[args.command](args)
     except ConfigError as exc:
-        print(f"convert_checkpoint.py: error: {exc}", file=sys.stderr, flush=True)
+        # One write (print makes two): the lines of ranks that share a pipe stay whole.
+        sys.stderr.write(f"convert_checkpoint.py: error: {exc}\n")
+        sys.stderr.flush()
         return 2
     return 0
 
