@@ -75,11 +75,13 @@ def _flag_names(f: dataclasses.Field) -> list[str]:
     return ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None) -> None:
+    """The flags of cls's fields (those named in `only`, if given): what pretrain_gpt.py takes,
+    and what the tools that share some of its flags (tools/generate.py) take from it."""
     group = parser.add_argument_group(cls.__name__)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in _DERIVED:
+        if f.name in _DERIVED or (only is not None and f.name not in only):
             continue
         names = _flag_names(f)
         base, is_list = _base_type(f.type)
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=argparse.SUPPRESS, choices=sorted(PRESETS),
                         help=f"Model preset; any model flag overrides its value (default: {DEFAULT_PRESET}).")
     for cls in (ModelConfig, ParallelConfig, TrainConfig):
-        _add_dataclass_flags(parser, cls)
+        add_dataclass_flags(parser, cls)
     return parser
 
 

@@ -1,5 +1,5 @@
 """Hugging Face `transformers` <-> megatron_lite: weight names and layouts, safetensors files
-(which family, and its config.json: hf_families.py).
+(which family, and its config.json: hf_families.py; the tokenizer: hf_tokenizer.py).
 
 Works on full, unpadded tensors keyed by our global names (reshard.FullState.model), so it
 never sees a tensor-parallel shard. What differs between the two sides:
@@ -16,7 +16,6 @@ never sees a tensor-parallel shard. What differs between the two sides:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from megatron_lite.config import ConfigError, ModelConfig
 
 MAX_SHARD_BYTES = 2 * 2**30  # above this, model.safetensors is split with an index, as save_pretrained does
 INDEX = "model.safetensors.index.json"
+# A transformers folder's tokenizer files: hf_tokenizer.py copies them, tools/generate.py looks for them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model")
 
@@ -166,18 +166,3 @@ def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         state.update(load_file(folder / name))
     return state
 
-
-def copy_tokenizer(train_config: dict, out: Path) -> str:
-    """Copy the run's tokenizer files next to the weights; returns a line saying what was written."""
-    kind, source = train_config.get("tokenizer_type"), train_config.get("tokenizer_model")
-    if kind == "ByteTokenizer" or source is None:
-        return "tokenizer: the run used the byte tokenizer, which has no files; none written"
-    source = Path(source)
-    if source.is_dir():
-        copied = [n for n in TOKENIZER_FILES if (source / n).exists()]
-        for name in copied:
-            shutil.copy(source / name, out / name)
-    else:
-        copied = ["tokenizer.model" if kind == "SentencePieceTokenizer" else "tokenizer.json"]
-        shutil.copy(source, out / copied[0])
-    return f"tokenizer: {', '.join(copied)} from {source}"

@@ -72,7 +72,7 @@ def hf_config(model: ModelConfig) -> dict:
               "hidden_size": model.hidden_size, "intermediate_size": model.ffn_hidden_size,
               "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
               "num_key_value_heads": model.num_query_groups, "head_dim": model.head_dim, "hidden_act": "silu",
-              "max_position_embeddings": max(model.seq_length, model.max_position_embeddings),
+              "max_position_embeddings": model.context_length,
               "rms_norm_eps": model.norm_epsilon, "rope_theta": model.rotary_base,
               "rope_parameters": {"rope_type": "default", "rope_theta": model.rotary_base},
               "tie_word_embeddings": False, "attention_dropout": model.attention_dropout, "torch_dtype": "float32"}

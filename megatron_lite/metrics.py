@@ -1,13 +1,17 @@
-"""The per-interval log line (Megatron's shape) and its JSON twin in metrics.jsonl."""
+"""The per-interval log line (Megatron's shape), its JSON twin in metrics.jsonl, and the same
+records handed to the optional TensorBoard / wandb writers (metric_writers.py)."""
 from __future__ import annotations
 
 import json
 import math
 import resource
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from megatron_lite.metric_writers import ScalarWriter, train_scalars, validation_scalars
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -19,13 +23,28 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Prints Megatron-shaped lines on the logging rank and appends records to metrics.jsonl."""
+    """Prints Megatron-shaped lines on the logging rank, appends records to metrics.jsonl and
+    sends them to `writers`: the training records of iterations that are multiples of
+    `writer_interval` (--tensorboard-log-interval), and every validation record."""
 
-    def __init__(self, log_dir: str | None, enabled: bool = True) -> None:
+    def __init__(self, log_dir: str | None, enabled: bool = True, writers: Sequence[ScalarWriter] = (),
+                 writer_interval: int = 1) -> None:
         self.enabled = enabled
         self.path = Path(log_dir) / "metrics.jsonl" if log_dir and enabled else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writers = list(writers) if enabled else []
+        self.writer_interval = writer_interval
+
+    def destinations(self) -> list[str]:
+        """Where the records go besides stdout, for the run's opening lines."""
+        return ([] if self.path is None else [f"appended to {self.path}"]) + [w.description for w in self.writers]
+
+    def close(self) -> None:
+        """Flush and close the writers (at the end of training, and when it fails)."""
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
 
     def _write(self, record: dict) -> None:
         if self.path is not None:
@@ -58,6 +77,10 @@ class MetricsLogger:
               f" MFU: {mfu} |"
               f" peak memory (GB): {record['peak_memory_gb']:.3f} |", flush=True)
         self._write({"kind": "train", **record})
+        if self.writers and record["iteration"] % self.writer_interval == 0:
+            scalars = train_scalars(record)
+            for writer in self.writers:
+                writer.write(scalars, record["iteration"])
 
     def validation(self, iteration: int, loss: float) -> None:
         if not self.enabled:
@@ -66,3 +89,5 @@ class MetricsLogger:
         print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} |"
               f" lm loss PPL: {ppl:.6E} |", flush=True)
         self._write({"kind": "validation", "iteration": iteration, "lm_loss": loss, "lm_loss_ppl": ppl})
+        for writer in self.writers:
+            writer.write(validation_scalars(loss, ppl), iteration)

@@ -131,6 +131,11 @@ class ModelConfig:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
+    def context_length(self) -> int:
+        """The most positions the model can look at: its position table (gpt2) or rotary table (llama)."""
+        return max(self.seq_length, self.max_position_embeddings)
+
+    @property
     def tie_embeddings(self) -> bool:
         return self.family == "gpt2"
 

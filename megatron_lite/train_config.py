@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from megatron_lite.config_checks import ConfigError, flag, require, require_positive
+from megatron_lite.metric_writers import require_packages
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 EXIT_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name))
@@ -106,6 +107,16 @@ class TrainConfig:
     """Print one log line every N steps."""
     log_dir: str | None = None
     """Where metrics.jsonl is appended (default: the --save directory, else none)."""
+    tensorboard_dir: str | None = None
+    """Rank 0 also writes the logged metrics here as TensorBoard events, under Megatron's tags (needs the tensorboard package)."""
+    tensorboard_log_interval: int = 1
+    """Of the log records, send to TensorBoard and wandb those of iterations that are multiples of N (validation ones always)."""
+    wandb_project: str | None = None
+    """Rank 0 also logs the metrics to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline needs no network)."""
+    wandb_exp_name: str | None = None
+    """--wandb-project: the run's name (default: one wandb makes up)."""
+    wandb_save_dir: str | None = None
+    """--wandb-project: where wandb keeps its local files (default: wandb/ in the --save directory, else ./wandb)."""
     eval_interval: int = 100
     """Evaluate on the validation split every N steps (0 disables)."""
     eval_iters: int = 10
@@ -133,7 +144,7 @@ class TrainConfig:
 
     def validate(self, data_parallel_size: int = 1) -> None:
         require_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval",
-                         "eval_iters")
+                         "eval_iters", "tensorboard_log_interval")
         per_step = self.micro_batch_size * data_parallel_size
         if self.global_batch_size % per_step:
             lower = max(per_step, self.global_batch_size // per_step * per_step)
@@ -181,5 +192,8 @@ class TrainConfig:
                     f"--exit-duration-in-mins={self.exit_duration_in_mins} must be positive")
         require(self.exit_signal in EXIT_SIGNALS,
                 f"--exit-signal={self.exit_signal} is not a signal a job is warned with; allowed: {', '.join(EXIT_SIGNALS)}")
-        for name in ("save", "log_dir"):
+        for name in ("save", "log_dir", "tensorboard_dir", "wandb_save_dir"):
             _require_writable_dir(name, getattr(self, name))
+        require(self.wandb_project is not None or (self.wandb_exp_name is None and self.wandb_save_dir is None),
+                "--wandb-exp-name and --wandb-save-dir go with --wandb-project; add it or drop them")
+        require_packages(self)  # last: it imports the writers' packages

@@ -24,6 +24,7 @@ from megatron_lite.distributed.grad_sync import average_across_data_parallel, re
 from megatron_lite.distributed.parameter_server import ParameterServerOptimizer
 from megatron_lite.exit_conditions import ExitConditions
 from megatron_lite.flops import flops_per_step
+from megatron_lite.metric_writers import open_writers
 from megatron_lite.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.model.moe import finish_moe_step
 from megatron_lite.optimizer import learning_rate, set_learning_rate
@@ -263,11 +264,13 @@ def pretrain(config: Config) -> dict:
     if load_iteration is not None:
         iteration, consumed = load_checkpoint(cfg.load, model.chunks, model.optimizer, config, load_iteration)
 
-    logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=grid.rank == 0)
+    logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=grid.rank == 0,
+                           writers=open_writers(config) if grid.rank == 0 else (),
+                           writer_interval=cfg.tensorboard_log_interval)
     print_rank_0(f"> data: {data_description}")
     _print_run(config, model, grid, device)
-    if logger.path is not None:
-        print_rank_0(f"> metrics: appended to {logger.path}")
+    for destination in logger.destinations():
+        print_rank_0(f"> metrics: {destination}")
     writer = CheckpointWriter(model.chunks, model.optimizer, config) if cfg.save else None
     exits = ExitConditions(cfg, _reduce_device())
     try:
@@ -280,6 +283,7 @@ def pretrain(config: Config) -> dict:
                                           "no checkpoint was saved")) from exc
     finally:
         exits.close()
+        logger.close()  # flushes TensorBoard / wandb, also when training failed
 
 
 def _print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, device: torch.device) -> None:

@@ -77,10 +77,27 @@ def test_export_matches_transformers_and_import_round_trips(trained: Path, tmp_p
     assert len(result["losses"]) == 1 and result["iteration"] == 1
 
 
-def test_byte_tokenizer_export_says_no_files(trained: Path, tmp_path: Path, capsys) -> None:
-    assert convert_checkpoint.main(["to-hf", "--load", str(trained / "llama"), "--out", str(tmp_path)]) == 0
-    assert "byte tokenizer, which has no files" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_byte_tokenizer_export_generates_with_transformers(trained: Path, tmp_path: Path, family: str,
+                                                          capsys) -> None:
+    """The byte tokenizer gets files, and generate's eos is our eod (not GPT-2's default 50256)."""
+    assert convert_checkpoint.main(["to-hf", "--load", str(trained / family), "--out", str(tmp_path)]) == 0
+    line = "tokenizer: ByteTokenizer as tokenizer.json, tokenizer_config.json (eos 256, pad 257)"
+    assert line in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                          "tokenizer_config.json"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (256, 257, 256)
+    model_config_from_hf(config)  # from-hf takes them: they change nothing the model computes
+    text = "héllo wörld — 你好\n"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer(text)["input_ids"] == list(text.encode()) and tokenizer.decode(list(text.encode())) == text
+    generator = transformers.pipeline("text-generation", model=str(tmp_path), dtype=torch.float32)
+    generation = generator.model.generation_config
+    assert (generation.eos_token_id, generation.pad_token_id, generation.bos_token_id) == (256, 257, 256)
+    # The tiny models' context is 16 positions.
+    generated = generator("héllo", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert isinstance(generated, str) and generated.startswith("héllo")
 
 
 def _perturbed(config) -> GPTModel:

@@ -1,50 +1,30 @@
 """Tokenizers trained by tools/train_tokenizer.py, loaded by build_tokenizer, used by preprocess_data."""
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import ByteTokenizer, build_tokenizer
-from tools import preprocess_data, train_tokenizer
+from tools import preprocess_data
+from helpers.tokenizers import KINDS, VOCAB_SIZE, train_tokenizers, write_corpus
 
-VOCAB_SIZE = 320
 ROUND_TRIP_TEXTS = ["the quick brown fox", "  leading spaces,\ttabs\n\nand blank lines  ",
                     "naïve café 東京 ☃ 🎉 (never seen in training)", ""]
-KINDS = {  # name: (--tokenizer-type, extra flags, output file)
-    "sentencepiece-bpe": ("SentencePieceTokenizer", ["--model-type", "bpe"], "bpe.model"),
-    "sentencepiece-unigram": ("SentencePieceTokenizer", ["--model-type", "unigram"], "unigram.model"),
-    "byte-level-bpe": ("HuggingFaceTokenizer", [], "tokenizer.json"),
-}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     """JSON lines and a text file of generated English-like text; the JSON documents."""
     root = tmp_path_factory.mktemp("tokenizer_corpus")
-    rng = random.Random(0)
-    # Common words to learn merges from, and enough rare ones that even a unigram model
-    # finds VOCAB_SIZE pieces worth keeping.
-    common = "the quick brown fox jumps over a lazy dog".split()
-    rare = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(300)]
-    texts = [" ".join(rng.choice(common if rng.random() < 0.5 else rare) for _ in range(60)) for _ in range(150)]
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (root / "notes.txt").write_text("\n".join(texts[:20]))
-    return root, texts
+    return root, write_corpus(root)
 
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory) -> dict[str, str]:
     """Each kind of tokenizer trained once on the corpus: name -> model path."""
-    root, _ = corpus
-    out = tmp_path_factory.mktemp("tokenizers")
-    for tokenizer_type, flags, filename in KINDS.values():
-        train_tokenizer.main(["--input", str(root / "*"), "--tokenizer-type", tokenizer_type, *flags,
-                              "--vocab-size", str(VOCAB_SIZE), "--output", str(out / filename)])
-    return {name: str(out / filename) for name, (_, _, filename) in KINDS.items()}
+    return train_tokenizers(corpus[0], tmp_path_factory.mktemp("tokenizers"))
 
 
 @pytest.mark.parametrize("name", KINDS)

@@ -26,9 +26,9 @@ from megatron_lite.checkpointing import (first_file, latest_iteration, load_chec
                                          read_checkpoint, save_checkpoint, saved_config)
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.hf_convert import (copy_tokenizer, from_hf_state, load_safetensors, save_safetensors,  # noqa: E402
-                                      to_hf_state)
+from megatron_lite.hf_convert import from_hf_state, load_safetensors, save_safetensors, to_hf_state  # noqa: E402
 from megatron_lite.hf_families import hf_config, model_config_from_hf  # noqa: E402
+from megatron_lite.hf_tokenizer import export_tokenizer  # noqa: E402
 from megatron_lite.reshard import load_weights  # noqa: E402
 from megatron_lite.parallelize import build_chunks, parallelize  # noqa: E402
 
@@ -82,11 +82,14 @@ def to_hf(args: argparse.Namespace) -> None:
     model = ModelConfig(**full.config["model"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(model), indent=2))
+    # First: it is quick and fails on a tokenizer that is gone or converts wrongly, before the weights.
+    token_ids, tokenizer_line = export_tokenizer(full.config["train"], model.vocab_size, out)
+    # The families' config defaults name other vocabularies' ids (GPT-2's 50256), so generate would not stop on eod.
+    config = {**hf_config(model), **token_ids}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     files = save_safetensors(to_hf_state(full.model, model), out, int(args.max_shard_size_gb * 2**30))
-    print(f"wrote {out}: config.json, {', '.join(files)} ({hf_config(model)['architectures'][0]}, "
-          f"iteration {full.iteration})")
-    print(copy_tokenizer(full.config["train"], out))
+    print(f"wrote {out}: config.json, {', '.join(files)} ({config['architectures'][0]}, iteration {full.iteration})")
+    print(tokenizer_line)
 
 
 def from_hf(args: argparse.Namespace) -> None:

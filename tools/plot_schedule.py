@@ -3,20 +3,24 @@
     python tools/plot_schedule.py --pp 4 --vpp 2 --microbatches 8 --out sched.png
 
 Spawns pp CPU ranks (gloo), runs the chosen schedule with fixed forward/backward durations
-(trace.CostModelRunner), and writes a PNG timeline: one row per rank, time to the right,
-forwards light and backwards dark in one colour per microbatch, each box labelled with its
-microbatch number (and, interleaved, a bar per model chunk). Prints the measured bubble next
-to the formula: (p-1)/m for GPipe and 1F1B, (p-1)/(v*m) interleaved.
+(trace.CostModelRunner), and draws its timeline with matplotlib into a PNG: one row per rank,
+time to the right in the cost model's units, forward and backward boxes in two colours, each
+labelled with its microbatch, and in an interleaved schedule each model chunk lighter and
+hatched. Prints the measured bubble next to the formula, (p-1)/m for GPipe and 1F1B,
+(p-1)/(v*m) interleaved, which the figure's title repeats.
 """
 from __future__ import annotations
 
 import argparse
-import struct
 import sys
-import zlib
 from pathlib import Path
 
-import numpy as np
+try:
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+except ImportError:  # matplotlib is an optional extra, not a dependency of training
+    sys.exit('plot_schedule.py: error: matplotlib is not installed; pip install matplotlib (or pip install -e ".[plot]")')
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,12 +30,9 @@ from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.pipeline_parallel.schedules import run_schedule  # noqa: E402
 from megatron_lite.pipeline_parallel.trace import CostModelRunner, Event, Trace, bubble_fraction  # noqa: E402
 
-PALETTE = [(230, 85, 13), (49, 130, 189), (49, 163, 84), (117, 107, 177), (222, 45, 38), (253, 174, 107),
-           (107, 174, 214), (116, 196, 118), (158, 154, 200), (252, 146, 114)]
-# 3x5 pixel digits, one string of 15 bits per digit, row by row.
-DIGITS = ["111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
-          "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111"]
-UNIT, ROW, GAP, SCALE = 24, 36, 6, 3  # pixels per time unit, row height, row gap, digit pixel size
+KINDS = {"F": ("forward", "tab:blue"), "B": ("backward", "tab:orange")}
+# Chunk c is lighter and hatched, so that chunks stay apart in greyscale as well.
+HATCHES = ("", "//", "..", "xx", "++", "\\\\")
 
 
 def schedule_worker(pp: int, schedule: str, vpp: int, microbatches: int, forward: float, backward: float) -> list:
@@ -41,45 +42,36 @@ def schedule_worker(pp: int, schedule: str, vpp: int, microbatches: int, forward
     return trace.events
 
 
-def _draw_number(img: np.ndarray, x: int, y: int, number: int, color: tuple[int, int, int]) -> None:
-    for k, ch in enumerate(str(number)):
-        bits = DIGITS[int(ch)]
-        for i, bit in enumerate(bits):
-            if bit == "1":
-                r, c = divmod(i, 3)
-                x0, y0 = x + k * 4 * SCALE + c * SCALE, y + r * SCALE
-                img[y0:y0 + SCALE, x0:x0 + SCALE] = color
+def _chunk_style(color: str, chunk: int, vpp: int) -> dict:
+    """Face colour (`color` mixed with white, more for later chunks) and hatch of a chunk's boxes."""
+    lighter = 0.6 * chunk / max(vpp - 1, 1)
+    face = tuple(c + (1 - c) * lighter for c in to_rgb(color))
+    return {"facecolor": face, "hatch": HATCHES[chunk % len(HATCHES)], "edgecolor": "white"}
 
 
-def render(events: list[Event], pp: int, vpp: int) -> np.ndarray:
-    """RGB image of the timeline."""
+def render(events: list[Event], pp: int, vpp: int, forward: float, backward: float, title: str) -> Figure:
+    """The timeline: one row per rank (rank 0 on top), time to the right, each box labelled with
+    its microbatch; the legend names forward and backward and, interleaved, the chunks."""
     end = max(e.end for e in events)
-    unit = UNIT * vpp  # chunks are vpp times shorter: keep their boxes wide enough for a label
-    margin = 5 * 4 * SCALE
-    img = np.full((pp * (ROW + GAP) + GAP, margin + int(end * unit) + GAP, 3), 255, dtype=np.uint8)
-    for r in range(pp):
-        _draw_number(img, GAP, GAP + r * (ROW + GAP) + (ROW - 5 * SCALE) // 2, r, (0, 0, 0))
+    # A chunk's boxes are vpp times shorter: the figure widens with vpp so their labels still fit.
+    fig = Figure(figsize=(min(24.0, max(8.0, 0.3 * end * vpp)), 1.6 + 0.5 * pp), layout="constrained")
+    ax = fig.subplots()
     for e in events:
-        y0, x0, x1 = GAP + e.rank * (ROW + GAP), margin + int(e.start * unit), margin + int(e.end * unit)
-        base = np.array(PALETTE[e.microbatch % len(PALETTE)], dtype=float)
-        color = base * 0.55 if e.kind == "B" else 255 - (255 - base) * 0.55
-        img[y0:y0 + ROW, x0:x1] = color.astype(np.uint8)
-        img[y0:y0 + ROW, x1 - 1:x1] = 255  # a white seam between boxes
-        if vpp > 1:  # one dark bar per chunk index along the bottom edge
-            img[y0 + ROW - 3:y0 + ROW, x0:x0 + (x1 - x0) * (e.chunk + 1) // vpp] = 40
-        text = (0, 0, 0) if e.kind == "F" else (255, 255, 255)
-        _draw_number(img, x0 + 3, y0 + 4, e.microbatch, text)
-    return img
-
-
-def write_png(path: str | Path, img: np.ndarray) -> None:
-    """Minimal PNG encoder (8-bit RGB, one IDAT chunk): no imaging library needed."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+        ax.barh(e.rank, e.end - e.start, left=e.start, height=0.8, linewidth=0.5,
+                **_chunk_style(KINDS[e.kind][1], e.chunk, vpp))
+        ax.text((e.start + e.end) / 2, e.rank, str(e.microbatch), ha="center", va="center", fontsize=7)
+    handles = [Patch(color=color, label=name) for name, color in KINDS.values()]
+    if vpp > 1:
+        handles += [Patch(label=f"chunk {c}", **_chunk_style("tab:gray", c, vpp)) for c in range(vpp)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    ax.set_yticks(range(pp), [str(r) for r in range(pp)])
+    ax.set_ylim(pp - 0.5, -0.5)
+    ax.set_xlim(0, end)
+    ax.set_ylabel("pipeline rank")
+    ax.set_xlabel(f"time (cost-model units: one stage's forward of one microbatch takes {forward:g}, "
+                  f"its backward {backward:g})")
+    ax.set_title(title, fontsize="medium")
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     errors = []
     if args.pp < 2:
         errors.append(f"--pp={args.pp} must be at least 2")
+    if args.microbatches < 1:
+        errors.append(f"--microbatches={args.microbatches} must be at least 1")
+    if args.forward_time <= 0 or args.backward_time <= 0:
+        errors.append(f"--forward-time={args.forward_time} and --backward-time={args.backward_time} must be > 0")
     if (schedule == "interleaved") != (args.vpp > 1):
         errors.append(f"--schedule={schedule} with --vpp={args.vpp}: interleaved needs --vpp > 1 and only it")
     if schedule == "interleaved" and args.microbatches % args.pp:
@@ -106,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ranks = run_on_ranks(schedule_worker, args.pp, args.pp, schedule, args.vpp, args.microbatches,
                          args.forward_time, args.backward_time)
     events = [e for r in ranks for e in r]
-    write_png(args.out, render(events, args.pp, args.vpp))
     formula = (args.pp - 1) / (args.vpp * args.microbatches)
     formula_text = f"(p-1)/(v*m) = {args.pp - 1}/({args.vpp}*{args.microbatches})" if args.vpp > 1 else \
         f"(p-1)/m = {args.pp - 1}/{args.microbatches}"
-    print(f"{schedule}: pp={args.pp} vpp={args.vpp} microbatches={args.microbatches}: bubble "
-          f"{bubble_fraction(events):.4f} measured, {formula:.4f} = {formula_text}; wrote {args.out}")
+    summary = (f"{schedule}: pp={args.pp} vpp={args.vpp} microbatches={args.microbatches}: bubble "
+               f"{bubble_fraction(events):.4f} measured, {formula:.4f} = {formula_text}")
+    fig = render(events, args.pp, args.vpp, args.forward_time, args.backward_time, summary)
+    fig.savefig(args.out, dpi=100)  # a bare Figure renders with the Agg backend: no display needed
+    print(f"{summary}; wrote {args.out}")
     return 0
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
+from megatron_lite.inference.kv_cache import InferenceParams
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_angles
@@ -68,8 +69,7 @@ class GPTModel(nn.Module):
             # Under SP each rank adds the rows of its own positions only: a partial grad.
             mark_sequence_parallel(self.position_embeddings, sequence_parallel)
         if config.family == "llama":
-            cos, sin = rotary_angles(max(config.seq_length, config.max_position_embeddings),
-                                     config.head_dim, config.rotary_base)
+            cos, sin = rotary_angles(config.context_length, config.head_dim, config.rotary_base)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
@@ -110,7 +110,8 @@ class GPTModel(nn.Module):
         with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
             return self.embedding_dropout(x)
 
-    def _run_layers(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _run_layers(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                    inference_params: InferenceParams | None = None) -> torch.Tensor:
         """The layers in order; under full recomputation each group of layers keeps only its
         input and is replayed in backward (uniform: groups of recompute_num_layers; block: the
         first recompute_num_layers layers of this chunk, one by one, the rest kept)."""
@@ -126,18 +127,23 @@ class GPTModel(nn.Module):
 
         def run(group: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
             for layer in group:
-                x = layer(x, rotary)
+                x = layer(x, rotary, inference_params)
             return x
         for i, group in enumerate(groups):
             x = checkpoint(functools.partial(run, group), x) if i < replayed else run(group, x)
         return x
 
     def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                hidden: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
         """Logits [b, s, vocab] without labels, per-token fp32 loss [b, s] with them; a stage that
         is not the last returns its hidden states. `hidden` is the input of a stage that is not the
         first. `positions` [s]: where in the sequence the tokens are (default 0..s-1; context
-        parallelism gives each rank tokens from two places of the sequence)."""
+        parallelism gives each rank tokens from two places of the sequence; generation the
+        positions after those in `inference_params`, its KV cache)."""
+        if positions is None and inference_params is not None:
+            offset = inference_params.sequence_len_offset
+            positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         if positions is None:
             seq = tokens.shape[1] if tokens is not None else hidden.shape[1] * (
                 parallel_state.get_grid().size("tp") if self.sequence_parallel else 1)
@@ -146,7 +152,7 @@ class GPTModel(nn.Module):
         rotary = None if self.config.family == "gpt2" else (self.rotary_cos[positions], self.rotary_sin[positions])
         # Under SP every dropout in the layers is on this rank's tokens: the tensor-parallel RNG.
         with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
-            x = self._run_layers(x, rotary)
+            x = self._run_layers(x, rotary, inference_params)
         if not self.post_process:
             return x
         x = self.final_layernorm(x)

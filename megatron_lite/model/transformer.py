@@ -15,6 +15,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
+from megatron_lite.inference.kv_cache import InferenceParams
 from megatron_lite.model.moe import MoELayer
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops
@@ -33,9 +34,10 @@ class Attention(nn.Module):
     k_layernorm); each tp rank normalises its own heads, so their grads are partial over tp.
     """
 
-    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False, layer_number: int = 0) -> None:
         super().__init__()
         tp = parallel_state.get_grid().size("tp")
+        self.layer_number = layer_number  # which entry of a generation's KV cache is this layer's
         self.num_heads = config.num_attention_heads // tp
         self.num_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
@@ -53,7 +55,9 @@ class Attention(nn.Module):
             self.q_layernorm = build_norm(config, ops, tp > 1, self.head_dim)
             self.k_layernorm = build_norm(config, ops, tp > 1, self.head_dim)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """`inference_params`: generation's KV cache; x then holds the tokens after the cached ones."""
         qkv = self.linear_qkv(x)
         b, s, _ = qkv.shape  # full sequence here, even under SP
         heads_per_group = self.num_heads // self.num_groups
@@ -70,8 +74,10 @@ class Attention(nn.Module):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         # Attention takes [batch, heads, seq, dim].
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        attend = checkpointed(self._core_attention, "core_attn" in self.recompute)
-        out = attend(q, k, v)
+        if inference_params is not None:
+            out = inference_params.attend(self.layer_number, q, k, v)
+        else:
+            out = checkpointed(self._core_attention, "core_attn" in self.recompute)(q, k, v)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -110,7 +116,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False, number: int = 0) -> None:
         super().__init__()
         self.input_layernorm = build_norm(config, ops, sequence_parallel)
-        self.self_attention = Attention(config, ops, sequence_parallel)
+        self.self_attention = Attention(config, ops, sequence_parallel, number)
         self.pre_mlp_layernorm = build_norm(config, ops, sequence_parallel)
         if config.is_moe_layer(number):
             shared = config.moe_shared_expert_intermediate_size
@@ -124,9 +130,10 @@ class TransformerLayer(nn.Module):
         self.recompute_norms = "layernorm" in recompute
         self.recompute_mlp = ("moe" if config.is_moe_layer(number) else "mlp") in recompute
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
         input_norm = checkpointed(self.input_layernorm, self.recompute_norms)
-        attn = self.dropout(self.self_attention(input_norm(x), rotary))
+        attn = self.dropout(self.self_attention(input_norm(x), rotary, inference_params))
         # The residual add and the MLP's norm in one op (one pass in the fused kernel). The
         # stream x goes first: the sum takes its dtype, fp32 under autocast.
         normed, x = checkpointed(self.pre_mlp_layernorm, self.recompute_norms)(x, attn)

@@ -1,2 +1,3 @@
 """What the tests share: tiny configs (tiny.py), training under any layout and comparing it with one
-device (parity.py), save/resume jobs (checkpoint_steps.py), and commands run with a deadline (commands.py)."""
+device (parity.py), save/resume jobs (checkpoint_steps.py), commands run with a deadline
+(commands.py), and small trained tokenizers of every kind (tokenizers.py)."""

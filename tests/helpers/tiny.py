@@ -1,4 +1,4 @@
-"""Tiny configurations shared by the tests (hidden 32-64, 2 layers, seq 16-32)."""
+"""Tiny configurations shared by the tests (hidden 32-64, 2 layers, seq 16-32), as Configs and as flags."""
 from __future__ import annotations
 
 from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
@@ -17,3 +17,8 @@ def tiny_config(family: str = "llama", model: dict | None = None, **train) -> Co
                 lr_warmup_iters=1, log_interval=1, eval_interval=0, device="cpu")
     base.update(train)
     return Config(model=tiny_model(family, **(model or {})), parallel=ParallelConfig(), train=TrainConfig(**base))
+
+
+# The tiny shape as pretrain_gpt.py flags (one microbatch per step), for runs of the CLI in process.
+TINY_FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+              "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--device", "cpu"]

@@ -1,0 +1,106 @@
+"""Every script in examples/ runs, in a reduced form: the same script, its flags overridden to a
+tiny model on 2 CPU ranks; and the layouts the recipes name are still the planner's first choice."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.commands import ROOT, run_command
+
+sys.path.insert(0, str(ROOT / "tools"))
+import plan_parallelism  # noqa: E402
+
+EXAMPLES = ROOT / "examples"
+TINY = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "32", "--seq-length", "32", "--micro-batch-size", "1",
+        "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1", "--eval-interval", "2",
+        "--eval-iters", "1", "--save-interval", "2", "--device", "cpu"]
+LOG_LINE = re.compile(r"iteration +(\d+)/ +2 \| consumed samples: +(\d+) \|.* lm loss: ([0-9.E+-]+) \|")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # torchrun is installed beside the interpreter that runs the tests.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "PRECISION": "fp32", **extra}
+
+
+def _trained(result, checkpoint_dir: Path) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m.group(1, 2) for m in map(LOG_LINE.search, result.stdout.splitlines()) if m] == [("1", "4"), ("2", "8")]
+    assert (checkpoint_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert list((checkpoint_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_slurm_script_on_a_one_node_allocation(tmp_path: Path) -> None:
+    """The sbatch script as Slurm runs it on one node: srun starts the script's torchrun once, and
+    the rendezvous is at the host scontrol names first."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "scontrol", '[[ "$1 $2 $3" == "show hostnames localhost" ]] && echo localhost\n')
+    _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')  # its options, then the command
+    env = _env(SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT),
+               GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    # The script's layout over 2 ranks: its pipeline of 4 stages becomes 2, context parallelism off.
+    result = run_command(["bash", str(EXAMPLES / "slurm_pretrain_gpt.sh"), *TINY, "--cp", "1", "--pp", "2",
+                          "--num-layers", "4"], env=env, timeout=180)
+    _trained(result, tmp_path / "ckpt")
+    assert "world 2 = tp 1 x dp 1 x pp 2, interleaved schedule over 2 chunks per rank" in result.stdout
+
+
+def test_llama_1b_recipe_on_two_ranks(tmp_path: Path) -> None:
+    result = run_command(["bash", str(EXAMPLES / "llama_1b_8gpu.sh"), *TINY],
+                         env=_env(NPROC_PER_NODE="2", CHECKPOINT_DIR=str(tmp_path / "ckpt")), timeout=180)
+    _trained(result, tmp_path / "ckpt")
+    assert "world 2 = tp 1 x dp 2 x pp 1" in result.stdout
+
+
+@pytest.mark.parametrize("script, flags, layout", [
+    ("llama_1b_8gpu.sh", ["--model", "llama-1b", "--num-gpus", "8", "--global-batch-size", "256"],
+     "dp8 mbs1 recompute=none"),
+    ("slurm_pretrain_gpt.sh", ["--model", "llama-8b", "--num-gpus", "16", "--global-batch-size", "512"],
+     "cp4-pp4-vpp2 mbs1 recompute=none"),
+])
+def test_recipes_use_the_planners_first_layout(capsys: pytest.CaptureFixture, script: str, flags: list[str],
+                                               layout: str) -> None:
+    assert plan_parallelism.main(["--gpu", "H100", "--top", "1", "--json", *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["layouts"][0]["layout"] == layout
+    text = (EXAMPLES / script).read_text()
+    # The planner command the script quotes is the one run here, and its flags spell the layout.
+    assert " ".join(flags[:2]) in text and f"--num-gpus {flags[3]} --global-batch-size {flags[5]}" in text
+    spelled = {"dp8 mbs1 recompute=none": "--micro-batch-size 1 --global-batch-size 256",
+               "cp4-pp4-vpp2 mbs1 recompute=none": "--cp 4 --pp 4 --vpp 2 --micro-batch-size 1 --global-batch-size 512"}
+    assert spelled[layout] in text
+
+
+def test_strategy_comparison_on_cpu_ranks() -> None:
+    result = run_command(["bash", str(EXAMPLES / "compare_strategies.sh"), "--layouts", "single", "dp2", "tp2", "pp2",
+                          "--num-layers", "2", "--hidden-size", "32", "--steps", "2"], timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert list(rows) == ["single", "dp2", "tp2", "pp2"]
+    weights = {name: float(row[2]) for name, row in rows.items()}
+    # The same model: dp keeps all of it on every rank, tp and pp about half.
+    assert weights["dp2"] == weights["single"] and weights["tp2"] < 0.6 * weights["single"]
+    assert weights["pp2"] < 0.6 * weights["single"]
+    # Same losses in every layout, and the planner's numbers match the measured ones.
+    assert len({row[11] for row in rows.values()}) == 1
+    assert all("state+traffic exact" in " ".join(row) for row in rows.values())
