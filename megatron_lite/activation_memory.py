@@ -108,12 +108,18 @@ def head_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_paral
     vocab-parallel loss's: with the plain loss the fp32 logits shard and its softmax (V/t each),
     the labels twice (int64) and 10 bytes of masks and statistics per token, plus the pad
     columns' mask; the fused loss kernel keeps no logits (`logits_kept` False)."""
-    h, v = model.hidden_size, model.padded_vocab_size(tp) // tp
+    h = model.hidden_size
     tokens = model.seq_length * micro_batch
     ts = tp if sequence_parallel else 1
     norm = 2 * h + 1 if model.family == "llama" else h + 2
-    loss = (8 * v + 26) * tokens + v if logits_kept else 0
-    return BYTES * tokens * (norm / ts + h) + loss
+    return BYTES * tokens * (norm / ts + h) + loss_bytes(model, micro_batch, tp, logits_kept)
+
+
+def loss_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, logits_kept: bool = True) -> float:
+    """The loss's part of head_bytes: what only the input gradient's pass reads, so a split
+    backward (zero-bubble schedules) frees it at B, the rest of the head at W."""
+    v = model.padded_vocab_size(tp) // tp
+    return (8 * v + 26) * model.seq_length * micro_batch + v if logits_kept else 0
 
 
 def describe_activation_memory(model: ModelConfig, layers_per_chunk: int, chunks: int, micro_batch: int,
@@ -146,7 +152,10 @@ class SavedTensorMeter:
 
     def pack(self, t: torch.Tensor) -> object:
         holder = type("Saved", (), {})()
-        holder.tensor = t
+        # Detached: an op that saves its own output (rsqrt, softmax) would otherwise have the
+        # holder keep the output, the output its grad_fn and that node the holder, a cycle that
+        # outlives a graph kept for a second pass (retain_graph, the zero-bubble schedules' B).
+        holder.tensor = t.detach()
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key in {p.untyped_storage().data_ptr() for p in self.params} or storage.nbytes() == 0:

@@ -13,7 +13,7 @@ from megatron_lite.config_checks import ConfigError, TrainingError, require
 from megatron_lite.model_config import (FAMILIES, MOE_DISPATCHERS, MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS,
                                         RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, RECOMPUTE_MODULES, ModelConfig)
 from megatron_lite.parallel_config import (CP_COMM_TYPES, DATA_PARALLEL_MODES, SCHEDULES, SHARDING_STRATEGIES,
-                                           ParallelConfig)
+                                           ParallelConfig, interleaved_microbatches_problem)
 from megatron_lite.train_config import EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
 
 __all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS",
@@ -45,13 +45,21 @@ class Config:
                 "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
         self._validate_parameter_server()
-        m, pp = self.train.num_microbatches(self.parallel.data_parallel_size), self.parallel.pipeline_model_parallel_size
-        # Megatron's interleaved schedule runs microbatches in groups of pp.
-        require(self.parallel.schedule != "interleaved" or m % pp == 0,
-                f"the interleaved schedule needs the number of microbatches (global batch "
-                f"{self.train.global_batch_size} / (micro batch {self.train.micro_batch_size} x dp "
-                f"{self.parallel.data_parallel_size}) = {m}) to be a multiple of "
-                f"--pipeline-model-parallel-size={pp}")
+        require(self.parallel.schedule not in ("zb-h1", "zbv") or self.parallel.sharding in ("no_shard", "optim"),
+                f"--pipeline-schedule={self.parallel.schedule} with --data-parallel-sharding-strategy={self.parallel.sharding} is not "
+                "supported yet (ZeRO-2/3 reduce-scatter per backward, not yet per W pass); use "
+                "--use-distributed-optimizer (ZeRO-1) or another schedule")
+        par = self.parallel
+        if par.schedule == "interleaved":
+            m = self.train.num_microbatches(par.data_parallel_size)
+            problem = interleaved_microbatches_problem(par.pipeline_model_parallel_size, m, par.microbatch_group_size)
+            require(problem is None, f"{problem}; {m} = global batch {self.train.global_batch_size} / (micro batch "
+                                     f"{self.train.micro_batch_size} x dp {par.data_parallel_size})")
+        if par.schedule == "zbv" and par.pipeline_model_parallel_size > 1:
+            m, pp = self.train.num_microbatches(par.data_parallel_size), par.pipeline_model_parallel_size
+            require(m >= 2 * pp - 1, f"--pipeline-schedule=zbv needs at least 2 x pp - 1 = {2 * pp - 1} microbatches "
+                                     f"to fill its V; it has {m} = global batch {self.train.global_batch_size} / (micro "
+                                     f"batch {self.train.micro_batch_size} x dp {par.data_parallel_size})")
 
     def _validate_parameter_server(self) -> None:
         """What --data-parallel-mode parameter-server does not combine with, and why (its server

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from megatron_lite.config import CP_COMM_TYPES, SCHEDULES, ConfigError, ParallelConfig
 
+# A schedule as a part of a layout name, whose parts "-" separates.
+_SCHEDULE_PARTS = {schedule.replace("-", ""): schedule for schedule in SCHEDULES}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -36,7 +39,7 @@ class Layout:
         parts = [f"{axis}{size}" for axis, size in (("tp", self.tp), ("cp", self.cp), ("pp", self.pp),
                                                     ("dp", self.dp), ("ep", self.ep), ("vpp", self.vpp)) if size > 1]
         parts += [self.cp_comm] if self.cp_comm != "p2p" else []
-        parts += [self.schedule] if self.schedule else []
+        parts += [self.schedule.replace("-", "")] if self.schedule else []  # zb-h1 as zbh1: "-" parts names
         parts += ["sp"] * self.sp + ["distopt"] * self.distopt + ["overlap"] * self.overlap
         parts += [f"zero{self.zero}"] if self.zero else []
         parts += ["ps"] * self.ps
@@ -54,13 +57,13 @@ class Layout:
                 fields[sized.group(1)] = int(sized.group(2))
             elif part in CP_COMM_TYPES:
                 fields["cp_comm"] = part
-            elif part in SCHEDULES:
-                fields["schedule"] = part
+            elif part in _SCHEDULE_PARTS:
+                fields["schedule"] = _SCHEDULE_PARTS[part]
             elif part in ("sp", "distopt", "overlap", "ps"):
                 fields[part] = True
             else:
                 raise ConfigError(f"layout {name!r}: {part!r} is not one of tpN, cpN, ppN, dpN, epN, vppN, "
-                                  f"{', '.join(CP_COMM_TYPES + SCHEDULES)}, sp, distopt, overlap, zero2, zero3, ps "
+                                  f"{', '.join(CP_COMM_TYPES + tuple(_SCHEDULE_PARTS))}, sp, distopt, overlap, zero2, zero3, ps "
                                   "(e.g. tp2-pp2-dp2-sp-distopt)")
         return cls(**fields)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from megatron_lite.config_checks import flag, require, require_positive
 from megatron_lite.model_config import ModelConfig
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv")
 CP_COMM_TYPES = ("p2p", "allgather", "a2a")
 # Megatron-FSDP's names for what data-parallel replicas shard: nothing, the optimizer state
 # (ZeRO-1), also the gradients (ZeRO-2), also the parameters (ZeRO-3 / FSDP).
@@ -17,6 +17,30 @@ SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 # How data-parallel replicas combine their gradients: a ring all-reduce among equals, or a
 # parameter server (distributed/parameter_server.py) that sums them and steps for everyone.
 DATA_PARALLEL_MODES = ("all-reduce", "parameter-server")
+
+
+def interleaved_microbatches_problem(pp: int, microbatches: int, group_size: int) -> str | None:
+    """Why megatron-core's interleaved schedule refuses `microbatches` in groups of `group_size`
+    (pipeline_parallel/schedules.py), or None: it needs pp <= group_size <= microbatches, and
+    the last group, microbatches % group_size, empty or of at least pp. With the default group
+    size pp that is a multiple of pp. In a shorter group the first rank would need a chunk's
+    input before it has come around the ring from the last rank (Megatron refuses the bubble
+    that would cost; our lockstep calls, which are Megatron's, would not have received it)."""
+    flag_text = "--microbatch-group-size-per-virtual-pipeline-stage"
+    if group_size == pp:
+        if microbatches % pp:
+            return (f"the interleaved schedule needs the number of microbatches ({microbatches}) to be a "
+                    f"multiple of --pipeline-model-parallel-size={pp}")
+        return None
+    if not pp <= group_size <= microbatches:
+        return (f"{flag_text}={group_size} must lie between --pipeline-model-parallel-size={pp} and the "
+                f"number of microbatches ({microbatches})")
+    last = microbatches % group_size
+    if 0 < last < pp:
+        return (f"the interleaved schedule needs the number of microbatches ({microbatches}) to be a multiple of "
+                f"{flag_text}={group_size} or to leave a remainder of at least --pipeline-model-parallel-size={pp} "
+                f"(it leaves {last})")
+    return None
 
 
 @dataclass
@@ -34,7 +58,9 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None
     """Alternative to --virtual-pipeline-model-parallel-size: layers per model chunk."""
     pipeline_schedule: str | None = None
-    """gpipe, 1f1b or interleaved (default: interleaved when vpp > 1, else 1f1b)."""
+    """gpipe, 1f1b, interleaved, zb-h1 or zbv (zero bubble; zbv with --vpp 2; default: interleaved when vpp > 1, else 1f1b)."""
+    microbatch_group_size_per_virtual_pipeline_stage: int | None = None
+    """Interleaved schedule: microbatches each model chunk runs in a row (default pp, depth-first); from pp to the number of microbatches, which must be a multiple of it or leave a remainder of at least pp."""
     sequence_parallel: bool = False
     """Split norms, dropout and the residual stream along the sequence across the tp group (needs tp > 1)."""
     data_parallel_size: int = 1
@@ -77,6 +103,18 @@ class ParallelConfig:
     def schedule(self) -> str:
         return self.pipeline_schedule or ("interleaved" if self.vpp > 1 else "1f1b")
 
+    @property
+    def v_shape(self) -> bool:
+        """Whether the two model chunks of each rank sit in ZB-V's V (virtual stage r and 2pp-1-r)
+        rather than interleaved (r and pp + r)."""
+        return self.schedule == "zbv"
+
+    @property
+    def microbatch_group_size(self) -> int:
+        """Microbatches the interleaved schedule runs per chunk in a row (default pp)."""
+        group = self.microbatch_group_size_per_virtual_pipeline_stage
+        return self.pipeline_model_parallel_size if group is None else group
+
     def validate(self) -> None:
         require_positive(self, "tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size",
                          "expert_model_parallel_size",
@@ -103,11 +141,19 @@ class ParallelConfig:
                 f"--pipeline-schedule={self.schedule} is unknown; allowed: {', '.join(SCHEDULES)}")
         require(vpp == 1 or pp > 1, f"--virtual-pipeline-model-parallel-size={vpp} needs "
                                      f"--pipeline-model-parallel-size > 1 (it is {pp})")
-        require(vpp == 1 or self.schedule == "interleaved",
+        require(vpp == 1 or self.schedule in ("interleaved", "zbv"),
                 f"--pipeline-schedule={self.schedule} cannot run {vpp} model chunks per rank; "
-                "use --pipeline-schedule interleaved (or leave it unset)")
+                "use --pipeline-schedule interleaved or zbv (or leave it unset)")
+        require(self.schedule != "zbv" or vpp == 2,
+                f"--pipeline-schedule=zbv places two model chunks per rank in a V; set "
+                f"--virtual-pipeline-model-parallel-size 2 (it is {vpp})")
         require(self.schedule != "interleaved" or vpp > 1,
                 "--pipeline-schedule=interleaved needs --virtual-pipeline-model-parallel-size > 1")
+        group = self.microbatch_group_size_per_virtual_pipeline_stage
+        if group is not None:
+            require_positive(self, "microbatch_group_size_per_virtual_pipeline_stage")
+            require(self.schedule == "interleaved", f"--microbatch-group-size-per-virtual-pipeline-stage={group} is "
+                    "for the interleaved schedule only (--virtual-pipeline-model-parallel-size > 1)")
 
     def validate_model(self, model: ModelConfig) -> None:
         """The model must split evenly over the tensor- and pipeline-parallel groups."""

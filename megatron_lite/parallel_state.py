@@ -8,8 +8,8 @@ so the ranks of a tp group are neighbours (on one node, where the bandwidth is) 
 spans the farthest ranks. A group is any set of axes: its members are the ranks that differ
 only in those axes' coordinates ("tp": one tensor-parallel group; "mp" = tp x pp, the model
 parallel group; "dp-cp", over which gradients are averaged once context parallelism splits the
-sequence). Two groups are not axes: "embedding", the first and last stage of a pipeline (they
-share the tied embedding), and "world". Every axis may have size 1; a group of one rank has no
+sequence). Two groups are not axes: "embedding", the ranks of the first and last stage of a
+pipeline (they share the tied embedding; one rank under ZB-V's V placement), and "world". Every axis may have size 1; a group of one rank has no
 process group (None) and every collective on it is a no-op. A single process needs no
 torch.distributed at all.
 
@@ -53,6 +53,7 @@ class Grid:
     sizes: dict[str, int] = field(default_factory=lambda: {axis: 1 for axis in AXES})
     rank: int = 0
     expert_parallel: int = 1  # the ep size of the expert view (it divides tp x cp x dp)
+    v_shape: bool = False  # ZB-V's placement: the last pipeline stage is on the first rank
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
     # This rank's members of each group name, computed once: collectives ask for sizes on every call.
     _members: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
@@ -92,7 +93,7 @@ class Grid:
     def ranks(self, name: str) -> list[list[int]]:
         """Every group of this name, as lists of global ranks (each in the order of its own coordinates)."""
         if name == "embedding":
-            return [sorted({g[0], g[-1]}) for g in self.ranks("pp")]
+            return [sorted({g[0], g[0] if self.v_shape else g[-1]}) for g in self.ranks("pp")]
         if name in EXPERT_GROUPS:
             return self._expert_ranks(name)
         inner = self.axes_of(name)
@@ -166,7 +167,7 @@ def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
         raise ConfigError(f"--expert-model-parallel-size={ep} does not divide tp x dp x cp = "
                           f"{sizes['tp']} x {sizes['dp']} x {sizes['cp']} (the ranks of one pipeline stage)")
     if world_size == 1:
-        _GRID = Grid(sizes)
+        _GRID = Grid(sizes, v_shape=parallel.v_shape)
         return _GRID
     timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
@@ -174,7 +175,7 @@ def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _init_process_group(backend, world_size, timeout)
-    grid = Grid(sizes, dist.get_rank(), ep)
+    grid = Grid(sizes, dist.get_rank(), ep, parallel.v_shape)
     made: dict[tuple[int, ...], dist.ProcessGroup] = {}
     # new_group is collective: every rank creates every group, in the same order. Names with the
     # same members (any group over axes of size 1) share one process group. Without its own

@@ -73,7 +73,7 @@ def build_chunks(config: Config) -> list[GPTModel]:
 
     def build(layers: range, pre_process: bool, post_process: bool) -> GPTModel:
         return GPTModel(config.model, par.sequence_parallel, layers, pre_process, post_process, ops)
-    return build_model_chunks(build, config.model.num_layers, par.vpp)
+    return build_model_chunks(build, config.model.num_layers, par.vpp, par.v_shape)
 
 
 def expert_grad_divisor(par: ParallelConfig) -> int:

@@ -41,6 +41,9 @@ class Shard:
 class Placement:
     shards: tuple[Shard, ...] = ()
     partial_grads: tuple[str, ...] = ()  # groups whose members each hold part of the gradient
+    # Another model chunk of this same rank holds the same tensor (the tied embedding when the
+    # first and last stage share a rank, ZB-V): the partial grads add up here too, norms skip it.
+    second_copy: bool = False
     unpadded_rows: int | None = None  # rows of dim 0 that are real, when the table is padded
 
     def shard(self, axis: str) -> Shard | None:
@@ -90,7 +93,7 @@ def counted_here(param: torch.Tensor) -> bool:
     """Whether this rank counts the parameter in a norm summed over the model-parallel group:
     each element exactly once, on the first member of every group that replicates it."""
     grid = parallel_state.get_grid()
-    return all(grid.index(group) == 0 for group in placement(param).replicas)
+    return not placement(param).second_copy and all(grid.index(group) == 0 for group in placement(param).replicas)
 
 
 def is_expert(param: torch.Tensor) -> bool:

@@ -101,7 +101,7 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
                          cfg.params_dtype, trace, loss_scale=loss_scale,
                          before_last_backward=lambda c: [b.start_grad_sync_on_backward() for b in model.buffers_of(c)],
                          after_backward=lambda c: [b.finish_microbatch() for b in model.buffers_of(c)])
-    run_schedule(runner, par.schedule, num_microbatches, par.vpp)
+    run_schedule(runner, par.schedule, num_microbatches, par.vpp, microbatch_group_size=par.microbatch_group_size)
     # Partial grads summed first, then the data-parallel reduction of their (deferred) buckets.
     reduce_partial_grads(model.chunks)
     for buf in model.grad_buffers:

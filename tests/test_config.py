@@ -64,6 +64,15 @@ def test_padded_vocab() -> None:
     (8, ["--tp", "8", "--num-attention-heads", "4", "--num-query-groups", "4"], r"--num-attention-heads=4 is not divisible by --tensor-model-parallel-size=8"),
     (2, ["--tp", "2", "--ffn-hidden-size", "99"], r"--ffn-hidden-size=99 is not divisible by --tensor-model-parallel-size=2"),
     (2, ["--tp", "2", "--sp", "--seq-length", "33"], r"--seq-length=33 is not divisible by --tensor-model-parallel-size=2, which --sequence-parallel needs"),
+    (2, ["--pp", "2", "--pipeline-schedule", "zbv"],
+     r"--pipeline-schedule=zbv places two model chunks per rank in a V; set --virtual-pipeline-model-parallel-size 2 \(it is 1\)"),
+    (2, ["--pp", "2", "--vpp", "2", "--pipeline-schedule", "zb-h1"],
+     r"--pipeline-schedule=zb-h1 cannot run 2 model chunks per rank; use --pipeline-schedule interleaved or zbv"),
+    (4, ["--pp", "4", "--vpp", "2", "--pipeline-schedule", "zbv", "--num-layers", "8", "--global-batch-size", "12",
+         "--micro-batch-size", "2"],
+     r"--pipeline-schedule=zbv needs at least 2 x pp - 1 = 7 microbatches to fill its V; it has 6 = global batch 12"),
+    (4, ["--pp", "2", "--pipeline-schedule", "zb-h1", "--data-parallel-sharding-strategy", "optim_grads"],
+     r"--pipeline-schedule=zb-h1 with --data-parallel-sharding-strategy=optim_grads is not supported yet"),
 ])
 def test_bad_parallel_layouts_are_refused(monkeypatch, world: int, argv: list[str], message: str) -> None:
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -85,7 +94,21 @@ def test_data_parallel_size_is_derived(monkeypatch) -> None:
     (4, ["--pp", "4", "--num-layers", "6"], r"--num-layers=6 is not divisible by pp\*vpp=4\*1=4"),
     (4, ["--pp", "4", "--vpp", "2", "--num-layers", "4"], r"--num-layers=4 is not divisible by pp\*vpp=4\*2=8"),
     (4, ["--pp", "4", "--vpp", "2", "--num-layers", "8", "--global-batch-size", "48"],
-     r"interleaved schedule needs the number of microbatches .* = 6\) to be a multiple of --pipeline-model-parallel-size=4"),
+     r"^the interleaved schedule needs the number of microbatches \(6\) to be a multiple of "
+     r"--pipeline-model-parallel-size=4; 6 = global batch 48 / \(micro batch 8 x dp 1\)$"),
+    (4, ["--pp", "4", "--vpp", "2", "--num-layers", "8", "--micro-batch-size", "1", "--global-batch-size", "8",
+         "--microbatch-group-size-per-virtual-pipeline-stage", "3"],
+     r"^--microbatch-group-size-per-virtual-pipeline-stage=3 must lie between --pipeline-model-parallel-size=4 and "
+     r"the number of microbatches \(8\); 8 = global"),
+    (2, ["--pp", "2", "--vpp", "2", "--micro-batch-size", "1", "--global-batch-size", "4",
+         "--microbatch-group-size-per-virtual-pipeline-stage", "3"],
+     r"^the interleaved schedule needs the number of microbatches \(4\) to be a multiple of "
+     r"--microbatch-group-size-per-virtual-pipeline-stage=3 or to leave a remainder of at least "
+     r"--pipeline-model-parallel-size=2 \(it leaves 1\); 4 = global"),
+    (2, ["--pp", "2", "--vpp", "2", "--microbatch-group-size-per-virtual-pipeline-stage", "0"],
+     r"^--microbatch-group-size-per-virtual-pipeline-stage=0 must be a positive number$"),
+    (2, ["--pp", "2", "--microbatch-group-size-per-virtual-pipeline-stage", "2"],
+     r"^--microbatch-group-size-per-virtual-pipeline-stage=2 is for the interleaved schedule only"),
     (1, ["--vpp", "2"], r"--virtual-pipeline-model-parallel-size=2 needs --pipeline-model-parallel-size > 1 \(it is 1\)"),
     (2, ["--pp", "2", "--vpp", "2", "--pipeline-schedule", "1f1b"], r"--pipeline-schedule=1f1b cannot run 2 model chunks"),
     (2, ["--pp", "2", "--pipeline-schedule", "interleaved"], r"interleaved needs --virtual-pipeline-model-parallel-size > 1"),
@@ -95,6 +118,15 @@ def test_bad_pipeline_layouts_are_refused(monkeypatch, world: int, argv: list[st
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError, match=message):
         parse_args(argv)
+
+
+def test_interleaved_takes_a_non_multiple_of_pp_in_larger_groups(monkeypatch) -> None:
+    # Megatron's example: pp 2, groups of 3, 5 microbatches (a last group of 2 = pp).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parallel = parse_args(["--pp", "2", "--vpp", "2", "--micro-batch-size", "1", "--global-batch-size", "5",
+                           "--microbatch-group-size-per-virtual-pipeline-stage", "3"]).parallel
+    assert parallel.microbatch_group_size == 3
+    assert parse_args(["--pp", "2", "--vpp", "2"]).parallel.microbatch_group_size == 2
 
 
 def test_layers_per_virtual_stage_derives_vpp(monkeypatch) -> None:

@@ -23,6 +23,7 @@ from megatron_lite.config import Config
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.comm import METER
+from helpers.graph import graph_nodes
 from helpers.parity import Tolerance, assert_parity, merge_ranks, run_steps
 from helpers.tiny import tiny_config
 
@@ -50,17 +51,6 @@ def fused_config(family: str, fused: bool, tp: int = 1) -> Config:
     return config
 
 
-def _graph_nodes(t: torch.Tensor) -> set[str]:
-    """Names of the autograd nodes that t was computed through."""
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
-
-
 def loss_and_grads(family: str, fused: bool) -> tuple[float, dict[str, torch.Tensor], set[str]]:
     config = fused_config(family, fused).model
     model = GPTModel(config)
@@ -68,7 +58,7 @@ def loss_and_grads(family: str, fused: bool) -> tuple[float, dict[str, torch.Ten
     tokens = torch.randint(0, VOCAB, (2, config.seq_length + 1), generator=torch.Generator().manual_seed(0))
     loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
     loss.backward()
-    return loss.item(), {name: p.grad for name, p in model.named_parameters()}, _graph_nodes(loss)
+    return loss.item(), {name: p.grad for name, p in model.named_parameters()}, graph_nodes(loss)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -48,6 +48,8 @@ MATRIX = [
     ("pp2-vpp2-dp2", "llama", {}, {}),
     ("pp4", "gpt2", {}, {}),
     ("pp2-dp2-gpipe", "llama", {}, {}),
+    ("pp2-dp2-zbh1-distopt", "llama", {}, {}),
+    ("pp2-vpp2-dp2-zbv", "gpt2", {}, {}),
     ("dp4-ps", "llama", {}, {}),
     ("tp2-dp2-ps", "gpt2", {}, {"bf16": True}),
     ("cp2-dp2", "llama", SELECTIVE, {}),

@@ -46,6 +46,19 @@ def test_figure_rows_boxes_and_legend() -> None:
     assert [t.get_text() for t in ax.texts] == ["0"] * len(events)  # each box labelled with its microbatch
 
 
+def test_plot_zero_bubble_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """ZB-H1 drawn with its W passes apart, the measured bubble beside its formula."""
+    out = tmp_path / "zb.png"
+    assert plot_schedule.main(["--pp", "2", "--schedule", "zb-h1", "--microbatches", "4", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bubble 0.0833 measured, 0.0833 = (p-1)(F+B-W)/(m(F+B+W)) = 1x1/(4x3)" in capsys.readouterr().out
+    events = [Event(0, 0, 0, "F", 0.0, 1.0), Event(0, 0, 0, "B", 1.0, 2.0), Event(0, 0, 0, "W", 2.0, 3.0)]
+    [ax] = plot_schedule.render(events, pp=1, vpp=1, forward=1.0, backward=2.0, title="zb").axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["forward", "input gradients (B)",
+                                                                    "weight gradients (W)"]
+    assert len({tuple(box.get_facecolor()) for box in ax.patches}) == 3
+
+
 def test_plot_refuses_impossible_interleaving() -> None:
     with pytest.raises(SystemExit):
         plot_schedule.main(["--pp", "4", "--vpp", "2", "--microbatches", "6"])

@@ -36,8 +36,8 @@ from megatron_lite.planner.memory import RankCoords, activation_memory, state_me
 from megatron_lite.planner.traffic import step_traffic  # noqa: E402
 from megatron_lite.training import memory_parts, rank_microbatches, set_seed, train_step  # noqa: E402
 
-DEFAULT_LAYOUTS = ["single", "dp4", "dp4-ps", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4", "cp4",
-                   "cp4-allgather", "cp4-a2a", "tp2-pp2-dp2-sp-distopt"]
+DEFAULT_LAYOUTS = ["single", "dp4", "dp4-ps", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4", "pp4-zbh1",
+                   "pp2-dp2-vpp2-zbv", "cp4", "cp4-allgather", "cp4-a2a", "tp2-pp2-dp2-sp-distopt"]
 GROUPS = {"tp": ("tp",), "cp": ("cp",), "pp": ("pp",), "dp": ("dp", "dp-cp")}  # columns: groups metered
 
 

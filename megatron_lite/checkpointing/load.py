@@ -117,7 +117,8 @@ def read_checkpoint(root: str | Path, iteration: int) -> FullState:
 
 def describe_layout(layout: dict) -> str:
     ep = layout.get("ep", 1)
-    return (f"tp={layout['tp']} cp={layout.get('cp', 1)} pp={layout['pp']} vpp={layout['vpp']} dp={layout['dp']} "
+    v = " (V placement)" if layout.get("pipeline_placement") == "v" else ""
+    return (f"tp={layout['tp']} cp={layout.get('cp', 1)} pp={layout['pp']} vpp={layout['vpp']}{v} dp={layout['dp']} "
             + (f"ep={ep} " if ep > 1 else "") +
             "distributed optimizer "
             f"{'on' if layout['distributed_optimizer'] else 'off'}"
@@ -133,7 +134,8 @@ def _same_layout(saved: dict, ours: dict) -> bool:
     # Adam state is sharded over dp. Checkpoints from before cp, or before ZeRO-2/3, lack the key.
     keys = ["tp", "pp", "vpp", "distributed_optimizer"] + (["dp", "cp"] if ours["distributed_optimizer"] else [])
     saved_sharding = saved.get("sharding", "optim" if saved["distributed_optimizer"] else "no_shard")
-    return (all(saved.get(k, 1) == ours[k] for k in keys) and saved_sharding == ours["sharding"]
+    same_placement = saved.get("pipeline_placement", "interleaved") == ours["pipeline_placement"]
+    return (all(saved.get(k, 1) == ours[k] for k in keys) and saved_sharding == ours["sharding"] and same_placement
             and (not ours["distributed_optimizer"] or saved.get("bucket_size", ours["bucket_size"]) == ours["bucket_size"]))
 
 

@@ -38,7 +38,9 @@ def current_layout(config: Config) -> dict:
     return {"tp": grid.size("tp"), "cp": grid.size("cp"), "pp": grid.size("pp"), "vpp": config.parallel.vpp,
             "dp": grid.size("dp"), "ep": grid.expert_parallel,
             "distributed_optimizer": config.parallel.sharded_optimizer,
-            "sharding": config.parallel.sharding, "bucket_size": config.parallel.ddp_bucket_size}
+            "sharding": config.parallel.sharding, "bucket_size": config.parallel.ddp_bucket_size,
+            # Which layers a pp rank's chunks hold: ZB-V's V, or Megatron's interleaving.
+            "pipeline_placement": "v" if config.parallel.v_shape else "interleaved"}
 
 
 def rng_state() -> dict:

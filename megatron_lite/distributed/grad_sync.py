@@ -23,12 +23,19 @@ def reduce_partial_grads(chunks: list[nn.Module]) -> None:
     """Sum every partial gradient over its groups (a fixed order of groups on every rank)."""
     params = [p for c in chunks for p in c.parameters() if p.grad is not None]
     for group in sorted({g for p in params for g in placement(p).partial_grads}):
-        grads = [p.grad for p in params if group in placement(p).partial_grads]
-        if parallel_state.get_grid().size(group) == 1:
-            continue
-        flat = all_reduce(_flatten_dense_tensors(grads), group=group)
-        for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(summed)
+        members = [p for p in params if group in placement(p).partial_grads]
+        # A second copy on this rank (ZB-V's tied embedding, both stages on rank 0) adds into the
+        # first, which then takes part in the group's sum, and takes the result back.
+        grads = [p.grad for p in members if not placement(p).second_copy]
+        copies = [p.grad for p in members if placement(p).second_copy]
+        for grad, copy in zip(grads, copies):
+            grad.add_(copy)
+        if parallel_state.get_grid().size(group) > 1:
+            flat = all_reduce(_flatten_dense_tensors(grads), group=group)
+            for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(summed)
+        for grad, copy in zip(grads, copies):
+            copy.copy_(grad)
 
 
 def needs_partial_grad_reduction(param: torch.Tensor) -> bool:

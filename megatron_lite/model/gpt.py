@@ -64,6 +64,8 @@ class GPTModel(nn.Module):
                 # The first and the last stage each hold a copy of the tied table (input
                 # embedding, output layer); the two copies' grads are summed every step.
                 with_partial_grads(weight, "embedding")
+                if parallel_state.get_grid().v_shape and not pre_process:  # both stages on this rank
+                    place(weight, replace(placement(weight), second_copy=True))
         if pre_process and config.family == "gpt2":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
             # Under SP each rank adds the rows of its own positions only: a partial grad.

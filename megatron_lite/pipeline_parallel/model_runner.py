@@ -11,6 +11,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_reduce
 from megatron_lite.model.moe import AuxLoss
+from megatron_lite.pipeline_parallel.split_backward import WeightGradients, backward_input
 from megatron_lite.pipeline_parallel.trace import Trace
 
 
@@ -66,6 +67,7 @@ class ModelRunner:
         self.before_last_backward, self.after_backward = before_last_backward, after_backward
         # Detached device scalars: reading them (a host sync) waits for the end of the step.
         self.losses: list[torch.Tensor] = []
+        self.pending: dict[tuple[int, int], WeightGradients] = {}  # B done, W not yet
 
     def _record(self, chunk: int, microbatch: int, kind: str, start: float) -> None:
         if self.trace is not None:
@@ -98,3 +100,23 @@ class ModelRunner:
             self.after_backward(chunk)
         self._record(chunk, microbatch, "B", start)
         return None if input_tensor is None else input_tensor.grad
+
+    def backward_input(self, chunk: int, microbatch: int, input_tensor: torch.Tensor | None,
+                       output_tensor: torch.Tensor, output_grad: torch.Tensor | None) -> torch.Tensor | None:
+        """The zero-bubble schedules' B: the input's gradient only; backward_weight finishes it."""
+        start = time.perf_counter()
+        grad, self.pending[chunk, microbatch] = backward_input(output_tensor, output_grad, input_tensor,
+                                                               list(self.chunks[chunk].parameters()))
+        self._record(chunk, microbatch, "B", start)
+        return grad
+
+    def backward_weight(self, chunk: int, microbatch: int) -> None:
+        """The zero-bubble schedules' W: the weights' gradients of a microbatch backward_input ran.
+        A chunk's W passes run in microbatch order, so the last one makes its grads final."""
+        start = time.perf_counter()
+        if self.before_last_backward is not None and microbatch == self.num_microbatches - 1:
+            self.before_last_backward(chunk)
+        self.pending.pop((chunk, microbatch)).run()
+        if self.after_backward is not None:
+            self.after_backward(chunk)
+        self._record(chunk, microbatch, "W", start)

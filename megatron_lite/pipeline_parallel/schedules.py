@@ -13,7 +13,8 @@ bubble fraction is (p-1)/m. They differ in memory and in how the bubble can shri
 - Interleaved 1F1B: each rank holds v model chunks (virtual stages c*p + r), so a microbatch
   crosses the ring of ranks v times in smaller pieces; the fill and drain shrink by v and the
   bubble becomes (p-1)/(v*m), for v times more point-to-point messages. Microbatches run in
-  groups of p, chunk-major within a group, which is why m must be a multiple of p here.
+  groups of g (default p), chunk-major within a group; interleaved_order says which rank runs
+  how many forwards first and which m Megatron accepts.
 
 A schedule only orders calls: `runner.forward(chunk, microbatch, input)` and
 `runner.backward(chunk, microbatch, input, output, output_grad)` do the work, so the same
@@ -27,7 +28,9 @@ from typing import Protocol
 import torch
 
 from megatron_lite import parallel_state
+from megatron_lite.parallel_config import interleaved_microbatches_problem
 from megatron_lite.pipeline_parallel.p2p import communicate
+from megatron_lite.pipeline_parallel.zero_bubble import forward_backward_zb_h1, forward_backward_zbv, forward_only_zbv
 
 
 class StageRunner(Protocol):
@@ -130,119 +133,169 @@ def forward_backward_1f1b(runner: StageRunner, num_microbatches: int) -> None:
         p2p.send_backward(backward(p2p.recv_backward()))
 
 
-def forward_backward_interleaved(runner: StageRunner, num_microbatches: int, num_chunks: int) -> None:
-    """Interleaved 1F1B over num_chunks model chunks per rank (Megatron's schedule).
+def interleaved_table(num_microbatches: int, num_chunks: int, group_size: int) -> list[tuple[int, int]]:
+    """(chunk, microbatch) of each virtual step, in the order every rank runs its forwards.
 
-    Virtual step k (0 <= k < m*v) runs microbatch (k // (p*v)) * p + k % p on chunk
-    (k % (p*v)) // p going forward, and on the mirrored chunk going backward. Rank r warms up
-    with (p-r-1)*2 + (v-1)*p forwards: enough for its first backward's gradient to have come
-    back around the ring.
+    The microbatches are cut into groups of `group_size` consecutive ones, the last group taking
+    what is left; a group runs chunk 0 on each of its microbatches, then chunk 1, and so on.
+    """
+    table = []
+    for start in range(0, num_microbatches, group_size):
+        group = range(start, min(start + group_size, num_microbatches))
+        table += [(chunk, i) for chunk in range(num_chunks) for i in group]
+    return table
+
+
+def interleaved_warmup(pp: int, rank: int, num_chunks: int, num_microbatches: int, group_size: int) -> int:
+    """Forwards rank `rank` runs before its first backward: all of them when the rule asks for more."""
+    return min((pp - rank - 1) * 2 + (num_chunks - 1) * group_size, num_microbatches * num_chunks)
+
+
+def interleaved_order(pp: int, rank: int, num_chunks: int, num_microbatches: int,
+                      group_size: int | None = None) -> list[tuple[str, int, int]]:
+    """("F" or "B", chunk, microbatch) in the order `rank` runs them under interleaved 1F1B.
+
+    This is megatron-core's order (megatron/core/pipeline_parallel/schedules.py:
+    get_schedule_table, get_pp_rank_microbatches, forward_backward_pipelining_with_interleaving):
+
+    - Every rank walks the same list of virtual steps (interleaved_table) with its forwards, and
+      the same list again with its backwards, each step's chunk mirrored (chunk c -> v-1-c):
+      the last chunk's backwards come first, as the gradients enter the ring at its end.
+    - Rank r runs w = 2*(p-r-1) + (v-1)*g warmup forwards, g the group size (default p): by
+      then the gradient of its first backward has come back around the ring. Then pairs of
+      (forward w+k, backward k), then the w remaining backwards. When w would reach all m*v
+      forwards, the rank runs every forward before any backward: with m == p only the ranks
+      with 2*(p-r-1) >= p do, and the last rank keeps (v-1)*p + 1 passes alive, not v*p.
+    - Accepted microbatch counts: interleaved_microbatches_problem (parallel_config.py).
+    """
+    group_size = pp if group_size is None else group_size
+    table = interleaved_table(num_microbatches, num_chunks, group_size)
+    forwards = [("F", chunk, i) for chunk, i in table]
+    backwards = [("B", num_chunks - 1 - chunk, i) for chunk, i in table]
+    warmup = interleaved_warmup(pp, rank, num_chunks, num_microbatches, group_size)
+    steady = len(table) - warmup
+    order = forwards[:warmup]
+    for k in range(steady):
+        order += [forwards[warmup + k], backwards[k]]
+    return order + backwards[steady:]
+
+
+def forward_backward_interleaved(runner: StageRunner, num_microbatches: int, num_chunks: int,
+                                 microbatch_group_size: int | None = None) -> None:
+    """Interleaved 1F1B over num_chunks model chunks per rank, in interleaved_order's order.
+
+    The point-to-point calls are Megatron's, in lockstep: after each virtual step a rank sends
+    what it produced and receives the input of a later step, and its neighbours post the
+    matching calls, so every call completes without waiting for a later one. The ring's wrap
+    (last rank -> first rank going forward, first -> last going backward) runs p-1 steps
+    behind its receiver, which is why a group must hold at least p microbatches: the tensor
+    for chunk c+1 of a microbatch then comes back before that step needs it.
     """
     grid = parallel_state.get_grid()
     p, r, v, m = grid.size("pp"), grid.coord("pp"), num_chunks, num_microbatches
-    total = m * v
-    kw = dict(shape=runner.tensor_shape, dtype=runner.dtype, device=runner.device)
-    if m == p:  # every forward fits in the warmup; the steady phase is empty
-        warmup, all_warmup = total, True
-    else:
-        warmup, all_warmup = min((p - r - 1) * 2 + (v - 1) * p, total), False
+    group_size = p if microbatch_group_size is None else microbatch_group_size
+    problem = interleaved_microbatches_problem(p, m, group_size)
+    if problem is not None:
+        raise ValueError(problem)
+    table = interleaved_table(m, v, group_size)
+    total, warmup = len(table), interleaved_warmup(p, r, v, m, group_size)
     steady = total - warmup
+    kw = dict(shape=runner.tensor_shape, dtype=runner.dtype, device=runner.device)
 
-    def chunk_of(k: int, forward: bool) -> int:
-        c = (k % (p * v)) // p
-        return c if forward else v - 1 - c
+    def forward_key(k: int) -> tuple[int, int]:
+        return table[k]
 
-    def microbatch_of(k: int) -> int:
-        return (k // (p * v)) * p + k % p
+    def backward_key(k: int) -> tuple[int, int]:
+        chunk, i = table[k]
+        return v - 1 - chunk, i
 
-    def first_virtual(c: int) -> bool:
-        return r == 0 and c == 0
+    def first_virtual(chunk: int) -> bool:
+        return r == 0 and chunk == 0
 
-    def last_virtual(c: int) -> bool:
-        return r == p - 1 and c == v - 1
+    def last_virtual(chunk: int) -> bool:
+        return r == p - 1 and chunk == v - 1
 
-    inputs = [deque() for _ in range(v)]
-    outputs = [deque() for _ in range(v)]
-    grads = [deque() for _ in range(v)]
+    # Keyed by (chunk, microbatch), from when they arrive or are made until that backward.
+    inputs, outputs, grads = {}, {}, {}
 
     def forward(k: int) -> torch.Tensor | None:
-        c = chunk_of(k, True)
-        if first_virtual(c) and len(inputs[c]) == len(outputs[c]):
-            inputs[c].append(None)  # the first virtual stage reads tokens, not a received tensor
-        y = runner.forward(c, microbatch_of(k), inputs[c][-1])
-        outputs[c].append(y)
-        return None if last_virtual(c) else y  # the loss goes nowhere
+        chunk, i = key = forward_key(k)
+        if first_virtual(chunk):
+            inputs[key] = None  # the first virtual stage reads tokens, not a received tensor
+        outputs[key] = runner.forward(chunk, i, inputs[key])
+        return None if last_virtual(chunk) else outputs[key]  # the loss goes nowhere
 
     def backward(k: int) -> torch.Tensor | None:
-        c = chunk_of(k, False)
-        grad = None if last_virtual(c) else grads[c].popleft()  # the loss starts its own backward
-        grad_in = runner.backward(c, microbatch_of(k), inputs[c].popleft(), outputs[c].popleft(), grad)
-        return None if first_virtual(c) else grad_in
+        chunk, i = key = backward_key(k)
+        if last_virtual(chunk):
+            grads[key] = None  # the loss starts its own backward
+        grad_in = runner.backward(chunk, i, inputs.pop(key), outputs.pop(key), grads.pop(key))
+        return None if first_virtual(chunk) else grad_in
 
-    inputs[0].append(None if r == 0 else communicate(recv_prev=True, **kw)[0])
+    def received_key(k: int, is_forward: bool) -> tuple[int, int] | None:
+        """Whose input (is_forward) or output gradient arrives in the call after step k, if any."""
+        step = forward_key if is_forward else backward_key
+        if r != (0 if is_forward else p - 1):
+            return step(k + 1) if k + 1 < total else None
+        # Across the wrap the sender is p-1 steps behind: its step k-(p-1) on chunk c feeds chunk
+        # c+1 here going forward (c-1 going backward), unless c ends the ring (loss or tokens).
+        if k < p - 1:
+            return None
+        chunk, i = step(k - (p - 1))
+        if chunk == (v - 1 if is_forward else 0):
+            return None
+        return (chunk + 1 if is_forward else chunk - 1), i
+
+    def exchange(output: torch.Tensor | None, grad_in: torch.Tensor | None,
+                 input_for: tuple[int, int] | None, grad_for: tuple[int, int] | None) -> None:
+        """One lockstep call: send an output on and a gradient back, receive the input of
+        `input_for` and the output gradient of `grad_for` (None: nothing to receive)."""
+        x, grad = communicate(send_next=output, send_prev=grad_in, recv_prev=input_for is not None,
+                              recv_next=grad_for is not None, **kw)
+        if input_for is not None:
+            inputs[input_for] = x
+        if grad_for is not None:
+            grads[grad_for] = grad
+
+    # Megatron receives the first backward's gradient with the last warmup call, or on its own
+    # after the warmup when that is every forward; the last rank makes it from the loss.
+    first_grad = None if r == p - 1 else backward_key(0)
+    exchange(None, None, None if r == 0 else forward_key(0), None)
     for k in range(warmup):
-        y = forward(k)
-        next_chunk = chunk_of(k + 1, True)
-        recv_prev = not (r == 0 and next_chunk == 0) and k != total - 1
-        if k == warmup - 1 and not all_warmup:
-            x, grad = communicate(send_next=y, recv_prev=recv_prev, recv_next=r != p - 1, **kw)
-            if r != p - 1:
-                grads[v - 1].append(grad)
-        else:
-            x, _ = communicate(send_next=y, recv_prev=recv_prev, **kw)
-        if recv_prev:
-            inputs[next_chunk].append(x)
-
+        last = k == warmup - 1 and steady > 0
+        exchange(forward(k), None, received_key(k, True), first_grad if last else None)
+    if steady == 0:
+        exchange(None, None, None, first_grad)
     for k in range(steady):
-        forward_k, backward_k = k + warmup, k
-        y = forward(forward_k)
-        grad_in = backward(backward_k)
-        # The first rank is p-1 virtual steps ahead of the last one, hence the offsets.
-        if r == 0:
-            next_forward_chunk = chunk_of(forward_k - (p - 1), True)
-            recv_prev = next_forward_chunk != v - 1
-            next_forward_chunk += 1
-        else:
-            next_forward_chunk, recv_prev = chunk_of(forward_k + 1, True), True
-        if r == p - 1:
-            next_backward_chunk = chunk_of(backward_k - (p - 1), False)
-            recv_next = next_backward_chunk != 0
-            next_backward_chunk -= 1
-        else:
-            next_backward_chunk, recv_next = chunk_of(backward_k + 1, False), True
-        recv_prev = recv_prev and k != steady - 1
-        x, grad = communicate(send_next=y, send_prev=grad_in, recv_prev=recv_prev, recv_next=recv_next, **kw)
-        if recv_prev:
-            inputs[next_forward_chunk].append(x)
-        if recv_next:
-            grads[next_backward_chunk].append(grad)
-
-    if all_warmup and r != p - 1:
-        grads[v - 1].append(communicate(recv_next=True, **kw)[1])
+        exchange(forward(warmup + k), backward(k), received_key(warmup + k, True), received_key(k, False))
     for k in range(steady, total):
-        grad_in = backward(k)
-        next_chunk = chunk_of(k + 1, False)
-        recv_next = not (r == p - 1 and next_chunk == v - 1) and k != total - 1
-        _, grad = communicate(send_prev=grad_in, recv_next=recv_next, **kw)
-        if recv_next:
-            grads[next_chunk].append(grad)
+        exchange(None, backward(k), None, received_key(k, False))
 
 
-def run_schedule(runner: StageRunner, name: str, num_microbatches: int, num_chunks: int = 1) -> None:
-    """Run one step's forward and backward passes with the named schedule."""
+def run_schedule(runner: StageRunner, name: str, num_microbatches: int, num_chunks: int = 1,
+                 microbatch_group_size: int | None = None) -> None:
+    """Run one step's forward and backward passes with the named schedule (microbatch_group_size:
+    the interleaved schedule's, default pp)."""
     if parallel_state.get_grid().size("pp") == 1:
         forward_backward_no_pipelining(runner, num_microbatches)
     elif name == "gpipe":
         forward_backward_gpipe(runner, num_microbatches)
     elif name == "1f1b":
         forward_backward_1f1b(runner, num_microbatches)
+    elif name == "zb-h1":
+        forward_backward_zb_h1(runner, num_microbatches)
+    elif name == "zbv":
+        forward_backward_zbv(runner, num_microbatches)
     else:
-        forward_backward_interleaved(runner, num_microbatches, num_chunks)
+        forward_backward_interleaved(runner, num_microbatches, num_chunks, microbatch_group_size)
 
 
 def forward_only(runner: StageRunner, num_microbatches: int, num_chunks: int = 1) -> None:
     """Forward passes only (evaluation): each microbatch flows through every virtual stage in order."""
     grid = parallel_state.get_grid()
+    if grid.v_shape:
+        forward_only_zbv(runner, num_microbatches)
+        return
     kw = dict(shape=runner.tensor_shape, dtype=runner.dtype, device=runner.device)
     for i in range(num_microbatches):
         for c in range(num_chunks):

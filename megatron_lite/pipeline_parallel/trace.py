@@ -18,7 +18,7 @@ class Event:
     rank: int
     chunk: int
     microbatch: int
-    kind: str  # "F" or "B"
+    kind: str  # "F", "B" (the whole backward, or only the input's gradient when a "W" follows)
     start: float
     end: float
 
@@ -46,10 +46,12 @@ def bubble_fraction(events: list[Event]) -> float:
 
 
 def peak_in_flight(events: list[Event], rank: int) -> int:
-    """Most microbatches (per chunk) whose forward ran on `rank` and whose backward had not finished."""
+    """Most microbatches (per chunk) whose forward ran on `rank` and whose backward had not
+    finished (with a split backward, whose W had not: that pass still reads the activations)."""
+    ends = "W" if any(e.kind == "W" for e in events) else "B"
     points = []
     for e in events:
-        if e.rank == rank:
+        if e.rank == rank and e.kind in ("F", ends):
             points.append((e.start, 1) if e.kind == "F" else (e.end, -1))
     live = peak = 0
     for _, delta in sorted(points, key=lambda p: (p[0], p[1])):
@@ -65,8 +67,12 @@ class CostModelRunner:
     dtype = torch.float64
     device = None
 
-    def __init__(self, trace: Trace, forward_time: float = 1.0, backward_time: float = 2.0) -> None:
+    def __init__(self, trace: Trace, forward_time: float = 1.0, backward_time: float = 2.0,
+                 weight_grad_time: float = 1.0) -> None:
+        """A split backward (zero-bubble schedules) takes backward_time - weight_grad_time for
+        B and weight_grad_time for W: one backward, cut in two."""
         self.trace, self.forward_time, self.backward_time = trace, forward_time, backward_time
+        self.weight_grad_time = weight_grad_time
         self.clock = 0.0
 
     def _run(self, chunk: int, microbatch: int, kind: str, ready: torch.Tensor | None, duration: float) -> torch.Tensor:
@@ -82,3 +88,11 @@ class CostModelRunner:
                  output_grad: torch.Tensor | None) -> torch.Tensor | None:
         grad = self._run(chunk, microbatch, "B", output_grad, self.backward_time)
         return None if input_tensor is None else grad
+
+    def backward_input(self, chunk: int, microbatch: int, input_tensor: torch.Tensor | None,
+                       output_tensor: torch.Tensor, output_grad: torch.Tensor | None) -> torch.Tensor | None:
+        grad = self._run(chunk, microbatch, "B", output_grad, self.backward_time - self.weight_grad_time)
+        return None if input_tensor is None else grad
+
+    def backward_weight(self, chunk: int, microbatch: int) -> None:
+        self._run(chunk, microbatch, "W", None, self.weight_grad_time)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_lite.activation_memory import embedding_bytes, head_bytes, stage_bytes
+from megatron_lite.activation_memory import embedding_bytes, head_bytes, loss_bytes, stage_bytes
 from megatron_lite.config import Config
 from megatron_lite.distributed.data_parallel import bucket_spans, buffer_order
+from megatron_lite.pipeline_parallel.partition import last_stage_rank, stage_ends
 from megatron_lite.planner.parameters import ParamSpec, chunk_params
-from megatron_lite.planner.schedule import in_flight
+from megatron_lite.planner.schedule import in_flight, num_microbatches, zero_bubble_peak
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def rank_params(config: Config, pp_rank: int) -> list[list[ParamSpec]]:
     """The tensors of each model chunk of pipeline rank `pp_rank`."""
     par = config.parallel
     return [chunk_params(config.model, par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.vpp,
-                         par.expert_model_parallel_size, par.sequence_parallel, pp_rank, c) for c in range(par.vpp)]
+                         par.expert_model_parallel_size, par.sequence_parallel, pp_rank, c, par.v_shape)
+            for c in range(par.vpp)]
 
 
 def _shard_overlap(start: int, end: int, used: int, index: int, size: int) -> int:
@@ -114,10 +116,29 @@ def activation_memory(config: Config, pp_rank: int = 0) -> int:
     half = config.train.params_dtype.itemsize / 4
     per_chunk = half * stage_bytes(local, model.num_layers // (pp * vpp), mb, tp, par.sequence_parallel,
                                    par.cp_comm_type if cp > 1 else None)
+    if par.schedule in ("zb-h1", "zbv") and pp > 1:
+        return int(_zero_bubble_activations(config, pp_rank, local, per_chunk))
     chunks = in_flight(config, pp_rank)
     total = sum(chunks) * per_chunk
     if pp_rank == 0:
         total += chunks[0] * embedding_bytes(local, mb)
-    if pp_rank == pp - 1:
+    if pp_rank == last_stage_rank(pp, par.v_shape):  # its last chunk is the last stage
         total += chunks[-1] * head_bytes(local, mb, tp, par.sequence_parallel, logits_kept(config))
     return int(total)
+
+
+def _zero_bubble_activations(config: Config, pp_rank: int, local, per_chunk: float) -> float:
+    """Peak bytes under a zero-bubble schedule, walking the rank's passes: F saves a chunk's
+    tensors (and the embedding's or the head's on the first and last stage), B frees the loss's
+    (only the input gradient reads them), W the rest."""
+    par, mb = config.parallel, config.train.micro_batch_size
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    ends = [stage_ends(pp, par.vpp, pp_rank, c, par.v_shape) for c in range(par.vpp)]
+    head = head_bytes(local, mb, tp, par.sequence_parallel, logits_kept(config))
+    loss = loss_bytes(local, mb, tp, logits_kept(config))
+
+    def change(kind: str, chunk: int) -> float:
+        first, last = ends[chunk]
+        saved = per_chunk + (embedding_bytes(local, mb) if first else 0) + (head if last else 0)
+        return {"F": saved, "B": -loss if last else 0.0, "W": -(saved - (loss if last else 0.0))}[kind]
+    return zero_bubble_peak(par.schedule, pp, pp_rank, num_microbatches(config), change)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_lite.model_config import ModelConfig
-from megatron_lite.pipeline_parallel.partition import chunk_layers
+from megatron_lite.pipeline_parallel.partition import chunk_layers, stage_ends
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,10 @@ def _mlp(model: ModelConfig, ffn: int, tp: int, sp: bool, unit: int) -> list[Par
 
 
 def chunk_params(model: ModelConfig, tp: int, pp: int, vpp: int, ep: int, sp: bool, pp_rank: int,
-                 chunk: int) -> list[ParamSpec]:
+                 chunk: int, v_shape: bool = False) -> list[ParamSpec]:
     """Every tensor of model chunk `chunk` on pipeline rank `pp_rank`, in parameters() order."""
-    layers = chunk_layers(model.num_layers, pp, vpp, pp_rank, chunk)
-    pre, post = pp_rank == 0 and chunk == 0, pp_rank == pp - 1 and chunk == vpp - 1
+    layers = chunk_layers(model.num_layers, pp, vpp, pp_rank, chunk, v_shape)
+    pre, post = stage_ends(pp, vpp, pp_rank, chunk, v_shape)
     h, vocab = model.hidden_size, model.padded_vocab_size(tp)
     out: list[ParamSpec] = []
     unit = 0

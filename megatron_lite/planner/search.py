@@ -1,6 +1,7 @@
 """Every valid layout of a model on N GPUs, ranked by predicted throughput among those that fit.
 
-A layout is (tp, cp, pp, vpp, ep, dp, data-parallel sharding, recomputation, micro batch); each
+A layout is (tp, cp, pp, vpp, ep, dp, pipeline schedule, data-parallel sharding, recomputation,
+micro batch; the schedules: 1F1B or ZB-H1 with one chunk per rank, interleaved or ZB-V with two); each
 candidate is a Config that passes the same validation as pretrain_gpt.py (so the search never
 proposes what the code refuses), estimated by planner/step_time.py. Sequence parallelism is on
 whenever tp > 1 (it only saves memory and moves the same bytes), tp stays inside a node.
@@ -34,6 +35,7 @@ class Candidate:
             ("tp", par.tensor_model_parallel_size), ("cp", par.context_parallel_size),
             ("pp", par.pipeline_model_parallel_size), ("vpp", par.vpp), ("ep", par.expert_model_parallel_size),
             ("dp", par.data_parallel_size)) if size > 1]
+        parts += [par.schedule.replace("-", "")] if par.schedule in ("zb-h1", "zbv") else []
         parts += ["sp"] * par.sequence_parallel
         parts += [{"no_shard": "", "optim": "zero1", "optim_grads": "zero2", "optim_grads_params": "zero3"}[par.sharding]]
         recompute = model.recompute_granularity or "none"
@@ -48,15 +50,23 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _grids(num_gpus: int, gpu: GPU, experts: int) -> Iterator[tuple[int, int, int, int, int, int]]:
-    """(tp, cp, pp, dp, vpp, ep) whose product tp x cp x pp x dp is `num_gpus`, tp inside a node."""
+def _schedules(pp: int) -> Iterator[tuple[int, str | None]]:
+    """(vpp, schedule) of a pipeline of pp stages (None: the default, 1F1B or interleaved)."""
+    if pp == 1:
+        yield 1, None
+        return
+    yield from ((1, None), (1, "zb-h1"), (2, None), (2, "zbv"), (4, None))
+
+
+def _grids(num_gpus: int, gpu: GPU, experts: int) -> Iterator[tuple[int, int, int, int, int, str | None, int]]:
+    """(tp, cp, pp, dp, vpp, schedule, ep) whose product tp x cp x pp x dp is `num_gpus`, tp inside a node."""
     for tp in _powers_of_two(min(gpu.gpus_per_node, num_gpus)):
         for cp in _powers_of_two(num_gpus // tp):
             for pp in _divisors(num_gpus // (tp * cp)):
                 dp = num_gpus // (tp * cp * pp)
-                for vpp, ep in itertools.product((1, 2, 4) if pp > 1 else (1,), _divisors(experts)):
+                for (vpp, schedule), ep in itertools.product(_schedules(pp), _divisors(experts)):
                     if ep <= tp * cp * dp:
-                        yield tp, cp, pp, dp, vpp, ep
+                        yield tp, cp, pp, dp, vpp, schedule, ep
 
 
 def candidates(base: Config, num_gpus: int, gpu: GPU) -> Iterator[Config]:
@@ -64,11 +74,11 @@ def candidates(base: Config, num_gpus: int, gpu: GPU) -> Iterator[Config]:
     model, train = base.model, base.train
     choices = itertools.product(_grids(num_gpus, gpu, model.num_experts or 1), (1, 2, 4, 8), SHARDINGS,
                                 RECOMPUTE.values())
-    for (tp, cp, pp, dp, vpp, ep), mbs, sharding, recompute in choices:
+    for (tp, cp, pp, dp, vpp, schedule, ep), mbs, sharding, recompute in choices:
         parallel = dataclasses.replace(
             base.parallel, tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp,
             data_parallel_size=dp, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-            pipeline_schedule=None, expert_model_parallel_size=ep, sequence_parallel=tp > 1,
+            pipeline_schedule=schedule, expert_model_parallel_size=ep, sequence_parallel=tp > 1,
             data_parallel_sharding_strategy=sharding, use_distributed_optimizer=sharding != "no_shard")
         config = Config(model=dataclasses.replace(model, **{**_no_recompute(), **recompute}), parallel=parallel,
                         train=dataclasses.replace(train, micro_batch_size=mbs))

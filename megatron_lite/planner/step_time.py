@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from megatron_lite.comm import ring_steps, ring_wire_bytes
 from megatron_lite.config import Config
 from megatron_lite.flops import flops_per_step
+from megatron_lite.pipeline_parallel.partition import last_stage_rank
 from megatron_lite.planner.hardware import GPU
 from megatron_lite.planner.memory import RankCoords, activation_memory, state_memory
 from megatron_lite.planner.schedule import bubble_fraction, num_microbatches
@@ -118,7 +119,7 @@ def estimate(config: Config, gpu: GPU, gemm_efficiency: float = GEMM_EFFICIENCY,
                            par.data_parallel_size, par.vpp)
     world = tp * cp * pp * dp
     m = num_microbatches(config)
-    last = RankCoords(pp=pp - 1, dp=dp * cp - 1)
+    last = RankCoords(pp=last_stage_rank(pp, par.v_shape), dp=dp * cp - 1)
     # FLOPs on the last stage: its layers' share and the whole output layer (loss).
     total = flops_per_step(model, train.global_batch_size)
     layer_flops = flops_per_step(dataclasses.replace(model, vocab_size=0), train.global_batch_size)  # no output layer
@@ -129,7 +130,7 @@ def estimate(config: Config, gpu: GPU, gemm_efficiency: float = GEMM_EFFICIENCY,
     layers_here = model.num_layers // pp * (1 + _recompute_extra(config))
     elementwise_s = 3 * tokens_per_rank * layers_here * _elementwise_bytes(config, attention) / gpu.hbm_bandwidth
     compute = stage_flops / (gpu.peak_tflops * 1e12 * gemm_efficiency) + elementwise_s
-    bubble = bubble_fraction(pp, vpp, m) * compute if pp > 1 else 0.0
+    bubble = bubble_fraction(pp, vpp, m, par.schedule) * compute if pp > 1 else 0.0
 
     traffic = step_traffic(config, last)
     sizes = _group_sizes(config)

@@ -31,7 +31,7 @@ from megatron_lite.comm import ring_wire_bytes
 from megatron_lite.config import Config
 from megatron_lite.distributed.parameter_server import step_bytes
 from megatron_lite.planner.memory import RankCoords, grad_buffers, rank_params
-from megatron_lite.pipeline_parallel.partition import chunk_layers
+from megatron_lite.pipeline_parallel.partition import chunk_layers, stage_ends, virtual_stage
 from megatron_lite.planner.schedule import num_microbatches
 
 Traffic = dict[tuple[str, str], float]
@@ -66,13 +66,14 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
     sp, abytes, pbytes = par.sequence_parallel, train.params_dtype.itemsize, train.params_dtype.itemsize
     m, b, s, h = num_microbatches(config), train.micro_batch_size, model.seq_length // cp, model.hidden_size
     out: Traffic = defaultdict(float)
-    chunks = [(c, c * pp + rank.pp) for c in range(vpp)]  # (chunk, virtual stage)
-    first, last = rank.pp == 0, rank.pp == pp - 1
+    chunks = [(c, virtual_stage(pp, rank.pp, c, par.v_shape)) for c in range(vpp)]  # (chunk, virtual stage)
+    stages = [stage for _, stage in chunks]
+    first, last = 0 in stages, pp * vpp - 1 in stages
     layers = model.num_layers // pp
     per_chunk = model.num_layers // (pp * vpp)
     act = b * s * h * abytes
     gathers, reductions, cp_replay = (vpp * x for x in _replayed(config, per_chunk))
-    numbers = [n for c in range(vpp) for n in chunk_layers(model.num_layers, pp, vpp, rank.pp, c)]
+    numbers = [n for c in range(vpp) for n in chunk_layers(model.num_layers, pp, vpp, rank.pp, c, par.v_shape)]
     moe_layers = sum(model.is_moe_layer(n) for n in numbers)
     # A mixture-of-experts layer's experts are not split over tp: only its shared expert's linears
     # (if any) gather and reduce like a dense MLP's.
@@ -106,10 +107,13 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
             out[("all_reduce", "cp")] += m * 2 * 4
     if pp > 1:
         boundary = b * s * h // (tp if sp else 1) * abytes
-        for _, stage in chunks:
-            out[("send", "pp")] += m * boundary * ((stage != pp * vpp - 1) + (stage != 0))
+        # A stage sends its activations to the next one and its input gradients to the previous
+        # one, except to a chunk of its own rank (ZB-V's turn on the last rank).
+        for stage in stages:
+            out[("send", "pp")] += m * boundary * sum(0 <= other < pp * vpp and other not in stages
+                                                      for other in (stage + 1, stage - 1))
         out[("all_reduce", "pp")] += 8
-        if model.tie_embeddings and (first or last):
+        if model.tie_embeddings and (first or last) and not par.v_shape:  # ZB-V: both copies on one rank
             out[("all_reduce", "embedding")] += 4 * _embedding_partial(config, rank)
     if model.num_experts:
         _moe_statistics(config, moe_layers, m, out)
@@ -169,12 +173,14 @@ def _token_exchange(config: Config, abytes: int) -> float:
 
 
 def _embedding_partial(config: Config, rank: RankCoords) -> int:
-    """Elements of the tied embedding copy this stage holds, whose grad sums over the embedding group."""
+    """Elements of the tied embedding's copies this rank holds (two under ZB-V, both ends of the V
+    on rank 0), whose grads sum over the embedding group."""
     par, model = config.parallel, config.model
     pp = par.pipeline_model_parallel_size
-    if not (model.tie_embeddings and pp > 1 and rank.pp in (0, pp - 1)):
+    if not (model.tie_embeddings and pp > 1):
         return 0
-    return model.padded_vocab_size(par.tensor_model_parallel_size) // par.tensor_model_parallel_size * model.hidden_size
+    copies = sum(any(stage_ends(pp, par.vpp, rank.pp, c, par.v_shape)) for c in range(par.vpp))
+    return copies * model.padded_vocab_size(par.tensor_model_parallel_size) // par.tensor_model_parallel_size * model.hidden_size
 
 
 def _data_parallel(config: Config, rank: RankCoords, m: int, pbytes: int, out: Traffic) -> None:

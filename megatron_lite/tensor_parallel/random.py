@@ -106,23 +106,28 @@ def replaying() -> bool:
     return _TRACKER.replaying
 
 
+class _Replay:
+    """The tracked RNG states as they were at a checkpointed forward, while backward replays it.
+    Reusable: a backward split in two (zero-bubble schedules) may replay the same forward twice."""
+
+    def __init__(self, at_forward: dict[str, torch.Tensor]) -> None:
+        self.at_forward = at_forward
+
+    def __enter__(self) -> None:
+        self.now = _TRACKER.get_states()
+        _TRACKER.set_states(self.at_forward)
+        _TRACKER.replaying = True
+
+    def __exit__(self, *exc) -> None:
+        _TRACKER.replaying = False
+        _TRACKER.set_states(self.now)
+
+
 def checkpoint(function: Callable, *args: torch.Tensor) -> torch.Tensor:
     """function(*args) without keeping its intermediates: backward replays it, with torch's
     generator and the tracked states as they were in the forward."""
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        at_forward = _TRACKER.get_states()
-
-        @contextlib.contextmanager
-        def replay() -> Iterator[None]:
-            now = _TRACKER.get_states()
-            _TRACKER.set_states(at_forward)
-            _TRACKER.replaying = True
-            try:
-                yield
-            finally:
-                _TRACKER.replaying = False
-                _TRACKER.set_states(now)
-        return contextlib.nullcontext(), replay()
+        return contextlib.nullcontext(), _Replay(_TRACKER.get_states())
     if torch.compiler.is_compiling():  # inside a compiled layer: torch.compile replays its own RNG draws
         return torch_checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
     return torch_checkpoint(function, *args, use_reentrant=False, context_fn=contexts, preserve_rng_state=True)
