@@ -46,7 +46,8 @@ from megatron_lite.config import Config
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.training import pretrain
 from helpers.tiny import tiny_config
-from test_model_fused_kernels import KERNEL_NODES, _graph_nodes
+from helpers.graph import graph_nodes
+from test_model_fused_kernels import KERNEL_NODES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -203,7 +204,7 @@ def test_fused_model_runs_the_kernels_on_cuda(dtype: torch.dtype) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
     expected = KERNEL_NODES["llama"] - ({"FlashAttentionFunctionBackward"} if dtype == torch.float32 else set())
-    missing = expected - _graph_nodes(loss)
+    missing = expected - graph_nodes(loss)
     assert not missing, f"ran in torch, not as kernels: {missing}"
 
 
