@@ -9,8 +9,8 @@ import typing
 
 from megatron_lite.config import (CP_COMM_TYPES, DATA_PARALLEL_MODES, FAMILIES, LR_DECAY_STYLES, MOE_DISPATCHERS,
                                   MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS,
-                                  RECOMPUTE_MODULES, SCHEDULES, SHARDING_STRATEGIES, Config, ConfigError, ModelConfig,
-                                  ParallelConfig, TrainConfig, field_docs)
+                                  RECOMPUTE_MODULES, ROPE_SCALING_TYPES, SCHEDULES, SHARDING_STRATEGIES, Config,
+                                  ConfigError, ModelConfig, ParallelConfig, TrainConfig, field_docs)
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
 
@@ -37,6 +37,28 @@ PRESETS: dict[str, dict] = {
     # Llama-3-8B's shape.
     "llama-8b": dict(family="llama", num_layers=32, hidden_size=4096, num_attention_heads=32,
                      num_query_groups=8, ffn_hidden_size=14336, seq_length=8192, rotary_base=500000.0),
+    # Small tied models, as their config.json on the Hub (random init here; from-hf imports the weights).
+    # Llama-3.2-1B: trained at 8192 tokens, its 131072 context by llama3 RoPE scaling (factor 32,
+    # low/high freq factors 1 and 4: the fields' defaults).
+    "llama3.2-1b": dict(family="llama", num_layers=16, hidden_size=2048, num_attention_heads=32,
+                        num_query_groups=8, ffn_hidden_size=8192, seq_length=8192, max_position_embeddings=131072,
+                        rotary_base=500000.0, rope_scaling_type="llama3", rope_scaling_factor=32.0,
+                        rope_scaling_original_max_position_embeddings=8192,
+                        untie_embeddings_and_output_weights=False),
+    # Qwen2.5-0.5B (q/k/v biases) and Qwen3-0.6B (q/k norms, 128-wide heads): 4096-token samples,
+    # the RoPE table their whole context.
+    "qwen2.5-0.5b": dict(family="llama", num_layers=24, hidden_size=896, num_attention_heads=14,
+                         num_query_groups=2, ffn_hidden_size=4864, add_qkv_bias=True, seq_length=4096,
+                         max_position_embeddings=32768, norm_epsilon=1e-6, rotary_base=1000000.0,
+                         untie_embeddings_and_output_weights=False),
+    "qwen3-0.6b": dict(family="llama", num_layers=28, hidden_size=1024, num_attention_heads=16,
+                       num_query_groups=8, kv_channels=128, ffn_hidden_size=3072, qk_layernorm=True,
+                       seq_length=4096, max_position_embeddings=40960, norm_epsilon=1e-6, rotary_base=1000000.0,
+                       untie_embeddings_and_output_weights=False),
+    # SmolLM-135M: a 2048-token context.
+    "smollm-135m": dict(family="llama", num_layers=30, hidden_size=576, num_attention_heads=9,
+                        num_query_groups=3, ffn_hidden_size=1536, seq_length=2048,
+                        untie_embeddings_and_output_weights=False),
 }
 
 DEFAULT_PRESET = "tiny"
@@ -48,12 +70,15 @@ _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("c
             "moe_token_dispatcher_type": MOE_DISPATCHERS, "data_parallel_sharding_strategy": SHARDING_STRATEGIES,
             "data_parallel_mode": DATA_PARALLEL_MODES,
             "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
-            "recompute_modules": RECOMPUTE_MODULES}
+            "recompute_modules": RECOMPUTE_MODULES, "rope_scaling_type": ROPE_SCALING_TYPES}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
                                   "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],
                                   "pipeline_model_parallel_size": ["--pp"],
                                   "virtual_pipeline_model_parallel_size": ["--vpp"]}
+# A `bool | None` field whose None is a per-family default gets, besides its flag (which writes
+# True), one that writes False: Megatron only unties, and our llama family is untied by default.
+_OPPOSITES = {"untie_embeddings_and_output_weights": "--tie-embeddings-and-output-weights"}
 
 
 def _base_type(annotation: str | type) -> tuple[type, bool]:
@@ -89,6 +114,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[
         if base is bool:
             group.add_argument(*names, dest=f.name, action="store_false" if f.default is True else "store_true",
                                default=argparse.SUPPRESS, help=help_text)
+            if f.name in _OPPOSITES:
+                group.add_argument(_OPPOSITES[f.name], dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                   help=f"The opposite of {names[0]}.")
         else:
             group.add_argument(*names, dest=f.name, type=base, nargs="+" if is_list else None,
                                choices=_CHOICES.get(f.name), default=argparse.SUPPRESS,
@@ -170,7 +198,8 @@ def flags_markdown() -> str:
         for f in dataclasses.fields(cls):
             if f.name in _DERIVED:
                 continue
-            flags = ", ".join(f"`{n}`" for n in _flag_names(f))
+            names = _flag_names(f) + ([_OPPOSITES[f.name]] if f.name in _OPPOSITES else [])
+            flags = ", ".join(f"`{n}`" for n in names)
             # The flag's own default: a --no-... flag is off unless given.
             default = False if f.default is True else f.default
             shown = "" if default in (None, dataclasses.MISSING) else f"`{default}`"

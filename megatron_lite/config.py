@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 
 from megatron_lite.config_checks import ConfigError, TrainingError, require
 from megatron_lite.model_config import (FAMILIES, MOE_DISPATCHERS, MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS,
-                                        RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, RECOMPUTE_MODULES, ModelConfig)
+                                        RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, RECOMPUTE_MODULES, ROPE_SCALING_TYPES,
+                                        ModelConfig)
 from megatron_lite.parallel_config import (CP_COMM_TYPES, DATA_PARALLEL_MODES, SCHEDULES, SHARDING_STRATEGIES,
                                            ParallelConfig, interleaved_microbatches_problem)
 from megatron_lite.train_config import EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
 
 __all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS",
            "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
-           "RECOMPUTE_MODULES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError", "ModelConfig",
-           "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
+           "RECOMPUTE_MODULES", "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError",
+           "ModelConfig", "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
 
 
 @dataclass

@@ -12,6 +12,9 @@ never sees a tensor-parallel shard. What differs between the two sides:
   and Qwen2-MoE's shared expert and its gate are ours.
 - GPT-2: HF's Conv1D stores weights transposed ([in, out]) and its c_attn is [q; k; v] over
   all heads, not per head; the output layer is tied to the embedding on both sides.
+- Tied models (GPT-2, tie_word_embeddings): lm_head.weight is not written, as save_pretrained
+  does not write it; on import a folder's copy of it must equal the embedding (transformers
+  unties the two if not, which our tied model cannot represent).
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _renames(model: ModelConfig) -> dict[str, tuple[str, bool]]:
     """Our name -> (HF name, stored transposed) for every tensor that maps one to one."""
     if model.family == "llama":
-        names = {"word_embeddings.weight": "model.embed_tokens.weight", "final_layernorm.weight": "model.norm.weight",
-                 "output_layer.weight": "lm_head.weight"}
+        names = {"word_embeddings.weight": "model.embed_tokens.weight", "final_layernorm.weight": "model.norm.weight"}
+        if not model.tie_embeddings:  # tied, transformers' lm_head is embed_tokens: save_pretrained leaves it out
+            names["output_layer.weight"] = "lm_head.weight"
         per_layer = {"input_layernorm.weight": "input_layernorm.weight",
                      "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
                      "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
@@ -116,6 +120,10 @@ def from_hf_state(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
     missing = [hf_name for hf_name, _ in renames.values() if hf_name not in hf]
     if missing:
         raise ConfigError(f"the Hugging Face weights lack {missing[0]} ({len(missing)} tensors missing)")
+    embedding = renames["word_embeddings.weight"][0]
+    if model.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], hf[embedding]):
+        raise ConfigError(f"tie_word_embeddings is true but lm_head.weight differs from {embedding} (transformers "
+                          "unties them then); set tie_word_embeddings to false in config.json to import them untied")
     ours = {name: hf[hf_name].t() if transposed else hf[hf_name] for name, (hf_name, transposed) in renames.items()}
     for i in range(model.num_layers):
         attn = f"layers.{i}.self_attention.linear_qkv"

@@ -19,6 +19,12 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "gpt2": "GPT2LMHeadModel"}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# The rope_parameters fields each rope_type we compute reads; ours is --rope-scaling-<field>
+# (rope_scaling_<field>), and rope_type "default" is our --rope-scaling-type none.
+ROPE_FIELDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+               "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                        "mscale_all_dim", "attention_factor")}
 
 
 def hf_family(model: ModelConfig) -> str:
@@ -74,8 +80,9 @@ def hf_config(model: ModelConfig) -> dict:
               "num_key_value_heads": model.num_query_groups, "head_dim": model.head_dim, "hidden_act": "silu",
               "max_position_embeddings": model.context_length,
               "rms_norm_eps": model.norm_epsilon, "rope_theta": model.rotary_base,
-              "rope_parameters": {"rope_type": "default", "rope_theta": model.rotary_base},
-              "tie_word_embeddings": False, "attention_dropout": model.attention_dropout, "torch_dtype": "float32"}
+              "rope_parameters": _rope_parameters(model),
+              "tie_word_embeddings": model.tie_embeddings, "attention_dropout": model.attention_dropout,
+              "torch_dtype": "float32"}
     config.update({"llama": {"attention_bias": False, "mlp_bias": False}, "mixtral": {"sliding_window": None},
                    "qwen3": {"attention_bias": False}, "qwen3_moe": {"attention_bias": False},
                    "qwen2_moe": {"qkv_bias": model.add_qkv_bias}}.get(family, {}))
@@ -100,7 +107,8 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
     """Our ModelConfig for a config.json of one of ARCHITECTURES' families (seq_length = its context)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
-        _refuse(hf, activation_function=lambda v: v not in ("gelu_new", "gelu_pytorch_tanh"))
+        _refuse(hf, activation_function=lambda v: v not in ("gelu_new", "gelu_pytorch_tanh"),
+                tie_word_embeddings=lambda v: not v)  # our gpt2 family is always tied
         return ModelConfig(family="gpt2", num_layers=hf["n_layer"], hidden_size=hf["n_embd"],
                            num_attention_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
                            seq_length=hf["n_positions"], max_position_embeddings=hf["n_positions"],
@@ -108,11 +116,11 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
                            norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
     if kind not in ARCHITECTURES:
         raise ConfigError(f"model_type={kind} is not supported; allowed: {', '.join(ARCHITECTURES)}")
-    rope = hf.get("rope_parameters") or {}
-    _refuse(hf, hidden_act=lambda v: v != "silu", tie_word_embeddings=bool, rope_scaling=bool,
+    _refuse_unmapped(hf)
+    _refuse(hf, hidden_act=lambda v: v != "silu", pretraining_tp=lambda v: v != 1,
+            layer_types=lambda v: any(t != "full_attention" for t in v),
             use_sliding_window=bool, attention_bias=bool, mlp_bias=bool, router_jitter_noise=bool,
             mlp_only_layers=bool, **({"sliding_window": bool} if kind in ("llama", "mixtral") else {}))
-    _refuse(rope, rope_type=lambda v: v != "default")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     model = dict(family="llama", num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
@@ -121,9 +129,11 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
                  ffn_hidden_size=hf["intermediate_size"], seq_length=hf["max_position_embeddings"],
                  max_position_embeddings=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
                  make_vocab_size_divisible_by=make_vocab_size_divisible_by, norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-                 rotary_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                 **_rope_args(hf),
                  add_qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and hf.get("qkv_bias", True)),
-                 qk_layernorm=kind in ("qwen3", "qwen3_moe"))
+                 qk_layernorm=kind in ("qwen3", "qwen3_moe"),
+                 # Every one of these families defaults to untied, as our llama family does (None).
+                 untie_embeddings_and_output_weights=False if hf.get("tie_word_embeddings") else None)
     if kind == "mixtral":
         model.update(num_experts=hf["num_local_experts"], moe_ffn_hidden_size=hf["intermediate_size"])
     elif kind in MOE_FAMILIES:
@@ -137,6 +147,65 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
     if kind in MOE_FAMILIES:
         model.update(moe_router_topk=hf["num_experts_per_tok"], moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0))
     return ModelConfig(**model)
+
+
+def _rope_parameters(model: ModelConfig) -> dict:
+    """config.json's rope_parameters: the type, the base and the type's fields we have (unset ones left out)."""
+    kind = "default" if model.rope_scaling_type == "none" else model.rope_scaling_type
+    fields = {name: getattr(model, f"rope_scaling_{name}") for name in ROPE_FIELDS[kind]}
+    return {"rope_type": kind, "rope_theta": model.rotary_base, **{k: v for k, v in fields.items() if v is not None}}
+
+
+def _rope_args(hf: dict) -> dict:
+    """Our rotary_base and rope_scaling_* fields from config.json's rope dict; ConfigError naming a
+    rope_type or a field of it we do not compute."""
+    # transformers 5 reads the older rope_scaling over rope_parameters when a config.json has both.
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    older = rope.pop("type", "default")  # the older name of rope_type
+    kind = rope.pop("rope_type", older)
+    if kind not in ROPE_FIELDS:
+        raise ConfigError(f"rope_type={kind!r} is not supported; allowed: {', '.join(map(repr, ROPE_FIELDS))}")
+    # Values that compute what leaving them out does: a full rotary dim, and yarn's rounded ramp bounds.
+    _refuse(rope, partial_rotary_factor=lambda v: v != 1, truncate=lambda v: v is not True)
+    rope.pop("partial_rotary_factor", None)
+    rope.pop("truncate", None)
+    unknown = next((name for name in rope if name not in ("rope_theta", *ROPE_FIELDS[kind])), None)
+    if unknown:
+        raise ConfigError(f"rope_parameters {unknown}={rope[unknown]!r} is not supported with rope_type={kind!r} "
+                          "(the model would compute something else)")
+    if kind in ("llama3", "yarn"):  # transformers' default for the pretraining context
+        rope.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    # transformers 5 writes rope_theta: null beside rope_parameters; 10000 is its default.
+    return {"rotary_base": rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0,
+            "rope_scaling_type": "none" if kind == "default" else kind,
+            **{f"rope_scaling_{name}": value for name, value in rope.items()}}
+
+
+# config.json fields of the llama-like families that change nothing we compute: bookkeeping,
+# generation and init defaults, caching, and max_window_layers (read only with use_sliding_window,
+# which is refused).
+_NEUTRAL = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
+            "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
+            "output_router_logits", "max_window_layers"}
+# The fields model_config_from_hf maps or checks.
+_MAPPED = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+           "intermediate_size", "max_position_embeddings", "vocab_size", "rms_norm_eps", "rope_parameters",
+           "rope_scaling", "rope_theta", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias",
+           "use_sliding_window", "sliding_window", "layer_types", "pretraining_tp", "qkv_bias", "router_jitter_noise",
+           "mlp_only_layers", "num_local_experts", "num_experts", "moe_intermediate_size", "decoder_sparse_step",
+           "norm_topk_prob", "shared_expert_intermediate_size", "num_experts_per_tok", "router_aux_loss_coef"}
+
+
+def _refuse_unmapped(hf: dict) -> None:
+    """ConfigError naming a config.json field that is neither mapped, nor known to change nothing,
+    nor one of every transformers config's generic fields: refused rather than dropped."""
+    from transformers import PretrainedConfig  # imported only to convert
+
+    known = _MAPPED | _NEUTRAL | set(PretrainedConfig().to_dict())
+    unknown = sorted(name for name in hf if name not in known)
+    if unknown:
+        raise ConfigError(f"config.json field {unknown[0]}={hf[unknown[0]]!r} is not mapped to megatron_lite "
+                          "(refused rather than dropped: it may change what the model computes)")
 
 
 def _refuse(fields: dict, **unsupported) -> None:

@@ -47,6 +47,17 @@ def byte_level_tokenizer() -> HFTokenizer:
     return tokenizer
 
 
+def copy_tokenizer_files(source: Path, folder: Path) -> list[str]:
+    """Copy the tokenizer files (TOKENIZER_FILES) of transformers folder `source` into `folder`,
+    creating it if there are any; returns their names."""
+    names = [name for name in TOKENIZER_FILES if (source / name).exists()]
+    if names:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    return names
+
+
 def _transformers_tokenizer(kind: str, source: Path | None, folder: Path) -> PreTrainedTokenizerBase:
     """The run's tokenizer as a `transformers` one, its original files copied into `folder` first."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -55,9 +66,7 @@ def _transformers_tokenizer(kind: str, source: Path | None, folder: Path) -> Pre
         # Our encode turns "<|endoftext|>" in text into its bytes, never into eod.
         return PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(), split_special_tokens=True)
     if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).exists():
-                shutil.copy(source / name, folder / name)
+        copy_tokenizer_files(source, folder)
         return AutoTokenizer.from_pretrained(folder)
     if kind == "SentencePieceTokenizer":
         shutil.copy(source, folder / "tokenizer.model")

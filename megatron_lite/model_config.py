@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.config_checks import flag, require, require_positive
+from megatron_lite.config_checks import ConfigError, flag, require, require_positive
 
 FAMILIES = ("llama", "gpt2")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -16,12 +16,16 @@ MOE_DISPATCHERS = ("alltoall", "allgather")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
+# The --rope-scaling-* fields only yarn reads; unset (None) under the other types.
+YARN_ONLY = ("rope_scaling_beta_fast", "rope_scaling_beta_slow", "rope_scaling_mscale", "rope_scaling_mscale_all_dim",
+             "rope_scaling_attention_factor")
 
 
 @dataclass
 class ModelConfig:
     family: str = "llama"
-    """Architecture family: llama (RMSNorm, RoPE, SwiGLU, GQA, untied head) or gpt2 (LayerNorm, learned positions, GELU, tied embeddings)."""
+    """Architecture family: llama (RMSNorm, RoPE, SwiGLU, GQA, untied head unless tied) or gpt2 (LayerNorm, learned positions, GELU, tied embeddings)."""
     num_layers: int = 4
     """Number of transformer layers."""
     hidden_size: int = 128
@@ -36,6 +40,8 @@ class ModelConfig:
     """Biases on the query, key and value projections only (Qwen2), llama family; gpt2 has every bias anyway."""
     qk_layernorm: bool = False
     """Normalise each query and key head (the family's norm over the head dim) before RoPE (Qwen3, OLMo2)."""
+    untie_embeddings_and_output_weights: bool | None = None
+    """Give the output layer its own weight instead of the embedding table's; --tie-embeddings-and-output-weights shares it (Llama 3.2, Qwen2.5 small, SmolLM). Default: the family's, gpt2 tied, llama untied."""
     ffn_hidden_size: int | None = None
     """Width of the MLP (default: 4*hidden for gpt2, 8/3*hidden rounded up to 64 for llama)."""
     seq_length: int = 128
@@ -50,6 +56,26 @@ class ModelConfig:
     """Epsilon of the layer norms."""
     rotary_base: float = 10000.0
     """RoPE base frequency (llama family)."""
+    rope_scaling_type: str = "none"
+    """RoPE scaling for a context longer than the pretraining one (llama family), Hugging Face's rope_type: linear (every frequency divided by the factor), llama3 (Llama 3.1's: long wavelengths divided by the factor, short ones kept, a smooth ramp between; Megatron's --use-rope-scaling) or yarn (YaRN: the same split by rotations within the original context, and cos/sin scaled by an attention factor)."""
+    rope_scaling_factor: float | None = None
+    """How many times the original context the scaled one is; every --rope-scaling-type needs it (Megatron's --rope-scaling-factor)."""
+    rope_scaling_original_max_position_embeddings: int | None = None
+    """The context the model was pretrained with, before scaling; llama3 and yarn need it (they keep the frequencies that turn often within it)."""
+    rope_scaling_low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than original context / this are divided by the factor."""
+    rope_scaling_high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than original context / this are kept; between the two bounds the factor ramps smoothly."""
+    rope_scaling_beta_fast: float | None = None
+    """yarn: frequencies turning more than this many times within the original context are kept (default 32)."""
+    rope_scaling_beta_slow: float | None = None
+    """yarn: frequencies turning fewer than this many times are divided by the factor (default 1); a linear ramp between."""
+    rope_scaling_mscale: float | None = None
+    """yarn, with --rope-scaling-mscale-all-dim (DeepSeek's): the attention factor is (0.1*mscale*ln(factor)+1) / (0.1*mscale_all_dim*ln(factor)+1)."""
+    rope_scaling_mscale_all_dim: float | None = None
+    """yarn: the denominator's mscale of the attention factor, with --rope-scaling-mscale."""
+    rope_scaling_attention_factor: float | None = None
+    """yarn: the scale of cos and sin, the attention logits' temperature (default: 0.1*ln(factor)+1, or the mscale ratio)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight init; output projections use std/sqrt(2*num_layers)."""
     hidden_dropout: float = 0.0
@@ -137,7 +163,16 @@ class ModelConfig:
 
     @property
     def tie_embeddings(self) -> bool:
-        return self.family == "gpt2"
+        """Whether the output layer is the embedding table. Left unset, the family decides: checkpoints
+        from before the field exist, and every llama one of them is untied."""
+        if self.untie_embeddings_and_output_weights is None:
+            return self.family == "gpt2"
+        return not self.untie_embeddings_and_output_weights
+
+    @property
+    def rope_scaling_betas(self) -> tuple[float, float]:
+        """yarn's (beta_fast, beta_slow), an unset one at YaRN's default (32, 1), as transformers does."""
+        return self.rope_scaling_beta_fast or 32.0, self.rope_scaling_beta_slow or 1.0
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Megatron's rule: round the vocabulary up to a multiple of divisible_by * tp."""
@@ -200,6 +235,42 @@ class ModelConfig:
         require("moe" not in self.selective_recompute or self.num_experts,
                 "--recompute-modules moe needs --num-experts")
 
+    def _validate_rope_scaling(self) -> None:
+        kind = self.rope_scaling_type
+        require(kind in ROPE_SCALING_TYPES, f"--rope-scaling-type={kind} is unknown; allowed: "
+                f"{', '.join(ROPE_SCALING_TYPES)}")
+        if kind == "none":
+            given = [n for n in ("rope_scaling_factor", "rope_scaling_original_max_position_embeddings", *YARN_ONLY)
+                     if getattr(self, n) is not None]
+            if given:
+                raise ConfigError(f"{flag(given[0])} needs --rope-scaling-type")
+            return
+        require(self.family == "llama", f"--rope-scaling-type={kind} is for the llama family (gpt2 learns its "
+                "positions)")
+        require_positive(self, "rope_scaling_factor")
+        if kind == "linear":
+            require(self.rope_scaling_original_max_position_embeddings is None,
+                    "--rope-scaling-original-max-position-embeddings is for --rope-scaling-type llama3 or yarn")
+        else:
+            require_positive(self, "rope_scaling_original_max_position_embeddings")
+        if kind == "llama3":
+            require_positive(self, "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor")
+            require(self.rope_scaling_high_freq_factor > self.rope_scaling_low_freq_factor,
+                    f"--rope-scaling-high-freq-factor={self.rope_scaling_high_freq_factor} must exceed "
+                    f"--rope-scaling-low-freq-factor={self.rope_scaling_low_freq_factor}")
+        if kind != "yarn":
+            given = [n for n in YARN_ONLY if getattr(self, n) is not None]
+            if given:
+                raise ConfigError(f"{flag(given[0])} is for --rope-scaling-type yarn")
+            return
+        for name in YARN_ONLY:
+            if getattr(self, name) is not None:
+                require_positive(self, name)
+        require((self.rope_scaling_mscale is None) == (self.rope_scaling_mscale_all_dim is None),
+                "--rope-scaling-mscale and --rope-scaling-mscale-all-dim go together")
+        fast, slow = self.rope_scaling_betas
+        require(fast > slow, f"--rope-scaling-beta-fast={fast} must exceed --rope-scaling-beta-slow={slow}")
+
     def validate(self) -> None:
         require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
         self._validate_recompute()
@@ -212,6 +283,9 @@ class ModelConfig:
                     f"--num-attention-heads={self.num_attention_heads} (or set --kv-channels)")
         else:
             require_positive(self, "kv_channels")
+        require(not (self.untie_embeddings_and_output_weights and self.family == "gpt2"),
+                "--untie-embeddings-and-output-weights is for the llama family: GPT2LMHeadModel cannot represent "
+                "a gpt2 model with an untied head")
         require(not self.add_qkv_bias or self.family == "llama",
                 "--add-qkv-bias is for the llama family (gpt2 has every bias already)")
         require(self.num_attention_heads % self.num_query_groups == 0,
@@ -219,6 +293,7 @@ class ModelConfig:
                 f"--num-query-groups={self.num_query_groups}")
         if self.num_experts is not None:
             self._validate_moe()
+        self._validate_rope_scaling()
         if self.family == "llama":
             require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (--kv-channels or hidden/heads) must be "
                     "even for RoPE")

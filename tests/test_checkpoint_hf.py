@@ -137,9 +137,6 @@ def test_dense_llama_variants_map_to_their_hf_family(architecture: str, model: d
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type='llama3' is not supported"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling="),
     ({"attention_bias": True}, "attention_bias=True is not supported"),
     ({"model_type": "mistral"}, "model_type=mistral is not supported; allowed: llama, qwen2"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=True is not supported"),

@@ -1,10 +1,13 @@
 """Bad flags are refused with one message naming the flag, its value and what is allowed."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from megatron_lite.arguments import PRESETS, parse_args
 from megatron_lite.config import ConfigError
+from megatron_lite.planner.parameters import count_parameters
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -32,6 +35,27 @@ def test_presets_and_overrides() -> None:
     assert config.model.ffn_hidden_size == 4 * 768 and config.model.tie_embeddings
     for name in PRESETS:
         parse_args(["--model", name]).model.validate()
+
+
+# Published sizes (model cards) and vocabularies (config.json) of the real models the presets copy.
+REAL_MODELS = {"llama3.2-1b": (1.23e9, 128256), "qwen2.5-0.5b": (0.49e9, 151936), "qwen3-0.6b": (0.6e9, 151936),
+               "smollm-135m": (135e6, 49152)}
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_tied_presets_have_their_models_parameter_count(name: str) -> None:
+    size, vocab = REAL_MODELS[name]
+    model = dataclasses.replace(parse_args(["--model", name]).model, vocab_size=vocab)
+    assert model.tie_embeddings
+    assert count_parameters(model) == pytest.approx(size, rel=0.01)
+
+
+def test_tie_flags() -> None:
+    """Megatron's flag unties; ours ties; neither: the family's convention."""
+    assert [parse_args(argv).model.untie_embeddings_and_output_weights for argv in (
+        [], ["--untie-embeddings-and-output-weights"], ["--tie-embeddings-and-output-weights"])] == [None, True, False]
+    assert not parse_args([]).model.tie_embeddings and parse_args(["--model", "tiny-gpt2"]).model.tie_embeddings
+    assert parse_args(["--tie-embeddings-and-output-weights"]).model.tie_embeddings
 
 
 def test_llama_defaults() -> None:

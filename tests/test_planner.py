@@ -49,6 +49,7 @@ MATRIX = [
     ("pp4", "gpt2", {}, {}),
     ("pp2-dp2-gpipe", "llama", {}, {}),
     ("pp2-dp2-zbh1-distopt", "llama", {}, {}),
+    ("pp2-dp2", "llama", {"untie_embeddings_and_output_weights": False}, {}),  # tied: an embedding group
     ("pp2-vpp2-dp2-zbv", "gpt2", {}, {}),
     ("dp4-ps", "llama", {}, {}),
     ("tp2-dp2-ps", "gpt2", {}, {"bf16": True}),

@@ -9,7 +9,9 @@ reshard and from-hf write the target layout the way training does: they spawn it
 CPU (gloo), each loads its own slices (megatron_lite/reshard.py) and saves. to-hf needs no
 ranks: the tensor-parallel layout stored in every file says how to reassemble the weights.
 from-hf writes a weights-only checkpoint: `pretrain_gpt.py --load DIR` starts it at
-iteration 0 with a fresh optimizer.
+iteration 0 with a fresh optimizer. The folder's tokenizer files are copied to DIR/tokenizer,
+for --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR/tokenizer (tools/preprocess_data.py
+takes the same two flags).
 """
 from __future__ import annotations
 
@@ -26,11 +28,15 @@ from megatron_lite.checkpointing import (first_file, latest_iteration, load_chec
                                          read_checkpoint, save_checkpoint, saved_config)
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.hf_convert import from_hf_state, load_safetensors, save_safetensors, to_hf_state  # noqa: E402
+from megatron_lite.hf_convert import (TOKENIZER_FILES, from_hf_state, load_safetensors, save_safetensors,  # noqa: E402
+                                      to_hf_state)
 from megatron_lite.hf_families import hf_config, model_config_from_hf  # noqa: E402
-from megatron_lite.hf_tokenizer import export_tokenizer  # noqa: E402
+from megatron_lite.hf_tokenizer import copy_tokenizer_files, export_tokenizer  # noqa: E402
 from megatron_lite.reshard import load_weights  # noqa: E402
 from megatron_lite.parallelize import build_chunks, parallelize  # noqa: E402
+
+
+TOKENIZER_DIR = "tokenizer"  # from-hf's copy of the folder's tokenizer, inside the checkpoint directory
 
 
 def _latest(load: str) -> int:
@@ -102,6 +108,13 @@ def from_hf(args: argparse.Namespace) -> None:
     run_on_ranks(import_rank, _layout(config, args), str(hf_dir), args.out, config)
     print(f"imported {hf_dir} ({model.family} family) to {args.out} at tp={args.tp} pp={args.pp}: weights only, "
           "pretrain_gpt.py --load starts from it at iteration 0 with a fresh optimizer")
+    tokenizer = Path(args.out) / TOKENIZER_DIR
+    copied = copy_tokenizer_files(hf_dir, tokenizer)
+    if copied:
+        print(f"tokenizer: copied {', '.join(copied)} to {tokenizer}: preprocess and train with --tokenizer-type "
+              f"HuggingFaceTokenizer --tokenizer-model {tokenizer}")
+    else:
+        print(f"tokenizer: {hf_dir} has none of {', '.join(TOKENIZER_FILES)}; none copied")
 
 
 def build_parser() -> argparse.ArgumentParser:

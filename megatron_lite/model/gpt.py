@@ -16,7 +16,7 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.inference.kv_cache import InferenceParams
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops, select_ops
-from megatron_lite.model.rope import rotary_angles
+from megatron_lite.model.rope import rotary_tables
 from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                            enter_tensor_parallel_region, mark_sequence_parallel)
@@ -71,7 +71,7 @@ class GPTModel(nn.Module):
             # Under SP each rank adds the rows of its own positions only: a partial grad.
             mark_sequence_parallel(self.position_embeddings, sequence_parallel)
         if config.family == "llama":
-            cos, sin = rotary_angles(config.context_length, config.head_dim, config.rotary_base)
+            cos, sin = rotary_tables(config)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
