@@ -24,7 +24,11 @@ bf16 probabilities summed over thousands of keys would lose the small terms. P a
 are cast to the input dtype only as matmul operands, as the tensor cores expect.
 
 Causal masking and the ragged tail (s not a multiple of the block) are applied only in the
-blocks that need them (the `MASK` constexpr); full blocks run unmasked.
+blocks that need them (the `MASK` constexpr); full blocks run unmasked. A sliding window
+(`window`: each query sees itself and the `window` keys before it, the WINDOWED constexpr)
+visits only the key blocks the window reaches, all of them masked; a row that has not yet
+reached its window in the first block sees no key there, so the online softmax shifts by 0
+instead of its max of -inf.
 """
 import math
 from typing import Optional
@@ -94,44 +98,55 @@ def _row_stats(LSE, DELTA, bh, rows, seqlen):
 
 
 @triton.jit
-def _visible(rows, cols, seqlen, CAUSAL: tl.constexpr):
+def _visible(rows, cols, seqlen, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
     """[rows, cols] mask of the keys each query may attend to."""
     ok = cols[None, :] < seqlen
     if CAUSAL:
         ok = ok & (rows[:, None] >= cols[None, :])
+    if WINDOWED:
+        ok = ok & (rows[:, None] - cols[None, :] <= window)
     return ok
 
 
 @triton.jit
-def _query_block_kv_ranges(start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): key blocks [0, split) are fully visible,
-    [split, end) need the mask (the diagonal when causal, else the ragged tail).
-    Needs BLOCK_M % BLOCK_N == 0, so that start_m is a key-block boundary."""
+def _query_block_kv_ranges(start_m, seqlen, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): key blocks [lo, split) are fully visible,
+    [split, end) need the mask (the diagonal when causal, else the ragged tail; with a window
+    every block from the first the window reaches). Needs BLOCK_M % BLOCK_N == 0, so that
+    start_m is a key-block boundary."""
+    lo = 0
     if CAUSAL:
         split = start_m
         end = tl.minimum(start_m + BLOCK_M, seqlen)
     else:
         split = (seqlen // BLOCK_N) * BLOCK_N
         end = seqlen
-    return split, end
+    if WINDOWED:
+        lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
+        split = lo
+    return lo, split, end
 
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, lo, hi, seqlen,
-               qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_head, cols, stride_ks, seqlen, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            s = tl.where(_visible(rows, cols, seqlen, CAUSAL), s, float("-inf"))
-        # In each call's first block every row sees a key, so m is finite from then on
-        # and exp2(m_i - m_new) never meets -inf - -inf.
+            s = tl.where(_visible(rows, cols, seqlen, window, CAUSAL, WINDOWED), s, float("-inf"))
+        # Without a window every row sees a key in each call's first block, so m is finite
+        # from then on and exp2(m_i - m_new) never meets -inf - -inf; with one, a row that
+        # has seen no key yet shifts by 0 (its p and alpha are then exp2(-inf) = 0).
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        shift = m_new
+        if WINDOWED:
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_rows(v_head, cols, stride_vs, seqlen, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -141,9 +156,10 @@ def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, lo,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, qk_scale, seqlen, n_heads, group,
+    Q, K, V, O, LSE, qk_scale, seqlen, n_heads, group, window,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
     q = _load_rows(_head(Q, b, h, sqb, sqh), rows, sqs, seqlen, HEAD_DIM)
@@ -151,11 +167,13 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    split, end = _query_block_kv_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, 0, split, seqlen,
-                               qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N)
+    lo, split, end = _query_block_kv_ranges(start_m, seqlen, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, lo, split, seqlen,
+                               qk_scale, window, CAUSAL, WINDOWED, False, HEAD_DIM, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, split, end, seqlen,
-                               qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N)
+                               qk_scale, window, CAUSAL, WINDOWED, True, HEAD_DIM, BLOCK_N)
+    if WINDOWED:  # rows past the end may see no key: their (unstored) results stay finite
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     _store_rows(_head(O, b, h, sob, soh), rows, sos, seqlen, acc / l_i[:, None], HEAD_DIM)
     # Saved in the same base-2 units as the scores, so backward needs no conversion.
     tl.store(ptr_add(LSE, bh, seqlen) + rows, m_i + tl.log2(l_i), mask=rows < seqlen)
@@ -172,8 +190,8 @@ def _bwd_delta_kernel(O, DO, DELTA, seqlen, n_heads, sob, soh, sos, sdb, sdh, sd
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, stride_qs, stride_dos, cols,
-                lo, hi, seqlen, qk_scale, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+                lo, hi, seqlen, qk_scale, window, MASK: tl.constexpr, WINDOWED: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed form: this program owns keys `cols`, so it builds S^T [keys, queries].
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -181,8 +199,11 @@ def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, stride_qs, stride
         do = _load_rows(do_head, rows, stride_dos, seqlen, HEAD_DIM)
         lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
-        if MASK:  # causal diagonal block
-            s_t = tl.where(rows[None, :] >= cols[:, None], s_t, float("-inf"))
+        if MASK:  # causal diagonal block, or the window's edge
+            visible = rows[None, :] >= cols[:, None]
+            if WINDOWED:
+                visible = visible & (rows[None, :] - cols[:, None] <= window)
+            s_t = tl.where(visible, s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
@@ -193,10 +214,11 @@ def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, stride_qs, stride
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, n_kv_heads, group,
+    Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, n_kv_heads, group, window,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_n, cols, b, kvh, _ = _program_tile(n_kv_heads, BLOCK_N)
     k = _load_rows(_head(K, b, kvh, skb, skh), cols, sks, seqlen, HEAD_DIM)
@@ -208,33 +230,41 @@ def _bwd_dkdv_kernel(
     # BLOCK_N % BLOCK_M == 0, so that start_n + BLOCK_N is a query-block boundary.
     # The ragged tail needs no mask here: queries past the end load as zeros with lse = +inf
     # (so P = 0), and keys past the end are this program's own rows, which are not stored.
+    # With a window (causal) the queries after start_n + BLOCK_N - 1 + window see none of
+    # these keys, and every block up to there is masked.
     if CAUSAL:
         unmasked_lo = tl.minimum(start_n + BLOCK_N, seqlen)
     else:
         unmasked_lo = 0
+    unmasked_hi = seqlen
+    if WINDOWED:
+        unmasked_lo = tl.minimum(start_n + BLOCK_N + window, seqlen)
+        unmasked_hi = unmasked_lo
     for h in range(kvh * group, (kvh + 1) * group):  # every query head sharing this kv head
         q_head, do_head = _head(Q, b, h, sqb, sqh), _head(DO, b, h, sdob, sdoh)
         bh = b * n_heads + h
         if CAUSAL:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, sqs, sdos, cols,
-                                 start_n, unmasked_lo, seqlen, qk_scale, True, HEAD_DIM, BLOCK_M)
+                                 start_n, unmasked_lo, seqlen, qk_scale, window, True, WINDOWED,
+                                 HEAD_DIM, BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, sqs, sdos, cols,
-                             unmasked_lo, seqlen, seqlen, qk_scale, False, HEAD_DIM, BLOCK_M)
+                             unmasked_lo, unmasked_hi, seqlen, qk_scale, window, False, WINDOWED,
+                             HEAD_DIM, BLOCK_M)
     _store_rows(_head(DK, b, kvh, sdkb, sdkh), cols, sdks, seqlen, dk * sm_scale, HEAD_DIM)
     _store_rows(_head(DV, b, kvh, sdvb, sdvh), cols, sdvs, seqlen, dv, HEAD_DIM)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows, lo, hi, seqlen,
-              qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_head, cols, stride_ks, seqlen, HEAD_DIM)
         v = _load_rows(v_head, cols, stride_vs, seqlen, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            s = tl.where(_visible(rows, cols, seqlen, CAUSAL), s, float("-inf"))
+            s = tl.where(_visible(rows, cols, seqlen, window, CAUSAL, WINDOWED), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -244,9 +274,10 @@ def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, group,
+    Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, group, window,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdqb, sdqh, sdqs,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
     q = _load_rows(_head(Q, b, h, sqb, sqh), rows, sqs, seqlen, HEAD_DIM)
@@ -254,11 +285,11 @@ def _bwd_dq_kernel(
     lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
     k_head, v_head = _head(K, b, h // group, skb, skh), _head(V, b, h // group, svb, svh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    split, end = _query_block_kv_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, 0, split, seqlen,
-                   qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N)
+    lo, split, end = _query_block_kv_ranges(start_m, seqlen, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, lo, split, seqlen,
+                   qk_scale, window, CAUSAL, WINDOWED, False, HEAD_DIM, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, split, end, seqlen,
-                   qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N)
+                   qk_scale, window, CAUSAL, WINDOWED, True, HEAD_DIM, BLOCK_N)
     _store_rows(_head(DQ, b, h, sdqb, sdqh), rows, sdqs, seqlen, dq * sm_scale, HEAD_DIM)
 
 
@@ -295,7 +326,15 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_forward(q, k, v, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_args(causal: bool, window: Optional[int]) -> tuple[int, bool]:
+    """(window, WINDOWED) kernel arguments; a window is causal attention's."""
+    if window is not None and not causal:
+        raise ValueError("a sliding window is for causal attention")
+    return (0, False) if window is None else (window, True)
+
+
+def _triton_forward(q, k, v, causal: bool, softmax_scale: float,
+                    window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, base-2 lse) from the forward kernel."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, n_heads, seqlen, head_dim = q.shape
@@ -303,15 +342,16 @@ def _triton_forward(q, k, v, causal: bool, softmax_scale: float) -> tuple[torch.
     o = torch.empty_like(q)  # same layout as q, so a [b, s, nh, d] caller gets one back
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(seqlen, fwd["BLOCK_M"]), batch * n_heads)
+    window, windowed = _window_args(causal, window)
     _fwd_kernel[grid](
-        q, k, v, o, lse, softmax_scale * LOG2E, seqlen, n_heads, n_heads // k.shape[1],
+        q, k, v, o, lse, softmax_scale * LOG2E, seqlen, n_heads, n_heads // k.shape[1], window,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        CAUSAL=causal, HEAD_DIM=head_dim, **fwd,
+        CAUSAL=causal, WINDOWED=windowed, HEAD_DIM=head_dim, **fwd,
     )
     return o, lse
 
 
-def _triton_backward(q, k, v, o, lse, do, causal: bool, softmax_scale: float):
+def _triton_backward(q, k, v, o, lse, do, causal: bool, softmax_scale: float, window: Optional[int] = None):
     """dq, dk, dv from the backward kernels, given the base-2 lse."""
     q, k, v, o, do = (_unit_last_stride(t) for t in (q, k, v, o, do))
     batch, n_heads, seqlen, head_dim = q.shape
@@ -319,6 +359,7 @@ def _triton_backward(q, k, v, o, lse, do, causal: bool, softmax_scale: float):
     group = n_heads // n_kv_heads
     _, dkdv, dqc = _configs(head_dim, q.dtype, q.device)
     qk_scale = softmax_scale * LOG2E
+    window, windowed = _window_args(causal, window)
     delta = torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(seqlen, DELTA_BLOCK), batch * n_heads)](
         o, do, delta, seqlen, n_heads, *_strides(o), *_strides(do),
@@ -327,13 +368,13 @@ def _triton_backward(q, k, v, o, lse, do, causal: bool, softmax_scale: float):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _bwd_dkdv_kernel[(triton.cdiv(seqlen, dkdv["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, do, dk, dv, lse, delta, qk_scale, softmax_scale, seqlen, n_heads, n_kv_heads,
-        group, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        CAUSAL=causal, HEAD_DIM=head_dim, **dkdv,
+        group, window, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        CAUSAL=causal, WINDOWED=windowed, HEAD_DIM=head_dim, **dkdv,
     )
     _bwd_dq_kernel[(triton.cdiv(seqlen, dqc["BLOCK_M"]), batch * n_heads)](
-        q, k, v, do, dq, lse, delta, qk_scale, softmax_scale, seqlen, n_heads, group,
+        q, k, v, do, dq, lse, delta, qk_scale, softmax_scale, seqlen, n_heads, group, window,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        CAUSAL=causal, HEAD_DIM=head_dim, **dqc,
+        CAUSAL=causal, WINDOWED=windowed, HEAD_DIM=head_dim, **dqc,
     )
     return dq, dk, dv
 
@@ -343,44 +384,50 @@ def _scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
 
 
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                            softmax_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            softmax_scale: Optional[float] = None, window: Optional[int] = None,
+                            offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and each row's natural-log logsumexp (fp32 [b, nh, s]), without autograd: the
-    block step of ring attention, which merges blocks by their lse (megatron_lite/context_parallel)."""
-    if not use_triton(q):
-        return attention_forward_reference(q, k, v, causal, softmax_scale)
-    o, lse2 = _triton_forward(q, k, v, causal, _scale(q, softmax_scale))
+    block step of ring attention, which merges blocks by their lse (megatron_lite/context_parallel).
+    `window` and `offset` as in reference.visible_keys; the kernel has no offset, so a windowed
+    block off the diagonal runs the reference."""
+    if not use_triton(q) or (window is not None and offset):
+        return attention_forward_reference(q, k, v, causal, softmax_scale, window, offset)
+    o, lse2 = _triton_forward(q, k, v, causal, _scale(q, softmax_scale), window)
     return o, lse2 * LN2
 
 
 def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              lse: torch.Tensor, dout: torch.Tensor, causal: bool,
-                             softmax_scale: Optional[float] = None):
+                             softmax_scale: Optional[float] = None, window: Optional[int] = None,
+                             offset: int = 0):
     """dq, dk, dv of one key block given the merged output and natural-log lse of the whole attention."""
-    if not use_triton(q):
-        return attention_backward_reference(q, k, v, out, lse, dout, causal, softmax_scale)
-    return _triton_backward(q, k, v, out, (lse * LOG2E).contiguous(), dout, causal, _scale(q, softmax_scale))
+    if not use_triton(q) or (window is not None and offset):
+        return attention_backward_reference(q, k, v, out, lse, dout, causal, softmax_scale, window, offset)
+    return _triton_backward(q, k, v, out, (lse * LOG2E).contiguous(), dout, causal, _scale(q, softmax_scale),
+                            window)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale):
-        o, lse = _triton_forward(q, k, v, causal, softmax_scale)
+    def forward(ctx, q, k, v, causal, softmax_scale, window):
+        o, lse = _triton_forward(q, k, v, causal, softmax_scale, window)
         ctx.save_for_backward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), o, lse)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        ctx.causal, ctx.softmax_scale, ctx.window = causal, softmax_scale, window
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_triton_backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale), None, None)
+        return (*_triton_backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.window), None, None, None)
 
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-    softmax_scale: Optional[float] = None,
+    softmax_scale: Optional[float] = None, window: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d] (GQA when nkv < nh), scaled by
-    `softmax_scale` (default 1/sqrt(d)). Returns [b, nh, s, d] in q's dtype."""
+    `softmax_scale` (default 1/sqrt(d)); with `window` (causal), each query sees itself and
+    the `window` keys before it. Returns [b, nh, s, d] in q's dtype."""
     b, nh, s, d = q.shape
     if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (b, s, d) or nh % k.shape[1]:
         raise ValueError(
@@ -388,7 +435,7 @@ def flash_attention(
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if not use_triton(q):
-        return flash_attention_reference(q, k, v, causal, softmax_scale)
+        return flash_attention_reference(q, k, v, causal, softmax_scale, window=window)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head dim {q.shape[-1]} not supported; use one of {HEAD_DIMS}")
-    return FlashAttentionFunction.apply(q, k, v, causal, _scale(q, softmax_scale))
+    return FlashAttentionFunction.apply(q, k, v, causal, _scale(q, softmax_scale), window)

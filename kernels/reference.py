@@ -64,34 +64,67 @@ def gelu_reference(x: Tensor) -> Tensor:
     return F.gelu(x.float(), approximate="tanh").to(x.dtype)
 
 
+def visible_keys(q_len: int, k_len: int, window: int | None = None, offset: int = 0,
+                 device: torch.device | None = None) -> Tensor:
+    """[q_len, k_len] bool: which keys each query attends to under a causal mask, with a sliding
+    window if `window` is set: key j is visible to query i when 0 <= i + offset - j <= window
+    (the query itself and the `window` keys before it). `offset` is how many positions the
+    first query sits after the first key (a cached prefix, or a context-parallel chunk pair)."""
+    distance = offset + torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)
+    visible = distance >= 0
+    return visible if window is None else visible & (distance <= window)
+
+
 def flash_attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
-                              softmax_scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+                              softmax_scale: float | None = None, dropout_p: float = 0.0,
+                              window: int | None = None) -> Tensor:
     """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d]: torch SDPA with each kv head
-    repeated for the nh / nkv query heads of its group. `dropout_p` is beyond the kernel,
-    which has no dropout: the model trains with it on this path."""
+    repeated for the nh / nkv query heads of its group; `window` (causal only) limits each
+    query to itself and the `window` keys before it. `dropout_p` is beyond the kernel, which
+    has no dropout: the model trains with it on this path."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
+    if not causal:
+        raise ValueError("a sliding window is for causal attention")
+    mask = visible_keys(q.shape[2], k.shape[2], window, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
+
+
+def _masked_scores(q: Tensor, k: Tensor, scale: float, causal: bool, window: int | None, offset: int) -> Tensor:
+    """fp32 q k^T * scale with the keys each query does not see at -inf: none hidden when not
+    causal and no window; a block off the diagonal (offset > 0) is causal with its offset."""
+    scores = q.float() @ k.float().transpose(-1, -2) * scale
+    if causal or window is not None:
+        scores = scores.masked_fill(~visible_keys(q.shape[-2], k.shape[-2], window, offset, q.device), float("-inf"))
+    return scores
+
+
+def _probabilities(scores: Tensor, lse: Tensor) -> Tensor:
+    """exp(scores - lse); 0 for a row that sees no key (lse -inf), not exp(-inf + inf) = nan."""
+    return torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
 
 
 def attention_forward_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool,
-                                softmax_scale: float | None = None) -> tuple[Tensor, Tensor]:
+                                softmax_scale: float | None = None, window: int | None = None,
+                                offset: int = 0) -> tuple[Tensor, Tensor]:
     """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d] (GQA) and the natural-log
     logsumexp of each query row's scores, fp32 [b, nh, s]: what flash attention keeps for its
-    backward, and what lets partial results over key blocks be merged (ring attention). A row
-    that sees no key (impossible here: a causal row sees itself) would get lse -inf."""
+    backward, and what lets partial results over key blocks be merged (ring attention).
+    `window` and `offset` as in visible_keys, for a block of a sliding-window attention: a row
+    of the block that sees no key gets output 0 and lse -inf, which merges as nothing."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
-    scores = q.float() @ k.transpose(-1, -2) * scale
-    if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1).float()
+    scores = _masked_scores(q, k, scale, causal, window, offset)
     lse = torch.logsumexp(scores, dim=-1)
-    return (torch.exp(scores - lse[..., None]) @ v).to(q.dtype), lse
+    return (_probabilities(scores, lse) @ v).to(q.dtype), lse
 
 
 def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                                 causal: bool, softmax_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                                 causal: bool, softmax_scale: float | None = None, window: int | None = None,
+                                 offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of one key block, FlashAttention-2's way: the probabilities are recomputed from
     the scores and `lse`, and delta = rowsum(dout * out). `out` and `lse` are those of the whole
     attention (every key block merged), so the grads of several blocks add up to the whole's."""
@@ -100,10 +133,7 @@ def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     group = nh // k.shape[1]
     kf, vf = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
     qf, dof = q.float(), dout.float()
-    scores = qf @ kf.transpose(-1, -2) * scale
-    if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    probs = torch.exp(scores - lse[..., None])
+    probs = _probabilities(_masked_scores(qf, kf, scale, causal, window, offset), lse)
     delta = (dof * out.float()).sum(-1, keepdim=True)
     dscores = probs * (dof @ vf.transpose(-1, -2) - delta)
     dq = dscores @ kf * scale

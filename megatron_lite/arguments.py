@@ -59,6 +59,11 @@ PRESETS: dict[str, dict] = {
     "smollm-135m": dict(family="llama", num_layers=30, hidden_size=576, num_attention_heads=9,
                         num_query_groups=3, ffn_hidden_size=1536, seq_length=2048,
                         untie_embeddings_and_output_weights=False),
+    # Mistral-7B-v0.1: untied, 8192-token samples, each token attending to the 4095 before it
+    # (its sliding_window of 4096 counts the token itself).
+    "mistral-7b": dict(family="llama", num_layers=32, hidden_size=4096, num_attention_heads=32,
+                       num_query_groups=8, ffn_hidden_size=14336, seq_length=8192, max_position_embeddings=32768,
+                       window_size=4095),
 }
 
 DEFAULT_PRESET = "tiny"

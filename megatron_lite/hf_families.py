@@ -1,7 +1,8 @@
 """Which Hugging Face `transformers` family represents a model, and the config.json of each.
 
-Ours -> HF (`hf_config`): the llama family is LlamaForCausalLM, Qwen2ForCausalLM with q/k/v
-biases, Qwen3ForCausalLM with per-head q/k norms; with experts, MixtralForCausalLM (every layer
+Ours -> HF (`hf_config`): the llama family is LlamaForCausalLM, MistralForCausalLM with a
+sliding window, Qwen2ForCausalLM with q/k/v biases, Qwen3ForCausalLM with per-head q/k norms
+(both with a sliding window on every layer, or none); with experts, MixtralForCausalLM (every layer
 MoE, softmax top-k renormalised), Qwen2MoeForCausalLM (a gated shared expert, q/k/v biases or
 not) or Qwen3MoeForCausalLM (q/k norms). gpt2 is GPT2LMHeadModel. What no family represents is
 refused with one line naming it.
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 from megatron_lite.config import ConfigError, ModelConfig
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "gpt2": "GPT2LMHeadModel"}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -31,6 +33,7 @@ def hf_family(model: ModelConfig) -> str:
     """The model_type of the HF family that computes what `model` does; ConfigError if none."""
     if model.family == "gpt2":
         for bad, why in ((model.num_experts, "experts"), (model.qk_layernorm, "q/k norms"),
+                         (model.window_size is not None, "a sliding window"),
                          (model.kv_channels not in (None, model.hidden_size // model.num_attention_heads),
                           f"--kv-channels={model.kv_channels}"),
                          (model.num_query_groups != model.num_attention_heads,
@@ -42,7 +45,8 @@ def hf_family(model: ModelConfig) -> str:
     if model.add_qkv_bias and model.qk_layernorm:
         raise ConfigError("no Hugging Face family has q/k/v biases and q/k norms together")
     if not model.num_experts:
-        return "qwen2" if model.add_qkv_bias else "qwen3" if model.qk_layernorm else "llama"
+        return ("qwen2" if model.add_qkv_bias else "qwen3" if model.qk_layernorm
+                else "llama" if model.window_size is None else "mistral")
     family = ("qwen2_moe" if model.moe_shared_expert_intermediate_size else "qwen3_moe" if model.qk_layernorm
               else "mixtral")
     refusals = [
@@ -53,6 +57,8 @@ def hf_family(model: ModelConfig) -> str:
          "a shared expert without a gate (Qwen2-MoE's is gated: --moe-shared-expert-gate)"),
         (family == "qwen2_moe" and model.qk_layernorm, "a shared expert with q/k norms"),
         (family == "qwen3_moe" and model.add_qkv_bias, "q/k norms with q/k/v biases"),
+        (family != "mixtral" and model.window_size is not None,
+         "a sliding window with a shared expert or q/k norms (only Mixtral's is every layer's)"),
         (family == "mixtral" and model.add_qkv_bias, "q/k/v biases without a shared expert or q/k norms"),
         (family == "mixtral" and model.moe_layer_freq != 1,
          f"--moe-layer-freq={model.moe_layer_freq} without a shared expert or q/k norms (every Mixtral layer is MoE)"),
@@ -83,11 +89,19 @@ def hf_config(model: ModelConfig) -> dict:
               "rope_parameters": _rope_parameters(model),
               "tie_word_embeddings": model.tie_embeddings, "attention_dropout": model.attention_dropout,
               "torch_dtype": "float32"}
-    config.update({"llama": {"attention_bias": False, "mlp_bias": False}, "mixtral": {"sliding_window": None},
+    config.update({"llama": {"attention_bias": False, "mlp_bias": False},
                    "qwen3": {"attention_bias": False}, "qwen3_moe": {"attention_bias": False},
                    "qwen2_moe": {"qkv_bias": model.add_qkv_bias}}.get(family, {}))
-    if family.startswith("qwen"):
-        config["use_sliding_window"] = False
+    sliding_window = None if model.window_size is None else model.window_size + 1  # it counts the token itself
+    if family in ("mistral", "mixtral"):
+        config["sliding_window"] = sliding_window
+    elif family.startswith("qwen"):
+        # Qwen's window is on layers max_window_layers onwards: on every layer, or on none.
+        windowed = sliding_window is not None
+        config.update(use_sliding_window=windowed, sliding_window=sliding_window,
+                      max_window_layers=0 if windowed else model.num_layers)
+        if family in ("qwen2", "qwen3"):
+            config["layer_types"] = ["sliding_attention" if windowed else "full_attention"] * model.num_layers
     if family == "mixtral":
         config.update({"intermediate_size": model.expert_ffn_hidden_size, "num_local_experts": model.num_experts,
                        "router_jitter_noise": 0.0})
@@ -117,10 +131,8 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
     if kind not in ARCHITECTURES:
         raise ConfigError(f"model_type={kind} is not supported; allowed: {', '.join(ARCHITECTURES)}")
     _refuse_unmapped(hf)
-    _refuse(hf, hidden_act=lambda v: v != "silu", pretraining_tp=lambda v: v != 1,
-            layer_types=lambda v: any(t != "full_attention" for t in v),
-            use_sliding_window=bool, attention_bias=bool, mlp_bias=bool, router_jitter_noise=bool,
-            mlp_only_layers=bool, **({"sliding_window": bool} if kind in ("llama", "mixtral") else {}))
+    _refuse(hf, hidden_act=lambda v: v != "silu", pretraining_tp=lambda v: v != 1, attention_bias=bool,
+            mlp_bias=bool, router_jitter_noise=bool, mlp_only_layers=bool)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     model = dict(family="llama", num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
@@ -131,7 +143,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
                  make_vocab_size_divisible_by=make_vocab_size_divisible_by, norm_epsilon=hf.get("rms_norm_eps", 1e-6),
                  **_rope_args(hf),
                  add_qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and hf.get("qkv_bias", True)),
-                 qk_layernorm=kind in ("qwen3", "qwen3_moe"),
+                 qk_layernorm=kind in ("qwen3", "qwen3_moe"), window_size=_window_size(hf, kind),
                  # Every one of these families defaults to untied, as our llama family does (None).
                  untie_embeddings_and_output_weights=False if hf.get("tie_word_embeddings") else None)
     if kind == "mixtral":
@@ -147,6 +159,28 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
     if kind in MOE_FAMILIES:
         model.update(moe_router_topk=hf["num_experts_per_tok"], moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0))
     return ModelConfig(**model)
+
+
+def _window_size(hf: dict, kind: str) -> int | None:
+    """Our window_size for config.json's sliding window (None: full attention); ConfigError for a
+    window on some layers only, or in a family we do not map it for."""
+    window = hf.get("sliding_window")
+    if kind in ("mistral", "mixtral"):
+        _refuse(hf, layer_types=lambda v: any(t != "full_attention" for t in v))
+        return None if window is None else window - 1  # HF counts the token itself
+    if kind in ("qwen2", "qwen3"):
+        # transformers' rule and defaults: layers max_window_layers (28) onwards slide, by a window
+        # of sliding_window (4096), when use_sliding_window is set.
+        window, first = hf.get("sliding_window", 4096), hf.get("max_window_layers", 28)
+        types = hf.get("layer_types") or [
+            "sliding_attention" if hf.get("use_sliding_window") and window is not None and i >= first
+            else "full_attention" for i in range(hf["num_hidden_layers"])]
+        if len(set(types)) > 1 or types[0] not in ("full_attention", "sliding_attention"):
+            raise ConfigError(f"layer_types={types!r} is not supported (a sliding window on every layer or none)")
+        return window - 1 if types[0] == "sliding_attention" and window is not None else None
+    _refuse(hf, use_sliding_window=bool, layer_types=lambda v: any(t != "full_attention" for t in v),
+            **({"sliding_window": bool} if kind == "llama" else {}))
+    return None
 
 
 def _rope_parameters(model: ModelConfig) -> dict:
@@ -182,18 +216,18 @@ def _rope_args(hf: dict) -> dict:
 
 
 # config.json fields of the llama-like families that change nothing we compute: bookkeeping,
-# generation and init defaults, caching, and max_window_layers (read only with use_sliding_window,
-# which is refused).
+# generation and init defaults, caching.
 _NEUTRAL = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
             "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
-            "output_router_logits", "max_window_layers"}
+            "output_router_logits"}
 # The fields model_config_from_hf maps or checks.
 _MAPPED = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
            "intermediate_size", "max_position_embeddings", "vocab_size", "rms_norm_eps", "rope_parameters",
            "rope_scaling", "rope_theta", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias",
-           "use_sliding_window", "sliding_window", "layer_types", "pretraining_tp", "qkv_bias", "router_jitter_noise",
-           "mlp_only_layers", "num_local_experts", "num_experts", "moe_intermediate_size", "decoder_sparse_step",
-           "norm_topk_prob", "shared_expert_intermediate_size", "num_experts_per_tok", "router_aux_loss_coef"}
+           "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "pretraining_tp", "qkv_bias",
+           "router_jitter_noise", "mlp_only_layers", "num_local_experts", "num_experts", "moe_intermediate_size",
+           "decoder_sparse_step", "norm_topk_prob", "shared_expert_intermediate_size", "num_experts_per_tok",
+           "router_aux_loss_coef"}
 
 
 def _refuse_unmapped(hf: dict) -> None:

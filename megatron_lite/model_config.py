@@ -82,6 +82,8 @@ class ModelConfig:
     """Dropout on the residual branches."""
     attention_dropout: float = 0.0
     """Dropout on the attention probabilities."""
+    window_size: int | None = None
+    """Sliding-window attention (Mistral): each token attends to itself and the WINDOW_SIZE tokens before it, nothing earlier (flash attention's left window; Hugging Face's sliding_window is this plus one). Default: the whole causal context."""
     fused_kernels: bool = True
     """Fused kernels (kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
     recompute_granularity: str | None = None
@@ -301,6 +303,8 @@ class ModelConfig:
             require(self.seq_length <= self.max_position_embeddings,
                     f"--seq-length={self.seq_length} exceeds the gpt2 position table "
                     f"--max-position-embeddings={self.max_position_embeddings}")
+        require(self.window_size is None or self.window_size >= 0,
+                f"--window-size={self.window_size} must be >= 0 (the tokens before each token it attends to)")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"{flag(name)}={value} must be in [0, 1)")

@@ -48,14 +48,17 @@ def set_seed(seed: int, device: torch.device = torch.device("cpu")) -> None:
 
 
 def select_device(config: Config) -> torch.device:
-    """The requested device, refusing --bf16 where the hardware has no bf16 arithmetic."""
+    """The requested device, refusing --bf16 on a GPU without bf16 arithmetic. A CPU without it
+    (no AVX-512 BF16 or AMX) still runs bf16, emulated: correct, so the bf16 path can be checked
+    anywhere, but many times slower than fp32, which the start-up log says."""
     name = config.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but no CUDA device is visible; allowed here: cpu")
-    if config.train.bf16:
-        ok = torch.cuda.is_bf16_supported() if name == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if not ok:
-            raise ConfigError(f"--bf16 is not supported on this {name} (no native bf16); drop --bf16 to train in fp32")
+    if config.train.bf16 and name == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--bf16 is not supported on this GPU (no native bf16); drop --bf16 to train in fp32")
+    if config.train.bf16 and name == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print_rank_0("note: this cpu has no native bf16 arithmetic: --bf16 runs emulated, correct but many times "
+                     "slower than fp32")
     if config.train.fp16 and name == "cuda" and torch.cuda.get_device_capability()[0] < 6:
         raise ConfigError("--fp16 needs a GPU of compute capability 6.0 or newer; drop --fp16 to train in fp32")
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")

@@ -37,16 +37,17 @@ def test_presets_and_overrides() -> None:
         parse_args(["--model", name]).model.validate()
 
 
-# Published sizes (model cards) and vocabularies (config.json) of the real models the presets copy.
-REAL_MODELS = {"llama3.2-1b": (1.23e9, 128256), "qwen2.5-0.5b": (0.49e9, 151936), "qwen3-0.6b": (0.6e9, 151936),
-               "smollm-135m": (135e6, 49152)}
+# Published sizes (model cards), vocabularies and tying (config.json) of the real models the presets copy.
+REAL_MODELS = {"llama3.2-1b": (1.23e9, 128256, True), "qwen2.5-0.5b": (0.49e9, 151936, True),
+               "qwen3-0.6b": (0.6e9, 151936, True), "smollm-135m": (135e6, 49152, True),
+               "mistral-7b": (7.24e9, 32000, False)}
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_tied_presets_have_their_models_parameter_count(name: str) -> None:
-    size, vocab = REAL_MODELS[name]
+def test_real_model_presets_have_their_models_parameter_count(name: str) -> None:
+    size, vocab, tied = REAL_MODELS[name]
     model = dataclasses.replace(parse_args(["--model", name]).model, vocab_size=vocab)
-    assert model.tie_embeddings
+    assert model.tie_embeddings == tied
     assert count_parameters(model) == pytest.approx(size, rel=0.01)
 
 

@@ -40,12 +40,16 @@ LAYOUTS = [Layout.parse(name) for name in (
     "cp4", "cp4-allgather", "cp4-a2a", "tp2-cp2-sp", "tp2-cp2-sp-a2a", "cp2-pp2", "cp2-pp2-vpp2",
     "cp2-dp2-distopt", "cp2-dp2-allgather-distopt",
     "tp2-cp2-pp2-sp")]
+# A sliding window of 5 over chunks of 4 tokens (cp 4): pairs of chunks it reaches in part,
+# and pairs it skips.
+WINDOW = 5
+WINDOWED = [Layout.parse(name) for name in ("cp4", "cp4-allgather", "cp4-a2a")]
 
 
-def cp_config(family: str, layout: Layout = Layout(), steps: int = STEPS):
+def cp_config(family: str, layout: Layout = Layout(), steps: int = STEPS, window_size: int | None = None):
     config = tiny_config(family, model=dict(num_layers=4, hidden_size=64, num_attention_heads=8,
                                             num_query_groups=4 if family == "llama" else 8, seq_length=SEQ,
-                                            vocab_size=VOCAB),
+                                            vocab_size=VOCAB, window_size=window_size),
                          micro_batch_size=1, global_batch_size=4, train_iters=steps, clip_grad=1.0)
     config.parallel = layout.apply(config.parallel)
     return config
@@ -69,9 +73,9 @@ def attention_work(cp: int) -> dict[str, int]:
     """How many full and diagonal (causal) chunk pairs this rank computes in one ring attention."""
     calls = {"full": 0, "causal": 0}
 
-    def counting_forward(q, k, v, causal):
+    def counting_forward(q, k, v, causal, **window):
         calls["causal" if causal else "full"] += 1
-        return attention_forward_reference(q, k, v, causal)
+        return attention_forward_reference(q, k, v, causal, **window)
 
     attention = context_parallel_attention("p2p", flash_attention_reference, counting_forward,
                                            attention_backward_reference)
@@ -109,6 +113,8 @@ def cp_worker(world: int) -> dict:
         results["saved"] = {c: saved_bytes_in_layers(cp_config("llama", Layout(cp=2, cp_comm=c)))
                             for c in ("p2p", "allgather", "a2a")}
     if world == 4:
+        results["window"] = {layout: run_steps(cp_config("llama", layout, window_size=WINDOW), STEPS)
+                             for layout in WINDOWED}
         parallel_state.initialize_model_parallel(ParallelConfig(context_parallel_size=4))
         results["work"] = attention_work(4)
     return results
@@ -120,8 +126,8 @@ def spawned(world: int) -> list[dict]:
 
 
 @functools.cache
-def reference(family: str) -> dict:
-    return run_steps(cp_config(family), STEPS)
+def reference(family: str, window_size: int | None = None) -> dict:
+    return run_steps(cp_config(family, window_size=window_size), STEPS)
 
 
 # ---------------------------------------------------------------- the tests
@@ -131,6 +137,15 @@ def reference(family: str) -> dict:
 def test_context_parallel_matches_single_device(layout: Layout, family: str) -> None:
     ranks = spawned(layout.world_size)
     assert_parity(reference(family), merge_ranks([r[layout][family] for r in ranks]), VOCAB)
+
+
+@pytest.mark.parametrize("layout", WINDOWED, ids=[layout.name for layout in WINDOWED])
+def test_sliding_window_context_parallel_matches_single_device(layout: Layout) -> None:
+    ranks = spawned(layout.world_size)
+    windowed = reference("llama", WINDOW)
+    assert_parity(windowed, merge_ranks([r["window"][layout] for r in ranks]), VOCAB)
+    # The window changes the model: its losses are not the full causal context's.
+    assert windowed["losses"] != pytest.approx(reference("llama")["losses"], rel=1e-4)
 
 
 @pytest.mark.parametrize("comm_type", ["p2p", "allgather", "a2a"])

@@ -63,10 +63,10 @@ def _cases() -> list:
         cases.append((kernel, dict(BLOCK=ce["BLOCK"]), [], ce["num_warps"], 3))
     for head_dim in (64, 128):
         configs = fa._configs(head_dim, torch.bfloat16, cuda)
-        for causal in (True, False):
+        for causal, windowed in ((True, False), (False, False), (True, True)):
             for kernel, config in zip((fa._fwd_kernel, fa._bwd_dkdv_kernel, fa._bwd_dq_kernel), configs):
                 tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-                flags = dict(CAUSAL=causal, HEAD_DIM=head_dim, **tiles)
+                flags = dict(CAUSAL=causal, WINDOWED=windowed, HEAD_DIM=head_dim, **tiles)
                 cases.append((kernel, flags, [], config["num_warps"], config["num_stages"]))
         cases.append((fa._bwd_delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_M=fa.DELTA_BLOCK), [], 4, 3))
     return cases

@@ -71,3 +71,26 @@ def test_block_forward_and_backward_with_lse_match_the_reference(causal):
     want = attention_backward_reference(q, k, v, want_out, want_lse, do, causal)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("seqlen,window", [(37, 0), (37, 5), (40, 16), (37, 20), (33, 40)])
+def test_sliding_window_matches_the_masked_reference(seqlen, window):
+    """Each query sees itself and the `window` keys before it: windows inside one 16-row tile,
+    on a tile edge, across tiles, and wider than the sequence (plain causal)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, seqlen, 16)
+    k, v = torch.randn(2, 2, 2, seqlen, 16)
+    do = torch.randn_like(q)
+    got = _outputs_and_grads(flash_attention, q, k, v, do, causal=True, window=window)
+    want = _outputs_and_grads(flash_attention_reference, q, k, v, do, causal=True, window=window)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+    # The reference's mask is the window's: query i's output is attention over keys i-window..i alone.
+    i = seqlen - 1
+    lo = max(0, i - window)
+    alone = flash_attention_reference(q[:, :, i:i + 1], k[:, :, lo:i + 1], v[:, :, lo:i + 1], causal=False)
+    torch.testing.assert_close(want[0][:, :, i:i + 1], alone, **TOL)
+    out, lse = flash_attention_forward(q, k, v, True, window=window)
+    want_out, want_lse = attention_forward_reference(q, k, v, True, window=window)
+    torch.testing.assert_close(out, want_out, **TOL)
+    torch.testing.assert_close(lse, want_lse, **TOL)

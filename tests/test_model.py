@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_lite.flops import flops_per_step
 from megatron_lite.model.gpt import GPTModel, init_weights
 from helpers.tiny import tiny_model
 
@@ -56,3 +57,13 @@ def test_causal() -> None:
     out_a, out_b = model(tokens), model(changed)
     assert torch.equal(out_a[:, :-1], out_b[:, :-1])
     assert not torch.equal(out_a[:, -1], out_b[:, -1])
+
+
+def test_model_flops_of_a_sliding_window_count_the_keys_each_query_sees() -> None:
+    """Megatron's formula counts s keys per query for the scores and weighted sum; with a
+    window, window + 1 keys (a window wider than the sequence changes nothing)."""
+    full = tiny_model(seq_length=64)
+    h, s, layers = full.hidden_size, full.seq_length, full.num_layers
+    windowed = flops_per_step(tiny_model(seq_length=64, window_size=15), 2)
+    assert flops_per_step(full, 2) - windowed == pytest.approx(12.0 * 2 * s * layers * h * (s - 16))
+    assert flops_per_step(tiny_model(seq_length=64, window_size=100), 2) == flops_per_step(full, 2)

@@ -94,10 +94,15 @@ def test_load_of_empty_dir_starts_fresh(tmp_path, capsys) -> None:
     assert "training starts from scratch" in capsys.readouterr().out
 
 
-def test_bf16_refused_without_hardware_support(monkeypatch) -> None:
+def test_bf16_without_hardware_support(monkeypatch, capsys) -> None:
+    """A GPU without bf16 is refused; a CPU without it runs bf16 emulated, and says it is slow."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    with pytest.raises(ConfigError, match=r"--bf16 is not supported on this cpu"):
-        select_device(tiny_config(bf16=True))
+    assert select_device(tiny_config(bf16=True)) == torch.device("cpu")
+    assert "this cpu has no native bf16 arithmetic: --bf16 runs emulated" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match=r"--bf16 is not supported on this GPU \(no native bf16\)"):
+        select_device(tiny_config(bf16=True, device="cuda"))
 
 
 def test_learning_rate_schedule() -> None:

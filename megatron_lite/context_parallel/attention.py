@@ -15,9 +15,11 @@ after RoPE at the true positions). Three ways to see every key (Megatron's --cp-
   query groups divisible by tp*cp.
 
 p2p and allgather work on chunk pairs: query chunk i and key chunk j are fully visible when
-j < i, causal when j == i, skipped when j > i. A pair is one call of the block primitives the
-model's ops provide (`attention_block_forward` / `attention_block_backward`: the flash-attention
-kernels on GPU, their torch references on CPU), which return and take the row log-sum-exp.
+j < i, causal when j == i, skipped when j > i. With a sliding window a pair j < i is masked by
+its distance (i - j) * chunk length, and skipped when the window reaches none of it. A pair is
+one call of the block primitives the model's ops provide (`attention_block_forward` /
+`attention_block_backward`: the flash-attention kernels on GPU, their torch references on CPU),
+which return and take the row log-sum-exp.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from megatron_lite.comm import all_gather, all_to_all, reduce_scatter, send_recv
 from megatron_lite.context_parallel.zigzag import chunk_ids, zigzag_positions
 
 Tensor = torch.Tensor
-BlockForward = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
-BlockBackward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor, Tensor]]
+# (q, k, v, causal, window=, offset=) and (q, k, v, out, lse, dout, causal, window=, offset=).
+BlockForward = Callable[..., tuple[Tensor, Tensor]]
+BlockBackward = Callable[..., tuple[Tensor, Tensor, Tensor]]
 KV_TAG, DKV_TAG = 3, 4  # apart from the pipeline's tags (1, 2): both use the default group
 
 
@@ -41,12 +44,14 @@ def _chunk(t: Tensor, i: int, dim: int = -2) -> Tensor:
     return t.narrow(dim, i * (t.shape[dim] // 2), t.shape[dim] // 2)
 
 
-def _pairs(q_ids: tuple[int, int], k_ids: tuple[int, int]):
-    """(query chunk index, key chunk index, causal) of every visible chunk pair."""
+def _pairs(q_ids: tuple[int, int], k_ids: tuple[int, int], chunk: int, window: int | None):
+    """(query chunk index, key chunk index, causal, offset) of every chunk pair some query of
+    which sees some key: offset is how far the query chunk starts after the key chunk."""
     for i, q_id in enumerate(q_ids):
         for j, k_id in enumerate(k_ids):
-            if k_id <= q_id:
-                yield i, j, k_id == q_id
+            offset = (q_id - k_id) * chunk
+            if k_id <= q_id and (window is None or offset - (chunk - 1) <= window):
+                yield i, j, k_id == q_id, offset
 
 
 class _Merged:
@@ -62,38 +67,49 @@ class _Merged:
             self.out[i], self.lse[i] = out, lse
             return
         new = torch.logaddexp(self.lse[i], lse)
-        self.out[i] = self.out[i] * torch.exp(self.lse[i] - new)[..., None] + out * torch.exp(lse - new)[..., None]
+        # A row no block has shown a key yet (a sliding window's) stays lse -inf, weight 0.
+        unseen = new == float("-inf")
+        weight_old = torch.exp(self.lse[i] - new).masked_fill(unseen, 0.0)[..., None]
+        weight_new = torch.exp(lse - new).masked_fill(unseen, 0.0)[..., None]
+        self.out[i] = self.out[i] * weight_old + out * weight_new
         self.lse[i] = new
 
     def result(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return torch.cat(self.out, dim=-2).to(dtype), torch.cat(self.lse, dim=-1)
 
 
-def _forward_blocks(forward: BlockForward, q: Tensor, kv: Tensor, k_ids: tuple[int, int], merged: _Merged) -> None:
-    """Attend with the local queries to one rank's k/v chunk pair (kv = stack of k and v)."""
+def _local_pairs(q: Tensor, k_ids: tuple[int, int], window: int | None):
+    """_pairs of this rank's query chunks with the key chunks k_ids."""
     q_ids = chunk_ids(parallel_state.get_grid().index("cp"), parallel_state.get_grid().size("cp"))
-    for i, j, causal in _pairs(q_ids, k_ids):
-        merged.add(i, *forward(_chunk(q, i), _chunk(kv[0], j), _chunk(kv[1], j), causal))
+    return _pairs(q_ids, k_ids, q.shape[-2] // 2, window)
+
+
+def _forward_blocks(forward: BlockForward, q: Tensor, kv: Tensor, k_ids: tuple[int, int], merged: _Merged,
+                    window: int | None) -> None:
+    """Attend with the local queries to one rank's k/v chunk pair (kv = stack of k and v)."""
+    for i, j, causal, offset in _local_pairs(q, k_ids, window):
+        merged.add(i, *forward(_chunk(q, i), _chunk(kv[0], j), _chunk(kv[1], j), causal, window=window,
+                               offset=offset))
 
 
 def _backward_blocks(backward: BlockBackward, q: Tensor, kv: Tensor, k_ids: tuple[int, int], out: Tensor,
-                     lse: Tensor, dout: Tensor, dq: Tensor, dkv: Tensor) -> None:
+                     lse: Tensor, dout: Tensor, dq: Tensor, dkv: Tensor, window: int | None) -> None:
     """Add one k/v chunk pair's share of the gradients to dq (local) and dkv (that pair's)."""
-    q_ids = chunk_ids(parallel_state.get_grid().index("cp"), parallel_state.get_grid().size("cp"))
-    for i, j, causal in _pairs(q_ids, k_ids):
+    for i, j, causal, offset in _local_pairs(q, k_ids, window):
         grads = backward(_chunk(q, i), _chunk(kv[0], j), _chunk(kv[1], j), _chunk(out, i), _chunk(lse, i, -1),
-                         _chunk(dout, i), causal)
+                         _chunk(dout, i), causal, window=window, offset=offset)
         _chunk(dq, i).add_(grads[0])
         _chunk(dkv[0], j).add_(grads[1])
         _chunk(dkv[1], j).add_(grads[2])
 
 
-def _save_for_backward(ctx, q: Tensor, k: Tensor, v: Tensor, merged: _Merged, backward: BlockBackward) -> Tensor:
+def _save_for_backward(ctx, q: Tensor, k: Tensor, v: Tensor, merged: _Merged, backward: BlockBackward,
+                       window: int | None) -> Tensor:
     """The merged output; keeps what the backward of a chunk-pair attention needs (only this
     rank's q, k, v: the others' k/v are fetched again rather than kept alive)."""
     out, lse = merged.result(q.dtype)
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.backward_block = backward
+    ctx.backward_block, ctx.window = backward, window
     return out
 
 
@@ -105,7 +121,8 @@ def _ring() -> tuple[int, int, int, int]:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, forward: BlockForward, backward: BlockBackward) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, forward: BlockForward, backward: BlockBackward,
+                window: int | None) -> Tensor:
         cp, r, nxt, prv = _ring()
         kv, owner, merged = torch.stack([k, v]), r, _Merged()
         for step in range(cp):
@@ -113,12 +130,12 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:  # the next block travels while this one is computed
                 incoming = torch.empty_like(kv)
                 pending = send_recv_async([("send", kv, nxt, KV_TAG), ("recv", incoming, prv, KV_TAG)], "cp")
-            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged)
+            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged, window)
             for work in pending:
                 work.wait()
             if incoming is not None:
                 kv, owner = incoming, (owner - 1) % cp
-        return _save_for_backward(ctx, q, k, v, merged, backward)
+        return _save_for_backward(ctx, q, k, v, merged, backward, window)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
@@ -131,7 +148,7 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 incoming = torch.empty_like(kv)
                 pending = send_recv_async([("send", kv, nxt, KV_TAG), ("recv", incoming, prv, KV_TAG)], "cp")
-            _backward_blocks(ctx.backward_block, q, kv, chunk_ids(owner, cp), out, lse, dout, dq, dkv)
+            _backward_blocks(ctx.backward_block, q, kv, chunk_ids(owner, cp), out, lse, dout, dq, dkv, ctx.window)
             # This block's dK/dV follow it; after the last step our own block's come home.
             arrived = torch.empty_like(dkv)
             send_recv([("send", dkv, nxt, DKV_TAG), ("recv", arrived, prv, DKV_TAG)], "cp")
@@ -140,7 +157,7 @@ class _RingAttention(torch.autograd.Function):
                 work.wait()
             if incoming is not None:
                 kv, owner = incoming, (owner - 1) % cp
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def _gather_kv(k: Tensor, v: Tensor) -> Tensor:
@@ -150,11 +167,12 @@ def _gather_kv(k: Tensor, v: Tensor) -> Tensor:
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, forward: BlockForward, backward: BlockBackward) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, forward: BlockForward, backward: BlockBackward,
+                window: int | None) -> Tensor:
         cp, merged = parallel_state.get_grid().size("cp"), _Merged()
         for owner, kv in enumerate(_gather_kv(k, v)):
-            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged)
-        return _save_for_backward(ctx, q, k, v, merged, backward)
+            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged, window)
+        return _save_for_backward(ctx, q, k, v, merged, backward, window)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
@@ -163,9 +181,10 @@ class _AllGatherAttention(torch.autograd.Function):
         full = _gather_kv(k, v)
         dq, dfull = torch.zeros_like(q, dtype=torch.float32), torch.zeros_like(full, dtype=torch.float32)
         for owner in range(cp):
-            _backward_blocks(ctx.backward_block, q, full[owner], chunk_ids(owner, cp), out, lse, dout, dq, dfull[owner])
+            _backward_blocks(ctx.backward_block, q, full[owner], chunk_ids(owner, cp), out, lse, dout, dq,
+                             dfull[owner], ctx.window)
         dkv = reduce_scatter(dfull, dim=0, group="cp")[0]
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -191,20 +210,20 @@ def _ulysses_order(seq: int, cp: int, device: torch.device) -> tuple[Tensor, Ten
     return to_order, torch.argsort(to_order)
 
 
-def _ulysses(q: Tensor, k: Tensor, v: Tensor, attention: Callable[..., Tensor]) -> Tensor:
+def _ulysses(q: Tensor, k: Tensor, v: Tensor, attention: Callable[..., Tensor], window: int | None) -> Tensor:
     cp = parallel_state.get_grid().size("cp")
     to_order, back = _ulysses_order(q.shape[2] * cp, cp, q.device)
     q, k, v = (_AllToAll.apply(t, 1, 2).index_select(2, to_order) for t in (q, k, v))
-    return _AllToAll.apply(attention(q, k, v, 0.0).index_select(2, back), 2, 1)
+    return _AllToAll.apply(attention(q, k, v, 0.0, window).index_select(2, back), 2, 1)
 
 
 def context_parallel_attention(comm_type: str, attention: Callable[..., Tensor], block_forward: BlockForward,
                                block_backward: BlockBackward) -> Callable[..., Tensor]:
     """The attention op of a model whose sequence is split over cp (signature of Ops.attention;
     attention dropout is refused with cp > 1 by the config)."""
-    def cp_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    def cp_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, window: int | None = None) -> Tensor:
         if comm_type == "a2a":
-            return _ulysses(q, k, v, attention)
+            return _ulysses(q, k, v, attention, window)
         function = _RingAttention if comm_type == "p2p" else _AllGatherAttention
-        return function.apply(q, k, v, block_forward, block_backward)
+        return function.apply(q, k, v, block_forward, block_backward, window)
     return cp_attention

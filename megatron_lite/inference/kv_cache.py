@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import visible_keys
+
 
 class InferenceParams:
     """One model's KV cache for a batch of sequences decoded together.
@@ -19,9 +21,10 @@ class InferenceParams:
         self.sequence_len_offset = 0
         self.key_value_memory_dict: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def attend(self, layer_number: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer_number: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
         """Causal attention of the new tokens' q [b, heads, s, d] over every cached token and the
-        new ones, whose k, v [b, groups, s, d] are stored first."""
+        new ones, whose k, v [b, groups, s, d] are stored first; `window` as in the model."""
         b, groups, s, d = k.shape
         start, end = self.sequence_len_offset, self.sequence_len_offset + s
         if end > self.max_sequence_length or b > self.max_batch_size:
@@ -35,7 +38,7 @@ class InferenceParams:
         keys, values = keys[:b, :, :end], values[:b, :, :end]
         # Query i sits at position start + i and sees the keys up to it: the causal mask shifted
         # by the cached tokens (with nothing cached, plain causal attention).
-        visible = torch.arange(end, device=q.device) <= torch.arange(start, end, device=q.device)[:, None]
+        visible = visible_keys(s, end, window, offset=start, device=q.device)
         per_group = q.shape[1] // groups
         return F.scaled_dot_product_attention(q, keys.repeat_interleave(per_group, dim=1),
                                               values.repeat_interleave(per_group, dim=1), attn_mask=visible)

@@ -29,7 +29,8 @@ class Attention(nn.Module):
     The fused QKV projection is laid out group by group: for each query group its query
     heads, then its key head, then its value head. Splitting that output dimension into
     contiguous pieces therefore hands every tp rank whole groups (Megatron's layout too).
-    With qk_layernorm every query and key head is normalised over its width before RoPE,
+    With window_size each query sees itself and the window_size tokens before it (Mistral's
+    sliding window, less one). With qk_layernorm every query and key head is normalised over its width before RoPE,
     by one norm for all query heads and one for all key heads (Megatron's q_layernorm,
     k_layernorm); each tp rank normalises its own heads, so their grads are partial over tp.
     """
@@ -42,6 +43,7 @@ class Attention(nn.Module):
         self.num_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
+        self.window = config.window_size
         self.sequence_parallel, self.recompute = sequence_parallel, config.selective_recompute
         self.ops = ops
         bias = config.family == "gpt2"
@@ -75,7 +77,7 @@ class Attention(nn.Module):
         # Attention takes [batch, heads, seq, dim].
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if inference_params is not None:
-            out = inference_params.attend(self.layer_number, q, k, v)
+            out = inference_params.attend(self.layer_number, q, k, v, self.window)
         else:
             out = checkpointed(self._core_attention, "core_attn" in self.recompute)(q, k, v)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -85,7 +87,7 @@ class Attention(nn.Module):
         (under SP the whole layer stack already is, see tensor_parallel/random.py)."""
         dropout = self.dropout if self.training else 0.0
         with get_rng_tracker().fork() if dropout and not self.sequence_parallel else contextlib.nullcontext():
-            return self.ops.attention(q, k, v, dropout)
+            return self.ops.attention(q, k, v, dropout, self.window)
 
 
 class MLP(nn.Module):
