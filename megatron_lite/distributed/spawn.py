@@ -1,7 +1,13 @@
 """Run a function on N local ranks, as torchrun would, and collect what each returns.
 
-Tests and tools use it to run real distributed code on one CPU (gloo). Spawning costs
-seconds (each rank imports torch), so a caller spawns once and its worker does many things.
+Tests and tools use it to run real distributed code on one CPU (gloo). A fresh interpreter per
+rank costs seconds (each imports torch and megatron_lite: 10 s for 8 ranks on 2 cores), so the
+ranks are forked from multiprocessing's fork server, which imported both once (its first start
+costs about as much as one spawn; later ranks start in milliseconds); where there is no fork
+server (Windows), they are spawned. A forked rank is given the caller's current environment and
+stdout/stderr (the server's are those of its start, not of this call: a test capturing a rank's
+output would see nothing); multiprocessing gives it the caller's working directory and sys.path.
+Even so, a caller spawns once and its worker does many things.
 
 Two things make it safe to call many times in a row:
 - Each rank tears its process group down before it exits (a barrier first, so no peer is
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing import reduction
 from pathlib import Path
 
 import torch
@@ -45,8 +52,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, progress, worker: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+class _CallersFd:
+    """One of the caller's file descriptors, of which the started rank receives a copy: pickled
+    while multiprocessing starts the rank, when it can hand descriptors over (`reduction.DupFd`)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+
+def _received_fd(dup) -> int:
+    return dup.detach()
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, progress, worker: Callable, args: tuple,
+           environment: dict[str, str], stdout: int, stderr: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    os.environ.clear()
+    os.environ.update(environment, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     if progress is not None:
         faulthandler.register(_STACKS_SIGNAL, all_threads=True)
@@ -70,6 +98,11 @@ def resolve_stall_timeout(timeout: float | None = None) -> float | None:
     return float(value) if value else None
 
 
+_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+# What the fork server imports before it forks any rank (its first start; see the module docstring).
+multiprocessing.set_forkserver_preload(["torch", "megatron_lite.training"])
+
+
 def run_on_ranks(worker: Callable, world_size: int, *args, stall_timeout: float | None = None) -> list:
     """worker(*args) on every rank (torch.distributed's environment set, not yet initialised);
     the results by rank. `worker` must be importable by name (a module-level function).
@@ -83,8 +116,9 @@ def run_on_ranks(worker: Callable, world_size: int, *args, stall_timeout: float 
     progress = multiprocessing.get_context("spawn").Array("d", world_size, lock=False) if stall is not None else None
     spawned_at = time.monotonic()
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, progress, worker, args),
-                                     nprocs=world_size, join=False, start_method="spawn")
+        context = mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, progress, worker, args,
+                                                   dict(os.environ), _CallersFd(1), _CallersFd(2)),
+                                     nprocs=world_size, join=False, start_method=_START_METHOD)
         try:
             # join returns False while any rank still runs (without a timeout: once one has exited).
             while not context.join(timeout=None if stall is None else _POLL_S):
