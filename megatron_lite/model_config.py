@@ -237,15 +237,19 @@ class ModelConfig:
         require("moe" not in self.selective_recompute or self.num_experts,
                 "--recompute-modules moe needs --num-experts")
 
+    def _first_set(self, names: tuple[str, ...]) -> str | None:
+        """The first of these optional fields that is set, if any."""
+        return next((name for name in names if getattr(self, name) is not None), None)
+
     def _validate_rope_scaling(self) -> None:
         kind = self.rope_scaling_type
         require(kind in ROPE_SCALING_TYPES, f"--rope-scaling-type={kind} is unknown; allowed: "
                 f"{', '.join(ROPE_SCALING_TYPES)}")
         if kind == "none":
-            given = [n for n in ("rope_scaling_factor", "rope_scaling_original_max_position_embeddings", *YARN_ONLY)
-                     if getattr(self, n) is not None]
+            given = self._first_set(("rope_scaling_factor", "rope_scaling_original_max_position_embeddings",
+                                     *YARN_ONLY))
             if given:
-                raise ConfigError(f"{flag(given[0])} needs --rope-scaling-type")
+                raise ConfigError(f"{flag(given)} needs --rope-scaling-type")
             return
         require(self.family == "llama", f"--rope-scaling-type={kind} is for the llama family (gpt2 learns its "
                 "positions)")
@@ -261,9 +265,9 @@ class ModelConfig:
                     f"--rope-scaling-high-freq-factor={self.rope_scaling_high_freq_factor} must exceed "
                     f"--rope-scaling-low-freq-factor={self.rope_scaling_low_freq_factor}")
         if kind != "yarn":
-            given = [n for n in YARN_ONLY if getattr(self, n) is not None]
+            given = self._first_set(YARN_ONLY)
             if given:
-                raise ConfigError(f"{flag(given[0])} is for --rope-scaling-type yarn")
+                raise ConfigError(f"{flag(given)} is for --rope-scaling-type yarn")
             return
         for name in YARN_ONLY:
             if getattr(self, name) is not None:

@@ -80,10 +80,10 @@ def check_model_args(config: Config, saved: dict, where: Path, adopt: bool = Fal
         if name in ModelConfig.TRAINING_ONLY or name not in saved or saved[name] == getattr(config.model, name):
             continue
         ours, theirs, flag = getattr(config.model, name), saved[name], "--" + name.replace("_", "-")
-        if name == "vocab_size" and theirs < ours:
-            raise ConfigError(f"checkpoint {where} has a vocabulary of {theirs} tokens but this run's tokenizer "
-                              f"({config.train.tokenizer_type}) has {ours}; use the tokenizer it was trained with")
         if name == "vocab_size":
+            if theirs < ours:
+                raise ConfigError(f"checkpoint {where} has a vocabulary of {theirs} tokens but this run's tokenizer "
+                                  f"({config.train.tokenizer_type}) has {ours}; use the tokenizer it was trained with")
             # Released models pad their table past their tokenizer (Qwen2.5: 151936 rows, 151665
             # tokens): every id the tokenizer emits has its row, and the rows beyond stay in the
             # softmax as the original model has them.

@@ -113,7 +113,7 @@ def run_on_ranks(worker: Callable, world_size: int, *args, stall_timeout: float 
     """
     stall = resolve_stall_timeout(stall_timeout)
     # Each rank's last progress (system-wide monotonic clock); 0 until it has started the worker.
-    progress = multiprocessing.get_context("spawn").Array("d", world_size, lock=False) if stall is not None else None
+    progress = multiprocessing.get_context(_START_METHOD).Array("d", world_size, lock=False) if stall is not None else None
     spawned_at = time.monotonic()
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, progress, worker, args,
