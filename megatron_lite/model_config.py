@@ -85,7 +85,7 @@ class ModelConfig:
     window_size: int | None = None
     """Sliding-window attention (Mistral): each token attends to itself and the WINDOW_SIZE tokens before it, nothing earlier (flash attention's left window; Hugging Face's sliding_window is this plus one). Default: the whole causal context."""
     fused_kernels: bool = True
-    """Fused kernels (kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
+    """Fused kernels (megatron_lite/kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
     recompute_granularity: str | None = None
     """Activation recomputation: full (keep each layer's input, replay the layer in backward) or selective (replay only --recompute-modules); default: none."""
     recompute_method: str | None = None

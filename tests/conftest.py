@@ -9,7 +9,7 @@ import torch
 
 from megatron_lite.distributed.spawn import STALL_TIMEOUT_ENV
 
-# `triton.jit` chooses compile-or-interpret when it decorates, i.e. when a `kernels/`
+# `triton.jit` chooses compile-or-interpret when it decorates, i.e. when a `megatron_lite/kernels/`
 # module is first imported, so this must be set before any test module is collected.
 # It changes nothing for tests that launch no kernel: on CPU the ops call their
 # plain-torch reference unless MEGATRON_LITE_TRITON=1, which only `force_triton` sets.
@@ -31,5 +31,5 @@ def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture
 def force_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dispatch the ops in `kernels/` to Triton for this test, even on CPU tensors."""
+    """Dispatch the ops in `megatron_lite/kernels/` to Triton for this test, even on CPU tensors."""
     monkeypatch.setenv("MEGATRON_LITE_TRITON", "1")

@@ -17,7 +17,7 @@ from helpers.checkpoint_steps import layout_config, train, train_jobs
 from helpers.commands import ROOT
 from helpers.parity import assert_parity, merge_ranks, run_steps, setup_rank
 from helpers.tiny import tiny_config
-from kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
+from megatron_lite.kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
 from megatron_lite import parallel_state
 from megatron_lite.comm import METER
 from megatron_lite.config import ParallelConfig

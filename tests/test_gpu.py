@@ -6,7 +6,7 @@ Every test is marked `gpu` and skipped without CUDA. Only here do the kernels ru
 GPU code, in bf16 and fp16, on GPU-sized shapes, with the launch configurations only a GPU uses
 (4096-column blocks in the cross entropy, flash attention's tiles per head dim), with cuBLAS's
 fp32-output addmm accumulating the fused loss's weight gradient, and inside training on CUDA.
-Inputs and implementations are the benchmark's (kernels/bench_cases.py: "ours", the public op,
+Inputs and implementations are the benchmark's (tools/kernel_bench_cases.py: "ours", the public op,
 and "eager", its reference), so each op is tested as it is benchmarked.
 
 Tolerances. A kernel on 16-bit inputs is compared with its reference run in fp32 on the very
@@ -38,10 +38,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.bench_cases import OPS, Case
-from kernels.flash_attention import flash_attention, flash_attention_backward, flash_attention_forward
-from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from kernels.reference import attention_forward_reference
+from tools.kernel_bench_cases import OPS, Case
+from megatron_lite.kernels.flash_attention import flash_attention, flash_attention_backward, flash_attention_forward
+from megatron_lite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_lite.kernels.reference import attention_forward_reference
 from megatron_lite.config import Config
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.training import pretrain
@@ -55,7 +55,7 @@ DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, i
 RTOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}  # twice the epsilon: see the module docstring
 ELEMENTWISE = {"rope", "swiglu", "gelu", "cross_entropy"}
 AGAINST_TORCH_16BIT = {"flash_attention"}
-# The bench_cases builders' arguments, GPU-sized and ragged where the GPU's blocks have edges.
+# The kernel_bench_cases builders' arguments, GPU-sized and ragged where the GPU's blocks have edges.
 # A new op in OPS without a shape here fails at collection (KeyError), not silently untested.
 SHAPES = {
     "rmsnorm": [(4096, 3072)],  # 3072 columns in a 4096-wide row block

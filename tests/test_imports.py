@@ -1,5 +1,5 @@
 """The import structure: the plain-torch model loads and runs where Triton is absent, and no
-module of megatron_lite/ or kernels/ imports itself back through others."""
+module of megatron_lite/ (kernels included) imports itself back through others."""
 from __future__ import annotations
 
 import ast
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("megatron_lite", "kernels")
+PACKAGES = ("megatron_lite",)
 
 # Triton is a Linux-only dependency. A None entry in sys.modules makes `import triton` raise
 # ImportError and importlib.util.find_spec("triton") return None, as when it is not installed.
@@ -27,7 +27,7 @@ for family, fused in (("llama", False), ("gpt2", False), ("llama", True)):
     init_weights(model, config, seed=0)
     tokens = torch.randint(0, config.vocab_size, (2, config.seq_length))
     model(tokens, tokens).mean().backward()
-kernel_modules = sorted(m for m in sys.modules if m.startswith("kernels.") and m != "kernels.reference")
+kernel_modules = sorted(m for m in sys.modules if m.startswith("megatron_lite.kernels.") and m != "megatron_lite.kernels.reference")
 assert not kernel_modules, kernel_modules
 """
 

@@ -5,9 +5,9 @@ Tolerances: fp32, atol 1e-5 / rtol 1e-4 (exp-based sigmoid/tanh vs torch's own).
 import pytest
 import torch
 
-from kernels.gelu import gelu
-from kernels.reference import gelu_reference, swiglu_reference
-from kernels.swiglu import swiglu
+from megatron_lite.kernels.gelu import gelu
+from megatron_lite.kernels.reference import gelu_reference, swiglu_reference
+from megatron_lite.kernels.swiglu import swiglu
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-5, rtol=1e-4)

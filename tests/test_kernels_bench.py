@@ -1,4 +1,4 @@
-"""kernels/bench.py: the CPU smoke run exercises the whole benchmark path on every op."""
+"""tools/bench_kernels.py: the CPU smoke run exercises the whole benchmark path on every op."""
 import csv
 import subprocess
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.bench import main
-from kernels.bench_cases import OPS
+from tools.bench_kernels import main
+from tools.kernel_bench_cases import OPS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_cpu_smoke_measures_every_op_and_writes_csv(tmp_path):
     out = tmp_path / "bench.csv"
     proc = subprocess.run(
-        [sys.executable, "kernels/bench.py", "--cpu-smoke", "--csv", str(out)],
+        [sys.executable, "tools/bench_kernels.py", "--cpu-smoke", "--csv", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cross_entropy import cross_entropy
-from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from kernels.reference import cross_entropy_reference, fused_linear_cross_entropy_reference
+from megatron_lite.kernels.cross_entropy import cross_entropy
+from megatron_lite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_lite.kernels.reference import cross_entropy_reference, fused_linear_cross_entropy_reference
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=2e-5, rtol=1e-4)

@@ -1,9 +1,9 @@
-"""The one dispatch rule of kernels/: Triton on CUDA or when MEGATRON_LITE_TRITON=1."""
+"""The one dispatch rule of megatron_lite/kernels/: Triton on CUDA or when MEGATRON_LITE_TRITON=1."""
 import pytest
 import torch
 
-from kernels import use_triton
-from kernels.rmsnorm import rms_norm
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels.rmsnorm import rms_norm
 
 
 def test_cpu_tensors_use_the_reference_unless_triton_is_asked_for(monkeypatch: pytest.MonkeyPatch):

@@ -6,8 +6,8 @@ in another order than SDPA's math path, and backward chains three matmuls.
 import pytest
 import torch
 
-from kernels.flash_attention import flash_attention, flash_attention_backward, flash_attention_forward
-from kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
+from megatron_lite.kernels.flash_attention import flash_attention, flash_attention_backward, flash_attention_forward
+from megatron_lite.kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Kernels form row/head/batch offsets in int64 (`kernels._common.ptr_add`).
+"""Kernels form row/head/batch offsets in int64 (`megatron_lite.kernels._common.ptr_add`).
 
 A row that starts past element 2**31 needs an 8 GiB tensor, which a test cannot allocate.
 It does not have to: the tensors below are strided views into a sparse file mapped with
@@ -14,10 +14,10 @@ import tempfile
 import pytest
 import torch
 
-from kernels.cross_entropy import cross_entropy
-from kernels.flash_attention import flash_attention
-from kernels.reference import cross_entropy_reference, flash_attention_reference, rms_norm_reference
-from kernels.rmsnorm import rms_norm
+from megatron_lite.kernels.cross_entropy import cross_entropy
+from megatron_lite.kernels.flash_attention import flash_attention
+from megatron_lite.kernels.reference import cross_entropy_reference, flash_attention_reference, rms_norm_reference
+from megatron_lite.kernels.rmsnorm import rms_norm
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-5, rtol=1e-4)

@@ -5,9 +5,9 @@ Tolerances: fp32, atol 1e-5 / rtol 1e-4 (the kernel and torch sum rows in differ
 import pytest
 import torch
 
-from kernels.layernorm import layer_norm
-from kernels.reference import layer_norm_reference, rms_norm_reference
-from kernels.rmsnorm import rms_norm
+from megatron_lite.kernels.layernorm import layer_norm
+from megatron_lite.kernels.reference import layer_norm_reference, rms_norm_reference
+from megatron_lite.kernels.rmsnorm import rms_norm
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-5, rtol=1e-4)

@@ -5,8 +5,8 @@ Tolerances: fp32, atol 1e-5 / rtol 1e-4 (one multiply-add per element).
 import pytest
 import torch
 
-from kernels.reference import apply_rotary_reference
-from kernels.rope import apply_rotary
+from megatron_lite.kernels.reference import apply_rotary_reference
+from megatron_lite.kernels.rope import apply_rotary
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-5, rtol=1e-4)

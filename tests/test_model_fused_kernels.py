@@ -73,7 +73,7 @@ def test_fused_model_matches_plain_torch(force_triton: None, family: str) -> Non
 
 def tp_sp_worker() -> dict[tuple[str, bool], tuple[dict, dict]]:
     """One training step per family with fused kernels off and on: the result, and the bytes metered."""
-    # A fresh process: the interpreter must be chosen before kernels/ is first imported.
+    # A fresh process: the interpreter must be chosen before megatron_lite/kernels/ is first imported.
     os.environ.update(TRITON_INTERPRET="1", MEGATRON_LITE_TRITON="1")
     results = {}
     for family in FAMILIES:
@@ -102,7 +102,7 @@ def test_fused_model_under_tensor_and_sequence_parallelism(family: str) -> None:
 
 def test_no_fused_kernels_flag_runs_without_triton() -> None:
     """--no-fused-kernels is the plain-torch model: Triton is never imported, even when
-    MEGATRON_LITE_TRITON=1 asks for the kernels. Of `kernels/` only the package and the
+    MEGATRON_LITE_TRITON=1 asks for the kernels. Of `megatron_lite/kernels/` only the package and the
     Triton-free references it computes with may load, no kernel module."""
     code = (
         "import sys, torch\n"
@@ -114,8 +114,8 @@ def test_no_fused_kernels_flag_runs_without_triton() -> None:
         "init_weights(model, config, 0)\n"
         "tokens = torch.randint(0, config.vocab_size, (2, 16))\n"
         "model(tokens, tokens).mean().backward()\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'kernels')\n"
-        "                and m not in ('kernels', 'kernels.reference'))\n"
+        "loaded = sorted(m for m in sys.modules if (m.split('.')[0] == 'triton' or m.startswith('megatron_lite.kernels'))\n"
+        "                and m not in ('megatron_lite.kernels', 'megatron_lite.kernels.reference'))\n"
         "assert not loaded, loaded\n"
     )
     env = {**os.environ, "MEGATRON_LITE_TRITON": "1"}

@@ -7,7 +7,7 @@ Each section runs as a subprocess of the work tree (no install needed) with its 
 
   gpu-tests       pytest -m gpu tests/test_gpu.py: the kernels compiled for this GPU in bf16 and
                   fp16, the fused loss at vocab 128k, training with and without fused kernels
-  kernel-bench    kernels/bench.py --quick: each kernel against eager torch, torch.compile, ...
+  kernel-bench    tools/bench_kernels.py --quick: each kernel against eager torch, torch.compile, ...
   training-bench  tools/benchmark_training.py: tokens/s, MFU and memory of training steps
   kernel-tests    pytest tests/test_kernels_*.py, the CPU kernel tests, on this machine's torch
                   and Triton; under TRITON_INTERPRET=1, which conftest.py sets only without CUDA,
@@ -27,7 +27,7 @@ compile the kernels for this device anyway), the kernel benchmark on QUICK_BENCH
 training benchmark without its torch.compile rows.
 
 Without CUDA the report says so and nothing runs (exit status 2), unless --allow-cpu: then each
-section takes its CPU path (the GPU tests skip themselves, kernels/bench.py --cpu-smoke, the
+section takes its CPU path (the GPU tests skip themselves, tools/bench_kernels.py --cpu-smoke, the
 training benchmark's CPU defaults), which checks the report's own wiring. Exit status 0 when every
 section succeeded, else 1.
 """
@@ -92,7 +92,7 @@ def pytest_summary(output: str) -> list[str]:
 
 
 def bench_device_line(output: str) -> list[str]:
-    """kernels/bench.py's first line: the device, its measured copy bandwidth and its peak TFLOP/s."""
+    """tools/bench_kernels.py's first line: the device, its measured copy bandwidth and its peak TFLOP/s."""
     return [line for line in output.splitlines() if line.startswith("device:")][:1]
 
 
@@ -110,7 +110,7 @@ def build_sections(out: Path, cuda: bool, quick: bool) -> list[Section]:
         Section("gpu-tests", "GPU tests", ["python", "-m", "pytest", "-m", "gpu", "-q", "tests/test_gpu.py"],
                 180, pytest_summary, beside("gpu-tests", "log")),
         Section("kernel-bench", "Kernel benchmark",
-                ["python", "kernels/bench.py", *bench, "--csv", str(beside("kernel-bench", "csv"))],
+                ["python", "tools/bench_kernels.py", *bench, "--csv", str(beside("kernel-bench", "csv"))],
                 150, bench_device_line, beside("kernel-bench", "log"), csv=beside("kernel-bench", "csv")),
         Section("training-bench", "Training benchmark",
                 ["python", "tools/benchmark_training.py", *training, "--csv", str(beside("training-bench", "csv"))],

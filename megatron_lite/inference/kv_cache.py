@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import visible_keys
+from megatron_lite.kernels.reference import visible_keys
 
 
 class InferenceParams:

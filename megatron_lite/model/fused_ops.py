@@ -1,4 +1,4 @@
-"""The model's ops from `kernels/`, one per field of `ops.Ops`; imported (and with it Triton)
+"""The model's ops from `megatron_lite/kernels/`, one per field of `ops.Ops`; imported (and with it Triton)
 only by `ops.select_ops` when ModelConfig.fused_kernels is on. It does not import `ops`, so
 that the two modules do not import each other."""
 from __future__ import annotations
@@ -7,13 +7,13 @@ import functools
 
 import torch
 
-from kernels.flash_attention import HEAD_DIMS, flash_attention, flash_attention_backward, flash_attention_forward
-from kernels.gelu import gelu
-from kernels.layernorm import layer_norm
-from kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
-from kernels.rmsnorm import rms_norm
-from kernels.rope import apply_rotary
-from kernels.swiglu import swiglu
+from megatron_lite.kernels.flash_attention import HEAD_DIMS, flash_attention, flash_attention_backward, flash_attention_forward
+from megatron_lite.kernels.gelu import gelu
+from megatron_lite.kernels.layernorm import layer_norm
+from megatron_lite.kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
+from megatron_lite.kernels.rmsnorm import rms_norm
+from megatron_lite.kernels.rope import apply_rotary
+from megatron_lite.kernels.swiglu import swiglu
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 
 __all__ = ["rms_norm", "layer_norm", "apply_rotary", "swiglu", "gelu", "attention", "lm_loss",

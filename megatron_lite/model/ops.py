@@ -2,8 +2,8 @@
 
 GPTModel picks one `Ops` from `ModelConfig.fused_kernels` and hands it to its layers, which
 call it and never test the switch themselves. The plain-torch set is the kernels' references
-(`kernels/reference.py`, which imports no Triton), so `--no-fused-kernels` runs without
-Triton. The fused set (`fused_ops.py`) is the public ops of `kernels/`, which dispatch per
+(`megatron_lite/kernels/reference.py`, which imports no Triton), so `--no-fused-kernels` runs without
+Triton. The fused set (`fused_ops.py`) is the public ops of `megatron_lite/kernels/`, which dispatch per
 call: Triton on CUDA tensors (or anywhere under MEGATRON_LITE_TRITON=1), else those same
 references, so CPU training computes the same math with the switch on or off.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import (NormOutput, apply_rotary_reference, attention_backward_reference,
+from megatron_lite.kernels.reference import (NormOutput, apply_rotary_reference, attention_backward_reference,
                                attention_forward_reference, flash_attention_reference, gelu_reference,
                                layer_norm_reference, rms_norm_reference, swiglu_reference)
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_entropy
@@ -26,7 +26,7 @@ Tensor = torch.Tensor
 @dataclass(frozen=True)
 class Ops:
     """One implementation of each op. The norms, apply_rotary, swiglu and gelu have the
-    signatures of the `kernels/` ops of those names; attention is causal and takes the dropout
+    signatures of the `megatron_lite/kernels/` ops of those names; attention is causal and takes the dropout
     probability and the sliding window (None: the whole causal context); lm_loss is
     `vocab_parallel_linear_cross_entropy` (the output layer and the loss over this rank's
     vocabulary shard). attention_block_forward / _backward are attention

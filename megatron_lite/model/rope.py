@@ -1,5 +1,5 @@
 """Rotary position embedding in the Hugging Face Llama ("rotate half") convention: the tables
-here; the rotation is `Ops.apply_rotary` (the kernel or `kernels.reference.apply_rotary_reference`).
+here; the rotation is `Ops.apply_rotary` (the kernel or `megatron_lite.kernels.reference.apply_rotary_reference`).
 
 The two halves of each head are rotated as pairs (x[i], x[i + d/2]); using that convention
 (rather than Meta's interleaved pairs) lets checkpoints map onto LlamaForCausalLM unchanged.

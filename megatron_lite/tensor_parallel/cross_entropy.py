@@ -13,8 +13,8 @@ value per token:
 Pad ids (>= the true vocab size, added so the table splits evenly) are masked to -inf, so
 they take no probability and receive no gradient.
 
-The math is that of `kernels/`: plain torch, `kernels.reference.cross_entropy_reference`;
-with `fused=True`, `kernels.fused_linear_cross_entropy` (the output matmul and an
+The math is that of `megatron_lite/kernels/`: plain torch, `megatron_lite.kernels.reference.cross_entropy_reference`;
+with `fused=True`, `megatron_lite.kernels.fused_linear_cross_entropy` (the output matmul and an
 online-softmax loss, chunked over tokens; Triton on GPU). This module gives either one the
 shard's first id and its metered all-reduces over the tp group.
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from kernels.reference import cross_entropy_reference
+from megatron_lite.kernels.reference import cross_entropy_reference
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_reduce
 
@@ -52,7 +52,7 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tens
     if not fused:
         return vocab_parallel_cross_entropy(F.linear(hidden, weight), target, vocab_size)
     # Imported here, so that the unfused path never imports Triton.
-    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from megatron_lite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
     start = parallel_state.get_grid().coord("tp") * weight.shape[0]
     loss = fused_linear_cross_entropy(hidden.flatten(0, -2), weight, target.flatten(), start, vocab_size,
                                       reduce_max=_all_reduce_max, reduce_sum=all_reduce)

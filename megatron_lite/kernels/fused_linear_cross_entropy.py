@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 from torch.torch_version import TorchVersion
 
-from kernels import use_triton
-from kernels.cross_entropy import softmax_ce_backward, softmax_ce_forward
-from kernels.reference import ReduceFn, fused_linear_cross_entropy_reference
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels.cross_entropy import softmax_ce_backward, softmax_ce_forward
+from megatron_lite.kernels.reference import ReduceFn, fused_linear_cross_entropy_reference
 
 
 # Each chunk adds its share into the fp32 grad_W, a read-modify-write of V_local x h x 4

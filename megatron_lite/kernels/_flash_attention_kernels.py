@@ -1,4 +1,4 @@
-"""The Triton programs of FlashAttention-2 (kernels/flash_attention.py launches them and holds
+"""The Triton programs of FlashAttention-2 (megatron_lite/kernels/flash_attention.py launches them and holds
 the public ops): exact attention without the [s, s] score matrix, forward and backward.
 
 Layout is SDPA's: q [b, nh, s, d], k/v [b, nkv, s, d], nh % nkv == 0 (GQA: query head h
@@ -34,7 +34,7 @@ instead of its max of -inf.
 import triton
 import triton.language as tl
 
-from kernels._common import ptr_add
+from megatron_lite.kernels._common import ptr_add
 
 
 @triton.jit

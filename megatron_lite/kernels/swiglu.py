@@ -9,9 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import use_triton
-from kernels._common import as_rows, ptr_add
-from kernels.reference import swiglu_reference
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels._common import as_rows, ptr_add
+from megatron_lite.kernels.reference import swiglu_reference
 
 BLOCK = 1024
 

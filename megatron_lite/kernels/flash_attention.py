@@ -4,7 +4,7 @@ the blocks of it ring attention merges (the row log-sum-exp out and in).
 Layout is SDPA's: q [b, nh, s, d], k/v [b, nkv, s, d], nh % nkv == 0 (GQA: query head h
 reads kv head h // (nh // nkv)). The Triton programs and how they compute are in
 `_flash_attention_kernels.py`; this module picks their tiles, launches them, and dispatches
-each op to them or to its reference (`kernels.use_triton`).
+each op to them or to its reference (`megatron_lite.kernels.use_triton`).
 """
 import math
 from typing import Optional
@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 import triton
 
-from kernels import use_triton
-from kernels._flash_attention_kernels import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
-from kernels.reference import (attention_backward_reference, attention_forward_reference,
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels._flash_attention_kernels import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
+from megatron_lite.kernels.reference import (attention_backward_reference, attention_forward_reference,
                                flash_attention_reference)
 
 LOG2E = 1.4426950408889634

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import use_triton
-from kernels.reference import gelu_reference
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels.reference import gelu_reference
 
 BLOCK = 1024
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -1,4 +1,4 @@
-"""What `kernels/bench.py` measures: per op, realistic shapes and the implementations raced.
+"""What `tools/bench_kernels.py` measures: per op, realistic shapes and the implementations raced.
 
 Every case names "ours" (the public op, dispatched to Triton) and "eager" (its plain-torch
 reference); bench.py adds torch.compile of the reference. Liger-Kernel and the SDPA flash
@@ -14,17 +14,17 @@ from typing import Callable, Optional
 
 import torch
 
-from kernels.cross_entropy import cross_entropy
-from kernels.flash_attention import flash_attention
-from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from kernels.gelu import gelu
-from kernels.layernorm import layer_norm
-from kernels.reference import (apply_rotary_reference, cross_entropy_reference, flash_attention_reference,
+from megatron_lite.kernels.cross_entropy import cross_entropy
+from megatron_lite.kernels.flash_attention import flash_attention
+from megatron_lite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_lite.kernels.gelu import gelu
+from megatron_lite.kernels.layernorm import layer_norm
+from megatron_lite.kernels.reference import (apply_rotary_reference, cross_entropy_reference, flash_attention_reference,
                                fused_linear_cross_entropy_reference, gelu_reference, layer_norm_reference,
                                rms_norm_reference, swiglu_reference)
-from kernels.rmsnorm import rms_norm
-from kernels.rope import apply_rotary
-from kernels.swiglu import swiglu
+from megatron_lite.kernels.rmsnorm import rms_norm
+from megatron_lite.kernels.rope import apply_rotary
+from megatron_lite.kernels.swiglu import swiglu
 
 EPS = 1e-5
 

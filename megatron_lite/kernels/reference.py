@@ -1,7 +1,7 @@
-"""The plain-torch reference of every op in `kernels/`, the one copy of each op's math.
+"""The plain-torch reference of every op in `megatron_lite/kernels/`, the one copy of each op's math.
 
 Each is what its kernel is tested against, what its public op runs when it does not run
-Triton (`kernels.use_triton`), and the op the model computes with under --no-fused-kernels.
+Triton (`megatron_lite.kernels.use_triton`), and the op the model computes with under --no-fused-kernels.
 Each has the signature of the public op it stands for, and the kernels' numerics: the math
 in fp32 whatever the input dtype, the result cast back to the input's dtype (the losses stay
 fp32), so that a kernel and its reference differ by rounding only in every dtype.
@@ -167,7 +167,7 @@ def cross_entropy_reference(logits: Tensor, target: Tensor, vocab_start_index: i
                             reduce_sum: ReduceFn = None, ignore_index: int = -100) -> Tensor:
     """Per-row cross entropy (fp32, shape of `target`) of this rank's vocab shard `logits`
     [..., V_local], holding global ids from `vocab_start_index`; the contract of
-    `kernels.cross_entropy.cross_entropy`. Pad columns (ids >= vocab_size) take no probability."""
+    `megatron_lite.kernels.cross_entropy.cross_entropy`. Pad columns (ids >= vocab_size) take no probability."""
     n_cols = logits.shape[-1]
     x = logits.float()
     pad = torch.arange(n_cols, device=x.device) >= n_valid_columns(n_cols, vocab_start_index, vocab_size)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import as_rows, persistent_programs, ptr_add, row_block
+from megatron_lite.kernels._common import as_rows, persistent_programs, ptr_add, row_block
 
 
 @triton.jit

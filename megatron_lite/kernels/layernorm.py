@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from kernels import use_triton
-from kernels._norm import RowNormFunction
-from kernels.reference import NormOutput, layer_norm_reference
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels._norm import RowNormFunction
+from megatron_lite.kernels.reference import NormOutput, layer_norm_reference
 
 
 def layer_norm(

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import use_triton
-from kernels._common import ptr_add
-from kernels.reference import apply_rotary_reference
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels._common import ptr_add
+from megatron_lite.kernels.reference import apply_rotary_reference
 
 
 @triton.jit

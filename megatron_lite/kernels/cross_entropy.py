@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import use_triton
-from kernels._common import as_rows, ptr_add
-from kernels.reference import ReduceFn, cross_entropy_reference, n_valid_columns
+from megatron_lite.kernels import use_triton
+from megatron_lite.kernels._common import as_rows, ptr_add
+from megatron_lite.kernels.reference import ReduceFn, cross_entropy_reference, n_valid_columns
 
 
 @triton.jit

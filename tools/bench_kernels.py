@@ -1,10 +1,10 @@
 """Benchmark the kernels against torch eager, torch.compile, Liger-Kernel and SDPA flash.
 
-    python kernels/bench.py [--ops rmsnorm,rope,...] [--csv out.csv] [--quick]
-    python kernels/bench.py --cpu-smoke     # same code path, tiny fp32 shapes, interpreter
+    python tools/bench_kernels.py [--ops rmsnorm,rope,...] [--csv out.csv] [--quick]
+    python tools/bench_kernels.py --cpu-smoke     # same code path, tiny fp32 shapes, interpreter
 
 Per shape and implementation it prints forward and forward+backward time, throughput
-(GB/s for memory-bound ops, TFLOP/s for matmul/attention; see bench_cases.py for how work
+(GB/s for memory-bound ops, TFLOP/s for matmul/attention; see kernel_bench_cases.py for how work
 is counted), that throughput as a fraction of the device's peak, peak memory and the
 speedup over eager, and writes the same rows to a CSV. Peak bandwidth is measured in the
 same run as a large device-to-device copy (bytes read + written); peak TFLOP/s comes from
@@ -94,7 +94,7 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> list:
-    from kernels import bench_cases  # after main() has set the Triton environment
+    from tools import kernel_bench_cases as bench_cases  # after main() has set the Triton environment
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
@@ -170,9 +170,9 @@ def main(argv: Optional[list] = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ["MEGATRON_LITE_TRITON"] = "1"
     elif not torch.cuda.is_available():
-        print("kernels/bench.py needs a CUDA GPU and found none (--cpu-smoke runs a tiny CPU check).")
+        print("tools/bench_kernels.py needs a CUDA GPU and found none (--cpu-smoke runs a tiny CPU check).")
         return 0
-    from kernels.bench_cases import OPS
+    from tools.kernel_bench_cases import OPS
 
     args.ops = list(OPS) if args.ops == "all" else args.ops.split(",")
     unknown = sorted(set(args.ops) - set(OPS))
