@@ -18,8 +18,8 @@ REPORT = [sys.executable, "tools/gpu_report.py"]
 
 def test_cpu_path_reports_the_environment_and_the_tables(tmp_path: Path) -> None:
     out = tmp_path / "report.md"
-    result = run_command(REPORT + ["--allow-cpu", "--quick", "--sections", "gpu-tests,kernel-bench", "--out", str(out)],
-                         env=NO_GPU)
+    result = run_command(REPORT + ["--allow-cpu", "--quick", "--sections", "gpu-tests,kernel-bench,precision",
+                                   "--out", str(out)], env=NO_GPU)
     assert result.returncode == 0, result.stdout + result.stderr
     report = out.read_text()
     for line in ("- device: none: no CUDA device is visible", f"- torch: {torch.__version__}", "- CUDA: ",
@@ -31,6 +31,10 @@ def test_cpu_path_reports_the_environment_and_the_tables(tmp_path: Path) -> None
     for op in ("rmsnorm", "flash_attention", "fused_linear_cross_entropy"):  # the --quick ops
         assert f"\n| {op} |" in report, op
     assert (tmp_path / "report.kernel-bench.csv").exists() and (tmp_path / "report.kernel-bench.log").exists()
+    # The precision comparison: its differences quoted, a row per step, the curves drawn.
+    assert "bf16 vs fp32 over 3 steps: largest relative difference of the loss" in report
+    assert "| step | fp32_loss | fp32_grad_norm | bf16_loss |" in report and "\n| 3 |" in report
+    assert (tmp_path / "report.precision.png").stat().st_size > 0
 
 
 def test_without_cuda_it_refuses_in_one_line(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ Each section runs as a subprocess of the work tree (no install needed) with its 
                   fp16, the fused loss at vocab 128k, training with and without fused kernels
   kernel-bench    tools/bench_kernels.py --quick: each kernel against eager torch, torch.compile, ...
   training-bench  tools/benchmark_training.py: tokens/s, MFU and memory of training steps
+  precision       tools/precision_parity.py: bf16 and fp16 training against fp32 for 50 steps of
+                  the tiny llama, the curves in one plot
   kernel-tests    pytest tests/test_kernels_*.py, the CPU kernel tests, on this machine's torch
                   and Triton; under TRITON_INTERPRET=1, which conftest.py sets only without CUDA,
                   because they launch kernels on CPU tensors
@@ -28,7 +30,7 @@ training benchmark without its torch.compile rows.
 
 Without CUDA the report says so and nothing runs (exit status 2), unless --allow-cpu: then each
 section takes its CPU path (the GPU tests skip themselves, tools/bench_kernels.py --cpu-smoke, the
-training benchmark's CPU defaults), which checks the report's own wiring. Exit status 0 when every
+training benchmark's CPU defaults, 3 steps of the precision comparison), which checks the report's own wiring. Exit status 0 when every
 section succeeded, else 1.
 """
 from __future__ import annotations
@@ -115,6 +117,11 @@ def build_sections(out: Path, cuda: bool, quick: bool) -> list[Section]:
         Section("training-bench", "Training benchmark",
                 ["python", "tools/benchmark_training.py", *training, "--csv", str(beside("training-bench", "csv"))],
                 180, lambda output: [], beside("training-bench", "log"), csv=beside("training-bench", "csv")),
+        Section("precision", "Mixed precision against fp32",
+                ["python", "tools/precision_parity.py", "--steps", "50" if cuda else "3",
+                 "--csv", str(beside("precision", "csv")), "--plot", str(beside("precision", "png"))],
+                120, lambda output: [line for line in output.splitlines() if " vs fp32 " in line],
+                beside("precision", "log"), csv=beside("precision", "csv")),
         Section("kernel-tests", "Kernel tests (Triton interpreter)", ["python", "-m", "pytest", "-q", *kernel_tests],
                 150, pytest_summary, beside("kernel-tests", "log"), env={"TRITON_INTERPRET": "1"}),
     ]

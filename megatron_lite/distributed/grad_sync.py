@@ -19,15 +19,22 @@ from megatron_lite.comm import all_reduce
 from megatron_lite.placement import placement
 
 
+def _step_grad(param: nn.Parameter) -> torch.Tensor | None:
+    """The gradient the optimizer step reads: the fp32 grad buffer's view (`main_grad`, which a
+    bf16/fp16 parameter's grad is added into as backward makes it, its .grad then freed; an fp32
+    parameter's .grad is the same view), or .grad for a parameter without a buffer."""
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
 def reduce_partial_grads(chunks: list[nn.Module]) -> None:
     """Sum every partial gradient over its groups (a fixed order of groups on every rank)."""
-    params = [p for c in chunks for p in c.parameters() if p.grad is not None]
+    params = [p for c in chunks for p in c.parameters() if _step_grad(p) is not None]
     for group in sorted({g for p in params for g in placement(p).partial_grads}):
         members = [p for p in params if group in placement(p).partial_grads]
         # A second copy on this rank (ZB-V's tied embedding, both stages on rank 0) adds into the
         # first, which then takes part in the group's sum, and takes the result back.
-        grads = [p.grad for p in members if not placement(p).second_copy]
-        copies = [p.grad for p in members if placement(p).second_copy]
+        grads = [_step_grad(p) for p in members if not placement(p).second_copy]
+        copies = [_step_grad(p) for p in members if placement(p).second_copy]
         for grad, copy in zip(grads, copies):
             grad.add_(copy)
         if parallel_state.get_grid().size(group) > 1:
