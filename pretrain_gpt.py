@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from megatron_lite.arguments import parse_args
 from megatron_lite.config import ConfigError, TrainingError
 from megatron_lite.parallel_state import destroy_model_parallel
-from megatron_lite.training import pretrain
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import pretrain
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ spans the farthest ranks. A group is any set of axes: its members are the ranks 
 only in those axes' coordinates ("tp": one tensor-parallel group; "mp" = tp x pp, the model
 parallel group; "dp-cp", over which gradients are averaged once context parallelism splits the
 sequence). Two groups are not axes: "embedding", the ranks of the first and last stage of a
-pipeline (they share the tied embedding; one rank under ZB-V's V placement), and "world". Every axis may have size 1; a group of one rank has no
-process group (None) and every collective on it is a no-op. A single process needs no
+pipeline (they share the tied embedding; one rank under ZB-V's V placement), and "world". Every
+axis may have size 1; a group of one rank has no process group (None) and every collective on it
+is a no-op. A single process needs no
 torch.distributed at all.
 
 Adding a parallelism adds an axis name to AXES, where its size comes from in AXIS_SIZES, and

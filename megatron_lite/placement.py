@@ -1,7 +1,7 @@
 """Where each parameter lives on the rank grid: one record per parameter, attached by the layer
 that creates it, and read by everything that treats parameters differently by where they live:
-gradient reduction (distributed/grad_sync.py), the global grad norm (distributed/grad_clip.py),
-initialisation (model/gpt.py), and checkpoints and their resharding (reshard.py).
+gradient reduction (distributed/grad_sync.py), the global grad norm (optimizer/clip_grads.py),
+initialisation (model/gpt.py), and checkpoints and their resharding (checkpointing/reshard.py).
 
 A parameter is either split over a grid axis (a `Shard`: the dimension cut, and a stride when
 the full dimension is several blocks each cut separately), or whole on every rank of that

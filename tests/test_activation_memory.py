@@ -1,4 +1,4 @@
-"""The activation formula (megatron_lite/activation_memory.py) against the tensors the layers
+"""The activation formula (megatron_lite/planner/activation_memory.py) against the tensors the layers
 actually save for backward, counted by saved-tensor hooks (each storage once, parameters not):
 every recomputation setting, both families, on one device and at tp 2 + SP (one spawn)."""
 from __future__ import annotations
@@ -9,12 +9,12 @@ import itertools
 import pytest
 import torch
 
+from helpers.tiny import tiny_model
 from megatron_lite import parallel_state
-from megatron_lite.activation_memory import describe_activation_memory, stage_bytes
 from megatron_lite.config import ParallelConfig
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.model.gpt import GPTModel, init_weights
-from helpers.tiny import tiny_model
+from megatron_lite.planner.activation_memory import describe_activation_memory, stage_bytes
 
 MICRO_BATCH = 3
 SETTINGS = {  # name: model fields
@@ -58,7 +58,8 @@ def saved_bytes(family: str, setting: str, sequence_parallel: bool = False) -> i
         finally:
             active[0] = False
     model._run_layers = layers_only
-    tokens = torch.randint(0, config.vocab_size, (MICRO_BATCH, config.seq_length), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, config.vocab_size, (MICRO_BATCH, config.seq_length),
+                           generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.train()(tokens, tokens)
     return total[0]

@@ -2,6 +2,7 @@
 (the resumed run computes what the saved one did), the ones that contradict it are refused."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,13 +11,13 @@ import torch
 import transformers
 
 from helpers.commands import ROOT, run_command
-from megatron_lite.arguments import parse_args
+from helpers.tiny import tiny_config
 from megatron_lite.checkpointing import adopt_checkpoint_model_args, read_checkpoint
+from megatron_lite.checkpointing.reshard import load_weights
 from megatron_lite.config import ConfigError
 from megatron_lite.model.gpt import GPTModel
-from megatron_lite.reshard import load_weights
-from megatron_lite.training import pretrain
-from helpers.tiny import tiny_config
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import pretrain
 
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -71,11 +72,29 @@ def test_hf_import_trains_the_function_transformers_computes(tmp_path: Path) -> 
                                     "--make-vocab-size-divisible-by", "8"]) == 0
 
     config = parse_args(["--load", str(tmp_path / "ours"), "--seq-length", "16"])
-    config.model.vocab_size = 258  # what pretrain takes from the byte tokenizer
-    adopt_checkpoint_model_args(config, tmp_path / "ours", 0)
+    config = config.updated(model={"vocab_size": 258})  # what pretrain takes from the byte tokenizer
+    config = adopt_checkpoint_model_args(config, tmp_path / "ours", 0)
     assert (config.model.rotary_base, config.model.norm_epsilon) == (500000.0, 1e-6)
     model = GPTModel(config.model)
     load_weights(read_checkpoint(tmp_path / "ours", 0).model, [model])
     tokens = torch.randint(0, 258, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(tokens), hf(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_adopted_arguments_meet_every_check_of_the_config(tmp_path: Path) -> None:
+    """An adopted field is validated with the whole Config, as if it had been a flag: experts from
+    the checkpoint under a parameter server are refused in the server's own words."""
+    pretrain(tiny_config(train_iters=1, save=str(tmp_path), model=dict(num_experts=2)))
+    config = parse_args(TRAIN_FLAGS + ["--load", str(tmp_path), "--data-parallel-mode", "parameter-server"])
+    with pytest.raises(ConfigError, match=r"^--data-parallel-mode=parameter-server does not support --num-experts=2 "):
+        pretrain(config)
+
+
+def test_config_is_immutable_and_updated_whole() -> None:
+    config = tiny_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.lr = 1.0
+    with pytest.raises(ConfigError, match="parameter-server does not support --fp16"):
+        config.updated(parallel={"data_parallel_mode": "parameter-server"}, train={"fp16": True})
+    assert config.updated(train={"lr": 1.0}).train.lr == 1.0 and config.train.lr != 1.0

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from helpers.checkpoint_steps import train, train_jobs
-from megatron_lite.distributed.spawn import run_on_ranks
 from helpers.tiny import tiny_config
+from megatron_lite.distributed.spawn import run_on_ranks
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_98c6fb5_tp2"
 
@@ -23,9 +23,7 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_98c6fb5_tp2
 def config(tp: int):
     c = tiny_config("llama", model=dict(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=2),
                     micro_batch_size=1, global_batch_size=8, train_iters=4, clip_grad=0.5)
-    c.parallel.tensor_model_parallel_size = tp
-    c.parallel.ddp_bucket_size = 3000
-    return c
+    return c.updated(parallel={"tensor_model_parallel_size": tp, "ddp_bucket_size": 3000})
 
 
 def test_checkpoint_of_an_older_version_loads_and_continues(tmp_path: Path, capsys) -> None:

@@ -25,7 +25,7 @@ KILL_AFTER_FIRST_SAVE = """
 import os, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import megatron_lite.training as training
+import megatron_lite.training.loop as training
 import pretrain_gpt
 
 real_save = training.CheckpointWriter.save

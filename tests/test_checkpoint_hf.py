@@ -12,17 +12,17 @@ import pytest
 import torch
 import transformers
 
-from megatron_lite.checkpointing import latest_iteration, read_checkpoint
-from megatron_lite.config import ConfigError
-from megatron_lite.hf_convert import from_hf_state, to_hf_state
-from megatron_lite.hf_families import hf_config, model_config_from_hf
-from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.reshard import load_weights
-from megatron_lite.training import pretrain
 from helpers.checkpoint_steps import layout_config, train_jobs
 from helpers.tiny import tiny_model
+from megatron_lite.checkpointing import latest_iteration, read_checkpoint
+from megatron_lite.checkpointing.reshard import load_weights
+from megatron_lite.config import ConfigError
+from megatron_lite.config.layout import Layout
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.hf.convert import from_hf_state, to_hf_state
+from megatron_lite.hf.families import hf_config, model_config_from_hf
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.training.loop import pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -71,8 +71,7 @@ def test_export_matches_transformers_and_import_round_trips(trained: Path, tmp_p
                                     "--make-vocab-size-divisible-by", "8"]) == 0
     torch.testing.assert_close(our_logits(back, tokens), ours, rtol=0, atol=1e-6)
     # pretrain accepts the import: iteration 0, fresh optimizer.
-    config = layout_config(family)
-    config.train.train_iters, config.train.load = 1, str(back)
+    config = layout_config(family).updated(train={"train_iters": 1, "load": str(back)})
     result = pretrain(config)
     assert len(result["losses"]) == 1 and result["iteration"] == 1
 

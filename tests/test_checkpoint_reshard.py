@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
 from helpers.checkpoint_steps import layout_config, train, train_jobs
+from megatron_lite.config.layout import Layout
+from megatron_lite.distributed.spawn import run_on_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.parity import setup_rank
+from helpers.tiny import tiny_config
 from megatron_lite import comm, parallel_state
 from megatron_lite.checkpointing import MARKER, load_checkpoint, save_checkpoint
 from megatron_lite.config import ConfigError, TrainingError
 from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.training import pretrain
-from helpers.parity import setup_rank
-from helpers.tiny import tiny_config
+from megatron_lite.training.loop import pretrain
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,7 @@ def _unwritable(*args, **kwargs) -> None:
 def agreement_worker(root: str) -> dict[str, str]:
     """tp 2: a save whose write fails on rank 1 only, then a load of a checkpoint in which only rank 1's
     file is damaged. Each must fail on both ranks, with the same message, and never hang."""
-    config = tiny_config(train_iters=2, save=root)
-    config.parallel.tensor_model_parallel_size = 2
+    config = tiny_config(train_iters=2, save=root).updated(parallel={"tensor_model_parallel_size": 2})
     model = setup_rank(config)
     save_checkpoint(root, 1, 4, model.chunks, model.optimizer, config)
     errors = {}

@@ -19,7 +19,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 LOG_LINE = re.compile(
     r" iteration +(\d+)/ +(\d+) \| consumed samples: +(\d+) \| elapsed time per iteration \(ms\): [\d.]+ \|"
     r" learning rate: [\d.E+-]+ \| global batch size: +(\d+) \| lm loss: [\d.E+-]+ \| loss scale: 1\.0 \|"
-    r" grad norm: [\d.]+ \| number of skipped iterations: +0 \| tokens/s: \d+ \| TFLOP/s/GPU: [\d.]+ \| MFU: (n/a|[\d.]+%) \|")
+    r" grad norm: [\d.]+ \| number of skipped iterations: +0 \| tokens/s: \d+ \|"
+    r" TFLOP/s/GPU: [\d.]+ \| MFU: (n/a|[\d.]+%) \|")
 
 
 def run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -34,7 +35,8 @@ def test_cli_run_logs_and_writes_metrics(tmp_path: Path) -> None:
     result = run(TINY + ["--log-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     lines = [m for m in map(LOG_LINE.search, result.stdout.splitlines()) if m]
-    assert [(m.group(1), m.group(2), m.group(3), m.group(4)) for m in lines] == [("2", "4", "8", "4"), ("4", "4", "16", "4")]
+    assert ([(m.group(1), m.group(2), m.group(3), m.group(4)) for m in lines]
+            == [("2", "4", "8", "4"), ("4", "4", "16", "4")])
     assert "validation loss at iteration 4 | lm loss value:" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train", "train", "validation"]
@@ -61,9 +63,10 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = run(TINY + ["--tp", "2", "--sp", "--save", str(tmp_path)], launcher)
     assert result.returncode == 0, result.stderr
-    assert "world 2 = tp 2 x dp 1 x pp 1, sequence parallel; tp groups [[0, 1]]" in result.stdout
+    assert "> layout: tp2-sp on world 2; tp groups [[0, 1]]" in result.stdout
     assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 2  # rank 0 only
-    assert sorted(p.name for p in (tmp_path / "iter_0000004").iterdir()) == ["manifest.json", "mp_rank_00", "mp_rank_01"]
+    assert (sorted(p.name for p in (tmp_path / "iter_0000004").iterdir())
+            == ["manifest.json", "mp_rank_00", "mp_rank_01"])
     resume = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "0"]
     other_layout = run(TINY + resume + ["--load", str(tmp_path), "--log-dir", str(tmp_path / "resumed")], launcher)
     assert other_layout.returncode == 0, other_layout.stderr
@@ -112,5 +115,5 @@ def test_torchrun_context_parallel() -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = run(TINY + ["--cp", "2", "--cp-comm-type", "allgather", "--train-iters", "2"], launcher)
     assert result.returncode == 0, result.stderr
-    assert "world 2 = tp 1 x cp 2 x dp 1 x pp 1; cp groups [[0, 1]]" in result.stdout
+    assert "> layout: cp2 on world 2; cp groups [[0, 1]]" in result.stdout
     assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 1

@@ -5,18 +5,22 @@ import dataclasses
 
 import pytest
 
-from megatron_lite.arguments import PRESETS, parse_args
 from megatron_lite.config import ConfigError
 from megatron_lite.planner.parameters import count_parameters
+from megatron_lite.training.arguments import PRESETS, parse_args
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--hidden-size", "0"], r"--hidden-size=0 must be a positive number"),
     (["--num-layers", "-2"], r"--num-layers=-2 must be a positive number"),
-    (["--hidden-size", "100", "--num-attention-heads", "3"], r"--hidden-size=100 is not divisible by --num-attention-heads=3"),
-    (["--num-attention-heads", "4", "--num-query-groups", "3"], r"--num-attention-heads=4 is not divisible by --num-query-groups=3"),
-    (["--global-batch-size", "10", "--micro-batch-size", "4"], r"--global-batch-size=10 is not divisible by --micro-batch-size=4 .* nearest valid values: 8 or 12"),
-    (["--model", "tiny-gpt2", "--seq-length", "256", "--max-position-embeddings", "128"], r"--seq-length=256 exceeds the gpt2 position table --max-position-embeddings=128"),
+    (["--hidden-size", "100", "--num-attention-heads", "3"],
+     r"--hidden-size=100 is not divisible by --num-attention-heads=3"),
+    (["--num-attention-heads", "4", "--num-query-groups", "3"],
+     r"--num-attention-heads=4 is not divisible by --num-query-groups=3"),
+    (["--global-batch-size", "10", "--micro-batch-size", "4"],
+     r"--global-batch-size=10 is not divisible by --micro-batch-size=4 .* nearest valid values: 8 or 12"),
+    (["--model", "tiny-gpt2", "--seq-length", "256", "--max-position-embeddings", "128"],
+     r"--seq-length=256 exceeds the gpt2 position table --max-position-embeddings=128"),
     (["--model", "gpt-5"], r"--model.*invalid choice: 'gpt-5'"),
     (["--load", "/nonexistent/ckpt"], r"--load=/nonexistent/ckpt does not exist"),
     (["--lr", "1e-4", "--min-lr", "1e-3"], r"--min-lr=0.001 must not exceed --lr=0.0001"),
@@ -66,8 +70,7 @@ def test_llama_defaults() -> None:
 
 
 def test_padded_vocab() -> None:
-    model = parse_args([]).model
-    model.vocab_size = 258
+    model = parse_args([]).updated(model={"vocab_size": 258}).model
     assert model.padded_vocab_size() == 384
     assert model.padded_vocab_size(tp=4) == 512
 
@@ -85,12 +88,17 @@ def test_padded_vocab() -> None:
     (2, ["--cp", "2", "--attention-dropout", "0.1"],
      r"--attention-dropout=0.1 is not supported with --context-parallel-size=2; use 0"),
     (2, ["--cp", "2", "--cp-comm-type", "ring"], r"argument --cp-comm-type: invalid choice: 'ring'"),
-    (4, ["--tp", "4", "--num-attention-heads", "4", "--num-query-groups", "2"], r"--num-query-groups=2 is not divisible by --tensor-model-parallel-size=4"),
-    (8, ["--tp", "8", "--num-attention-heads", "4", "--num-query-groups", "4"], r"--num-attention-heads=4 is not divisible by --tensor-model-parallel-size=8"),
-    (2, ["--tp", "2", "--ffn-hidden-size", "99"], r"--ffn-hidden-size=99 is not divisible by --tensor-model-parallel-size=2"),
-    (2, ["--tp", "2", "--sp", "--seq-length", "33"], r"--seq-length=33 is not divisible by --tensor-model-parallel-size=2, which --sequence-parallel needs"),
+    (4, ["--tp", "4", "--num-attention-heads", "4", "--num-query-groups", "2"],
+     r"--num-query-groups=2 is not divisible by --tensor-model-parallel-size=4"),
+    (8, ["--tp", "8", "--num-attention-heads", "4", "--num-query-groups", "4"],
+     r"--num-attention-heads=4 is not divisible by --tensor-model-parallel-size=8"),
+    (2, ["--tp", "2", "--ffn-hidden-size", "99"],
+     r"--ffn-hidden-size=99 is not divisible by --tensor-model-parallel-size=2"),
+    (2, ["--tp", "2", "--sp", "--seq-length", "33"],
+     r"--seq-length=33 is not divisible by --tensor-model-parallel-size=2, which --sequence-parallel needs"),
     (2, ["--pp", "2", "--pipeline-schedule", "zbv"],
-     r"--pipeline-schedule=zbv places two model chunks per rank in a V; set --virtual-pipeline-model-parallel-size 2 \(it is 1\)"),
+     r"--pipeline-schedule=zbv places two model chunks per rank in a V; "
+     r"set --virtual-pipeline-model-parallel-size 2 \(it is 1\)"),
     (2, ["--pp", "2", "--vpp", "2", "--pipeline-schedule", "zb-h1"],
      r"--pipeline-schedule=zb-h1 cannot run 2 model chunks per rank; use --pipeline-schedule interleaved or zbv"),
     (4, ["--pp", "4", "--vpp", "2", "--pipeline-schedule", "zbv", "--num-layers", "8", "--global-batch-size", "12",
@@ -134,10 +142,14 @@ def test_data_parallel_size_is_derived(monkeypatch) -> None:
      r"^--microbatch-group-size-per-virtual-pipeline-stage=0 must be a positive number$"),
     (2, ["--pp", "2", "--microbatch-group-size-per-virtual-pipeline-stage", "2"],
      r"^--microbatch-group-size-per-virtual-pipeline-stage=2 is for the interleaved schedule only"),
-    (1, ["--vpp", "2"], r"--virtual-pipeline-model-parallel-size=2 needs --pipeline-model-parallel-size > 1 \(it is 1\)"),
-    (2, ["--pp", "2", "--vpp", "2", "--pipeline-schedule", "1f1b"], r"--pipeline-schedule=1f1b cannot run 2 model chunks"),
-    (2, ["--pp", "2", "--pipeline-schedule", "interleaved"], r"interleaved needs --virtual-pipeline-model-parallel-size > 1"),
-    (2, ["--pp", "2", "--num-layers-per-virtual-pipeline-stage", "3"], r"--num-layers=4 is not divisible by pp \* --num-layers-per-virtual-pipeline-stage = 6"),
+    (1, ["--vpp", "2"],
+     r"--virtual-pipeline-model-parallel-size=2 needs --pipeline-model-parallel-size > 1 \(it is 1\)"),
+    (2, ["--pp", "2", "--vpp", "2", "--pipeline-schedule", "1f1b"],
+     r"--pipeline-schedule=1f1b cannot run 2 model chunks"),
+    (2, ["--pp", "2", "--pipeline-schedule", "interleaved"],
+     r"interleaved needs --virtual-pipeline-model-parallel-size > 1"),
+    (2, ["--pp", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+     r"--num-layers=4 is not divisible by pp \* --num-layers-per-virtual-pipeline-stage = 6"),
 ])
 def test_bad_pipeline_layouts_are_refused(monkeypatch, world: int, argv: list[str], message: str) -> None:
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -17,17 +17,21 @@ from helpers.checkpoint_steps import layout_config, train, train_jobs
 from helpers.commands import ROOT
 from helpers.parity import assert_parity, merge_ranks, run_steps, setup_rank
 from helpers.tiny import tiny_config
-from megatron_lite.kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
 from megatron_lite import parallel_state
 from megatron_lite.comm import METER
 from megatron_lite.config import ParallelConfig
+from megatron_lite.config.layout import Layout
 from megatron_lite.context_parallel.attention import context_parallel_attention
 from megatron_lite.context_parallel.zigzag import zigzag_positions
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
+from megatron_lite.kernels.reference import (
+    attention_backward_reference,
+    attention_forward_reference,
+    flash_attention_reference,
+)
 from megatron_lite.model.transformer import TransformerLayer
-from megatron_lite.training import rank_microbatches, train_step
+from megatron_lite.training.loop import rank_microbatches, train_step
 
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -52,16 +56,15 @@ def cp_config(family: str, layout: Layout = Layout(), steps: int = STEPS, window
                                             num_query_groups=4 if family == "llama" else 8, seq_length=SEQ,
                                             vocab_size=VOCAB, window_size=window_size),
                          micro_batch_size=1, global_batch_size=4, train_iters=steps, clip_grad=1.0)
-    config.parallel = layout.apply(config.parallel)
-    return config
+    return config.updated(parallel=layout.fields())
 
 
 # ---------------------------------------------------------------- checks run on every rank
 
 def one_step_traffic(comm_type: str) -> dict:
     """Meter counts of one training step at cp 2 (2 layers, 2 microbatches)."""
-    config = cp_config("llama", Layout(cp=2, cp_comm=comm_type))
-    config.model.num_layers, config.train.global_batch_size = 2, 2
+    config = cp_config("llama", Layout(cp=2, cp_comm=comm_type)).updated(model={"num_layers": 2},
+                                                                         train={"global_batch_size": 2})
     model = setup_rank(config)
     batches = list(rank_microbatches(RandomTokens(VOCAB, SEQ), 0, config, torch.device("cpu")))
     METER.reset()

@@ -7,8 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from megatron_lite.data.indexed_dataset import (IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError,
-                                                optimal_dtype)
+from megatron_lite.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError, optimal_dtype
 
 
 def write_dataset(prefix: str, documents: list, dtype: type[np.generic]) -> IndexedDataset:

@@ -51,7 +51,8 @@ def test_union_over_data_parallel_ranks_is_the_single_rank_batch(prefix, tmp_pat
 def test_resume_from_consumed_samples_gives_the_same_next_batches(prefix, tmp_path):
     dp_size, stop = 2, 3
     straight = train_dataset(prefix, str(tmp_path / "cache"))
-    expected = [rank_batches(straight, step * GLOBAL, rank, dp_size) for step in range(STEPS) for rank in range(dp_size)]
+    expected = [rank_batches(straight, step * GLOBAL, rank, dp_size)
+                for step in range(STEPS) for rank in range(dp_size)]
     # The resumed run rebuilds its indices from the seed (another cache), and its only state is
     # the number of samples the interrupted run consumed.
     resumed = train_dataset(prefix, str(tmp_path / "other_cache"))

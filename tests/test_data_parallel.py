@@ -10,17 +10,17 @@ import functools
 import pytest
 import torch
 
-from megatron_lite import parallel_state
-from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.optimizer import state_bytes
-from megatron_lite.comm import METER
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.layout import Layout
-from megatron_lite.parallelize import parallelize
-from megatron_lite.training import rank_microbatches, train_step
 from helpers.parity import assert_parity, merge_ranks, run_steps
 from helpers.tiny import tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.comm import METER
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.optimizer.optimizer import state_bytes
+from megatron_lite.training.loop import rank_microbatches, train_step
+from megatron_lite.training.parallelize import parallelize
 
 VOCAB = 258
 STEPS = 5
@@ -42,15 +42,14 @@ CASES = [
 def dp_config(family: str, layout: Layout = Layout(), clip: float = 0.5):
     config = tiny_config(family, model=dict(num_layers=4, vocab_size=VOCAB), micro_batch_size=1,
                          global_batch_size=8, train_iters=STEPS, clip_grad=clip)
-    config.parallel = layout.apply(config.parallel)
-    config.parallel.ddp_bucket_size = BUCKET
-    return config
+    return config.updated(parallel={**layout.fields(), "ddp_bucket_size": BUCKET})
 
 
 def one_step_accounting(distributed: bool) -> dict:
     """Meter counts, buffer sizes, optimizer state and overlap for one step at tp = pp = 1."""
-    config = dp_config("llama", Layout(dp=parallel_state.get_grid().world_size, distopt=distributed))
-    config.train.global_batch_size = 2 * parallel_state.get_grid().world_size  # 2 microbatches per replica
+    world = parallel_state.get_grid().world_size
+    config = dp_config("llama", Layout(dp=world, distopt=distributed)).updated(
+        train={"global_batch_size": 2 * world})  # 2 microbatches per replica
     parallel_state.initialize_model_parallel(config.parallel)
     model = parallelize(config, torch.device("cpu"))
     buffer = model.grad_buffers[0]
@@ -92,7 +91,8 @@ def reference(family: str, clip: float) -> dict:
     return run_steps(dp_config(family, clip=clip), STEPS)
 
 
-@pytest.mark.parametrize("layout, clip", CASES, ids=[f"{l.name}-{'clip' if c else 'no-clip'}" for l, c in CASES])
+@pytest.mark.parametrize("layout, clip", CASES,
+                         ids=[f"{layout.name}-{'clip' if c else 'no-clip'}" for layout, c in CASES])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_single_device(layout: Layout, clip: float, family: str) -> None:
     ranks = spawned(layout.world_size)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import LOG_LINE, TINY, run
 
 import pretrain_gpt
+from helpers.commands import ROOT, run_command
 from megatron_lite.data.default_corpus import build_default_corpus, stdlib_sources
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder
-from helpers.commands import ROOT, run_command
-from test_cli import LOG_LINE, TINY, run
 from tools import preprocess_data
 
 LOSS = re.compile(r"\| lm loss: ([\d.E+-]+) \|")

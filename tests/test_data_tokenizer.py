@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.tokenizers import KINDS, VOCAB_SIZE, train_tokenizers, write_corpus
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import ByteTokenizer, build_tokenizer
 from tools import preprocess_data
-from helpers.tokenizers import KINDS, VOCAB_SIZE, train_tokenizers, write_corpus
 
 ROUND_TRIP_TEXTS = ["the quick brown fox", "  leading spaces,\ttabs\n\nand blank lines  ",
                     "naïve café 東京 ☃ 🎉 (never seen in training)", ""]

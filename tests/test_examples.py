@@ -63,14 +63,14 @@ def test_slurm_script_on_a_one_node_allocation(tmp_path: Path) -> None:
     result = run_command(["bash", str(EXAMPLES / "slurm_pretrain_gpt.sh"), *TINY, "--cp", "1", "--pp", "2",
                           "--num-layers", "4"], env=env, timeout=180)
     _trained(result, tmp_path / "ckpt")
-    assert "world 2 = tp 1 x dp 1 x pp 2, zbv schedule over 2 chunks per rank" in result.stdout
+    assert "> layout: pp2-vpp2-zbv on world 2, zbv schedule over 2 chunks per rank" in result.stdout
 
 
 def test_llama_1b_recipe_on_two_ranks(tmp_path: Path) -> None:
     result = run_command(["bash", str(EXAMPLES / "llama_1b_8gpu.sh"), *TINY],
                          env=_env(NPROC_PER_NODE="2", CHECKPOINT_DIR=str(tmp_path / "ckpt")), timeout=180)
     _trained(result, tmp_path / "ckpt")
-    assert "world 2 = tp 1 x dp 2 x pp 1" in result.stdout
+    assert "> layout: dp2 on world 2" in result.stdout
 
 
 @pytest.mark.parametrize("script, flags, layout", [

@@ -12,8 +12,8 @@ import transformers
 
 import pretrain_gpt
 from megatron_lite.inference.generation import generate, load_model
-from megatron_lite.inference.kv_cache import InferenceParams
 from megatron_lite.inference.sampling import SamplingParams, sample
+from megatron_lite.model.kv_cache import InferenceParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402

@@ -37,17 +37,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_fused_kernels import KERNEL_NODES
 
-from tools.kernel_bench_cases import OPS, Case
+from helpers.graph import graph_nodes
+from helpers.tiny import tiny_config
+from megatron_lite.config import Config
 from megatron_lite.kernels.flash_attention import flash_attention, flash_attention_backward, flash_attention_forward
 from megatron_lite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from megatron_lite.kernels.reference import attention_forward_reference
-from megatron_lite.config import Config
 from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.training import pretrain
-from helpers.tiny import tiny_config
-from helpers.graph import graph_nodes
-from test_model_fused_kernels import KERNEL_NODES
+from megatron_lite.training.loop import pretrain
+from tools.kernel_bench_cases import OPS, Case
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -14,13 +14,13 @@ import functools
 import pytest
 import torch
 
-from megatron_lite.distributed.grad_clip import clip_grad_norm
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.training import forward_backward, rank_microbatches
 from helpers.parity import full_grads, merge_tensors, setup_rank
 from helpers.tiny import tiny_config
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.optimizer.clip_grads import clip_grad_norm
+from megatron_lite.training.loop import forward_backward, rank_microbatches
 
 MAX_NORM = 0.1  # well below these norms: clipping scales every grad
 LAYOUTS = {  # name: (family, layout)
@@ -32,8 +32,7 @@ LAYOUTS = {  # name: (family, layout)
 
 def norm_config(family: str, layout: Layout = Layout()):
     config = tiny_config(family, model=dict(num_layers=2), micro_batch_size=1, global_batch_size=4)
-    config.parallel = layout.apply(config.parallel)
-    config.parallel.ddp_bucket_size = 2000
+    config = config.updated(parallel={**layout.fields(), "ddp_bucket_size": 2000})
     return config
 
 

@@ -1,9 +1,10 @@
 """The open families people continue pretraining, in and out of Hugging Face: for each, a tiny
 random transformers model whose config uses every field we map (RoPE scaling, tied embeddings,
-q/k/v biases, q/k norms, a sliding window shorter than the sequence) imports with its logits at every position (past the scaling's original
-context too), trains three steps exactly as transformers + torch AdamW does on the same batches,
-exports its trained weights back under the family's names, and continues a prompt greedily as
-transformers' generate does. (from-hf's ranks and other layouts: test_rope_scaling.py, test_hf_tied.py.)"""
+q/k/v biases, q/k norms, a sliding window shorter than the sequence) imports with its logits at
+every position (past the scaling's original context too), trains three steps exactly as
+transformers + torch AdamW does on the same batches, exports its trained weights back under the
+family's names, and continues a prompt greedily as transformers' generate does. (from-hf's ranks
+and other layouts: test_rope_scaling.py, test_hf_tied.py.)"""
 from __future__ import annotations
 
 import functools
@@ -17,21 +18,21 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+import pretrain_gpt
+from helpers.parity import PARITY, setup_rank
 from megatron_lite.checkpointing import read_checkpoint
+from megatron_lite.checkpointing.reshard import load_weights
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.hf_convert import from_hf_state, load_safetensors, to_hf_state
-from megatron_lite.hf_families import hf_config, model_config_from_hf
+from megatron_lite.hf.convert import from_hf_state, load_safetensors, to_hf_state
+from megatron_lite.hf.families import hf_config, model_config_from_hf
 from megatron_lite.inference.generation import generate
 from megatron_lite.inference.sampling import SamplingParams
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.placement import gather_full, placement
-from megatron_lite.reshard import load_weights
-from megatron_lite.training import rank_microbatches, train_step
-from helpers.parity import PARITY, setup_rank
+from megatron_lite.training.loop import rank_microbatches, train_step
 
-import pretrain_gpt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402
 
@@ -239,7 +240,8 @@ def test_a_mixtral_window_maps_both_ways() -> None:
 
 @pytest.mark.parametrize("field, value, message", [
     ("some_new_field", 3, "config.json field some_new_field=3 is not mapped to megatron_lite"),
-    ("layer_types", ["full_attention", "sliding_attention"], "layer_types=['full_attention', 'sliding_attention'] is not supported"),
+    ("layer_types", ["full_attention", "sliding_attention"],
+     "layer_types=['full_attention', 'sliding_attention'] is not supported"),
     ("pretraining_tp", 2, "pretraining_tp=2 is not supported"),
 ])
 def test_a_field_we_do_not_compute_is_refused_in_one_line(field: str, value, message: str) -> None:

@@ -12,17 +12,17 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from megatron_lite.arguments import parse_args
+from helpers.tiny import TINY_FLAGS, tiny_model
 from megatron_lite.checkpointing import latest_iteration, read_checkpoint
+from megatron_lite.checkpointing.reshard import load_weights
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.data.tokenizer import build_tokenizer
-from megatron_lite.hf_convert import TOKENIZER_FILES
-from megatron_lite.hf_families import hf_config, model_config_from_hf
-from megatron_lite.hf_tokenizer import BYTE_EOD_TOKEN, BYTE_PAD_TOKEN, PROBE_TEXT, byte_level_tokenizer
+from megatron_lite.hf.convert import TOKENIZER_FILES
+from megatron_lite.hf.families import hf_config, model_config_from_hf
+from megatron_lite.hf.tokenizer import BYTE_EOD_TOKEN, BYTE_PAD_TOKEN, PROBE_TEXT, byte_level_tokenizer
 from megatron_lite.model.gpt import GPTModel
-from megatron_lite.reshard import load_weights
-from megatron_lite.training import pretrain
-from helpers.tiny import TINY_FLAGS, tiny_model
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402

@@ -1,4 +1,4 @@
-"""The tokenizer of a Hugging Face export (megatron_lite/hf_tokenizer.py): for every tokenizer
+"""The tokenizer of a Hugging Face export (megatron_lite/hf/tokenizer.py): for every tokenizer
 type, AutoTokenizer on the exported folder gives our ids, eos and pad, and decodes back."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from helpers.tokenizers import KINDS, train_tokenizers, write_corpus
 from megatron_lite.config import ConfigError
 from megatron_lite.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
-from megatron_lite.hf_tokenizer import check_export, export_tokenizer
-from helpers.tokenizers import KINDS, train_tokenizers, write_corpus
+from megatron_lite.hf.tokenizer import check_export, export_tokenizer
 
 # Multi-byte UTF-8, runs of spaces, tabs and newlines, pieces the models never saw, and eod's
 # name in text (ours: its bytes for the byte tokenizer, eod for a tokenizer.json that has it).

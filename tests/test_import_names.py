@@ -25,8 +25,8 @@ import kernels
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 import megatron_lite.kernels
-from megatron_lite.hf_convert import from_hf_state
-from megatron_lite.hf_families import model_config_from_hf
+from megatron_lite.hf.convert import from_hf_state
+from megatron_lite.hf.families import model_config_from_hf
 from megatron_lite.model.gpt import GPTModel
 from helpers.graph import graph_nodes
 from test_model_fused_kernels import KERNEL_NODES

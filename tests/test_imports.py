@@ -27,7 +27,8 @@ for family, fused in (("llama", False), ("gpt2", False), ("llama", True)):
     init_weights(model, config, seed=0)
     tokens = torch.randint(0, config.vocab_size, (2, config.seq_length))
     model(tokens, tokens).mean().backward()
-kernel_modules = sorted(m for m in sys.modules if m.startswith("megatron_lite.kernels.") and m != "megatron_lite.kernels.reference")
+kernel_modules = sorted(m for m in sys.modules
+                        if m.startswith("megatron_lite.kernels.") and m != "megatron_lite.kernels.reference")
 assert not kernel_modules, kernel_modules
 """
 
@@ -53,16 +54,12 @@ def _modules() -> dict[str, Path]:
 def _imported_names(module: str, path: Path) -> set[str]:
     """Every name an import statement of the file may load: `import a.b` gives a.b, and
     `from a import b` gives a and a.b (b may be a submodule). Imports inside functions count,
-    as they run sooner or later; those under `if TYPE_CHECKING:` never run and do not."""
+    as they run sooner or later, and so do those under `if TYPE_CHECKING:`: a circle of type
+    imports is still a knot a reader has to untie."""
     tree = ast.parse(path.read_text(), str(path))
-    type_checking = {id(node) for block in ast.walk(tree)
-                     if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                     for statement in block.body for node in ast.walk(statement)}
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names = set()
     for node in ast.walk(tree):
-        if id(node) in type_checking:
-            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -101,12 +98,14 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
-def test_no_import_cycles() -> None:
-    """A parent package's __init__, which Python runs first, is not an edge of its submodules:
-    a package that re-exports its submodules would otherwise always be a cycle."""
+def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    graph = {name: {target for target in _imported_names(name, path) if target in modules and target != name}
-             for name, path in modules.items()}
+    return {name: {target for target in _imported_names(name, path) if target in modules and target != name}
+            for name, path in modules.items()}
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
     assert len(graph) > 40, sorted(graph)  # the walk found the packages
     assert "megatron_lite.model.fused_ops" in graph["megatron_lite.model.ops"]  # an import in a function
     cycle = _find_cycle(graph)
@@ -116,3 +115,41 @@ def test_no_import_cycles() -> None:
 def test_find_cycle() -> None:
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+# The floors of the library, lowest first (docs/architecture.md draws them): a module imports
+# only from its own package or from a lower floor, so each floor can be read, tested and
+# replaced without the ones above it.
+FLOORS = (
+    ("config", "kernels"),  # what a run is; the fused ops (plain torch references beside them)
+    ("ground floor",),  # the package's own modules: the rank grid, every collective, where parameters live
+    ("tensor_parallel", "context_parallel", "optimizer", "data"),  # building blocks
+    ("model", "distributed"),  # the model over tp and cp; data parallelism and ZeRO
+    ("pipeline_parallel", "checkpointing", "hf"),  # stages and schedules; state on disk, ours and Hugging Face's
+    ("planner", "inference"),  # what a layout costs; generation
+    ("training",),  # flags, the loop, its report
+)
+FLOOR = {unit: floor for floor, units in enumerate(FLOORS) for unit in units}
+
+
+def _unit(module: str) -> str:
+    """The package of megatron_lite a module belongs to; the modules at its root are the ground floor."""
+    parts = module.split(".")
+    return "" if len(parts) == 1 else parts[1] if (ROOT / "megatron_lite" / parts[1]).is_dir() else "ground floor"
+
+
+def test_every_import_goes_down_a_floor() -> None:
+    graph = _graph()
+    units = {_unit(module) for module in graph} - {""}
+    assert units == set(FLOOR), f"packages without a floor: {units - set(FLOOR)}; floors without a package: " \
+                                f"{set(FLOOR) - units}"
+    upward = sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                    if _unit(module) and _unit(target) and _unit(module) != _unit(target)
+                    and FLOOR[_unit(target)] >= FLOOR[_unit(module)])
+    assert not upward, "imports that do not go down a floor:\n" + "\n".join(upward)
+
+
+def test_few_top_level_modules() -> None:
+    """The root of the package holds the ground floor only; everything else lives in a package per concern."""
+    modules = sorted(path.name for path in (ROOT / "megatron_lite").glob("*.py"))
+    assert len(modules) <= 6, modules

@@ -35,7 +35,8 @@ def _cases() -> list:
     """(kernel, constexprs, pointer args passed as None, num_warps, num_stages) per launch shape."""
     import torch
 
-    from megatron_lite.kernels import _norm, cross_entropy, flash_attention as fa, gelu, rope, swiglu
+    from megatron_lite.kernels import _norm, cross_entropy, gelu, rope, swiglu
+    from megatron_lite.kernels import flash_attention as fa
     from megatron_lite.kernels._common import row_block
 
     cuda = torch.device("cuda")

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from megatron_lite.kernels.flash_attention import flash_attention, flash_attention_backward, flash_attention_forward
-from megatron_lite.kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
+from megatron_lite.kernels.reference import (
+    attention_backward_reference,
+    attention_forward_reference,
+    flash_attention_reference,
+)
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 TOL = dict(atol=1e-4, rtol=1e-4)

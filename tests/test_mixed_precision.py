@@ -15,15 +15,16 @@ import math
 import pytest
 import torch
 
-from megatron_lite import parallel_state
-from megatron_lite.comm import METER
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.layout import Layout
-from megatron_lite.loss_scaler import LossScaler
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.training import describe_memory, pretrain, rank_microbatches, train_step
 from helpers.parity import setup_rank
 from helpers.tiny import tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.comm import METER
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.optimizer.loss_scaler import LossScaler
+from megatron_lite.training.loop import pretrain, rank_microbatches, train_step
+from megatron_lite.training.report import describe_memory
 
 CPU = torch.device("cpu")
 
@@ -114,7 +115,8 @@ def test_fp16_skips_overflowing_steps_and_backs_off() -> None:
         state["step"] = step
         before = [p.detach().clone() for c in model.chunks for p in c.parameters()]
         results.append(train_step(model, rank_microbatches(data, 0, config, CPU), step, config, CPU))
-        weights.append(all(torch.equal(a, p) for a, p in zip(before, (p for c in model.chunks for p in c.parameters()))))
+        weights.append(all(torch.equal(a, p)
+                           for a, p in zip(before, (p for c in model.chunks for p in c.parameters()))))
     assert [r.skipped for r in results] == [False, True, False]
     assert weights == [False, True, False]
     assert not math.isfinite(results[1].grad_norm) and math.isfinite(results[2].grad_norm)
@@ -139,8 +141,7 @@ def test_compile_matches_eager() -> None:
 
 def _two_rank_config(layout: Layout, **train):
     config = tiny_config(model=dict(num_layers=2), micro_batch_size=1, global_batch_size=4, train_iters=4, **train)
-    config.parallel = layout.apply(config.parallel)
-    config.parallel.ddp_bucket_size = 3000  # several buckets
+    config = config.updated(parallel={**layout.fields(), "ddp_bucket_size": 3000})  # several buckets
     return config
 
 

@@ -33,14 +33,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import megatron_lite.training as training
-from megatron_lite import parallel_state
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.placement import gather_full
+import megatron_lite.training.loop as training
 from helpers.parity import merge_tensors, setup_rank
 from helpers.tiny import tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.config import Config
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.placement import gather_full
 
 CPU = torch.device("cpu")
 UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
@@ -50,12 +51,11 @@ LOSS_SCALE = 2.0**12  # fp16's start scale: large enough to matter, small enough
 DISTRIBUTED = Layout(tp=2, pp=2, dp=2, sp=True, distopt=True)
 
 
-def precision_config(layout: Layout, precision: str, clip: float, family: str = "llama", **train):
+def precision_config(layout: Layout, precision: str, clip: float, family: str = "llama", **train) -> Config:
     flags = {"bf16": {"bf16": True}, "fp16": {"fp16": True, "initial_loss_scale": LOSS_SCALE}}.get(precision, {})
     config = tiny_config(family, micro_batch_size=1, global_batch_size=4, train_iters=STEPS, lr=1e-2, min_lr=1e-3,
                          weight_decay=1.0, adam_eps=1e-3, clip_grad=clip, **flags, **train)
-    config.parallel = layout.apply(config.parallel)
-    return config
+    return config.updated(parallel=layout.fields())
 
 
 def _main_weights(model) -> dict[str, torch.Tensor]:

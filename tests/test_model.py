@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lite.flops import flops_per_step
-from megatron_lite.model.gpt import GPTModel, init_weights
 from helpers.tiny import tiny_model
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.planner.flops import flops_per_step
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.config import Config
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.comm import METER
 from helpers.graph import graph_nodes
 from helpers.parity import Tolerance, assert_parity, merge_ranks, run_steps
 from helpers.tiny import tiny_config
+from megatron_lite.comm import METER
+from megatron_lite.config import Config
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.model.gpt import GPTModel, init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("llama", "gpt2")
@@ -46,9 +46,7 @@ def fused_config(family: str, fused: bool, tp: int = 1) -> Config:
     """hidden 64, 4 heads of dim 16, 2 layers, seq 16; tp > 1 adds sequence parallelism."""
     config = tiny_config(family, model=dict(hidden_size=64, num_query_groups=2 if family == "llama" else 4,
                                             fused_kernels=fused))
-    config.parallel.tensor_model_parallel_size = tp
-    config.parallel.sequence_parallel = tp > 1
-    return config
+    return config.updated(parallel={"tensor_model_parallel_size": tp, "sequence_parallel": tp > 1})
 
 
 def loss_and_grads(family: str, fused: bool) -> tuple[float, dict[str, torch.Tensor], set[str]]:
@@ -106,7 +104,7 @@ def test_no_fused_kernels_flag_runs_without_triton() -> None:
     Triton-free references it computes with may load, no kernel module."""
     code = (
         "import sys, torch\n"
-        "from megatron_lite.arguments import parse_args\n"
+        "from megatron_lite.training.arguments import parse_args\n"
         "from megatron_lite.model.gpt import GPTModel, init_weights\n"
         "config = parse_args(['--no-fused-kernels', '--num-layers', '1', '--hidden-size', '64']).model\n"
         "assert config.fused_kernels is False\n"
@@ -114,7 +112,8 @@ def test_no_fused_kernels_flag_runs_without_triton() -> None:
         "init_weights(model, config, 0)\n"
         "tokens = torch.randint(0, config.vocab_size, (2, 16))\n"
         "model(tokens, tokens).mean().backward()\n"
-        "loaded = sorted(m for m in sys.modules if (m.split('.')[0] == 'triton' or m.startswith('megatron_lite.kernels'))\n"
+        "loaded = sorted(m for m in sys.modules if (m.split('.')[0] == 'triton' "
+        "or m.startswith('megatron_lite.kernels'))\n"
         "                and m not in ('megatron_lite.kernels', 'megatron_lite.kernels.reference'))\n"
         "assert not loaded, loaded\n"
     )

@@ -8,6 +8,7 @@ and the all-to-all volume against the routed token counts.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -17,25 +18,25 @@ import pytest
 import torch
 import transformers
 
-from megatron_lite import parallel_state
-from megatron_lite.arguments import parse_args
-from megatron_lite.comm import METER
-from megatron_lite.config import ConfigError
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.flops import flops_per_step
-from megatron_lite.checkpointing import latest_iteration, read_checkpoint
-from megatron_lite.hf_convert import load_safetensors
-from megatron_lite.hf_families import hf_config
-from megatron_lite.model.gpt import GPTModel
-from megatron_lite.reshard import load_weights
-from megatron_lite.layout import Layout
-from megatron_lite.model.moe import MoELayer, finish_moe_step, moe_routers
-from megatron_lite.model.ops import select_ops
-from megatron_lite.training import pretrain, rank_microbatches, train_step
 from helpers.checkpoint_steps import train, train_jobs
 from helpers.parity import assert_parity, merge_ranks, run_steps, setup_rank
 from helpers.tiny import tiny_config, tiny_model
+from megatron_lite import parallel_state
+from megatron_lite.checkpointing import latest_iteration, read_checkpoint
+from megatron_lite.checkpointing.reshard import load_weights
+from megatron_lite.comm import METER
+from megatron_lite.config import ConfigError
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.hf.convert import load_safetensors
+from megatron_lite.hf.families import hf_config
+from megatron_lite.model.gpt import GPTModel
+from megatron_lite.model.moe import MoELayer, finish_moe_step, moe_routers
+from megatron_lite.model.ops import select_ops
+from megatron_lite.planner.flops import flops_per_step
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import pretrain, rank_microbatches, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -71,8 +72,7 @@ CASES = [  # (family, layout, model overrides)
 def moe_config(family: str, layout: Layout = Layout(), clip: float = 0.5, **model):
     config = tiny_config(family, model={**FAMILY_MOE[family], **model}, micro_batch_size=1, global_batch_size=8,
                          train_iters=STEPS, clip_grad=clip)
-    config.parallel = layout.apply(config.parallel)
-    config.parallel.ddp_bucket_size = 3000
+    config = config.updated(parallel={**layout.fields(), "ddp_bucket_size": 3000})
     return config
 
 
@@ -124,7 +124,8 @@ def test_dropless_and_padded_capacity_compute_the_same_layer() -> None:
     changes shapes, not results."""
     _, layer, x = _router_inputs()
     reference = layer(x)
-    layer.config.moe_expert_capacity_factor, layer.config.moe_pad_expert_input_to_capacity = 4.0, True
+    layer.config = dataclasses.replace(layer.config, moe_expert_capacity_factor=4.0,
+                                       moe_pad_expert_input_to_capacity=True)
     torch.testing.assert_close(layer(x), reference)
 
 
@@ -133,7 +134,8 @@ def test_expert_bias_balances_a_skewed_router() -> None:
     the router favours expert 0 along; as the bias moves each step, max/mean load falls."""
     config, layer, x = _router_inputs(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.01,
                                       moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
-    u = torch.nn.functional.normalize(torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(2)), dim=0)
+    u = torch.nn.functional.normalize(torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(2)),
+                                      dim=0)
     x = x + 2.0 * u
     with torch.no_grad():
         layer.router.weight[0] += u
@@ -246,7 +248,8 @@ def test_hf_moe_export_matches_transformers_and_import_round_trips(tmp_path, arc
     tokens = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model.eval()(tokens), rtol=0, atol=1e-4)
-    assert convert_checkpoint.main(["from-hf", str(hf_dir), "--out", str(back), "--make-vocab-size-divisible-by", "8"]) == 0
+    assert convert_checkpoint.main(["from-hf", str(hf_dir), "--out", str(back),
+                                    "--make-vocab-size-divisible-by", "8"]) == 0
     assert convert_checkpoint.main(["to-hf", "--load", str(back), "--out", str(again)]) == 0
     first, second = load_safetensors(hf_dir), load_safetensors(again)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

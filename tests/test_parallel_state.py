@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from megatron_lite import comm, parallel_state
-from megatron_lite.parallel_state import Grid, axis_sizes
+from megatron_lite.comm import all_reduce
 from megatron_lite.config import ConfigError, ParallelConfig
 from megatron_lite.distributed.spawn import STALL_TIMEOUT_ENV, run_on_ranks
-from megatron_lite.comm import all_reduce
+from megatron_lite.parallel_state import Grid, axis_sizes
 
 TIMEOUT_S = 4.0
 
@@ -55,12 +55,14 @@ def _brute_force(sizes: dict[str, int]) -> dict[int, dict[str, int]]:
 
 @pytest.mark.parametrize("sizes", [dict(tp=2, cp=2, dp=2, pp=1), dict(tp=2, cp=2, dp=1, pp=2),
                                    dict(tp=2, cp=1, dp=2, pp=2), dict(tp=1, cp=2, dp=3, pp=2),
-                                   dict(tp=4, cp=1, dp=1, pp=1)], ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+                                   dict(tp=4, cp=1, dp=1, pp=1)],
+                         ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_every_group_matches_the_rank_formula(sizes: dict[str, int]) -> None:
     coords = _brute_force(sizes)
     world = len(coords)
     for name in ("tp", "cp", "dp", "pp", "mp", "tp-cp", "dp-cp", "world"):
-        spanned = {"mp": {"tp", "pp"}, "tp-cp": {"tp", "cp"}, "dp-cp": {"dp", "cp"}, "world": set(sizes)}.get(name, {name})
+        spanned = {"mp": {"tp", "pp"}, "tp-cp": {"tp", "cp"}, "dp-cp": {"dp", "cp"},
+                   "world": set(sizes)}.get(name, {name})
         fixed = [a for a in sizes if a not in spanned]
         expected = {frozenset(r for r in coords if all(coords[r][a] == coords[q][a] for a in fixed)) for q in coords}
         for rank in range(world):

@@ -11,19 +11,20 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_lite import parallel_state
-from megatron_lite.arguments import parse_args
-from megatron_lite.comm import METER
-from megatron_lite.config import ConfigError
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.distributed.parameter_server import GRAD_NORM_BYTES, is_server, step_bytes
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.optimizer import state_bytes
-from megatron_lite.training import memory_parts, rank_microbatches, train_step
 from helpers.checkpoint_steps import layout_config, train
 from helpers.parity import PARITY, assert_parity, merge_ranks, run_steps, setup_rank
 from helpers.tiny import tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.comm import METER
+from megatron_lite.config import ConfigError
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.parameter_server import GRAD_NORM_BYTES, is_server, step_bytes
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.optimizer.optimizer import state_bytes
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import rank_microbatches, train_step
+from megatron_lite.training.report import memory_parts
 
 VOCAB = 258
 STEPS = 4
@@ -38,8 +39,7 @@ def ps_config(family: str, layout: Layout = Layout(), **train):
     # clip 0.5 is below these steps' grad norms: clipping is active in every step.
     config = tiny_config(family, model=dict(num_layers=4, vocab_size=VOCAB), micro_batch_size=1,
                          global_batch_size=8, train_iters=STEPS, clip_grad=0.5, **train)
-    config.parallel = layout.apply(config.parallel)
-    config.parallel.ddp_bucket_size = BUCKET
+    config = config.updated(parallel={**layout.fields(), "ddp_bucket_size": BUCKET})
     return config
 
 

@@ -9,10 +9,10 @@ import functools
 
 import pytest
 
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
 from helpers.parity import SCHEDULES, assert_parity, merge_ranks, run_steps
 from helpers.tiny import tiny_config
+from megatron_lite.config.layout import Layout
+from megatron_lite.distributed.spawn import run_on_ranks
 
 FAMILIES = ("llama", "gpt2")
 VOCAB = 258
@@ -33,7 +33,7 @@ FEW_MICROBATCHES = Layout(pp=4, schedule="1f1b")
 def pp_config(family: str, layout: Layout = Layout(), clip: float = 1.0, global_batch_size: int = 8):
     config = tiny_config(family, model=dict(num_layers=8, vocab_size=VOCAB), micro_batch_size=1,
                          global_batch_size=global_batch_size, train_iters=STEPS, clip_grad=clip)
-    config.parallel = layout.apply(config.parallel)
+    config = config.updated(parallel=layout.fields())
     return config
 
 
@@ -56,7 +56,7 @@ def reference(family: str, clip: float = 1.0, global_batch_size: int = 8) -> dic
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout, clip", CASES, ids=[l.name + ("" if c else "-no-clip") for l, c in CASES])
+@pytest.mark.parametrize("layout, clip", CASES, ids=[layout.name + ("" if c else "-no-clip") for layout, c in CASES])
 def test_pipeline_matches_single_device(layout: Layout, clip: float, family: str) -> None:
     ranks = spawned(layout.world_size)
     assert_parity(reference(family, clip), merge_ranks([r[(layout, clip)][family] for r in ranks]), VOCAB)

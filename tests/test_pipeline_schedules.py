@@ -18,12 +18,12 @@ import torch
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ParallelConfig
+from megatron_lite.config.parallel_config import interleaved_microbatches_problem
 from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.parallel_config import interleaved_microbatches_problem
 from megatron_lite.pipeline_parallel.schedules import interleaved_order, run_schedule
+from megatron_lite.pipeline_parallel.trace import CostModelRunner, Event, Trace, bubble_fraction, peak_in_flight
 from megatron_lite.planner.schedule import bubble_fraction as planned_bubble
 from megatron_lite.planner.schedule import peak_in_flight as planned_peak
-from megatron_lite.pipeline_parallel.trace import CostModelRunner, Event, Trace, bubble_fraction, peak_in_flight
 
 STAGES = (2, 3, 4)
 Setting = tuple[str, int, int, int | None]  # (schedule, v, m, interleaved group size or None: pp)

@@ -12,19 +12,20 @@ import functools
 import pytest
 import torch
 
+from helpers.tiny import tiny_model
 from megatron_lite import parallel_state
-from megatron_lite.activation_memory import SavedTensorMeter
 from megatron_lite.comm import METER
 from megatron_lite.config import Config, ParallelConfig, TrainConfig
+from megatron_lite.config.layout import Layout
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.optimizer import state_bytes
-from megatron_lite.parallelize import parallelize
+from megatron_lite.optimizer.optimizer import state_bytes
+from megatron_lite.planner.activation_memory import SavedTensorMeter
 from megatron_lite.planner.memory import RankCoords, activation_memory, rank_params, state_memory
 from megatron_lite.planner.traffic import step_traffic
-from megatron_lite.training import memory_parts, rank_microbatches, set_seed, train_step
-from helpers.tiny import tiny_model
+from megatron_lite.training.loop import rank_microbatches, set_seed, train_step
+from megatron_lite.training.parallelize import parallelize
+from megatron_lite.training.report import memory_parts
 
 FULL = {"recompute_granularity": "full", "recompute_method": "uniform"}
 MOE = {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32}

@@ -16,7 +16,7 @@ FLAGS = ["--tp", "2", "--pp", "2", "--sp", "--num-layers", "2", "--hidden-size",
 SIGTERM_AFTER_STEP_3 = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import megatron_lite.training as training
+import megatron_lite.training.loop as training
 import pretrain_gpt
 
 real_step = training.train_step

@@ -12,18 +12,18 @@ import functools
 import pytest
 import torch
 
-from megatron_lite import parallel_state
-from megatron_lite.arguments import parse_args
-from megatron_lite.comm import all_gather
-from megatron_lite.config import ConfigError
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.model.transformer import Attention, TransformerLayer
-from megatron_lite.training import rank_microbatches, train_step
-from megatron_lite.data.random_tokens import RandomTokens
 from helpers.checkpoint_steps import layout_config, train_jobs
 from helpers.parity import run_steps, setup_rank
 from helpers.tiny import tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.comm import all_gather
+from megatron_lite.config import ConfigError
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.model.transformer import Attention, TransformerLayer
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import rank_microbatches, train_step
 
 STEPS = 2
 DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
@@ -40,7 +40,7 @@ def recompute_config(family: str, layout: Layout = Layout(), dropout: bool = Tru
     if layout.cp > 1:  # context parallelism refuses attention dropout
         model["attention_dropout"] = 0.0
     config = tiny_config(family, model=model, micro_batch_size=1, global_batch_size=4, train_iters=STEPS)
-    config.parallel = layout.apply(config.parallel)
+    config = config.updated(parallel=layout.fields())
     return config
 
 
@@ -110,7 +110,7 @@ def test_moe_layers_recompute_without_counting_twice() -> None:
     moe = {"num_experts": 4, "moe_router_topk": 2, "moe_aux_loss_coeff": 1e-2}
     def run(**recompute):
         config = recompute_config("llama")
-        config.model = dataclasses.replace(config.model, **moe, **recompute)
+        config = config.updated(model={**moe, **recompute})
         model = setup_rank(config)
         batches = rank_microbatches(RandomTokens(config.model.vocab_size, config.model.seq_length), 0, config,
                                     torch.device("cpu"))
@@ -137,7 +137,8 @@ def test_resume_with_dropout_is_bit_exact(tmp_path) -> None:
     """At tp 2 + SP with dropout: the model-parallel RNG's states are checkpointed, so the resumed
     steps draw the masks the uninterrupted run drew; the same seed gives the same run twice."""
     config = layout_config("llama", Layout(tp=2, sp=True), dropout=0.1)
-    straight, again, _, resumed = run_on_ranks(train_jobs, 2, [(config, 4), (config, 4), (config, 2, None, str(tmp_path)),
+    straight, again, _, resumed = run_on_ranks(train_jobs, 2, [(config, 4), (config, 4),
+                                                               (config, 2, None, str(tmp_path)),
                                                                (config, 2, str(tmp_path))])[0]
     assert straight == again and resumed == straight[2:]
 

@@ -15,14 +15,14 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from helpers.tiny import tiny_model
 from megatron_lite.checkpointing import read_checkpoint
+from megatron_lite.checkpointing.reshard import load_weights
 from megatron_lite.config import ConfigError, ModelConfig
-from megatron_lite.hf_convert import load_safetensors
-from megatron_lite.hf_families import hf_config, model_config_from_hf
+from megatron_lite.hf.convert import load_safetensors
+from megatron_lite.hf.families import hf_config, model_config_from_hf
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.model.rope import inverse_frequencies, rotary_tables
-from megatron_lite.reshard import load_weights
-from helpers.tiny import tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402

@@ -14,18 +14,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite import parallel_state
-from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.comm import METER
-from megatron_lite.config import ParallelConfig
-from megatron_lite.layout import Layout
-from megatron_lite.placement import placement
-from megatron_lite.tensor_parallel import mappings, vocab_parallel_cross_entropy
-from megatron_lite.parallelize import parallelize
-from megatron_lite.training import rank_microbatches, train_step
 from helpers.parity import RandomTokens, assert_parity, merge_ranks, run_steps
 from helpers.tiny import tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.comm import METER
+from megatron_lite.config import ParallelConfig
+from megatron_lite.config.layout import Layout
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.placement import placement
+from megatron_lite.tensor_parallel import mappings, vocab_parallel_cross_entropy
+from megatron_lite.training.loop import rank_microbatches, train_step
+from megatron_lite.training.parallelize import parallelize
 
 FAMILIES = ("llama", "gpt2")
 VOCAB = 258
@@ -37,7 +37,7 @@ def parity_config(family: str, layout: Layout = Layout(), **train):
     config = tiny_config(family, model=dict(hidden_size=64, num_attention_heads=8,
                                             num_query_groups=4 if family == "llama" else 8, vocab_size=VOCAB),
                          **{**dict(micro_batch_size=2, global_batch_size=4, train_iters=6, clip_grad=1.0), **train})
-    config.parallel = layout.apply(config.parallel)
+    config = config.updated(parallel=layout.fields())
     return config
 
 
@@ -122,8 +122,7 @@ def check_communication(family: str, sp: bool) -> dict:
 
 def check_saved_activations(sp: bool) -> int:
     """Bytes saved for backward inside norm and dropout modules during one forward."""
-    config = parity_config("llama", Layout(tp=dist.get_world_size(), sp=sp))
-    config.model.hidden_dropout = 0.1
+    config = parity_config("llama", Layout(tp=dist.get_world_size(), sp=sp)).updated(model={"hidden_dropout": 0.1})
     parallel_state.initialize_model_parallel(config.parallel)
     model = GPTModel(config.model, sp)
     init_weights(model, config.model, 0)
@@ -185,7 +184,8 @@ def test_vocab_parallel_cross_entropy_matches_torch(tp: int) -> None:
 
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("family, sp, clip", CASES,
-                         ids=[f"{f}-{'sp' if sp else 'no-sp'}-{'clip' if clip else 'no-clip'}" for f, sp, clip in CASES])
+                         ids=[f"{f}-{'sp' if sp else 'no-sp'}-{'clip' if clip else 'no-clip'}"
+                              for f, sp, clip in CASES])
 def test_training_matches_single_device(tp: int, family: str, sp: bool, clip: float) -> None:
     merged = merge_ranks([result["parity"][(family, sp, clip)] for result in spawned(tp)])
     assert_parity(reference(family, clip), merged, VOCAB)

@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import pretrain_gpt
 from helpers.tiny import TINY_FLAGS
-from megatron_lite.arguments import parse_args
 from megatron_lite.config import ConfigError
+from megatron_lite.training.arguments import parse_args
 
 # Tag -> metrics.jsonl field of a dense run on CPU (no MFU without a known peak).
 DENSE_TAGS = {"lm loss": "lm_loss", "learning-rate": "lr", "grad-norm": "grad_norm", "loss-scale": "loss_scale",

@@ -25,7 +25,8 @@ def test_table_rows_and_equal_losses(capsys: pytest.CaptureFixture) -> None:
     weights, grads, adam = (float(rows["single"][i]) for i in (2, 3, 4))
     assert float(rows["dp4-distopt"][4]) == pytest.approx(adam / 4, rel=0.05)
     assert float(rows["dp4-distopt"][2]) == pytest.approx(weights, rel=0.05)
-    assert [float(rows["dp4-zero3"][i]) for i in (2, 3, 4)] == pytest.approx([weights / 4, grads / 4, adam / 4], rel=0.05)
+    assert ([float(rows["dp4-zero3"][i]) for i in (2, 3, 4)]
+            == pytest.approx([weights / 4, grads / 4, adam / 4], rel=0.05))
     assert float(rows["single"][9]) == 0.0 and float(rows["dp4-distopt"][9]) > 0.0
     assert float(rows["cp2"][7]) > 0.0 and float(rows["dp4-distopt"][7]) == 0.0
     # A parameter server's link carries (dp-1) x the model out (and the grads in): more than the

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from megatron_lite.arguments import PRESETS
 from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.planner.hardware import GPUS
 from megatron_lite.planner.parameters import count_parameters
 from megatron_lite.planner.published import PUBLISHED
 from megatron_lite.planner.search import plan
+from megatron_lite.training.arguments import PRESETS
 from tools import plan_parallelism
 
 
@@ -45,7 +45,7 @@ def test_one_layout_in_json(capsys) -> None:
                                   "--sp", "--use-distributed-optimizer", "--micro-batch-size", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     (row,) = out["layouts"]
-    assert row["layout"].startswith("tp2-dp4-sp-zero1")
+    assert row["layout"].startswith("tp2-dp4-sp-distopt")
     assert set(row["memory_gb"]) == {"weights", "grads", "main weights", "Adam state", "activations", "buffers"}
     assert row["traffic_gb_per_step"]["tp"] > 0 and row["traffic_gb_per_step"]["dp-cp"] > 0
     assert row["step_s"] == pytest.approx(row["compute_s"] + row["exposed_comm_s"] + row["bubble_s"])

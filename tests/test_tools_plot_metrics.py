@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lite.metrics import MetricsLogger
+from megatron_lite.training.metrics import MetricsLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import plot_metrics  # noqa: E402

@@ -8,18 +8,19 @@ import signal
 import pytest
 import torch
 
-from megatron_lite import training
-from megatron_lite.arguments import parse_args
+import megatron_lite.training.loop as training
+from helpers.tiny import tiny_config, tiny_model
 from megatron_lite.config import ConfigError, TrainConfig, TrainingError
 from megatron_lite.data.loader import microbatch_indices
-from megatron_lite.flops import flops_per_step
-from megatron_lite.planner.hardware import peak_tflops
 from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.optimizer import LocalOptimizer, learning_rate
+from megatron_lite.optimizer.lr_schedule import learning_rate
+from megatron_lite.optimizer.optimizer import LocalOptimizer
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
 from megatron_lite.pipeline_parallel.schedules import forward_backward_no_pipelining
-from megatron_lite.training import pretrain, select_device
-from helpers.tiny import tiny_config, tiny_model
+from megatron_lite.planner.flops import flops_per_step
+from megatron_lite.planner.hardware import peak_tflops
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import pretrain, select_device
 
 
 def _fixed_batch(config, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -150,8 +151,8 @@ def test_diverging_run_stops_before_the_step_and_keeps_the_good_checkpoint(tmp_p
         pretrain(diverging)
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001"]
-    diverging.train.check_for_nan_in_loss_and_grad, diverging.train.save = False, None
-    assert any(math.isnan(loss) for loss in pretrain(diverging)["losses"])  # unchecked, it trains on NaN
+    unchecked = diverging.updated(train={"check_for_nan_in_loss_and_grad": False, "save": None})
+    assert any(math.isnan(loss) for loss in pretrain(unchecked)["losses"])  # unchecked, it trains on NaN
 
 
 def test_exit_signal_and_wall_clock_budget_save_and_stop(tmp_path, monkeypatch) -> None:

@@ -14,27 +14,26 @@ from unittest import mock
 
 import pytest
 import torch
-
 import transformers
 
-from megatron_lite import parallel_state
-from megatron_lite.arguments import parse_args
-from megatron_lite.checkpointing import latest_iteration, read_checkpoint
-from megatron_lite.comm import METER
-from megatron_lite.config import ConfigError
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.model.gpt import GPTModel
-from megatron_lite.optimizer import state_bytes
-from megatron_lite.reshard import load_weights
-from megatron_lite.parallelize import parallelize
-from megatron_lite.pipeline_parallel.model_runner import ModelRunner
-from megatron_lite.training import rank_microbatches, train_step
 from helpers.checkpoint_steps import layout_config, train, train_jobs
 from helpers.parity import assert_parity, merge_ranks, run_steps
 from helpers.tiny import tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.checkpointing import latest_iteration, read_checkpoint
+from megatron_lite.checkpointing.reshard import load_weights
+from megatron_lite.comm import METER
+from megatron_lite.config import ConfigError
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.model.gpt import GPTModel
+from megatron_lite.optimizer.optimizer import state_bytes
+from megatron_lite.pipeline_parallel.model_runner import ModelRunner
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import rank_microbatches, train_step
+from megatron_lite.training.parallelize import parallelize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -55,18 +54,14 @@ STRATEGIES = ("optim", "optim_grads", "optim_grads_params")
 def zero_config(family: str, layout: Layout = Layout(), offload: bool = False):
     config = tiny_config(family, model=dict(num_layers=4, vocab_size=VOCAB), micro_batch_size=1,
                          global_batch_size=8, train_iters=STEPS, clip_grad=0.5, optimizer_cpu_offload=offload)
-    config.parallel = layout.apply(config.parallel)
-    config.parallel.ddp_bucket_size = 3000  # several buckets per unit
-    return config
+    return config.updated(parallel={**layout.fields(), "ddp_bucket_size": 3000})  # several buckets per unit
 
 
 def one_step_accounting(strategy: str) -> dict:
     """One step at dp 2, 2 microbatches per replica, llama (no parameter needs another sum first,
     so every bucket is sharded as the strategy says): meter, allocated bytes, gathered bytes."""
-    config = zero_config("llama", Layout(dp=2))
-    config.parallel.data_parallel_sharding_strategy = strategy
-    config.parallel.validate()
-    config.train.global_batch_size = 4
+    config = zero_config("llama", Layout(dp=2)).updated(parallel={"data_parallel_sharding_strategy": strategy},
+                                                         train={"global_batch_size": 4})
     parallel_state.initialize_model_parallel(config.parallel)
     model = parallelize(config, torch.device("cpu"))
     buffer = model.grad_buffers[0]

@@ -16,21 +16,22 @@ import functools
 import pytest
 import torch
 
-from megatron_lite import parallel_state
-from megatron_lite.config import ParallelConfig
-from megatron_lite.distributed.data_parallel import DataParallelGrads
-from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.layout import Layout
-from megatron_lite.model.gpt import GPTModel, init_weights
-from megatron_lite.pipeline_parallel.schedules import run_schedule
-from megatron_lite.pipeline_parallel.split_backward import backward_input
-from megatron_lite.pipeline_parallel.trace import CostModelRunner, Trace, bubble_fraction, peak_in_flight
-from megatron_lite.pipeline_parallel.partition import virtual_stage
-from megatron_lite.pipeline_parallel.zero_bubble import zb_h1_order, zbv_order
-from megatron_lite.planner.schedule import bubble_fraction as planned_bubble, peak_in_flight as planned_peak
 from helpers.graph import graph_nodes
 from helpers.parity import assert_parity, merge_ranks, run_steps
 from helpers.tiny import tiny_config, tiny_model
+from megatron_lite import parallel_state
+from megatron_lite.config import ParallelConfig
+from megatron_lite.config.layout import Layout
+from megatron_lite.distributed.data_parallel import DataParallelGrads
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.pipeline_parallel.partition import virtual_stage
+from megatron_lite.pipeline_parallel.schedules import run_schedule
+from megatron_lite.pipeline_parallel.split_backward import backward_input
+from megatron_lite.pipeline_parallel.trace import CostModelRunner, Trace, bubble_fraction, peak_in_flight
+from megatron_lite.pipeline_parallel.zero_bubble import zb_h1_order, zbv_order
+from megatron_lite.planner.schedule import bubble_fraction as planned_bubble
+from megatron_lite.planner.schedule import peak_in_flight as planned_peak
 
 FAMILIES = ("llama", "gpt2")
 VOCAB = 258
@@ -59,7 +60,7 @@ def case_id(layout: Layout, model: dict) -> str:
 def config_of(family: str, layout: Layout, model: dict):
     config = tiny_config(family, model=dict(num_layers=8, vocab_size=VOCAB, **model), micro_batch_size=1,
                          global_batch_size=8, train_iters=STEPS)
-    config.parallel = layout.apply(config.parallel)
+    config = config.updated(parallel=layout.fields())
     return config
 
 
@@ -198,5 +199,7 @@ def test_split_backward_through_the_fused_kernels(force_triton: None, family: st
     """The Triton kernels (under the interpreter), custom autograd Functions that B and W both run."""
     config = tiny_model(family, hidden_size=64, num_query_groups=2 if family == "llama" else 4, fused_kernels=True)
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    nodes = _split_matches_one_backward(config, tokens, torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1)))
-    assert {"RowNormFunctionBackward", "FlashAttentionFunctionBackward", "FusedLinearCrossEntropyFunctionBackward"} <= nodes
+    nodes = _split_matches_one_backward(config, tokens,
+                                        torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1)))
+    assert {"RowNormFunctionBackward", "FlashAttentionFunctionBackward",
+            "FusedLinearCrossEntropyFunctionBackward"} <= nodes

@@ -23,14 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import parse_run_args  # noqa: E402
+
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.config import CP_COMM_TYPES, Config, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from megatron_lite.config.layout import Layout  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.layout import Layout  # noqa: E402
-from megatron_lite.metrics import peak_memory_gb  # noqa: E402
-from megatron_lite.parallelize import parallelize  # noqa: E402
-from megatron_lite.training import rank_microbatches, set_seed, train_step  # noqa: E402
+from megatron_lite.training.loop import rank_microbatches, set_seed, train_step  # noqa: E402
+from megatron_lite.training.metrics import peak_memory_gb  # noqa: E402
+from megatron_lite.training.parallelize import parallelize  # noqa: E402
 
 
 def bench_worker(layout: Layout, args: argparse.Namespace) -> dict:
@@ -40,8 +41,7 @@ def bench_worker(layout: Layout, args: argparse.Namespace) -> dict:
                           make_vocab_size_divisible_by=128),
         parallel=layout.apply(ParallelConfig()),
         train=TrainConfig(micro_batch_size=1, global_batch_size=1, train_iters=args.steps, device=args.device,
-                          bf16=args.device == "cuda"))
-    config.validate()
+                          bf16=args.device == "cuda"))  # validated as it is made
     parallel_state.initialize_model_parallel(config.parallel)
     device = torch.device(args.device, parallel_state.get_grid().rank) if args.device == "cuda" else torch.device("cpu")
     set_seed(config.train.seed, device)

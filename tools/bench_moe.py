@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import parse_run_args  # noqa: E402
+
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.config import ModelConfig, ParallelConfig  # noqa: E402
+from megatron_lite.config.layout import Layout  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.layout import Layout  # noqa: E402
 from megatron_lite.model.moe import MoELayer  # noqa: E402
 from megatron_lite.model.ops import select_ops  # noqa: E402
 from megatron_lite.model.transformer import MLP  # noqa: E402

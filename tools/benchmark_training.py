@@ -23,7 +23,7 @@ one micro batch: global batch = micro batch, one optimizer step.
 Precision: on GPU bf16, on CPU fp32. Our rows run --bf16 (bf16 weights, fp32 grads, main
 parameters and Adam state); the HF rows keep fp32 weights under bf16 autocast, as transformers'
 Trainer runs --bf16, so their weights take 4 bytes a parameter against our 2. Columns: tokens/s over the timed
-steps, model TFLOP/s per device and MFU (megatron_lite/flops.py, the formula and peak table
+steps, model TFLOP/s per device and MFU (megatron_lite/planner/flops.py, the formula and peak table
 the training log uses), peak allocated GPU memory (n/a on CPU: the process's peak resident
 set only ever grows, so later rows could not be told apart), the last step's loss, and
 tokens/s relative to hf-eager. A row that fails (out of memory, say) shows its error and the
@@ -47,15 +47,15 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite import parallel_state  # noqa: E402
-from megatron_lite.arguments import parse_args  # noqa: E402
 from megatron_lite.config import Config, ModelConfig  # noqa: E402
 from megatron_lite.data.loader import global_batch  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
-from megatron_lite.flops import flops_per_step  # noqa: E402
-from megatron_lite.hf_families import hf_config  # noqa: E402
-from megatron_lite.parallelize import parallelize  # noqa: E402
+from megatron_lite.hf.families import hf_config  # noqa: E402
+from megatron_lite.planner.flops import flops_per_step  # noqa: E402
 from megatron_lite.planner.hardware import peak_tflops  # noqa: E402
-from megatron_lite.training import rank_microbatches, select_device, set_seed, train_step  # noqa: E402
+from megatron_lite.training.arguments import parse_args  # noqa: E402
+from megatron_lite.training.loop import rank_microbatches, select_device, set_seed, train_step  # noqa: E402
+from megatron_lite.training.parallelize import parallelize  # noqa: E402
 
 # Our rows: the pretrain_gpt.py flags each adds to the common ones.
 OUR_ROWS = {"megatron_lite": [], "megatron_lite-unfused": ["--no-fused-kernels"],
@@ -95,10 +95,8 @@ def common_flags(args: argparse.Namespace, model_flags: list[str]) -> list[str]:
 
 
 def build_config(flags: list[str], vocab_size: int) -> Config:
-    config = parse_args(flags)
-    config.model.vocab_size = vocab_size  # a training run takes it from the tokenizer; there is none here
-    config.validate()
-    return config
+    # A training run takes the vocabulary from the tokenizer; there is none here.
+    return parse_args(flags).updated(model={"vocab_size": vocab_size})
 
 
 def our_step(config: Config, data: RandomTokens, device: torch.device) -> Callable[[int], float]:

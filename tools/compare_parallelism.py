@@ -1,7 +1,7 @@
 """Train one model under DP, TP, PP, CP, ZeRO-1/2/3 and 3D on CPU ranks; print what each costs.
 
     python tools/compare_parallelism.py                           # the default layouts, 8 layers, hidden 64
-    python tools/compare_parallelism.py --layouts dp2 tp2-pp2-sp  # any layout name (megatron_lite/layout.py)
+    python tools/compare_parallelism.py --layouts dp2 tp2-pp2-sp  # any layout name (megatron_lite/config/layout.py)
 
 For every layout the same global batch trains for a few steps (all layouts give the same
 losses: that is what the parity tests prove) and the table shows, per rank (the largest
@@ -9,8 +9,8 @@ over ranks): the bytes of weights, fp32 grads and Adam state as allocated (shard
 and 3: the distributed optimizer, zero2, zero3 in a layout name), the peak of activation bytes saved for
 backward, bytes each rank sends per step by group (tp / cp / pp / dp; ring-algorithm wire bytes
 from the communication meter, so an all-reduce and the reduce-scatter + all-gather that
-replace it under SP or the distributed optimizer compare fairly), and the step time. Times are CPU and gloo: they show the shape of the
-trade-offs, not GPU speed.
+replace it under SP or the distributed optimizer compare fairly), and the step time. Times are
+CPU and gloo: they show the shape of the trade-offs, not GPU speed.
 """
 from __future__ import annotations
 
@@ -24,20 +24,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite import parallel_state  # noqa: E402
-from megatron_lite.activation_memory import SavedTensorMeter  # noqa: E402
 from megatron_lite.comm import METER  # noqa: E402
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from megatron_lite.config.layout import Layout  # noqa: E402
 from megatron_lite.data.random_tokens import RandomTokens  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.layout import Layout  # noqa: E402
-from megatron_lite.optimizer import state_bytes  # noqa: E402
-from megatron_lite.parallelize import parallelize  # noqa: E402
+from megatron_lite.optimizer.optimizer import state_bytes  # noqa: E402
+from megatron_lite.planner.activation_memory import SavedTensorMeter  # noqa: E402
 from megatron_lite.planner.memory import RankCoords, activation_memory, state_memory  # noqa: E402
 from megatron_lite.planner.traffic import step_traffic  # noqa: E402
-from megatron_lite.training import memory_parts, rank_microbatches, set_seed, train_step  # noqa: E402
+from megatron_lite.training.loop import rank_microbatches, set_seed, train_step  # noqa: E402
+from megatron_lite.training.parallelize import parallelize  # noqa: E402
+from megatron_lite.training.report import memory_parts  # noqa: E402
 
-DEFAULT_LAYOUTS = ["single", "dp4", "dp4-ps", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4", "pp4-zbh1",
-                   "pp2-dp2-vpp2-zbv", "cp4", "cp4-allgather", "cp4-a2a", "tp2-pp2-dp2-sp-distopt"]
+DEFAULT_LAYOUTS = ["single", "dp4", "dp4-ps", "dp4-distopt", "dp4-zero2", "dp4-zero3", "tp4", "tp4-sp", "pp4",
+                   "pp4-zbh1", "pp2-dp2-vpp2-zbv", "cp4", "cp4-allgather", "cp4-a2a", "tp2-pp2-dp2-sp-distopt"]
 GROUPS = {"tp": ("tp",), "cp": ("cp",), "pp": ("pp",), "dp": ("dp", "dp-cp")}  # columns: groups metered
 
 

@@ -6,7 +6,7 @@
     python tools/convert_checkpoint.py from-hf HFDIR --out DIR --tp 2 --pp 2
 
 reshard and from-hf write the target layout the way training does: they spawn its ranks on
-CPU (gloo), each loads its own slices (megatron_lite/reshard.py) and saves. to-hf needs no
+CPU (gloo), each loads its own slices (megatron_lite/checkpointing/reshard.py) and saves. to-hf needs no
 ranks: the tensor-parallel layout stored in every file says how to reassemble the weights.
 from-hf writes a weights-only checkpoint: `pretrain_gpt.py --load DIR` starts it at
 iteration 0 with a fresh optimizer. The folder's tokenizer files are copied to DIR/tokenizer,
@@ -24,17 +24,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_lite import parallel_state  # noqa: E402
-from megatron_lite.checkpointing import (first_file, latest_iteration, load_checkpoint, load_file,  # noqa: E402
-                                         read_checkpoint, save_checkpoint, saved_config)
+from megatron_lite.checkpointing import (  # noqa: E402
+    first_file,
+    latest_iteration,
+    load_checkpoint,
+    load_file,
+    read_checkpoint,
+    save_checkpoint,
+    saved_config,
+)
+from megatron_lite.checkpointing.reshard import load_weights  # noqa: E402
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.hf_convert import (TOKENIZER_FILES, from_hf_state, load_safetensors, save_safetensors,  # noqa: E402
-                                      to_hf_state)
-from megatron_lite.hf_families import hf_config, model_config_from_hf  # noqa: E402
-from megatron_lite.hf_tokenizer import copy_tokenizer_files, export_tokenizer  # noqa: E402
-from megatron_lite.reshard import load_weights  # noqa: E402
-from megatron_lite.parallelize import build_chunks, parallelize  # noqa: E402
-
+from megatron_lite.hf.convert import TOKENIZER_FILES, from_hf_state, load_safetensors, save_safetensors, to_hf_state  # noqa: E402
+from megatron_lite.hf.families import hf_config, model_config_from_hf  # noqa: E402
+from megatron_lite.hf.tokenizer import copy_tokenizer_files, export_tokenizer  # noqa: E402
+from megatron_lite.training.parallelize import build_chunks, parallelize  # noqa: E402
 
 TOKENIZER_DIR = "tokenizer"  # from-hf's copy of the folder's tokenizer, inside the checkpoint directory
 
@@ -64,22 +69,19 @@ def import_rank(hf_dir: str, out: str, config: Config) -> None:
     save_checkpoint(out, 0, 0, chunks, None, config)
 
 
-def _layout(config: Config, args: argparse.Namespace) -> int:
-    """Apply the target layout flags to `config`; returns the world size that runs it."""
-    par = config.parallel
-    par.tensor_model_parallel_size, par.pipeline_model_parallel_size = args.tp, args.pp
-    par.virtual_pipeline_model_parallel_size = args.vpp if args.vpp > 1 else None
-    par.pipeline_schedule = None
-    par.data_parallel_size = args.dp
-    par.use_distributed_optimizer = args.use_distributed_optimizer
-    par.sequence_parallel = par.sequence_parallel and args.tp > 1
-    config.validate()
-    return args.tp * args.pp * args.dp
+def _layout(config: Config, args: argparse.Namespace) -> Config:
+    """`config` at the target layout the flags give (validated whole); its world size is tp x pp x dp."""
+    return config.updated(parallel=dict(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp if args.vpp > 1 else None, pipeline_schedule=None,
+        data_parallel_size=args.dp, use_distributed_optimizer=args.use_distributed_optimizer,
+        sequence_parallel=config.parallel.sequence_parallel and args.tp > 1))
 
 
 def reshard(args: argparse.Namespace) -> None:
     config = saved_config(load_file(first_file(args.load, _latest(args.load)))["config"])
-    run_on_ranks(reshard_rank, _layout(config, args), args.load, args.out, config)
+    config = _layout(config, args)
+    run_on_ranks(reshard_rank, args.tp * args.pp * args.dp, args.load, args.out, config)
     print(f"resharded {args.load} to tp={args.tp} pp={args.pp} vpp={args.vpp} dp={args.dp} in {args.out}")
 
 
@@ -105,7 +107,8 @@ def from_hf(args: argparse.Namespace) -> None:
     model = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()), args.make_vocab_size_divisible_by)
     config = Config(model=model, parallel=ParallelConfig())
     args.dp, args.use_distributed_optimizer = 1, False
-    run_on_ranks(import_rank, _layout(config, args), str(hf_dir), args.out, config)
+    config = _layout(config, args)
+    run_on_ranks(import_rank, args.tp * args.pp * args.dp, str(hf_dir), args.out, config)
     print(f"imported {hf_dir} ({model.family} family) to {args.out} at tp={args.tp} pp={args.pp}: weights only, "
           "pretrain_gpt.py --load starts from it at iteration 0 with a fresh optimizer")
     tokenizer = Path(args.out) / TOKENIZER_DIR
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("reshard", "from-hf"):
         sub = commands.add_parser(name)
         if name == "from-hf":
-            sub.add_argument("hf_dir", help="local Hugging Face folder of a family in megatron_lite/hf_families.py "
+            sub.add_argument("hf_dir", help="local Hugging Face folder of a family in megatron_lite/hf/families.py "
                                              "(Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2)")
             sub.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
         else:

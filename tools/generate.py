@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_lite.arguments import add_dataclass_flags  # noqa: E402
 from megatron_lite.config import ConfigError, TrainConfig  # noqa: E402
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
-from megatron_lite.hf_convert import TOKENIZER_FILES  # noqa: E402
+from megatron_lite.hf.convert import TOKENIZER_FILES  # noqa: E402
 from megatron_lite.inference.generation import generate, load_model  # noqa: E402
 from megatron_lite.inference.sampling import SamplingParams  # noqa: E402
+from megatron_lite.training.arguments import add_dataclass_flags  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,8 +30,8 @@ training benchmark without its torch.compile rows.
 
 Without CUDA the report says so and nothing runs (exit status 2), unless --allow-cpu: then each
 section takes its CPU path (the GPU tests skip themselves, tools/bench_kernels.py --cpu-smoke, the
-training benchmark's CPU defaults, 3 steps of the precision comparison), which checks the report's own wiring. Exit status 0 when every
-section succeeded, else 1.
+training benchmark's CPU defaults, 3 steps of the precision comparison), which checks the report's
+own wiring. Exit status 0 when every section succeeded, else 1.
 """
 from __future__ import annotations
 

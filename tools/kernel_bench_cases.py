@@ -19,9 +19,16 @@ from megatron_lite.kernels.flash_attention import flash_attention
 from megatron_lite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from megatron_lite.kernels.gelu import gelu
 from megatron_lite.kernels.layernorm import layer_norm
-from megatron_lite.kernels.reference import (apply_rotary_reference, cross_entropy_reference, flash_attention_reference,
-                               fused_linear_cross_entropy_reference, gelu_reference, layer_norm_reference,
-                               rms_norm_reference, swiglu_reference)
+from megatron_lite.kernels.reference import (
+    apply_rotary_reference,
+    cross_entropy_reference,
+    flash_attention_reference,
+    fused_linear_cross_entropy_reference,
+    gelu_reference,
+    layer_norm_reference,
+    rms_norm_reference,
+    swiglu_reference,
+)
 from megatron_lite.kernels.rmsnorm import rms_norm
 from megatron_lite.kernels.rope import apply_rotary
 from megatron_lite.kernels.swiglu import swiglu

@@ -2,7 +2,8 @@
 layout on a cluster, best first (megatron_lite/planner/).
 
     python tools/plan_parallelism.py --model llama-8b --seq-length 4096 --global-batch-size 512 --gpu H100 --num-gpus 64
-    python tools/plan_parallelism.py --model llama-8b --gpu H200 --num-gpus 16 --layout --tp 2 --pp 2 --sp --use-distributed-optimizer
+    python tools/plan_parallelism.py --model llama-8b --gpu H200 --num-gpus 16 --layout --tp 2 --pp 2 --sp \\
+        --use-distributed-optimizer
     python tools/plan_parallelism.py --validate        # against published Megatron-LM throughputs
     python tools/plan_parallelism.py --seed-tables     # DP / DDP / FSDP speedups and ZeRO memory
 
@@ -21,12 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_lite.arguments import parse_args  # noqa: E402
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
-from megatron_lite.planner.hardware import GPUS, gpu as gpu_named  # noqa: E402
+from megatron_lite.planner.hardware import GPUS  # noqa: E402
+from megatron_lite.planner.hardware import gpu as gpu_named
 from megatron_lite.planner.published import PUBLISHED, PublishedRun  # noqa: E402
 from megatron_lite.planner.search import Candidate, plan  # noqa: E402
 from megatron_lite.planner.step_time import GEMM_EFFICIENCY, StepEstimate, estimate  # noqa: E402
+from megatron_lite.training.arguments import parse_args  # noqa: E402
 
 GB = 1e9
 TOLERANCE = 0.15  # --validate: the largest error a row may have
@@ -42,7 +44,8 @@ def _row(name: str, est: StepEstimate) -> dict:
 
 def _print_rows(rows: list[dict]) -> None:
     print(f"{'layout':44s} {'weights':>7s} {'grads':>6s} {'optim':>6s} {'activ':>6s} {'buffer':>6s} {'peak GB':>7s} "
-          f"{'compute s':>9s} {'exposed':>7s} {'bubble':>6s} {'step s':>7s} {'tokens/s':>9s} {'MFU':>5s}  traffic GB/step")
+          f"{'compute s':>9s} {'exposed':>7s} {'bubble':>6s} {'step s':>7s} {'tokens/s':>9s} {'MFU':>5s}  "
+          "traffic GB/step")
     for r in rows:
         mem = r["memory_gb"]
         optim = mem["main weights"] + mem["Adam state"]
@@ -54,7 +57,8 @@ def _print_rows(rows: list[dict]) -> None:
 
 def published_config(run: PublishedRun) -> Config:
     """The run of a published table row, as our Config (GPT: the gpt2 family, tied embeddings)."""
-    recompute = {"recompute_granularity": run.recompute, "recompute_method": "uniform" if run.recompute == "full" else None}
+    recompute = {"recompute_granularity": run.recompute,
+                 "recompute_method": "uniform" if run.recompute == "full" else None}
     return Config(model=ModelConfig(family="gpt2", num_layers=run.layers, hidden_size=run.hidden,
                                     num_attention_heads=run.heads, seq_length=run.seq_length,
                                     vocab_size=run.vocab_size, **recompute),
@@ -77,8 +81,8 @@ def validate() -> list[dict]:
 
 
 def seed_tables(gpu_key: str = "H100") -> dict:
-    """The seed documents' two tables, regenerated: speedup of a parameter server (PS), DP (reduction after backward), DDP
-    (bucketed, overlapping the last backward) and FSDP (ZeRO-3, gathers prefetched) at a fixed
+    """The seed documents' two tables, regenerated: speedup of a parameter server (PS), DP (reduction after backward),
+    DDP (bucketed, overlapping the last backward) and FSDP (ZeRO-3, gathers prefetched) at a fixed
     global batch, and the per-GPU state memory of 7B/13B/70B unsharded, ZeRO-2 and ZeRO-3."""
     hardware = GPUS[gpu_key]
     base = Config(model=ModelConfig(family="llama", num_layers=22, hidden_size=2048, num_attention_heads=32,
@@ -158,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"calibration: GEMM efficiency {GEMM_EFFICIENCY} of dense bf16 peak (one value for every row)")
             for r in rows:
-                print(f"{r['source']:33s} {r['model']:8s} {r['gpus']:5d} GPUs tp{r['tp']} pp{r['pp']:<3d} {r['metric']:16s} "
-                      f"published {r['published']:6.1f} predicted {r['predicted']:6.1f} error {100 * r['error']:+6.1f}%")
+                print(f"{r['source']:33s} {r['model']:8s} {r['gpus']:5d} GPUs tp{r['tp']} pp{r['pp']:<3d} "
+                      f"{r['metric']:16s} published {r['published']:6.1f} predicted {r['predicted']:6.1f} "
+                      f"error {100 * r['error']:+6.1f}%")
             print(f"worst error {100 * worst:.1f}% (limit {100 * TOLERANCE:.0f}%)")
         return 0 if worst <= TOLERANCE else 1
     if ours.seed_tables:

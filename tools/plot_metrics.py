@@ -17,7 +17,8 @@ from pathlib import Path
 try:
     from matplotlib.figure import Figure
 except ImportError:  # matplotlib is an optional extra, not a dependency of training
-    sys.exit('plot_metrics.py: error: matplotlib is not installed; pip install matplotlib (or pip install -e ".[plot]")')
+    sys.exit('plot_metrics.py: error: matplotlib is not installed; pip install matplotlib '
+             '(or pip install -e ".[plot]")')
 
 # (metrics.jsonl field, y-axis label) of the panels after the loss.
 PANELS = [("lr", "learning rate"), ("grad_norm", "grad norm (L2, before clipping)"),
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [d.resolve().name for d in args.run_dirs]
     try:
         if len(labels) != len(args.run_dirs):
-            raise RunError(f"--labels gives {len(labels)} labels for {len(args.run_dirs)} run directories; give one each")
+            raise RunError(f"--labels gives {len(labels)} labels for {len(args.run_dirs)} run directories; "
+                           "give one each")
         if len(set(labels)) != len(labels):
             raise RunError(f"the run labels {labels} repeat; name the runs apart with --labels")
         runs = {label: load_run(d) for label, d in zip(labels, args.run_dirs)}

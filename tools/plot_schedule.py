@@ -20,14 +20,15 @@ try:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 except ImportError:  # matplotlib is an optional extra, not a dependency of training
-    sys.exit('plot_schedule.py: error: matplotlib is not installed; pip install matplotlib (or pip install -e ".[plot]")')
+    sys.exit('plot_schedule.py: error: matplotlib is not installed; pip install matplotlib '
+             '(or pip install -e ".[plot]")')
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.config import ParallelConfig  # noqa: E402
+from megatron_lite.config.parallel_config import SCHEDULES, interleaved_microbatches_problem  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.parallel_config import SCHEDULES, interleaved_microbatches_problem  # noqa: E402
 from megatron_lite.pipeline_parallel.schedules import run_schedule  # noqa: E402
 from megatron_lite.pipeline_parallel.trace import CostModelRunner, Event, Trace, bubble_fraction  # noqa: E402
 
@@ -86,7 +87,8 @@ def _formula(schedule: str, p: int, v: int, m: int, f: float, b: float, w: float
     """The textbook bubble of a schedule and how it reads: (p-1)/m, (p-1)/(v*m); ZB-H1's idle
     (p-1)(F+B-W) over the work m(F+B+W); ZB-V's (p-1)/(6m), for F = B = W (its paper's case)."""
     if schedule == "zb-h1":
-        return (p - 1) * (f + b - w) / (m * (f + b + w)), f"(p-1)(F+B-W)/(m(F+B+W)) = {p - 1}x{f + b - w:g}/({m}x{f + b + w:g})"
+        return ((p - 1) * (f + b - w) / (m * (f + b + w)),
+                f"(p-1)(F+B-W)/(m(F+B+W)) = {p - 1}x{f + b - w:g}/({m}x{f + b + w:g})")
     if schedule == "zbv":
         return (p - 1) / (6 * m), f"(p-1)/(6m) = {p - 1}/(6*{m}) for F = B = W"
     if v > 1:

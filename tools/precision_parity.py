@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from megatron_lite.arguments import parse_args  # noqa: E402
-from megatron_lite.training import pretrain  # noqa: E402
+from megatron_lite.training.arguments import parse_args  # noqa: E402
+from megatron_lite.training.loop import pretrain  # noqa: E402
 
 PRECISIONS = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16", "--initial-loss-scale", "65536"]}
 

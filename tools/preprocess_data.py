@@ -30,10 +30,8 @@ from tqdm import tqdm
 
 # Lets `python tools/preprocess_data.py` run from a checkout that is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_lite.data.corpus_reader import (BadRecordError, Record, expand_inputs,  # noqa: E402
-                                              iter_records, record_texts)
-from megatron_lite.data.indexed_dataset import (IndexedDatasetBuilder, build_indexed_datasets,  # noqa: E402
-                                                optimal_dtype)
+from megatron_lite.data.corpus_reader import BadRecordError, Record, expand_inputs, iter_records, record_texts  # noqa: E402
+from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, build_indexed_datasets, optimal_dtype  # noqa: E402
 from megatron_lite.data.tokenizer import build_tokenizer  # noqa: E402
 
 CHUNK_BYTES = 1 << 18  # big enough to amortise inter-process traffic, small enough to balance workers

@@ -18,11 +18,17 @@ failed write never damages the previous checkpoint or moves the marker; optional
 background. Loading (load.py): the files are checked against the manifest first; the model
 arguments the user left unset come from the checkpoint; torch.load(weights_only=True), so a
 checkpoint holds only tensors and plain containers, never code. A checkpoint saved under
-another layout is resharded on load (megatron_lite/reshard.py); one without optimizer state
+another layout is resharded on load (reshard.py); one without optimizer state
 (`finetune`, as written by tools/convert_checkpoint.py from-hf) starts training at iteration 0.
 """
-from megatron_lite.checkpointing.load import (adopt_checkpoint_model_args, load_checkpoint, load_file,
-                                              read_checkpoint, resolve_load, saved_config)
+from megatron_lite.checkpointing.load import (
+                                              adopt_checkpoint_model_args,
+                                              load_checkpoint,
+                                              load_file,
+                                              read_checkpoint,
+                                              resolve_load,
+                                              saved_config,
+)
 from megatron_lite.checkpointing.paths import MARKER, checkpoint_dir, first_file, latest_iteration
 from megatron_lite.checkpointing.save import CheckpointWriter, PendingSave, save_checkpoint, start_save
 

@@ -10,12 +10,21 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.checkpointing.manifest import damaged_files
-from megatron_lite.checkpointing.paths import (MARKER, checkpoint_dir, first_file, latest_iteration, optimizer_file,
-                                               rank_file, saved_iterations, shard_file)
+from megatron_lite.checkpointing.paths import (
+    MARKER,
+    checkpoint_dir,
+    first_file,
+    latest_iteration,
+    optimizer_file,
+    rank_file,
+    saved_iterations,
+    shard_file,
+)
+from megatron_lite.checkpointing.reshard import FullState, load_full_state, read_full_state
 from megatron_lite.checkpointing.save import current_layout
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.config.layout import Layout
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
-from megatron_lite.reshard import FullState, load_full_state, read_full_state
 from megatron_lite.tensor_parallel.random import get_rng_tracker
 
 
@@ -69,12 +78,13 @@ def verify_checkpoint(root: str | Path, iteration: int) -> None:
         raise ConfigError(f"checkpoint {where} is damaged: {problems[0]}{more}; {hint}")
 
 
-def check_model_args(config: Config, saved: dict, where: Path, adopt: bool = False) -> list[str]:
+def check_model_args(config: Config, saved: dict, where: Path, adopt: bool = False) -> dict[str, object]:
     """Compare every ModelConfig field but the training-only ones with the checkpoint's (`saved`, its
     model config). A field the user set that differs is refused, naming it and both values; with
-    `adopt`, one the user left unset takes the checkpoint's value. Returns the adopted `--flag=value`s."""
+    `adopt`, one the user left unset takes the checkpoint's value, and so does a vocabulary table
+    larger than the tokenizer. Returns {field: the checkpoint's value} of what is to be adopted."""
     given = config.model_flags_given
-    adopted = []
+    adopted = {}
     for field in dataclasses.fields(ModelConfig):
         name = field.name
         if name in ModelConfig.TRAINING_ONLY or name not in saved or saved[name] == getattr(config.model, name):
@@ -87,26 +97,36 @@ def check_model_args(config: Config, saved: dict, where: Path, adopt: bool = Fal
             # Released models pad their table past their tokenizer (Qwen2.5: 151936 rows, 151665
             # tokens): every id the tokenizer emits has its row, and the rows beyond stay in the
             # softmax as the original model has them.
-            setattr(config.model, name, theirs)
-            adopted.append(f"vocab size {theirs} (the tokenizer has {ours} tokens)")
+            adopted[name] = theirs
             continue
         if not adopt or given is None or name in given:
             raise ConfigError(f"{flag}={ours} contradicts checkpoint {where}, saved with {flag}={theirs}; "
                               f"leave {flag} out to continue with the checkpoint's value")
-        setattr(config.model, name, theirs)
-        adopted.append(f"{flag}={theirs}")
+        adopted[name] = theirs
     return adopted
 
 
-def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int) -> None:
+def _check_built_with(config: Config, saved: dict, where: Path) -> None:
+    """The model is built: its arguments must be the checkpoint's already (adopt_checkpoint_model_args
+    took what differed before it was built)."""
+    pending = check_model_args(config, saved, where)
+    if pending:
+        name, value = next(iter(pending.items()))
+        raise ConfigError(f"checkpoint {where} has --{name.replace('_', '-')}={value} but the model was built with "
+                          f"{getattr(config.model, name)}; adopt the checkpoint's model arguments before building it")
+
+
+def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int) -> Config:
     """Before the model is built: take from the checkpoint the model arguments the user left unset
-    (Megatron's --use-checkpoint-args), refuse contradicting ones, and validate the result."""
+    (Megatron's --use-checkpoint-args), refuse contradicting ones; the result is a new Config,
+    validated whole (an adopted --num-experts meets the parallel checks it would have met as a flag)."""
     where = checkpoint_dir(root, iteration)
     adopted = check_model_args(config, load_file(first_file(root, iteration))["config"]["model"], where, adopt=True)
     if adopted:
-        parallel_state.print_rank_0(f"> model arguments from checkpoint {where}: {', '.join(adopted)}")
-    config.model.validate()
-    config.parallel.validate_model(config.model)
+        told = [f"vocab size {value} (the tokenizer has {config.model.vocab_size} tokens)" if name == "vocab_size"
+                else f"--{name.replace('_', '-')}={value}" for name, value in adopted.items()]
+        parallel_state.print_rank_0(f"> model arguments from checkpoint {where}: {', '.join(told)}")
+    return config.updated(model=adopted)
 
 
 def read_checkpoint(root: str | Path, iteration: int) -> FullState:
@@ -122,16 +142,6 @@ def read_checkpoint(root: str | Path, iteration: int) -> FullState:
     return read_full_state(files, load_file)
 
 
-def describe_layout(layout: dict) -> str:
-    ep = layout.get("ep", 1)
-    v = " (V placement)" if layout.get("pipeline_placement") == "v" else ""
-    return (f"tp={layout['tp']} cp={layout.get('cp', 1)} pp={layout['pp']} vpp={layout['vpp']}{v} dp={layout['dp']} "
-            + (f"ep={ep} " if ep > 1 else "") +
-            "distributed optimizer "
-            f"{'on' if layout['distributed_optimizer'] else 'off'}"
-            + (f" ({layout['sharding']})" if layout.get("sharding") in ("optim_grads", "optim_grads_params") else ""))
-
-
 def _same_layout(saved: dict, ours: dict) -> bool:
     if saved.get("ep", 1) > 1 or ours["ep"] > 1:
         return False  # files hold experts whole and their Adam state as full ranges: always resharded
@@ -143,7 +153,8 @@ def _same_layout(saved: dict, ours: dict) -> bool:
     saved_sharding = saved.get("sharding", "optim" if saved["distributed_optimizer"] else "no_shard")
     same_placement = saved.get("pipeline_placement", "interleaved") == ours["pipeline_placement"]
     return (all(saved.get(k, 1) == ours[k] for k in keys) and saved_sharding == ours["sharding"] and same_placement
-            and (not ours["distributed_optimizer"] or saved.get("bucket_size", ours["bucket_size"]) == ours["bucket_size"]))
+            and (not ours["distributed_optimizer"]
+                 or saved.get("bucket_size", ours["bucket_size"]) == ours["bucket_size"]))
 
 
 def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config: Config,
@@ -159,7 +170,7 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
     state = load_file(path) if path.exists() else None
     if state is None or state["finetune"] or not _same_layout(state["layout"], current_layout(config)):
         return _load_resharded(root, iteration, chunks, optimizer, config)
-    check_model_args(config, state["config"]["model"], path)
+    _check_built_with(config, state["config"]["model"], path)
     for chunk, chunk_state in zip(chunks, state["model"]):
         chunk.load_state_dict(chunk_state)
     # The files hold fp32 weights; under --bf16 the model's are rounded, the main copies are not.
@@ -187,13 +198,14 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
     """Load through full tensors: another layout, or weights only."""
     where = checkpoint_dir(root, iteration)
     full = read_checkpoint(root, iteration)
-    check_model_args(config, full.config["model"], where)
+    _check_built_with(config, full.config["model"], where)
     if full.optimizer is None:
         parallel_state.print_rank_0(f"> loading weights only from {where} (no optimizer state): training starts "
                                     "at iteration 0 with a fresh optimizer")
     else:
-        parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with {describe_layout(full.layout)} "
-                                    f"to {describe_layout(current_layout(config))}")
+        parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with "
+                                    f"{Layout.from_checkpoint(full.layout).name} "
+                                    f"to {Layout.of(config.parallel).name}")
     load_full_state(full, chunks, optimizer)
     if full.optimizer is None:
         return 0, 0

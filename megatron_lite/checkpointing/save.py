@@ -25,12 +25,12 @@ from torch import nn
 from megatron_lite import comm, parallel_state
 from megatron_lite.checkpointing.manifest import file_entry, write_manifest
 from megatron_lite.checkpointing.paths import MARKER, checkpoint_dir, optimizer_file, rank_file, saved_iterations
+from megatron_lite.checkpointing.reshard import optimizer_checkpoint, tp_layout
+from megatron_lite.comm import all_reduce
 from megatron_lite.config import Config, TrainingError
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
 from megatron_lite.placement import gather_full, is_expert
-from megatron_lite.reshard import optimizer_checkpoint, tp_layout
 from megatron_lite.tensor_parallel.random import get_rng_tracker
-from megatron_lite.comm import all_reduce
 
 
 def current_layout(config: Config) -> dict:
@@ -85,7 +85,8 @@ def _rank_files(tmp: Path, iteration: int, consumed_samples: int, chunks: list[n
                              "finetune": optimizer is None, "layout": current_layout(config),
                              "rng": rng_state(), "config": dataclasses.asdict(config)}))
     if sharded:
-        files.append((optimizer_file(path, grid.index(GRAD_GROUP)), {"optimizer": opt_state, "optimizer_index": opt_index}))
+        files.append((optimizer_file(path, grid.index(GRAD_GROUP)),
+                      {"optimizer": opt_state, "optimizer_index": opt_index}))
     return files
 
 

@@ -95,7 +95,8 @@ def buffer_order(params: list[T], deferred: Callable[[T], bool]) -> list[T]:
     return [p for p in reversed(params) if not deferred(p)] + [p for p in reversed(params) if deferred(p)]
 
 
-def bucket_spans(params: list[tuple[int, bool, Hashable]], bucket_size: int, dp: int) -> list[tuple[int, int, list[int]]]:
+def bucket_spans(params: list[tuple[int, bool, Hashable]], bucket_size: int,
+                 dp: int) -> list[tuple[int, int, list[int]]]:
     """How a grad buffer cuts its parameters, given in buffer order as (elements, deferred, unit),
     into buckets: (start, padded end, the parameters' indices) each. A bucket closes once it holds
     `bucket_size` elements, before a deferred parameter follows a plain one, and before a

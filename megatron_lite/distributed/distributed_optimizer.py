@@ -22,7 +22,7 @@ from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_flat
 from megatron_lite.config import TrainConfig
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
-from megatron_lite.optimizer import LocalOptimizer, main_param
+from megatron_lite.optimizer.optimizer import LocalOptimizer, main_param
 
 
 class DistributedOptimizer(LocalOptimizer):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lite.distributed.data_parallel import Bucket, DataParallelGrads
-from megatron_lite.model.gpt import ParamUnit
+from megatron_lite.param_unit import ParamUnit
 
 
 class ShardedParams:

@@ -32,7 +32,7 @@ from megatron_lite import parallel_state
 from megatron_lite.comm import send_recv
 from megatron_lite.config import TrainConfig
 from megatron_lite.distributed.data_parallel import DataParallelGrads
-from megatron_lite.optimizer import LocalOptimizer, main_param
+from megatron_lite.optimizer.optimizer import LocalOptimizer, main_param
 
 GROUP = "dp"  # the replicas of one server: parameter-server mode refuses cp > 1, so dp x cp is dp
 # Point-to-point tags, apart from the pipeline's (1, 2) and context parallelism's (3, 4): all of

@@ -100,7 +100,7 @@ def resolve_stall_timeout(timeout: float | None = None) -> float | None:
 
 _START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 # What the fork server imports before it forks any rank (its first start; see the module docstring).
-multiprocessing.set_forkserver_preload(["torch", "megatron_lite.training"])
+multiprocessing.set_forkserver_preload(["torch", "megatron_lite.training.loop"])
 
 
 def run_on_ranks(worker: Callable, world_size: int, *args, stall_timeout: float | None = None) -> list:
@@ -113,7 +113,8 @@ def run_on_ranks(worker: Callable, world_size: int, *args, stall_timeout: float 
     """
     stall = resolve_stall_timeout(stall_timeout)
     # Each rank's last progress (system-wide monotonic clock); 0 until it has started the worker.
-    progress = multiprocessing.get_context(_START_METHOD).Array("d", world_size, lock=False) if stall is not None else None
+    progress = (multiprocessing.get_context(_START_METHOD).Array("d", world_size, lock=False)
+                if stall is not None else None)
     spawned_at = time.monotonic()
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, progress, worker, args,

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from megatron_lite.checkpointing import read_checkpoint, resolve_load
+from megatron_lite.checkpointing.reshard import load_weights
 from megatron_lite.config import ConfigError, ModelConfig
-from megatron_lite.hf_convert import from_hf_state, load_safetensors
-from megatron_lite.hf_families import model_config_from_hf
-from megatron_lite.inference.kv_cache import InferenceParams
+from megatron_lite.hf.convert import from_hf_state, load_safetensors
+from megatron_lite.hf.families import model_config_from_hf
 from megatron_lite.inference.sampling import SamplingParams, sample
 from megatron_lite.model.gpt import GPTModel
-from megatron_lite.reshard import load_weights
+from megatron_lite.model.kv_cache import InferenceParams
 
 
 def load_model(path: str | Path, ckpt_step: int | None = None,

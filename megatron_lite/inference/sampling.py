@@ -19,7 +19,8 @@ class SamplingParams:
     def validate(self) -> None:
         """ValueError naming the first value out of range."""
         if not self.temperature > 0:
-            raise ValueError(f"--temperature={self.temperature} must be positive (--greedy takes the most likely token)")
+            raise ValueError(f"--temperature={self.temperature} must be positive "
+                             "(--greedy takes the most likely token)")
         if self.top_k < 0:
             raise ValueError(f"--top-k={self.top_k} must be 0 (no cut) or positive")
         if not 0 <= self.top_p <= 1:

@@ -145,7 +145,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, lo,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, qk_scale, seqlen, n_heads, group, window,
+    Q, K, V, OUT, LSE, qk_scale, seqlen, n_heads, group, window,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -163,16 +163,16 @@ def _fwd_kernel(
                                qk_scale, window, CAUSAL, WINDOWED, True, HEAD_DIM, BLOCK_N)
     if WINDOWED:  # rows past the end may see no key: their (unstored) results stay finite
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    _store_rows(_head(O, b, h, sob, soh), rows, sos, seqlen, acc / l_i[:, None], HEAD_DIM)
+    _store_rows(_head(OUT, b, h, sob, soh), rows, sos, seqlen, acc / l_i[:, None], HEAD_DIM)
     # Saved in the same base-2 units as the scores, so backward needs no conversion.
     tl.store(ptr_add(LSE, bh, seqlen) + rows, m_i + tl.log2(l_i), mask=rows < seqlen)
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, seqlen, n_heads, sob, soh, sos, sdb, sdh, sds,
+def _bwd_delta_kernel(OUT, DO, DELTA, seqlen, n_heads, sob, soh, sos, sdb, sdh, sds,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     _, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
-    o = _load_rows(_head(O, b, h, sob, soh), rows, sos, seqlen, HEAD_DIM).to(tl.float32)
+    o = _load_rows(_head(OUT, b, h, sob, soh), rows, sos, seqlen, HEAD_DIM).to(tl.float32)
     do = _load_rows(_head(DO, b, h, sdb, sdh), rows, sds, seqlen, HEAD_DIM).to(tl.float32)
     tl.store(ptr_add(DELTA, bh, seqlen) + rows, tl.sum(o * do, axis=1), mask=rows < seqlen)
 

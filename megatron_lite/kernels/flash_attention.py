@@ -13,9 +13,17 @@ import torch
 import triton
 
 from megatron_lite.kernels import use_triton
-from megatron_lite.kernels._flash_attention_kernels import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
-from megatron_lite.kernels.reference import (attention_backward_reference, attention_forward_reference,
-                               flash_attention_reference)
+from megatron_lite.kernels._flash_attention_kernels import (
+    _bwd_delta_kernel,
+    _bwd_dkdv_kernel,
+    _bwd_dq_kernel,
+    _fwd_kernel,
+)
+from megatron_lite.kernels.reference import (
+    attention_backward_reference,
+    attention_forward_reference,
+    flash_attention_reference,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -27,7 +27,6 @@ from megatron_lite.kernels import use_triton
 from megatron_lite.kernels.cross_entropy import softmax_ce_backward, softmax_ce_forward
 from megatron_lite.kernels.reference import ReduceFn, fused_linear_cross_entropy_reference
 
-
 # Each chunk adds its share into the fp32 grad_W, a read-modify-write of V_local x h x 4
 # bytes; per chunk the matmuls do 6 x chunk x V_local x h FLOPs. On an H100 (~330 FLOP per
 # byte) that traffic stays small next to the matmuls only for chunks of thousands of rows, so

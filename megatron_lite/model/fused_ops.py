@@ -7,10 +7,19 @@ import functools
 
 import torch
 
-from megatron_lite.kernels.flash_attention import HEAD_DIMS, flash_attention, flash_attention_backward, flash_attention_forward
+from megatron_lite.kernels.flash_attention import (
+    HEAD_DIMS,
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
+)
 from megatron_lite.kernels.gelu import gelu
 from megatron_lite.kernels.layernorm import layer_norm
-from megatron_lite.kernels.reference import attention_backward_reference, attention_forward_reference, flash_attention_reference
+from megatron_lite.kernels.reference import (
+    attention_backward_reference,
+    attention_forward_reference,
+    flash_attention_reference,
+)
 from megatron_lite.kernels.rmsnorm import rms_norm
 from megatron_lite.kernels.rope import apply_rotary
 from megatron_lite.kernels.swiglu import swiglu

@@ -5,7 +5,7 @@ import contextlib
 import functools
 import math
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -13,27 +13,21 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
-from megatron_lite.inference.kv_cache import InferenceParams
+from megatron_lite.model.kv_cache import InferenceParams
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_tables
 from megatron_lite.model.transformer import TransformerLayer
-from megatron_lite.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           enter_tensor_parallel_region, mark_sequence_parallel)
+from megatron_lite.param_unit import ParamUnit
+from megatron_lite.placement import full_shape, local_shard, place, placement, with_partial_grads
+from megatron_lite.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    enter_tensor_parallel_region,
+    mark_sequence_parallel,
+)
 from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
-from megatron_lite.placement import full_shape, local_shard, place, placement, with_partial_grads
-
-
-@dataclass
-class ParamUnit:
-    """Parameters used together, from `enter`'s forward start to `exit`'s forward end (what
-    ZeRO-3 gathers at once, distributed/param_sharding.py)."""
-    name: str
-    params: list[nn.Parameter]
-    enter: nn.Module
-    exit: nn.Module
-    backward_reads: bool = True  # its backward needs the parameters (gather them again for it)
 
 
 class GPTModel(nn.Module):

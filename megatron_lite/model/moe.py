@@ -114,7 +114,8 @@ class Router(nn.Module):
             else:  # per sequence, averaged over the microbatch's sequences
                 c, p, tokens, sequences = counts.sum(1), probs.sum(1), seq, b
             c = all_reduce(c.detach().clone(), group=group)
-            aux = aux + cfg.moe_aux_loss_coeff * num_experts / (cfg.moe_router_topk * tokens**2 * sequences) * (c * p).sum()
+            aux = aux + (cfg.moe_aux_loss_coeff * num_experts / (cfg.moe_router_topk * tokens**2 * sequences)
+                         * (c * p).sum())
         if cfg.moe_z_loss_coeff:
             aux = aux + cfg.moe_z_loss_coeff * torch.logsumexp(logits, -1).square().sum() / (b * seq)
         if self.training and not replaying():  # this rank's share; finish_moe_step sums the shares once per step
@@ -319,7 +320,8 @@ def finish_moe_step(chunks: list[nn.Module]) -> dict[str, float] | None:
             if router.config.moe_router_enable_expert_bias:
                 router.expert_bias += router.config.moe_router_bias_update_rate * torch.sign(load.mean() - load)
     aux = aux_shares.sum().cpu() if aux_shares is not None else torch.zeros(())
-    balance = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).sum().cpu() if loads is not None else torch.zeros(())
+    balance = ((loads.max(1).values / loads.mean(1).clamp(min=1e-9)).sum().cpu() if loads is not None
+               else torch.zeros(()))
     stats = torch.stack([aux.float(), balance.float(), torch.tensor(float(len(routers)))])
     if grid.size("pp") > 1:
         stats = all_reduce(stats.to(_device(chunks)), group="pp").cpu()

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from megatron_lite.kernels.reference import NormOutput
 from megatron_lite.config import ModelConfig
+from megatron_lite.kernels.reference import NormOutput
 from megatron_lite.model.ops import Ops
 from megatron_lite.tensor_parallel import mark_sequence_parallel
 

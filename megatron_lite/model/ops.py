@@ -15,9 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lite.kernels.reference import (NormOutput, apply_rotary_reference, attention_backward_reference,
-                               attention_forward_reference, flash_attention_reference, gelu_reference,
-                               layer_norm_reference, rms_norm_reference, swiglu_reference)
+from megatron_lite.kernels.reference import (
+    NormOutput,
+    apply_rotary_reference,
+    attention_backward_reference,
+    attention_forward_reference,
+    flash_attention_reference,
+    gelu_reference,
+    layer_norm_reference,
+    rms_norm_reference,
+    swiglu_reference,
+)
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 
 Tensor = torch.Tensor

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from megatron_lite.model_config import ModelConfig
+from megatron_lite.config.model_config import ModelConfig
 
 
 def rotary_tables(model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

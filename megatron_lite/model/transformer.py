@@ -15,7 +15,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
-from megatron_lite.inference.kv_cache import InferenceParams
+from megatron_lite.model.kv_cache import InferenceParams
 from megatron_lite.model.moe import MoELayer
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops

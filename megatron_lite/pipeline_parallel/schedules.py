@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 from megatron_lite import parallel_state
-from megatron_lite.parallel_config import interleaved_microbatches_problem
+from megatron_lite.config.parallel_config import interleaved_microbatches_problem
 from megatron_lite.pipeline_parallel.p2p import communicate
 from megatron_lite.pipeline_parallel.zero_bubble import forward_backward_zb_h1, forward_backward_zbv, forward_only_zbv
 

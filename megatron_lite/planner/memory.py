@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_lite.activation_memory import embedding_bytes, head_bytes, loss_bytes, stage_bytes
 from megatron_lite.config import Config
 from megatron_lite.distributed.data_parallel import bucket_spans, buffer_order
 from megatron_lite.pipeline_parallel.partition import last_stage_rank, stage_ends
+from megatron_lite.planner.activation_memory import embedding_bytes, head_bytes, loss_bytes, stage_bytes
 from megatron_lite.planner.parameters import ParamSpec, chunk_params
 from megatron_lite.planner.schedule import in_flight, num_microbatches, zero_bubble_peak
 
@@ -65,7 +65,8 @@ def rank_params(config: Config, pp_rank: int) -> list[list[ParamSpec]]:
 
 
 def _shard_overlap(start: int, end: int, used: int, index: int, size: int) -> int:
-    """Elements of parameters (not padding) in shard `index` of a bucket [start, end) whose first `used` are parameters."""
+    """Elements of parameters (not padding) in shard `index` of a bucket [start, end) whose first
+    `used` are parameters."""
     width = (end - start) // size
     lo = start + index * width
     return max(0, min(lo + width, start + used) - lo)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.model_config import ModelConfig
+from megatron_lite.config.model_config import ModelConfig
 from megatron_lite.pipeline_parallel.partition import chunk_layers, stage_ends
 
 
@@ -50,7 +50,8 @@ def layer_params(model: ModelConfig, number: int, tp: int, ep: int, sp: bool, un
         gate = 2 if model.family == "llama" else 1
         local = model.num_experts // ep
         fe = model.expert_ffn_hidden_size
-        out += [ParamSpec(local * fe * gate * h, expert=True, unit=unit), ParamSpec(local * h * fe, expert=True, unit=unit)]
+        out += [ParamSpec(local * fe * gate * h, expert=True, unit=unit),
+                ParamSpec(local * h * fe, expert=True, unit=unit)]
         if model.moe_shared_expert_intermediate_size:
             out += _mlp(model, model.moe_shared_expert_intermediate_size, tp, sp, unit)
         if model.moe_shared_expert_gate:

@@ -20,20 +20,20 @@ def _exact(config: Config) -> str:
     return " (MoE token exchange: the expectation of balanced routing)" if config.model.num_experts else ""
 
 
-def describe_plan(config: Config) -> str:
-    """Rank 0's predicted state bytes, peak activations and bytes per step by group."""
-    state = state_memory(config)
-    parts = ", ".join(f"{name} {nbytes / MB:.2f}" for name, nbytes in state.items())
-    return (f"> planner: rank 0 will hold (MB) {parts}, activations {activation_memory(config) / MB:.2f} at the "
-            f"peak; a step sends (MB, logical volume) {_traffic_mb(step_traffic(config))}{_exact(config)}")
+def describe_plan(config: Config, allocated: dict[str, int]) -> str:
+    """The planner's view of rank 0 at start-up: its state against what was allocated (the memory
+    line lists those bytes), its peak activations, and what a step will send by group."""
+    predicted = state_memory(config)
+    state = ("state as allocated" if predicted == allocated else
+             "state (MB) " + ", ".join(f"{name} {nbytes / MB:.2f}" for name, nbytes in predicted.items())
+             + ", not as allocated")
+    return (f"> planner: rank 0's {state}, activations {activation_memory(config) / MB:.2f} MB at the peak; a step "
+            f"sends (MB, logical volume) {_traffic_mb(step_traffic(config))}{_exact(config)}")
 
 
-def describe_measured(config: Config, allocated: dict[str, int], traffic: dict[tuple[str, str], float]) -> str:
-    """Rank 0's allocated state bytes and last step's metered traffic, beside the prediction."""
-    predicted, predicted_traffic = state_memory(config), step_traffic(config)
-    same = allocated == predicted and {k: float(v) for k, v in traffic.items()} == predicted_traffic
-    parts = ", ".join(f"{name} {nbytes / MB:.2f}" for name, nbytes in allocated.items())
-    verdict = "as predicted" if same else (f"predicted {', '.join(f'{n} {b / MB:.2f}' for n, b in predicted.items())}; "
-                                           f"traffic {_traffic_mb(predicted_traffic)}")
-    return (f"> measured: rank 0 holds (MB) {parts}; its last step sent (MB) {_traffic_mb(traffic)}{_exact(config)}: "
-            f"{verdict}")
+def describe_measured(config: Config, traffic: dict[tuple[str, str], float]) -> str:
+    """Rank 0's last step's metered traffic, beside the prediction."""
+    predicted = step_traffic(config)
+    same = {k: float(v) for k, v in traffic.items()} == predicted
+    return (f"> measured: rank 0's last step sent (MB) {_traffic_mb(traffic)}{_exact(config)}: "
+            + ("as predicted" if same else f"predicted {_traffic_mb(predicted)}"))

@@ -13,11 +13,11 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.config import SHARDING_STRATEGIES, Config, ConfigError
+from megatron_lite.config.layout import Layout
 from megatron_lite.planner.hardware import GPU
 from megatron_lite.planner.step_time import StepEstimate, estimate
 
-SHARDINGS = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 RECOMPUTE = {"none": {}, "selective": {"recompute_granularity": "selective"},
              "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
 
@@ -29,17 +29,10 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        """e.g. tp8-pp4-vpp2-dp16-sp-zero1 mbs1 recompute=selective."""
-        par, model = self.config.parallel, self.config.model
-        parts = [f"{axis}{size}" for axis, size in (
-            ("tp", par.tensor_model_parallel_size), ("cp", par.context_parallel_size),
-            ("pp", par.pipeline_model_parallel_size), ("vpp", par.vpp), ("ep", par.expert_model_parallel_size),
-            ("dp", par.data_parallel_size)) if size > 1]
-        parts += [par.schedule.replace("-", "")] if par.schedule in ("zb-h1", "zbv") else []
-        parts += ["sp"] * par.sequence_parallel
-        parts += [{"no_shard": "", "optim": "zero1", "optim_grads": "zero2", "optim_grads_params": "zero3"}[par.sharding]]
-        recompute = model.recompute_granularity or "none"
-        return "-".join(p for p in parts if p) + f" mbs{self.config.train.micro_batch_size} recompute={recompute}"
+        """The layout's name, micro batch and recomputation, e.g.
+        tp8-pp4-dp16-vpp2-sp-distopt mbs1 recompute=selective."""
+        recompute = self.config.model.recompute_granularity or "none"
+        return f"{Layout.of(self.config.parallel).name} mbs{self.config.train.micro_batch_size} recompute={recompute}"
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -72,7 +65,7 @@ def _grids(num_gpus: int, gpu: GPU, experts: int) -> Iterator[tuple[int, int, in
 def candidates(base: Config, num_gpus: int, gpu: GPU) -> Iterator[Config]:
     """Every layout of `base`'s model and batch on `num_gpus` GPUs that validates."""
     model, train = base.model, base.train
-    choices = itertools.product(_grids(num_gpus, gpu, model.num_experts or 1), (1, 2, 4, 8), SHARDINGS,
+    choices = itertools.product(_grids(num_gpus, gpu, model.num_experts or 1), (1, 2, 4, 8), SHARDING_STRATEGIES,
                                 RECOMPUTE.values())
     for (tp, cp, pp, dp, vpp, schedule, ep), mbs, sharding, recompute in choices:
         parallel = dataclasses.replace(

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from megatron_lite.comm import ring_steps, ring_wire_bytes
 from megatron_lite.config import Config
-from megatron_lite.flops import flops_per_step
 from megatron_lite.pipeline_parallel.partition import last_stage_rank
+from megatron_lite.planner.flops import flops_per_step
 from megatron_lite.planner.hardware import GPU
 from megatron_lite.planner.memory import RankCoords, activation_memory, state_memory
 from megatron_lite.planner.schedule import bubble_fraction, num_microbatches

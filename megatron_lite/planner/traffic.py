@@ -30,8 +30,8 @@ from collections import defaultdict
 from megatron_lite.comm import ring_wire_bytes
 from megatron_lite.config import Config
 from megatron_lite.distributed.parameter_server import step_bytes
-from megatron_lite.planner.memory import RankCoords, grad_buffers, rank_params
 from megatron_lite.pipeline_parallel.partition import chunk_layers, stage_ends, virtual_stage
+from megatron_lite.planner.memory import RankCoords, grad_buffers, rank_params
 from megatron_lite.planner.schedule import num_microbatches
 
 Traffic = dict[tuple[str, str], float]
@@ -180,7 +180,8 @@ def _embedding_partial(config: Config, rank: RankCoords) -> int:
     if not (model.tie_embeddings and pp > 1):
         return 0
     copies = sum(any(stage_ends(pp, par.vpp, rank.pp, c, par.v_shape)) for c in range(par.vpp))
-    return copies * model.padded_vocab_size(par.tensor_model_parallel_size) // par.tensor_model_parallel_size * model.hidden_size
+    return (copies * model.padded_vocab_size(par.tensor_model_parallel_size) // par.tensor_model_parallel_size
+            * model.hidden_size)
 
 
 def _data_parallel(config: Config, rank: RankCoords, m: int, pbytes: int, out: Traffic) -> None:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from megatron_lite.kernels.reference import cross_entropy_reference
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_reduce
+from megatron_lite.kernels.reference import cross_entropy_reference
 
 _all_reduce_max = functools.partial(all_reduce, op=dist.ReduceOp.MAX)
 

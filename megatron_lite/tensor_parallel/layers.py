@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite import parallel_state
-from megatron_lite.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                    gather_from_sequence_parallel_region,
-                                                    gather_from_tensor_model_parallel_region,
-                                                    reduce_from_tensor_model_parallel_region,
-                                                    reduce_scatter_to_sequence_parallel_region,
-                                                    scatter_to_tensor_model_parallel_region)
 from megatron_lite.placement import Placement, place, place_module, sharded
+from megatron_lite.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:

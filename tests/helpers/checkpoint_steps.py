@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
-from megatron_lite.config import Config
-from megatron_lite.data.random_tokens import RandomTokens
-from megatron_lite.layout import Layout
-from megatron_lite.training import rank_microbatches, train_step
 from helpers.parity import setup_rank
 from helpers.tiny import tiny_config
+from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lite.config import Config
+from megatron_lite.config.layout import Layout
+from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.training.loop import rank_microbatches, train_step
 
 GLOBAL_BATCH = 8
 
@@ -20,8 +20,7 @@ def layout_config(family: str = "llama", layout: Layout = Layout(), dropout: flo
                                             num_query_groups=4 if family == "llama" else 8,
                                             hidden_dropout=dropout, attention_dropout=dropout),
                          micro_batch_size=1, global_batch_size=GLOBAL_BATCH, train_iters=6, clip_grad=0.5)
-    config.parallel = layout.apply(config.parallel)
-    config.parallel.ddp_bucket_size = 3000  # several buckets
+    config = config.updated(parallel={**layout.fields(), "ddp_bucket_size": 3000})  # several buckets
     return config
 
 

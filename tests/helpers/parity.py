@@ -40,8 +40,8 @@ from megatron_lite.distributed.data_parallel import materialized
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.parameter_server import ParameterServerOptimizer
 from megatron_lite.placement import gather_full
-from megatron_lite.parallelize import TrainingModel, parallelize
-from megatron_lite.training import rank_microbatches, set_seed, train_step
+from megatron_lite.training.loop import rank_microbatches, set_seed, train_step
+from megatron_lite.training.parallelize import TrainingModel, parallelize
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from megatron_lite.config import ConfigError
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
-from megatron_lite.hf_convert import TOKENIZER_FILES
+from megatron_lite.hf.convert import TOKENIZER_FILES
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only an export needs it, not a reshard
     from transformers import PreTrainedTokenizerBase

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.config_checks import ConfigError, flag, require, require_positive
-from megatron_lite.metric_writers import require_packages
+from megatron_lite.config.checks import ConfigError, flag, require, require_positive
+from megatron_lite.config.packages import require_packages
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 EXIT_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name))
@@ -33,7 +33,7 @@ def _require_writable_dir(name: str, path: str | None) -> None:
                 f"{flag(name)}={path} cannot be created: {existing} is not writable")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     micro_batch_size: int = 8
     """Samples per forward/backward pass on one rank."""
@@ -78,7 +78,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer layer (pipeline stages and tensor-parallel mappings stay as they are)."""
     optimizer_cpu_offload: bool = False
-    """Keep the fp32 main weights and Adam state in host memory and step the optimizer there (grads copied to the host, updated weights back)."""
+    """Keep the fp32 main weights and Adam state in host memory and step the optimizer there (grads copied to the host,
+    updated weights back)."""
     seed: int = 1234
     """Seed of weights, data order and dropout."""
     save: str | None = None
@@ -94,25 +95,31 @@ class TrainConfig:
     async_save: bool = False
     """Write checkpoints in the background while training goes on (the marker moves once every file is written)."""
     exit_interval: int | None = None
-    """Stop (saving first when --save is set) once the iteration is a multiple of N; the schedule still spans --train-iters."""
+    """Stop (saving first when --save is set) once the iteration is a multiple of N; the schedule still spans
+    --train-iters."""
     exit_duration_in_mins: float | None = None
-    """Stop (saving first when --save is set) after the first step that ends this many minutes after training started."""
+    """Stop (saving first when --save is set) after the
+    first step that ends this many minutes after training started."""
     exit_signal_handler: bool = False
     """On --exit-signal (a scheduler's preemption warning) finish the current step, save and exit 0 on every rank."""
     exit_signal: str = "SIGTERM"
     """The signal --exit-signal-handler catches, e.g. SIGUSR1 for Slurm's --signal."""
     check_for_nan_in_loss_and_grad: bool = True
-    """Stop before the optimizer step when the loss or the grad norm is not finite (on by default; nothing is saved after it)."""
+    """Stop before the optimizer step when the loss or the grad norm is not finite (on by default; nothing is saved
+    after it)."""
     log_interval: int = 10
     """Print one log line every N steps."""
     log_dir: str | None = None
     """Where metrics.jsonl is appended (default: the --save directory, else none)."""
     tensorboard_dir: str | None = None
-    """Rank 0 also writes the logged metrics here as TensorBoard events, under Megatron's tags (needs the tensorboard package)."""
+    """Rank 0 also writes the logged metrics here as TensorBoard events, under Megatron's tags (needs the tensorboard
+    package)."""
     tensorboard_log_interval: int = 1
-    """Of the log records, send to TensorBoard and wandb those of iterations that are multiples of N (validation ones always)."""
+    """Of the log records, send to TensorBoard and wandb those of iterations that are multiples of N (validation ones
+    always)."""
     wandb_project: str | None = None
-    """Rank 0 also logs the metrics to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline needs no network)."""
+    """Rank 0 also logs the metrics to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline needs
+    no network)."""
     wandb_exp_name: str | None = None
     """--wandb-project: the run's name (default: one wandb makes up)."""
     wandb_save_dir: str | None = None
@@ -122,13 +129,16 @@ class TrainConfig:
     eval_iters: int = 10
     """Global batches per evaluation."""
     data_path: list[str] | None = None
-    """Dataset prefix of a .bin/.idx pair, or weight-prefix pairs to blend (0.7 a 0.3 b); without it a built-in corpus is used."""
+    """Dataset prefix of a .bin/.idx pair, or weight-prefix pairs to blend (0.7 a 0.3 b); without it a built-in corpus
+    is used."""
     split: str = "98,2,0"
     """Train/valid/test proportions of each dataset's documents."""
     data_cache_dir: str | None = None
-    """Where the built-in corpus and the sample indices are cached (default: ~/.cache/megatron_lite or $MEGATRON_LITE_CACHE, and cache/ beside --data-path)."""
+    """Where the built-in corpus and the sample indices are cached (default: ~/.cache/megatron_lite or
+    $MEGATRON_LITE_CACHE, and cache/ beside --data-path)."""
     tokenizer_type: str = "ByteTokenizer"
-    """Tokenizer the data was preprocessed with: ByteTokenizer (needs no file), SentencePieceTokenizer or HuggingFaceTokenizer."""
+    """Tokenizer the data was preprocessed with: ByteTokenizer (needs no file), SentencePieceTokenizer or
+    HuggingFaceTokenizer."""
     tokenizer_model: str | None = None
     """The tokenizer's file or folder: a SentencePiece .model, a tokenizer.json or a transformers tokenizer folder."""
     device: str | None = None
@@ -191,7 +201,8 @@ class TrainConfig:
             require(self.exit_duration_in_mins > 0,
                     f"--exit-duration-in-mins={self.exit_duration_in_mins} must be positive")
         require(self.exit_signal in EXIT_SIGNALS,
-                f"--exit-signal={self.exit_signal} is not a signal a job is warned with; allowed: {', '.join(EXIT_SIGNALS)}")
+                f"--exit-signal={self.exit_signal} is not a signal a job is warned with; "
+                f"allowed: {', '.join(EXIT_SIGNALS)}")
         for name in ("save", "log_dir", "tensorboard_dir", "wandb_save_dir"):
             _require_writable_dir(name, getattr(self, name))
         require(self.wandb_project is not None or (self.wandb_exp_name is None and self.wandb_save_dir is None),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.metric_writers import ScalarWriter, train_scalars, validation_scalars
+from megatron_lite.training.metric_writers import ScalarWriter, train_scalars, validation_scalars
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -9,7 +9,8 @@ gated), padded vocabulary V:
 The 12 is 2 FLOPs per multiply-add times 3 for forward + backward (the backward costs two
 forwards). Term by term: QKV + output projections (1 + g/n), the attention scores and
 weighted sum (s/h; the causal mask is not discounted, as in Megatron; with a sliding window
-each query sees at most window + 1 keys, which stands for s), the MLP, and the logits. For g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
+each query sees at most window + 1 keys, which stands for s), the MLP, and the logits. For
+g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
 Activation recomputation is not counted: MFU measures useful model work only. On a mixture-of-
 experts layer the MLP term counts the active parameters only: k routed experts of width
 f_moe and the shared expert, plus the router (E/2h) and the shared expert's gate (1/2h), so MFU
@@ -18,6 +19,7 @@ stays honest.
 from __future__ import annotations
 
 from megatron_lite.config import ModelConfig
+
 
 def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     """Model FLOPs of one optimizer step (forward + backward) over the whole global batch."""
@@ -30,7 +32,8 @@ def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
     moe = 0.0
     if moe_layers:
-        active = config.moe_router_topk * config.expert_ffn_hidden_size + (config.moe_shared_expert_intermediate_size or 0)
+        active = (config.moe_router_topk * config.expert_ffn_hidden_size
+                  + (config.moe_shared_expert_intermediate_size or 0))
         # The router (one h x E matmul) and the shared expert's gate (h x 1).
         moe = active / h * gate + (config.num_experts + config.moe_shared_expert_gate) / (2 * h)
     mlp = ((layers - moe_layers) * dense + moe_layers * moe) / layers

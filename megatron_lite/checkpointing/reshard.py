@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megatron_lite.optimizer import MainParam
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_object
 from megatron_lite.distributed.data_parallel import materialized
+from megatron_lite.optimizer.optimizer import MainParam
 from megatron_lite.placement import full_shape, is_expert, local_shard, placement, unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -1,13 +1,13 @@
 """The model's configuration: architecture, mixture of experts, activation recomputation.
 
-Each field carries a one-line docstring (the string literal under it); `arguments.py` turns
+Each field carries a one-line docstring (the string literal under it); `training/arguments.py` turns
 those into `--help` text, so the CLI and the code never disagree on what a field means.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.config_checks import ConfigError, flag, require, require_positive
+from megatron_lite.config.checks import ConfigError, flag, require, require_positive
 
 FAMILIES = ("llama", "gpt2")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -22,10 +22,11 @@ YARN_ONLY = ("rope_scaling_beta_fast", "rope_scaling_beta_slow", "rope_scaling_m
              "rope_scaling_attention_factor")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     family: str = "llama"
-    """Architecture family: llama (RMSNorm, RoPE, SwiGLU, GQA, untied head unless tied) or gpt2 (LayerNorm, learned positions, GELU, tied embeddings)."""
+    """Architecture family: llama (RMSNorm, RoPE, SwiGLU, GQA, untied head unless tied) or gpt2 (LayerNorm, learned
+    positions, GELU, tied embeddings)."""
     num_layers: int = 4
     """Number of transformer layers."""
     hidden_size: int = 128
@@ -41,7 +42,8 @@ class ModelConfig:
     qk_layernorm: bool = False
     """Normalise each query and key head (the family's norm over the head dim) before RoPE (Qwen3, OLMo2)."""
     untie_embeddings_and_output_weights: bool | None = None
-    """Give the output layer its own weight instead of the embedding table's; --tie-embeddings-and-output-weights shares it (Llama 3.2, Qwen2.5 small, SmolLM). Default: the family's, gpt2 tied, llama untied."""
+    """Give the output layer its own weight instead of the embedding table's; --tie-embeddings-and-output-weights
+    shares it (Llama 3.2, Qwen2.5 small, SmolLM). Default: the family's, gpt2 tied, llama untied."""
     ffn_hidden_size: int | None = None
     """Width of the MLP (default: 4*hidden for gpt2, 8/3*hidden rounded up to 64 for llama)."""
     seq_length: int = 128
@@ -57,25 +59,34 @@ class ModelConfig:
     rotary_base: float = 10000.0
     """RoPE base frequency (llama family)."""
     rope_scaling_type: str = "none"
-    """RoPE scaling for a context longer than the pretraining one (llama family), Hugging Face's rope_type: linear (every frequency divided by the factor), llama3 (Llama 3.1's: long wavelengths divided by the factor, short ones kept, a smooth ramp between; Megatron's --use-rope-scaling) or yarn (YaRN: the same split by rotations within the original context, and cos/sin scaled by an attention factor)."""
+    """RoPE scaling for a context longer than the pretraining one (llama family), Hugging Face's rope_type: linear
+    (every frequency divided by the factor), llama3 (Llama 3.1's: long wavelengths divided by the factor, short ones
+    kept, a smooth ramp between; Megatron's --use-rope-scaling) or yarn (YaRN: the same split by rotations within
+    the original context, and cos/sin scaled by an attention factor)."""
     rope_scaling_factor: float | None = None
-    """How many times the original context the scaled one is; every --rope-scaling-type needs it (Megatron's --rope-scaling-factor)."""
+    """How many times the original context the scaled one is; every --rope-scaling-type needs it (Megatron's
+    --rope-scaling-factor)."""
     rope_scaling_original_max_position_embeddings: int | None = None
-    """The context the model was pretrained with, before scaling; llama3 and yarn need it (they keep the frequencies that turn often within it)."""
+    """The context the model was pretrained with, before scaling; llama3 and yarn need it (they keep the frequencies
+    that turn often within it)."""
     rope_scaling_low_freq_factor: float = 1.0
     """llama3: wavelengths longer than original context / this are divided by the factor."""
     rope_scaling_high_freq_factor: float = 4.0
-    """llama3: wavelengths shorter than original context / this are kept; between the two bounds the factor ramps smoothly."""
+    """llama3: wavelengths shorter than original context / this are kept; between the two bounds the factor ramps
+    smoothly."""
     rope_scaling_beta_fast: float | None = None
     """yarn: frequencies turning more than this many times within the original context are kept (default 32)."""
     rope_scaling_beta_slow: float | None = None
-    """yarn: frequencies turning fewer than this many times are divided by the factor (default 1); a linear ramp between."""
+    """yarn: frequencies turning fewer than this many times are divided by the factor (default 1); a linear ramp
+    between."""
     rope_scaling_mscale: float | None = None
-    """yarn, with --rope-scaling-mscale-all-dim (DeepSeek's): the attention factor is (0.1*mscale*ln(factor)+1) / (0.1*mscale_all_dim*ln(factor)+1)."""
+    """yarn, with --rope-scaling-mscale-all-dim (DeepSeek's): the attention factor is (0.1*mscale*ln(factor)+1) /
+    (0.1*mscale_all_dim*ln(factor)+1)."""
     rope_scaling_mscale_all_dim: float | None = None
     """yarn: the denominator's mscale of the attention factor, with --rope-scaling-mscale."""
     rope_scaling_attention_factor: float | None = None
-    """yarn: the scale of cos and sin, the attention logits' temperature (default: 0.1*ln(factor)+1, or the mscale ratio)."""
+    """yarn: the scale of cos and sin, the attention logits' temperature (default: 0.1*ln(factor)+1, or the mscale
+    ratio)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight init; output projections use std/sqrt(2*num_layers)."""
     hidden_dropout: float = 0.0
@@ -83,17 +94,23 @@ class ModelConfig:
     attention_dropout: float = 0.0
     """Dropout on the attention probabilities."""
     window_size: int | None = None
-    """Sliding-window attention (Mistral): each token attends to itself and the WINDOW_SIZE tokens before it, nothing earlier (flash attention's left window; Hugging Face's sliding_window is this plus one). Default: the whole causal context."""
+    """Sliding-window attention (Mistral): each token attends to itself and the WINDOW_SIZE tokens before it, nothing
+    earlier (flash attention's left window; Hugging Face's sliding_window is this plus one). Default: the whole
+    causal context."""
     fused_kernels: bool = True
-    """Fused kernels (megatron_lite/kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off: plain torch."""
+    """Fused kernels (megatron_lite/kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off:
+    plain torch."""
     recompute_granularity: str | None = None
-    """Activation recomputation: full (keep each layer's input, replay the layer in backward) or selective (replay only --recompute-modules); default: none."""
+    """Activation recomputation: full (keep each layer's input, replay the layer in backward) or selective (replay only
+    --recompute-modules); default: none."""
     recompute_method: str | None = None
-    """With full: uniform (layers in groups of --recompute-num-layers, each group replayed as one) or block (the first --recompute-num-layers layers of each pipeline chunk, the rest kept)."""
+    """With full: uniform (layers in groups of --recompute-num-layers, each group replayed as one) or block (the first
+    --recompute-num-layers layers of each pipeline chunk, the rest kept)."""
     recompute_num_layers: int | None = None
     """With full: layers per group (uniform, default 1) or layers replayed per chunk (block)."""
     recompute_modules: list[str] | None = None
-    """With selective: which parts of each layer to replay, any of core_attn, mlp, layernorm, moe (default: core_attn)."""
+    """With selective: which parts of each layer to
+    replay, any of core_attn, mlp, layernorm, moe (default: core_attn)."""
     num_experts: int | None = None
     """Experts of each mixture-of-experts layer (default: none, every layer dense)."""
     moe_router_topk: int = 2
@@ -117,7 +134,8 @@ class ModelConfig:
     moe_z_loss_coeff: float | None = None
     """Weight of the router z-loss, mean of logsumexp(logits)^2 (default: off)."""
     moe_router_enable_expert_bias: bool = False
-    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing experts, moved each step towards balanced load."""
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing experts, moved each
+    step towards balanced load."""
     moe_router_bias_update_rate: float = 1e-3
     """Step of the expert bias per optimizer step, towards the mean load."""
     moe_expert_capacity_factor: float | None = None
@@ -125,7 +143,8 @@ class ModelConfig:
     moe_pad_expert_input_to_capacity: bool = False
     """With a capacity factor: pad every expert's input to its capacity (fixed shapes)."""
     moe_token_dispatcher_type: str = "alltoall"
-    """How tokens reach their experts under expert parallelism: alltoall (each row to its expert's rank) or allgather (all tokens to every ep rank)."""
+    """How tokens reach their experts under expert parallelism: alltoall (each row to its expert's rank) or allgather
+    (all tokens to every ep rank)."""
 
     # Fields a run may change when it resumes from a checkpoint: how the model trains, not the
     # function it computes. Every other field is taken from, or checked against, the checkpoint
@@ -136,22 +155,23 @@ class ModelConfig:
                      "moe_router_bias_update_rate", "moe_token_dispatcher_type")
 
     def __post_init__(self) -> None:
-        if self.num_query_groups is None:
-            self.num_query_groups = self.num_attention_heads
-        if self.max_position_embeddings is None:
-            self.max_position_embeddings = self.seq_length
-        if self.ffn_hidden_size is None and self.hidden_size:
-            if self.family == "gpt2":
-                self.ffn_hidden_size = 4 * self.hidden_size
-            else:
-                self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+        """The defaults derived from other fields (frozen: set once, here)."""
+        def default(name: str, value: object) -> None:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        default("num_query_groups", self.num_attention_heads)
+        default("max_position_embeddings", self.seq_length)
+        if self.hidden_size:
+            default("ffn_hidden_size", 4 * self.hidden_size if self.family == "gpt2"
+                    else -(-(8 * self.hidden_size // 3) // 64) * 64)
 
     @property
     def expert_ffn_hidden_size(self) -> int:
         return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     def is_moe_layer(self, number: int) -> bool:
-        """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1, ...)."""
+        """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1,
+        ...)."""
         return bool(self.num_experts) and (number + 1) % self.moe_layer_freq == 0
 
     @property
@@ -233,7 +253,8 @@ class ModelConfig:
         require(granularity == "selective" or self.recompute_modules is None,
                 "--recompute-modules needs --recompute-granularity selective")
         unknown = [m for m in self.selective_recompute if m not in RECOMPUTE_MODULES]
-        require(not unknown, f"--recompute-modules {' '.join(unknown)} is unknown; allowed: {', '.join(RECOMPUTE_MODULES)}")
+        require(not unknown, f"--recompute-modules {' '.join(unknown)} is unknown; "
+                             f"allowed: {', '.join(RECOMPUTE_MODULES)}")
         require("moe" not in self.selective_recompute or self.num_experts,
                 "--recompute-modules moe needs --num-experts")
 

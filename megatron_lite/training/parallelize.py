@@ -35,11 +35,12 @@ from megatron_lite.context_parallel.attention import context_parallel_attention
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
-from megatron_lite.distributed.parameter_server import ParameterServerGrads, ParameterServerOptimizer
 from megatron_lite.distributed.param_sharding import ShardedParams
-from megatron_lite.model.gpt import GPTModel, ParamUnit, init_weights
+from megatron_lite.distributed.parameter_server import ParameterServerGrads, ParameterServerOptimizer
+from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.ops import Ops, select_ops
-from megatron_lite.optimizer import LocalOptimizer
+from megatron_lite.optimizer.optimizer import LocalOptimizer
+from megatron_lite.param_unit import ParamUnit
 from megatron_lite.pipeline_parallel.partition import build_model_chunks
 from megatron_lite.placement import is_expert
 

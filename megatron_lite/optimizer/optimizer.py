@@ -1,4 +1,4 @@
-"""AdamW with Megatron's parameter groups, the learning-rate schedule, and the plain optimizer.
+"""AdamW with Megatron's parameter groups, and the plain optimizer (the learning rate: lr_schedule.py).
 
 Megatron's mixed precision: under --bf16/--fp16 the model's weights are half precision (what
 the forward reads, no per-microbatch re-cast of fp32 weights), their gradients accumulate in
@@ -14,15 +14,14 @@ moments are host memory.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from megatron_lite.config import TrainConfig
-from megatron_lite.distributed.grad_clip import clip_grad_norm
-from megatron_lite.loss_scaler import build_loss_scaler
+from megatron_lite.optimizer.clip_grads import clip_grad_norm
+from megatron_lite.optimizer.loss_scaler import build_loss_scaler
 
 
 class MainParam(NamedTuple):
@@ -145,28 +144,3 @@ class LocalOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
-
-
-def learning_rate(iteration: int, cfg: TrainConfig) -> float:
-    """lr for optimizer step `iteration` (1-based): linear warmup, then decay to min_lr.
-
-    Warmup reaches the peak at step lr_warmup_iters; decay runs until lr_decay_iters
-    (default train_iters) and holds min_lr after it.
-    """
-    if cfg.lr_warmup_iters > 0 and iteration <= cfg.lr_warmup_iters:
-        return cfg.lr * iteration / cfg.lr_warmup_iters
-    if cfg.lr_decay_style == "constant":
-        return cfg.lr
-    decay_iters = cfg.lr_decay_iters or cfg.train_iters
-    span = max(decay_iters - cfg.lr_warmup_iters, 1)
-    progress = min(max(iteration - cfg.lr_warmup_iters, 0) / span, 1.0)
-    if cfg.lr_decay_style == "linear":
-        coeff = 1.0 - progress
-    else:
-        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * coeff
-
-
-def set_learning_rate(optimizer: LocalOptimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -12,31 +12,34 @@ import torch
 from torch import nn
 
 from megatron_lite import parallel_state
-from megatron_lite.activation_memory import describe_activation_memory
-from megatron_lite.checkpointing import (CheckpointWriter, adopt_checkpoint_model_args, latest_iteration,
-                                        load_checkpoint, resolve_load)
+from megatron_lite.checkpointing import (
+    CheckpointWriter,
+    adopt_checkpoint_model_args,
+    latest_iteration,
+    load_checkpoint,
+    resolve_load,
+)
+from megatron_lite.comm import METER, all_reduce
 from megatron_lite.config import Config, ConfigError, TrainingError
 from megatron_lite.context_parallel.zigzag import split_for_context_parallel
 from megatron_lite.data import build_training_data
 from megatron_lite.data.loader import global_batch
-from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import average_across_data_parallel, reduce_partial_grads
-from megatron_lite.distributed.parameter_server import ParameterServerOptimizer
-from megatron_lite.exit_conditions import ExitConditions
-from megatron_lite.flops import flops_per_step
-from megatron_lite.metric_writers import open_writers
-from megatron_lite.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.model.moe import finish_moe_step
-from megatron_lite.optimizer import learning_rate, set_learning_rate
-from megatron_lite.parallelize import TrainingModel, parallelize
+from megatron_lite.optimizer.lr_schedule import learning_rate, set_learning_rate
 from megatron_lite.parallel_state import print_rank_0
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
 from megatron_lite.pipeline_parallel.schedules import forward_only, run_schedule
 from megatron_lite.pipeline_parallel.trace import Trace
+from megatron_lite.planner.flops import flops_per_step
 from megatron_lite.planner.hardware import peak_tflops
-from megatron_lite.planner.report import describe_measured, describe_plan
+from megatron_lite.planner.report import describe_measured
 from megatron_lite.tensor_parallel.random import model_parallel_seed
-from megatron_lite.comm import METER, all_reduce
+from megatron_lite.training.exit_conditions import ExitConditions
+from megatron_lite.training.metric_writers import open_writers
+from megatron_lite.training.metrics import MetricsLogger, peak_memory_gb
+from megatron_lite.training.parallelize import TrainingModel, parallelize
+from megatron_lite.training.report import print_run
 
 
 def set_seed(seed: int, device: torch.device = torch.device("cpu")) -> None:
@@ -190,65 +193,6 @@ def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.dev
     return last_stage_loss(losses)
 
 
-def describe_layout(grid: parallel_state.Grid, par) -> str:
-    """One line: the layout, the schedule and which global ranks form each group of more than one rank."""
-    axes = " x ".join(f"{axis} {size}" for axis, size in grid.sizes.items() if size > 1 or axis in ("tp", "pp", "dp"))
-    extras = [", sequence parallel" if par.sequence_parallel else ""]
-    if grid.expert_parallel > 1:
-        extras.append(f", experts over ep {grid.expert_parallel} x edp {grid.size('edp')}")
-    if grid.size("pp") > 1:
-        extras.append(f", {par.schedule} schedule" + (f" over {par.vpp} chunks per rank" if par.vpp > 1 else ""))
-    shown = set()
-    for name in parallel_state.group_names(grid):
-        ranks = grid.ranks(name)
-        if len(ranks[0]) > 1 and str(ranks) not in shown:
-            shown.add(str(ranks))
-            extras.append(f"; {name} groups {ranks}")
-    return f"> layout: world {grid.world_size} = {axes}{''.join(extras)}"
-
-
-def memory_parts(model: TrainingModel) -> dict[str, int]:
-    """This rank's bytes of weights (the distributed optimizer's flat buffers: under ZeRO-3 the
-    shards), fp32 grads (the grad buffers: under ZeRO-2/3 the shards), fp32 main weights and
-    Adam moments, as allocated."""
-    optimized = model.optimizer.tensors
-    if isinstance(model.optimizer, DistributedOptimizer):
-        weights = sum(buf.param_data.numel() * buf.param_data.element_size() for buf in model.grad_buffers)
-    else:
-        weights = sum(p.numel() * p.element_size() for c in model.chunks for p in c.parameters())
-    return {"weights": weights, "grads": sum(4 * buf.grad_data.numel() for buf in model.grad_buffers),
-            "main weights": sum(4 * t.main.numel() for t in optimized if t.main is not t.model),
-            "Adam state": sum(8 * t.main.numel() for t in optimized)}
-
-
-def describe_memory(model: TrainingModel, dp: int) -> str:
-    """Rank 0's memory_parts and the bytes per parameter they amount to (fp32 16, bf16 18; ZeRO-1
-    8 + 8/dp, 6 + 12/dp; ZeRO-2 4 + 12/dp, 2 + 16/dp; ZeRO-3 16/dp, 18/dp plus the layers
-    gathered at the time)."""
-    params = [p for c in model.chunks for p in c.parameters()]
-    n = sum(p.numel() for p in params)
-    buckets = [b for buf in model.grad_buffers for b in buf.buckets]
-    sharded = isinstance(model.optimizer, DistributedOptimizer)
-    offload = any(t.device_grad is not None for t in model.optimizer.tensors)
-    parts = memory_parts(model)
-    mb = 2**20
-    dtype = str(params[0].dtype).removeprefix("torch.")
-    if any(b.shard_params for b in buckets):
-        how = f"; ZeRO-3: all of it sharded over dp={dp}, plus the layers gathered at the time (two: one running, one prefetched)"
-    elif any(b.shard_grads for b in buckets):
-        how = f"; ZeRO-2: grads, main weights and moments sharded over dp={dp}"
-    elif sharded:
-        how = f"; distributed optimizer: main weights and moments sharded over dp={dp}"
-    elif isinstance(model.optimizer, ParameterServerOptimizer) and dp > 1:
-        how = f"; parameter server: rank 0 serves dp={dp}, its {dp - 1} workers hold no main weights or moments"
-    else:
-        how = "; --use-distributed-optimizer shards them over dp"
-    return ("> memory on rank 0: " + " + ".join(f"{k} {v / mb:.2f} MB" for k, v in parts.items() if v)
-            + f" = {sum(parts.values()) / n:.1f} bytes per parameter ({dtype} weights, fp32 grads"
-            + (", main weights and Adam moments" if parts["main weights"] else " and Adam moments")
-            + (" (those two in host memory)" if offload else "") + how + ")")
-
-
 def pretrain(config: Config) -> dict:
     """Train as configured; returns {'losses': per-step losses, 'iteration': last step, 'valid_loss': ...}."""
     cfg, par = config.train, config.parallel
@@ -256,11 +200,10 @@ def pretrain(config: Config) -> dict:
     device = select_device(config)
     set_seed(cfg.seed, device)
     tokenizer, train_ds, valid_ds, data_description = build_training_data(cfg, config.model.seq_length)
-    config.model.vocab_size = tokenizer.vocab_size
-    config.model.validate()
+    config = config.updated(model={"vocab_size": tokenizer.vocab_size})
     load_iteration = resolve_load(cfg.load, cfg.ckpt_step) if cfg.load else None
     if load_iteration is not None:
-        adopt_checkpoint_model_args(config, cfg.load, load_iteration)
+        config = adopt_checkpoint_model_args(config, cfg.load, load_iteration)
 
     model = parallelize(config, device)
     iteration, consumed = 0, 0
@@ -271,7 +214,7 @@ def pretrain(config: Config) -> dict:
                            writers=open_writers(config) if grid.rank == 0 else (),
                            writer_interval=cfg.tensorboard_log_interval)
     print_rank_0(f"> data: {data_description}")
-    _print_run(config, model, grid, device)
+    print_run(config, model, grid, device)
     for destination in logger.destinations():
         print_rank_0(f"> metrics: {destination}")
     writer = CheckpointWriter(model.chunks, model.optimizer, config) if cfg.save else None
@@ -287,32 +230,6 @@ def pretrain(config: Config) -> dict:
     finally:
         exits.close()
         logger.close()  # flushes TensorBoard / wandb, also when training failed
-
-
-def _print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, device: torch.device) -> None:
-    cfg = config.train
-    n_params = sum(p.numel() for c in model.chunks for p in c.parameters())
-    tp, dp = grid.size("tp"), grid.size("dp")
-    print_rank_0(describe_layout(grid, config.parallel))
-    print_rank_0(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
-                 f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
-                 f"{config.model.padded_vocab_size(tp)}")
-    print_rank_0(describe_memory(model, dp))
-    par = config.parallel
-    layers_per_chunk = config.model.num_layers // (par.pipeline_model_parallel_size * par.vpp)
-    print_rank_0(describe_activation_memory(config.model, layers_per_chunk, par.vpp, cfg.micro_batch_size, tp,
-                                            par.sequence_parallel))
-    print_rank_0(describe_plan(config))
-    print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
-                 f"{cfg.micro_batch_size} x {cfg.num_microbatches(dp)} microbatches x dp {dp}, on "
-                 f"{device} in {str(cfg.params_dtype).removeprefix('torch.')}"
-                 + _describe_loss_scale(model.optimizer.loss_scaler))
-
-
-def _describe_loss_scale(scaler) -> str:
-    if scaler is None:
-        return ""
-    return f", {'dynamic' if scaler.dynamic else 'static'} loss scale {scaler.scale:g}"
 
 
 def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: int, consumed: int,
@@ -371,11 +288,12 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
             else:
                 writer.poll()
         if stop:
-            print_rank_0(f"> exiting at iteration {iteration}: {stop}" + ("" if writer else " (no --save: nothing saved)"))
+            print_rank_0(f"> exiting at iteration {iteration}: {stop}"
+                         + ("" if writer else " (no --save: nothing saved)"))
             break
     if writer is not None:
         writer.wait()
     model.optimizer.finish_param_gather()
     if losses:
-        print_rank_0(describe_measured(config, memory_parts(model), last_traffic))
+        print_rank_0(describe_measured(config, last_traffic))
     return {"losses": losses, "iteration": iteration, "valid_loss": valid_loss}

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from megatron_lite.config import TrainConfig
 from megatron_lite.comm import all_reduce
+from megatron_lite.config import TrainConfig
 
 
 class ExitConditions:

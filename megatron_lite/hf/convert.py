@@ -1,5 +1,5 @@
 """Hugging Face `transformers` <-> megatron_lite: weight names and layouts, safetensors files
-(which family, and its config.json: hf_families.py; the tokenizer: hf_tokenizer.py).
+(which family, and its config.json: families.py; the tokenizer: tokenizer.py).
 
 Works on full, unpadded tensors keyed by our global names (reshard.FullState.model), so it
 never sees a tensor-parallel shard. What differs between the two sides:
@@ -28,7 +28,7 @@ from megatron_lite.config import ConfigError, ModelConfig
 
 MAX_SHARD_BYTES = 2 * 2**30  # above this, model.safetensors is split with an index, as save_pretrained does
 INDEX = "model.safetensors.index.json"
-# A transformers folder's tokenizer files: hf_tokenizer.py copies them, tools/generate.py looks for them.
+# A transformers folder's tokenizer files: hf/tokenizer.py copies them, tools/generate.py looks for them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model")
 
@@ -105,7 +105,8 @@ def to_hf_state(ours: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
                 hf.update({f"model.layers.{i}.self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v))})
             for ours_mlp, hf_mlp in _gated_mlps(model, i):
                 gate, up = ours[f"layers.{i}.{ours_mlp}.linear_fc1.weight"].chunk(2)
-                hf[f"model.layers.{i}.{hf_mlp}.gate_proj.weight"], hf[f"model.layers.{i}.{hf_mlp}.up_proj.weight"] = gate, up
+                hf[f"model.layers.{i}.{hf_mlp}.gate_proj.weight"] = gate
+                hf[f"model.layers.{i}.{hf_mlp}.up_proj.weight"] = up
         else:
             hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(_split_qkv(ours[f"{attn}.weight"], model)).t()
             hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(_split_qkv(ours[f"{attn}.bias"], model))

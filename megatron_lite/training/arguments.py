@@ -7,10 +7,27 @@ import os
 import types
 import typing
 
-from megatron_lite.config import (CP_COMM_TYPES, DATA_PARALLEL_MODES, FAMILIES, LR_DECAY_STYLES, MOE_DISPATCHERS,
-                                  MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS,
-                                  RECOMPUTE_MODULES, ROPE_SCALING_TYPES, SCHEDULES, SHARDING_STRATEGIES, Config,
-                                  ConfigError, ModelConfig, ParallelConfig, TrainConfig, field_docs)
+from megatron_lite.config import (
+    CP_COMM_TYPES,
+    DATA_PARALLEL_MODES,
+    FAMILIES,
+    LR_DECAY_STYLES,
+    MOE_DISPATCHERS,
+    MOE_LOAD_BALANCING,
+    MOE_SCORE_FUNCTIONS,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
+    RECOMPUTE_MODULES,
+    ROPE_SCALING_TYPES,
+    SCHEDULES,
+    SHARDING_STRATEGIES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    field_docs,
+)
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
 
@@ -164,24 +181,24 @@ def parse_args(argv: list[str] | None = None) -> Config:
     model_fields = pick(ModelConfig, {})
     if preset_named:
         model_fields = {**model_kwargs, **model_fields}
-    config = Config(model=ModelConfig(**pick(ModelConfig, model_kwargs)),
-                    parallel=ParallelConfig(**pick(ParallelConfig, {})),
-                    train=TrainConfig(**pick(TrainConfig, {})), model_flags_given=tuple(sorted(model_fields)))
-    parallel = config.parallel
+    model = ModelConfig(**pick(ModelConfig, model_kwargs))
+    parallel = ParallelConfig(**pick(ParallelConfig, {}))
     per_chunk = parallel.num_layers_per_virtual_pipeline_stage
     if per_chunk is not None:
         stages = parallel.pipeline_model_parallel_size * per_chunk
-        if per_chunk <= 0 or config.model.num_layers % stages:
-            raise ConfigError(f"--num-layers={config.model.num_layers} is not divisible by pp * "
+        if per_chunk <= 0 or model.num_layers % stages:
+            raise ConfigError(f"--num-layers={model.num_layers} is not divisible by pp * "
                               f"--num-layers-per-virtual-pipeline-stage = {stages}")
-        parallel.virtual_pipeline_model_parallel_size = config.model.num_layers // stages
-    parallel.data_parallel_size = axis_sizes(parallel, int(os.environ.get("WORLD_SIZE", "1")))["dp"]
+        parallel = dataclasses.replace(parallel, virtual_pipeline_model_parallel_size=model.num_layers // stages)
+    parallel = dataclasses.replace(parallel, data_parallel_size=axis_sizes(parallel, int(os.environ.get("WORLD_SIZE",
+                                                                                                        "1")))["dp"])
     if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
         if int(os.environ.get("RANK", "0")) == 0:
             print("WARNING: --sequence-parallel has no effect with --tensor-model-parallel-size=1; disabled",
                   flush=True)
-        parallel.sequence_parallel = False
-    config.validate()
+        parallel = dataclasses.replace(parallel, sequence_parallel=False)
+    config = Config(model=model, parallel=parallel, train=TrainConfig(**pick(TrainConfig, {})),
+                    model_flags_given=tuple(sorted(model_fields)))  # validated whole as it is made
     if parallel.sharded_optimizer and parallel.data_parallel_size == 1 and int(os.environ.get("RANK", "0")) == 0:
         print("WARNING: --use-distributed-optimizer with data-parallel size 1 shards nothing; it runs unsharded",
               flush=True)
@@ -195,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def flags_markdown() -> str:
-    """The flags table README.md shows (a test keeps the two in sync)."""
+    """The flags table docs/flags.md shows (a test keeps the two in sync)."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |",
             f"| `--model` | `tiny` | preset: {', '.join(f'`{p}`' for p in PRESETS)}; flags override it |"]
     for cls in (ModelConfig, ParallelConfig, TrainConfig):

@@ -41,7 +41,7 @@ import weakref
 
 import torch
 
-from megatron_lite.model_config import ModelConfig
+from megatron_lite.config.model_config import ModelConfig
 
 BYTES = 4  # fp32
 
@@ -134,7 +134,8 @@ def describe_activation_memory(model: ModelConfig, layers_per_chunk: int, chunks
     caveats = [why for bad, why in ((model.num_experts, "MoE layers"),
                                     (model.hidden_dropout or model.attention_dropout, "dropout")) if bad]
     return (f"> activations: {chunks * per_chunk / 2**20:.2f} MB per microbatch on this rank ({chunks} x "
-            f"{layers_per_chunk} layers, {setting} recomputation; fp32 formula of megatron_lite/activation_memory.py"
+            f"{layers_per_chunk} layers, {setting} recomputation; "
+            "fp32 formula of megatron_lite/planner/activation_memory.py"
             + (f", not counting {' and '.join(caveats)}" if caveats else "") + ")")
 
 

@@ -1,21 +1,37 @@
 """The run's configuration: one Config of the three dataclasses (model_config.py,
 parallel_config.py, train_config.py), the checks that span them, and the two errors a run can
-end with (config_checks.py). Everything is importable from here.
+end with (checks.py). Everything a run's configuration is made of is importable from here;
+layout.py names a parallel layout in one value, packages.py checks a flag's optional package.
 
-Each field carries a one-line docstring (the string literal under it); `arguments.py` turns
+Each field carries a one-line docstring (the string literal under it); `training/arguments.py` turns
 those into `--help` text, so the CLI and the code never disagree on what a field means.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from megatron_lite.config_checks import ConfigError, TrainingError, require
-from megatron_lite.model_config import (FAMILIES, MOE_DISPATCHERS, MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS,
-                                        RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, RECOMPUTE_MODULES, ROPE_SCALING_TYPES,
-                                        ModelConfig)
-from megatron_lite.parallel_config import (CP_COMM_TYPES, DATA_PARALLEL_MODES, SCHEDULES, SHARDING_STRATEGIES,
-                                           ParallelConfig, interleaved_microbatches_problem)
-from megatron_lite.train_config import EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
+from megatron_lite.config.checks import ConfigError, TrainingError, require
+from megatron_lite.config.model_config import (
+    FAMILIES,
+    MOE_DISPATCHERS,
+    MOE_LOAD_BALANCING,
+    MOE_SCORE_FUNCTIONS,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
+    RECOMPUTE_MODULES,
+    ROPE_SCALING_TYPES,
+    ModelConfig,
+)
+from megatron_lite.config.parallel_config import (
+    CP_COMM_TYPES,
+    DATA_PARALLEL_MODES,
+    SCHEDULES,
+    SHARDING_STRATEGIES,
+    ParallelConfig,
+    interleaved_microbatches_problem,
+)
+from megatron_lite.config.train_config import EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
 
 __all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS",
            "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
@@ -23,9 +39,14 @@ __all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "
            "ModelConfig", "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """Everything one run needs; `arguments.parse_args` builds it."""
+    """Everything one run needs; `arguments.parse_args` builds it.
+
+    Immutable, and validated as a whole whenever one is made: a change (a value adopted from a
+    checkpoint, the vocabulary taken from the tokenizer, a layout applied) is a new Config made
+    by `updated`, which passes every check again, the cross-checks between the three parts too.
+    """
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -33,6 +54,16 @@ class Config:
     """ModelConfig fields the user set (a flag, or the --model preset named on the command line);
     None for a Config built in code, where every field counts as set. On --load, a field that is
     set must match the checkpoint and one that is not is taken from it."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def updated(self, *, model: dict | None = None, parallel: dict | None = None, train: dict | None = None,
+                **fields: object) -> Config:
+        """This Config with the given fields of its parts (and of its own) changed, validated whole."""
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **(model or {})),
+                                   parallel=dataclasses.replace(self.parallel, **(parallel or {})),
+                                   train=dataclasses.replace(self.train, **(train or {})), **fields)
 
     def validate(self) -> None:
         self.model.validate()
@@ -47,7 +78,8 @@ class Config:
                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
         self._validate_parameter_server()
         require(self.parallel.schedule not in ("zb-h1", "zbv") or self.parallel.sharding in ("no_shard", "optim"),
-                f"--pipeline-schedule={self.parallel.schedule} with --data-parallel-sharding-strategy={self.parallel.sharding} is not "
+                f"--pipeline-schedule={self.parallel.schedule} with "
+                f"--data-parallel-sharding-strategy={self.parallel.sharding} is not "
                 "supported yet (ZeRO-2/3 reduce-scatter per backward, not yet per W pass); use "
                 "--use-distributed-optimizer (ZeRO-1) or another schedule")
         par = self.parallel
@@ -58,8 +90,9 @@ class Config:
                                      f"{self.train.micro_batch_size} x dp {par.data_parallel_size})")
         if par.schedule == "zbv" and par.pipeline_model_parallel_size > 1:
             m, pp = self.train.num_microbatches(par.data_parallel_size), par.pipeline_model_parallel_size
-            require(m >= 2 * pp - 1, f"--pipeline-schedule=zbv needs at least 2 x pp - 1 = {2 * pp - 1} microbatches "
-                                     f"to fill its V; it has {m} = global batch {self.train.global_batch_size} / (micro "
+            require(m >= 2 * pp - 1, f"--pipeline-schedule=zbv needs at least 2 x pp - 1 = {2 * pp - 1} "
+                                     f"microbatches to fill its V; it has {m} = global batch "
+                                     f"{self.train.global_batch_size} / (micro "
                                      f"batch {self.train.micro_batch_size} x dp {par.data_parallel_size})")
 
     def _validate_parameter_server(self) -> None:
@@ -84,7 +117,8 @@ class Config:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each dataclass field, read from the source."""
+    """The docstring under each dataclass field, read from the source, as one line (a long one is
+    wrapped in the source)."""
     import ast
     import inspect
     import textwrap
@@ -94,5 +128,5 @@ def field_docs(cls: type) -> dict[str, str]:
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
+            docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.config_checks import flag, require, require_positive
-from megatron_lite.model_config import ModelConfig
+from megatron_lite.config.checks import flag, require, require_positive
+from megatron_lite.config.model_config import ModelConfig
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv")
 CP_COMM_TYPES = ("p2p", "allgather", "a2a")
-# Megatron-FSDP's names for what data-parallel replicas shard: nothing, the optimizer state
-# (ZeRO-1), also the gradients (ZeRO-2), also the parameters (ZeRO-3 / FSDP).
-SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+# Megatron-FSDP's names for what data-parallel replicas shard, and the ZeRO stage each is:
+# nothing, the optimizer state (ZeRO-1), also the gradients (ZeRO-2), also the parameters
+# (ZeRO-3 / FSDP).
+ZERO_STAGES = {"no_shard": 0, "optim": 1, "optim_grads": 2, "optim_grads_params": 3}
+SHARDING_STRATEGIES = tuple(ZERO_STAGES)
 # How data-parallel replicas combine their gradients: a ring all-reduce among equals, or a
 # parameter server (distributed/parameter_server.py) that sums them and steps for everyone.
 DATA_PARALLEL_MODES = ("all-reduce", "parameter-server")
@@ -43,14 +45,16 @@ def interleaved_microbatches_problem(pp: int, microbatches: int, group_size: int
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     """Ranks that split each layer's weights (Megatron tensor parallelism)."""
     context_parallel_size: int = 1
-    """Ranks that split each sequence (context parallelism): every layer sees 1/cp of the tokens, attention exchanges keys and values."""
+    """Ranks that split each sequence (context parallelism): every layer sees 1/cp of the tokens, attention exchanges
+    keys and values."""
     cp_comm_type: str = "p2p"
-    """How context-parallel attention exchanges keys and values: p2p (ring), allgather (all-gather K/V) or a2a (Ulysses all-to-all)."""
+    """How context-parallel attention exchanges keys and values: p2p (ring), allgather (all-gather K/V) or a2a (Ulysses
+    all-to-all)."""
     pipeline_model_parallel_size: int = 1
     """Ranks that split the layers into pipeline stages."""
     virtual_pipeline_model_parallel_size: int | None = None
@@ -58,9 +62,11 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None
     """Alternative to --virtual-pipeline-model-parallel-size: layers per model chunk."""
     pipeline_schedule: str | None = None
-    """gpipe, 1f1b, interleaved, zb-h1 or zbv (zero bubble; zbv with --vpp 2; default: interleaved when vpp > 1, else 1f1b)."""
+    """gpipe, 1f1b, interleaved, zb-h1 or zbv (zero bubble; zbv with --vpp 2; default: interleaved when vpp > 1, else
+    1f1b)."""
     microbatch_group_size_per_virtual_pipeline_stage: int | None = None
-    """Interleaved schedule: microbatches each model chunk runs in a row (default pp, depth-first); from pp to the number of microbatches, which must be a multiple of it or leave a remainder of at least pp."""
+    """Interleaved schedule: microbatches each model chunk runs in a row (default pp, depth-first); from pp to the
+    number of microbatches, which must be a multiple of it or leave a remainder of at least pp."""
     sequence_parallel: bool = False
     """Split norms, dropout and the residual stream along the sequence across the tp group (needs tp > 1)."""
     data_parallel_size: int = 1
@@ -68,15 +74,19 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     """Shard fp32 Adam state across data-parallel ranks (ZeRO-1): reduce-scatter grads, all-gather params."""
     data_parallel_sharding_strategy: str | None = None
-    """What data-parallel ranks shard: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3 / FSDP); default: optim with --use-distributed-optimizer, else no_shard."""
+    """What data-parallel ranks shard: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2),
+    optim_grads_params (ZeRO-3 / FSDP); default: optim with --use-distributed-optimizer, else no_shard."""
     data_parallel_mode: str = "all-reduce"
-    """How data-parallel replicas average gradients: all-reduce (ring, in buckets overlapping backward) or parameter-server (workers send grads to dp rank 0, which steps and sends the parameters back)."""
+    """How data-parallel replicas average gradients: all-reduce (ring, in buckets overlapping backward) or
+    parameter-server (workers send grads to dp rank 0, which steps and sends the parameters back)."""
     ddp_bucket_size: int = 40_000_000
     """Elements per data-parallel gradient bucket; a bucket's reduction starts as soon as its grads are final."""
     expert_model_parallel_size: int = 1
-    """Ranks that split each MoE layer's experts (expert parallelism), carved out of tp x dp x cp (tp first); tokens reach their experts by all-to-all."""
+    """Ranks that split each MoE layer's experts (expert parallelism), carved out of tp x dp x cp (tp first); tokens
+    reach their experts by all-to-all."""
     overlap_param_gather: bool = False
-    """With --use-distributed-optimizer: all-gather the updated parameters in the background, each bucket waited for just before the next forward first uses it."""
+    """With --use-distributed-optimizer: all-gather the updated parameters in the background, each bucket waited for
+    just before the next forward first uses it."""
     distributed_timeout_minutes: float = 5.0
     """A collective waiting longer than this raises instead of hanging."""
 
@@ -88,6 +98,11 @@ class ParallelConfig:
     def sharding(self) -> str:
         """The data-parallel sharding strategy in effect (one of SHARDING_STRATEGIES)."""
         return self.data_parallel_sharding_strategy or ("optim" if self.use_distributed_optimizer else "no_shard")
+
+    @property
+    def zero_stage(self) -> int:
+        """The sharding strategy as a ZeRO stage: 0 (none) to 3 (parameters too)."""
+        return ZERO_STAGES[self.sharding]
 
     @property
     def sharded_optimizer(self) -> bool:

@@ -2,7 +2,7 @@
 (--tensorboard-dir) and Weights & Biases (--wandb-project).
 
 Both packages are optional, so nothing here imports them until a writer is opened, and
-`require_packages` refuses a flag whose package is missing before any work starts.
+config/packages.py refuses a flag whose package is missing before any work starts.
 MetricsLogger (metrics.py) stays the one place records pass through: it turns each record into
 {tag: value} with `train_scalars` / `validation_scalars` and hands that to every writer, so
 TensorBoard and wandb always receive the same numbers under the same tags.
@@ -10,15 +10,11 @@ TensorBoard and wandb always receive the same numbers under the same tags.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from typing import TYPE_CHECKING, Protocol
 
-from megatron_lite.config_checks import ConfigError, flag
-
 if TYPE_CHECKING:
     from megatron_lite.config import Config
-    from megatron_lite.train_config import TrainConfig
 
 # metrics.jsonl field -> tag. Megatron-LM's tag where it has one ("throughput" is its name for
 # TFLOP/s/GPU), so dashboards built for Megatron runs read these too.
@@ -39,10 +35,6 @@ TRAIN_TAGS = {
 }
 
 # The flag that opens a writer -> (the module its writer imports, how to install it).
-_PACKAGES = {
-    "tensorboard_dir": ("torch.utils.tensorboard", 'pip install tensorboard (or pip install -e ".[tensorboard]")'),
-    "wandb_project": ("wandb", "pip install wandb"),
-}
 
 
 def train_scalars(record: dict) -> dict[str, float]:
@@ -105,21 +97,6 @@ class WandbWriter:
 
     def close(self) -> None:
         self._run.finish()
-
-
-def require_packages(cfg: TrainConfig) -> None:
-    """Refuse a writer flag whose package cannot be imported, in one line with the fix; run with
-    the other config checks, so every rank stops before any work."""
-    for name, (module, install) in _PACKAGES.items():
-        value = getattr(cfg, name)
-        if value is None:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"{flag(name)}={value} needs the {module.split('.')[-1]} package, which cannot be "
-                              f"imported ({reason}); install it: {install}") from None
 
 
 def open_writers(config: Config) -> list[ScalarWriter]:
