@@ -127,7 +127,8 @@ def test_from_hf_copies_the_tokenizer(hf_folders, tmp_path: Path, capsys) -> Non
     config = parse_args([*TINY_FLAGS, "--load", str(tmp_path), "--save", str(tmp_path / "trained"), *tokenizer_flags,
                          "--data-path", str(tmp_path / "docs_text_document"), "--train-iters", "1",
                          "--eval-interval", "0"])
-    assert pretrain(config)["iteration"] == 1 and config.model.tie_embeddings
+    result = pretrain(config)
+    assert result["iteration"] == 1 and result["config"].model.tie_embeddings
     trained = read_checkpoint(tmp_path / "trained", 1)
     assert trained.config["model"]["untie_embeddings_and_output_weights"] is False
     assert "output_layer.weight" not in trained.model

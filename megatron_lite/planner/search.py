@@ -73,13 +73,11 @@ def candidates(base: Config, num_gpus: int, gpu: GPU) -> Iterator[Config]:
             data_parallel_size=dp, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
             pipeline_schedule=schedule, expert_model_parallel_size=ep, sequence_parallel=tp > 1,
             data_parallel_sharding_strategy=sharding, use_distributed_optimizer=sharding != "no_shard")
-        config = Config(model=dataclasses.replace(model, **{**_no_recompute(), **recompute}), parallel=parallel,
-                        train=dataclasses.replace(train, micro_batch_size=mbs))
-        try:
-            config.validate()
+        try:  # a Config validates as it is made
+            yield Config(model=dataclasses.replace(model, **{**_no_recompute(), **recompute}), parallel=parallel,
+                         train=dataclasses.replace(train, micro_batch_size=mbs))
         except (ConfigError, ValueError):
             continue
-        yield config
 
 
 def _no_recompute() -> dict:

@@ -194,7 +194,8 @@ def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.dev
 
 
 def pretrain(config: Config) -> dict:
-    """Train as configured; returns {'losses': per-step losses, 'iteration': last step, 'valid_loss': ...}."""
+    """Train as configured; returns {'losses': per-step losses, 'iteration': last step, 'valid_loss': ...,
+    'config': the Config it trained with (the vocabulary and checkpoint's model arguments adopted)}."""
     cfg, par = config.train, config.parallel
     grid = parallel_state.initialize_model_parallel(par)
     device = select_device(config)
@@ -296,4 +297,4 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     model.optimizer.finish_param_gather()
     if losses:
         print_rank_0(describe_measured(config, last_traffic))
-    return {"losses": losses, "iteration": iteration, "valid_loss": valid_loss}
+    return {"losses": losses, "iteration": iteration, "valid_loss": valid_loss, "config": config}
