@@ -58,13 +58,12 @@ def _print_rows(rows: list[dict]) -> None:
         mem = r["memory_gb"]
         optim = mem["main weights"] + mem["Adam state"]
         traffic = " ".join(f"{g} {v:.2f}" for g, v in sorted(r["traffic_gb_per_step"].items()) if v >= 0.005)
+        best = r["best_published_mfu"]
+        above = (f"  <- MFU {ABOVE} (best for {best['size_class']} on this GPU: {100 * best['mfu']:.1f} %, "
+                 f"{best['run']}, {best['source']})") if r["above_published"] else ""
         print(f"{r['layout']:44s} {mem['weights']:7.1f} {mem['grads']:6.1f} {optim:6.1f} {mem['activations']:6.1f} "
               f"{mem['buffers']:6.1f} {r['peak_memory_gb']:7.1f} {r['compute_s']:9.3f} {r['exposed_comm_s']:7.3f} "
-              f"{r['bubble_s']:6.3f} {r['step_s']:7.3f} {r['tokens_per_s']:9.0f} {100 * r['mfu']:4.1f}%  {traffic}")
-        if r["above_published"]:
-            best = r["best_published_mfu"]
-            print(f"{'':44s} ^ MFU {ABOVE} (best for {best['size_class']} on this GPU: {100 * best['mfu']:.1f} %, "
-                  f"{best['run']}, {best['source']})")
+              f"{r['bubble_s']:6.3f} {r['step_s']:7.3f} {r['tokens_per_s']:9.0f} {100 * r['mfu']:4.1f}%  {traffic}{above}")
 
 
 def _print_validation(rows: list[dict], worst: dict[str, float]) -> None:

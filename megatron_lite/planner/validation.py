@@ -40,9 +40,8 @@ def six_n_flops(model: ModelConfig) -> float:
     return 6 * count_parameters(model) + 12 * model.num_layers * model.hidden_size * model.seq_length
 
 
-def predicted_value(run: PublishedRun, est: StepEstimate) -> float:
-    """The prediction in the row's own metric."""
-    model = published_config(run).model
+def predicted_value(run: PublishedRun, model: ModelConfig, est: StepEstimate) -> float:
+    """The prediction `est` for the row's `model`, in the row's own metric."""
     if run.metric == "tflops":
         return est.hardware_tflops
     if run.metric == "tokens":
@@ -75,7 +74,7 @@ def validate() -> list[dict]:
     rows = []
     for run in PUBLISHED:
         config = published_config(run)
-        predicted = predicted_value(run, estimate(config, GPUS[run.gpu], run.software))
+        predicted = predicted_value(run, config.model, estimate(config, GPUS[run.gpu], run.software))
         par = config.parallel
         rows.append({"source": run.source, "model": run.label, "gpu": run.gpu, "gpus": run.gpus,
                      "tp": par.tensor_model_parallel_size, "pp": par.pipeline_model_parallel_size,
@@ -95,6 +94,7 @@ class Ceiling:
 
 
 def size_class(parameters: float) -> int:
+    """The index of the size class (SIZE_CLASSES, CLASS_NAMES) of a model of `parameters`."""
     return bisect.bisect_right(SIZE_CLASSES, parameters)
 
 
