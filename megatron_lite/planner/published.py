@@ -20,8 +20,9 @@ the code that ran it, planner/software.py):
   per GPU without and with torch.compile. Its sequence is 8192 (train_configs/llama3_8b.toml
   at the benchmark's commit 9dec370), its shape that of torchtitan/models/llama/__init__.py
   ("8B": dim 4096, 32 layers, 32 heads, 8 kv heads, FFN 14336 after its multiplier), its
-  vocabulary Llama 3's 128,256. Its selective checkpointing (op policy: every other matmul
-  recomputed) is modelled as ours (core attention replayed).
+  vocabulary Llama 3's 128,256. Its selective checkpointing is its op policy (every other matmul
+  and every op but attention recomputed: torchtitan/parallelisms/parallelize_llama.py's
+  _save_list), which software.py's TORCHTITAN models.
 - picotron: huggingface/picotron, README.md: "38% MFU on a LLaMA-2-7B model using 64 H100 GPUs
   and nearly 50% MFU on the SmolLM-1.7B model with 8 H100 GPUs", MFU by its
   picotron/utils.py: get_mfu (6·N + 12·L·h·s FLOPs per token over 989.5 TFLOPS). Its layouts
