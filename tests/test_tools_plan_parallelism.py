@@ -1,6 +1,8 @@
-"""tools/plan_parallelism.py: the published throughputs reproduced within 15 % per row with one
-calibration, a search that proposes only what pretrain_gpt.py accepts and that fits, one given
-layout evaluated, the seed tables, JSON for scripts and one-line errors."""
+"""tools/plan_parallelism.py: the published throughputs reproduced (A100 rows within 15 %, H100
+rows within 20 %, one calibration per GPU, at least half of the H100 rows held out of its fit),
+a search that proposes only what pretrain_gpt.py accepts and that fits, one given layout
+evaluated, an MFU above the best published one marked, the seed tables, JSON for scripts and
+one-line errors."""
 from __future__ import annotations
 
 import json
@@ -16,12 +18,57 @@ from megatron_lite.training.arguments import PRESETS
 from tools import plan_parallelism
 
 
-def test_published_throughputs_within_fifteen_percent(capsys) -> None:
+def test_published_throughputs_within_tolerance(capsys) -> None:
     rows = plan_parallelism.validate()
-    assert len(rows) == len(PUBLISHED) == 14
-    assert max(abs(r["error"]) for r in rows) <= plan_parallelism.TOLERANCE
+    assert len(rows) == len(PUBLISHED) == 22
+    a100 = [r for r in rows if r["gpu"] == "A100"]
+    h100 = [r for r in rows if r["gpu"] != "A100"]
+    assert len(a100) == 14 and max(abs(r["error"]) for r in a100) <= 0.15
+    assert len(h100) == 8 and max(abs(r["error"]) for r in h100) <= 0.20
+    assert 2 * sum(not r["fitted"] for r in h100) >= len(h100)  # at least half held out of the fit
     assert plan_parallelism.main(["--validate"]) == 0
-    assert "worst error" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for source in ("Narayanan et al. 2021", "Korthikanti et al. 2022", "benchmarks/llama3_h100_202412_torchtitan.md",
+                   "huggingface/picotron README.md", "NVIDIA/Megatron-LM README.md"):
+        assert source in out
+    assert "worst error ampere" in out and "worst error hopper" in out and "held out" in out
+
+
+def test_validate_json(capsys) -> None:
+    assert plan_parallelism.main(["--validate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["calibration"]) >= {"ampere", "hopper"} and len(out["rows"]) == 22
+    assert out["worst_error"]["hopper"] <= 0.20 and out["worst_error"]["ampere"] <= 0.15
+
+
+ISSUE_LAYOUT = ["--model", "llama-8b", "--num-gpus", "8", "--gpu", "H100", "--seq-length", "8192",
+                "--global-batch-size", "8", "--micro-batch-size", "1",
+                "--data-parallel-sharding-strategy", "optim_grads_params", "--bf16", "--layout"]
+
+
+def test_mfu_above_the_best_published_is_marked(capsys) -> None:
+    """Issue #41's Llama-3-8B layout: predicted above torchtitan's 39 % (the best published for
+    3-30B models on H100), so the table says so beside it, and JSON flags it."""
+    assert plan_parallelism.main(ISSUE_LAYOUT) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dp8-zero3")]
+    assert float(row.split("%")[0].split()[-1]) > 39.0  # the MFU column
+    assert plan_parallelism.ABOVE in row and "Llama-3.1-8B compile" in row
+    assert plan_parallelism.main(ISSUE_LAYOUT + ["--json"]) == 0
+    (layout,) = json.loads(capsys.readouterr().out)["layouts"]
+    assert layout["above_published"] and layout["mfu"] > layout["best_published_mfu"]["mfu"]
+
+
+def test_mfu_below_the_best_published_is_not_marked(capsys) -> None:
+    """llama-1b (1.1B parameters) on 8 H100s predicts below picotron's ~50 % for SmolLM-1.7B, the
+    best published for models under 3B on H100."""
+    assert plan_parallelism.main(["--model", "llama-1b", "--num-gpus", "8", "--global-batch-size", "256",
+                                  "--micro-batch-size", "1", "--layout", "--json"]) == 0
+    (layout,) = json.loads(capsys.readouterr().out)["layouts"]
+    assert layout["best_published_mfu"]["run"] == "SmolLM-1.7B"
+    assert not layout["above_published"] and layout["mfu"] < layout["best_published_mfu"]["mfu"]
+    assert plan_parallelism.main(["--model", "llama-1b", "--num-gpus", "8", "--global-batch-size", "256",
+                                  "--micro-batch-size", "1", "--layout"]) == 0
+    assert plan_parallelism.ABOVE not in capsys.readouterr().out
 
 
 def test_search_proposes_valid_layouts_that_fit_best_first() -> None:

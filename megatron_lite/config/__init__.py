@@ -65,6 +65,20 @@ class Config:
                                    parallel=dataclasses.replace(self.parallel, **(parallel or {})),
                                    train=dataclasses.replace(self.train, **(train or {})), **fields)
 
+    @classmethod
+    def for_costing(cls, model: ModelConfig, parallel: ParallelConfig, train: TrainConfig) -> Config:
+        """A Config that is costed, never trained: the planner's rebuilt published runs. Each part
+        passes its own checks; the cross-checks of what this trainer does not run yet are skipped
+        (torchtitan's FSDP with selective checkpointing is ZeRO-3 with recomputation)."""
+        model.validate()
+        parallel.validate()
+        parallel.validate_model(model)
+        train.validate(parallel.data_parallel_size)
+        config = object.__new__(cls)
+        for name, value in (("model", model), ("parallel", parallel), ("train", train), ("model_flags_given", None)):
+            object.__setattr__(config, name, value)
+        return config
+
     def validate(self) -> None:
         self.model.validate()
         self.parallel.validate()

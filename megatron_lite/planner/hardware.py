@@ -18,6 +18,8 @@ class GPU:
     nvlink_latency: float  # s per ring step
     network_bandwidth: float  # bytes/s per GPU, between nodes
     network_latency: float  # s per ring step
+    architecture: str  # ampere, hopper, blackwell: published MFU is compared within one (planner/validation.py)
+    calibration: str = ""  # its entry in planner/calibration.py, if not its architecture's
     gpus_per_node: int = 8
 
     @property
@@ -26,10 +28,18 @@ class GPU:
 
 
 GPUS = {
-    "A100": GPU("A100 SXM 80GB", 312.0, 80, 2.039e12, 300e9, 5e-6, 25e9, 10e-6),
-    "H100": GPU("H100 SXM", 989.0, 80, 3.35e12, 450e9, 4e-6, 50e9, 8e-6),
-    "H200": GPU("H200 SXM", 989.0, 141, 4.8e12, 450e9, 4e-6, 50e9, 8e-6),
-    "B200": GPU("B200", 2250.0, 180, 8.0e12, 900e9, 3e-6, 50e9, 8e-6),
+    "A100": GPU("A100 SXM 80GB", 312.0, 80, 2.039e12, 300e9, 5e-6, 25e9, 10e-6, "ampere"),
+    "H100": GPU("H100 SXM", 989.0, 80, 3.35e12, 450e9, 4e-6, 50e9, 8e-6, "hopper"),
+    # The H100 of Meta's Grand Teton hosts that torchtitan's published runs used
+    # (pytorch/torchtitan, benchmarks/llama3_h100_202412_torchtitan.md): 96 GB of HBM2e at
+    # 2.4 TB/s, NVLink inside the host, 400 Gb/s RDMA per GPU, a 500 W power limit. Its peak is
+    # "between SXM and NVL" and not known (the file's footnote): the SXM's datasheet peak is
+    # kept (MFU is stated against it, as torchtitan does), the clock its power limit sustains is
+    # a fitted calibration (planner/calibration.py: hopper-500w).
+    "H100-HBM2E": GPU("H100 SXM 96GB HBM2e 500W", 989.0, 96, 2.4e12, 450e9, 4e-6, 50e9, 8e-6, "hopper",
+                      "hopper-500w"),
+    "H200": GPU("H200 SXM", 989.0, 141, 4.8e12, 450e9, 4e-6, 50e9, 8e-6, "hopper"),
+    "B200": GPU("B200", 2250.0, 180, 8.0e12, 900e9, 3e-6, 50e9, 8e-6, "blackwell"),
 }
 # Dense bf16 peaks by a fragment of the name torch reports (the first match wins): a run's MFU.
 _PEAKS_BY_DEVICE_NAME = (("H100 PCIe", 756.0), ("GH200", 989.0), ("H200", GPUS["H200"].peak_tflops),
@@ -38,7 +48,7 @@ _PEAKS_BY_DEVICE_NAME = (("H100 PCIe", 756.0), ("GH200", 989.0), ("H200", GPUS["
 
 
 def gpu(name: str) -> GPU:
-    """A GPU of the table by key (A100, H100, H200, B200), case-insensitive."""
+    """A GPU of the table by key (A100, H100, H100-HBM2E, H200, B200), case-insensitive."""
     key = name.upper()
     if key not in GPUS:
         raise ValueError(f"--gpu={name} is unknown; allowed: {', '.join(GPUS)}")

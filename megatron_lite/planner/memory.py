@@ -31,6 +31,7 @@ class BufferLayout:
     """A grad buffer's buckets: (start, padded end, elements of parameters) each, and its group size."""
     buckets: list[tuple[int, int, int]]
     group_size: int
+    deferred: list[bool]  # reduced only after backward (partial grads: tp or embedding sums first)
     shard_grads: list[bool]
     shard_params: list[bool]
     gathers: list[int]  # ZeRO-3: all-gathers of the bucket per microbatch
@@ -51,7 +52,8 @@ def grad_buffers(config: Config, params: list[ParamSpec]) -> list[BufferLayout]:
                              par.ddp_bucket_size, group)
         deferred = [ordered[members[0]].deferred for _, _, members in spans]
         layouts.append(BufferLayout([(s, e, sum(ordered[i].numel for i in members)) for s, e, members in spans],
-                                    group, [zero2 and not d for d in deferred], [zero3 and not d for d in deferred],
+                                    group, deferred, [zero2 and not d for d in deferred],
+                                    [zero3 and not d for d in deferred],
                                     [ordered[members[0]].gathers for _, _, members in spans]))
     return layouts
 

@@ -1,20 +1,20 @@
 """How long a layout's optimizer step takes on a cluster, and where the time goes.
 
-compute   each GEMM's FLOPs at `gemm_efficiency` of the GPU's dense bf16 peak (the one
-          calibration: what fraction of peak well-shaped GEMMs reach), plus the elementwise
-          ops (norms, residual adds, activations, RoPE, softmax) at HBM bandwidth: their bytes
-          are what makes small hidden sizes less efficient than large ones. Recomputation
-          adds the forward it replays. The slowest pipeline stage (the last: it also computes
-          the logits) sets the pace.
+compute   the busiest pipeline stage's forward and backward per microbatch and the optimizer
+          step (planner/compute.py: GEMMs at the efficiency their shape reaches, attention at a
+          flash kernel's, the memory-bound ops' bytes; the numbers in planner/calibration.py).
+          The slowest stage (the last: it also computes the logits) sets the pace.
 comm      alpha-beta per collective: T = steps·alpha + wire bytes / bandwidth, ring wire bytes
           (comm.ring_wire_bytes) of the traffic formula (planner/traffic.py), on NVLink when
           the group lies inside a node (the rank grid is tp-cp-dp-pp, tp fastest), else on the
-          per-GPU network link.
-overlap   what the code overlaps: the data-parallel grad reduction with the last microbatch's
-          backward (ZeRO-2: with every backward; ZeRO-3's parameter gathers with the layers before
-          them); --overlap-param-gather's all-gather with the next step's first forward; ring
-          attention's K/V exchange with its blocks. Tensor-parallel and pipeline sends are
-          exposed (no tp-comm overlap here).
+          per-GPU network link, each at the fraction of its datasheet bandwidth NCCL reaches.
+overlap   what the code overlaps (_exposed): the grad buckets' reductions with the last
+          microbatch's backward (ZeRO-2: with every backward), except the bucket completed last
+          and the deferred ones; ZeRO-3's gathers with the layer before them, so the first
+          layer's gather forward and backward and the last reduce-scatter wait; the all-gather
+          after the step with the next forward only under --overlap-param-gather; ring
+          attention's K/V exchange with its blocks. Tensor-parallel collectives and pipeline
+          sends are exposed in this code (software.py: which codes overlap them).
 bubble    (p-1)/(v·m) of the stage's compute (planner/schedule.py).
 """
 from __future__ import annotations
@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from megatron_lite.comm import ring_steps, ring_wire_bytes
 from megatron_lite.config import Config
 from megatron_lite.pipeline_parallel.partition import last_stage_rank
+from megatron_lite.planner.calibration import calibration
+from megatron_lite.planner.compute import StageCompute, stage_compute
 from megatron_lite.planner.flops import flops_per_step
 from megatron_lite.planner.hardware import GPU
-from megatron_lite.planner.memory import RankCoords, activation_memory, state_memory
+from megatron_lite.planner.memory import RankCoords, activation_memory, grad_buffers, rank_params, state_memory
 from megatron_lite.planner.schedule import bubble_fraction, num_microbatches
+from megatron_lite.planner.software import THIS_CODE, Software
 from megatron_lite.planner.traffic import step_traffic
 
-GEMM_EFFICIENCY = 0.7  # the one calibration: fitted once to the published tables (docs/planner.md)
+DATA_GROUPS = ("dp-cp", "edp")  # the grad buffers' reductions and the parameters' gathers
 
 
 @dataclass
@@ -39,6 +42,7 @@ class StepEstimate:
     memory: dict[str, float]  # bytes per part on the busiest rank
     traffic: dict[str, float]  # wire bytes per group per step, per rank
     compute_s: float
+    compute_parts: dict[str, float]  # compute_s by kind: gemm, attention, memory, recompute, optimizer
     bubble_s: float
     comm_s: dict[str, float]  # per group, on the wire
     exposed_comm_s: float
@@ -71,27 +75,6 @@ def _group_span(config: Config, group: str) -> int:
             "mp": tp * cp * dp * pp, "embedding": tp * cp * dp * pp}[group]
 
 
-def _elementwise_bytes(config: Config, attention: str) -> float:
-    """Bytes the non-GEMM ops of one layer read and write per token, forward, on one rank.
-    Replicated over tp unless SP: the two norms (read h, write h) and residual adds (read 2h,
-    write h); split over tp: the activation (SwiGLU reads 2f, writes f; GELU f and f), RoPE
-    (q and k), and attention: flash attention reads q, k, v and writes the output; unfused
-    attention (Megatron 2021) writes and reads the s scores per head for the masked softmax and
-    again for its dropout (2 + 2 + 1 bytes per score at 2-byte activations)."""
-    model, par = config.model, config.parallel
-    tp = par.tensor_model_parallel_size
-    h, a, g, d, f = (model.hidden_size, model.num_attention_heads, model.num_query_groups, model.head_dim,
-                     model.ffn_hidden_size)
-    s = model.seq_length // par.context_parallel_size
-    nbytes = config.train.params_dtype.itemsize
-    replicated = 2 * 2 * h + 2 * 3 * h
-    split = 3 * f if model.family == "llama" else 2 * f
-    split += 2 * (a + g) * d if model.family == "llama" else 0
-    split += (2 * a + 2 * g) * d if attention == "flash" else 0
-    scores = 5 / 2 * a * s * 2 if attention == "unfused" else 0  # in elements of `nbytes`
-    return nbytes * (replicated / (tp if par.sequence_parallel else 1) + (split + scores) / tp)
-
-
 def _recompute_extra(config: Config) -> float:
     """Extra layer FLOPs recomputation replays, as a fraction of the layers' forward + backward."""
     model = config.model
@@ -106,57 +89,52 @@ def _recompute_extra(config: Config) -> float:
     return 0.0
 
 
-def estimate(config: Config, gpu: GPU, gemm_efficiency: float = GEMM_EFFICIENCY,
-             megatron_2021: bool = False, overlap_grad_reduce: bool = True) -> StepEstimate:
-    """The step of `config` (its parallel layout and batch) on GPUs of type `gpu`. `megatron_2021`:
-    model the Megatron-LM that the published tables ran instead of this code: attention that
-    materialises its scores (no flash attention), and pipeline sends split over the tp ranks
-    (its scatter-gather optimisation; ours are split only under SP). `overlap_grad_reduce` False:
-    the data-parallel reduction waits for the whole backward (plain DP, the seed tables' "DP")."""
-    attention = "unfused" if megatron_2021 else "flash"
+def estimate(config: Config, gpu: GPU, software: Software = THIS_CODE,
+             overlap_grad_reduce: bool = True) -> StepEstimate:
+    """The step of `config` (its parallel layout and batch) on GPUs of type `gpu`, run by
+    `software` (default: this code; --validate predicts a published run with the code that ran
+    it). `overlap_grad_reduce` False: the data-parallel reduction waits for the whole backward
+    (plain DP, the seed tables' "DP")."""
     model, par, train = config.model, config.parallel, config.train
     tp, cp, pp, dp, vpp = (par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size,
                            par.data_parallel_size, par.vpp)
     world = tp * cp * pp * dp
     m = num_microbatches(config)
-    last = RankCoords(pp=last_stage_rank(pp, par.v_shape), dp=dp * cp - 1)
-    # FLOPs on the last stage: its layers' share and the whole output layer (loss).
-    total = flops_per_step(model, train.global_batch_size)
-    layer_flops = flops_per_step(dataclasses.replace(model, vocab_size=0), train.global_batch_size)  # no output layer
-    head_flops = total - layer_flops
-    stage_flops = (layer_flops * (1 + _recompute_extra(config)) / pp + head_flops) / (tp * cp * dp)
-    tokens_per_rank = train.global_batch_size * model.seq_length / (dp * cp)
-    # Forward + backward move about three times the forward's bytes; a replay adds its forward's.
-    layers_here = model.num_layers // pp * (1 + _recompute_extra(config))
-    elementwise_s = 3 * tokens_per_rank * layers_here * _elementwise_bytes(config, attention) / gpu.hbm_bandwidth
-    compute = stage_flops / (gpu.peak_tflops * 1e12 * gemm_efficiency) + elementwise_s
-    bubble = bubble_fraction(pp, vpp, m, par.schedule) * compute if pp > 1 else 0.0
+    cal = calibration(gpu)
+    stage = stage_compute(config, gpu, cal, software)
+    busy = m * (stage.forward_s + stage.backward_s)
+    compute = busy + stage.optimizer_s
+    bubble = bubble_fraction(pp, vpp, m, par.schedule) * busy if pp > 1 else 0.0
 
+    last = RankCoords(pp=last_stage_rank(pp, par.v_shape), dp=dp * cp - 1)
     traffic = step_traffic(config, last)
     sizes = _group_sizes(config)
-    comm: dict[str, float] = {}
+    times: dict[tuple[str, str], float] = {}
     wire: dict[str, float] = {}
     for (op, group), nbytes in traffic.items():
         n = sizes[group]
         intra = _group_span(config, group) <= gpu.gpus_per_node
-        bandwidth = gpu.nvlink_bandwidth if intra else gpu.network_bandwidth
+        bandwidth = gpu.nvlink_bandwidth * cal.nvlink if intra else gpu.network_bandwidth * cal.network
         latency = gpu.nvlink_latency if intra else gpu.network_latency
         moved = ring_wire_bytes(op, n, nbytes)
-        if megatron_2021 and group == "pp" and not par.sequence_parallel:
+        if software.pp_sends_split_over_tp and group == "pp" and not par.sequence_parallel:
             moved /= tp
-        steps = ring_steps(op, n)
         wire[group] = wire.get(group, 0.0) + moved
-        comm[group] = comm.get(group, 0.0) + moved / bandwidth + steps * latency * _calls(config, op, group, m)
+        times[(op, group)] = moved / bandwidth + ring_steps(op, n) * latency * _calls(config, op, group, m)
+    comm = {group: sum(t for (_, g), t in times.items() if g == group) for group in wire}
     if par.parameter_server and dp > 1:
         _parameter_server_link(config, gpu, comm, wire)
-    exposed = _exposed(config, comm, compute, m, overlap_grad_reduce and not par.parameter_server)
+    exposed = _exposed(config, times, comm, stage, m, software, overlap_grad_reduce and not par.parameter_server)
     step = compute + bubble + exposed
     tokens = train.global_batch_size * model.seq_length
     peak = gpu.peak_tflops * 1e12
     memory = _peak_memory(config)
-    hardware_flops = (layer_flops * (1 + _recompute_extra(config)) + head_flops) / world
-    return StepEstimate(memory=memory, traffic=wire, compute_s=compute, bubble_s=bubble, comm_s=comm,
-                        exposed_comm_s=exposed, step_s=step, tokens_per_s=tokens / step,
+    total = flops_per_step(model, train.global_batch_size)
+    layer_flops = flops_per_step(dataclasses.replace(model, vocab_size=0), train.global_batch_size)  # no output layer
+    hardware_flops = (layer_flops * (1 + _recompute_extra(config)) + total - layer_flops) / world
+    parts = {name: m * seconds for name, seconds in stage.parts.items()} | {"optimizer": stage.optimizer_s}
+    return StepEstimate(memory=memory, traffic=wire, compute_s=compute, compute_parts=parts, bubble_s=bubble,
+                        comm_s=comm, exposed_comm_s=exposed, step_s=step, tokens_per_s=tokens / step,
                         mfu=total / (step * world * peak), hardware_tflops=hardware_flops / step / 1e12,
                         fits=sum(memory.values()) <= 0.95 * gpu.memory_bytes)
 
@@ -172,8 +150,9 @@ def _parameter_server_link(config: Config, gpu: GPU, comm: dict[str, float], wir
     received = (dp - 1) * step_traffic(config, RankCoords(pp=par.pipeline_model_parallel_size - 1, dp=1)).get(
         ("send", "dp"), 0.0)
     intra = _group_span(config, "dp") <= gpu.gpus_per_node
-    bandwidth, latency = ((gpu.nvlink_bandwidth, gpu.nvlink_latency) if intra
-                          else (gpu.network_bandwidth, gpu.network_latency))
+    cal = calibration(gpu)
+    bandwidth, latency = ((gpu.nvlink_bandwidth * cal.nvlink, gpu.nvlink_latency) if intra
+                          else (gpu.network_bandwidth * cal.network, gpu.network_latency))
     wire["dp"] = sent
     comm["dp"] = max(sent, received) / bandwidth + 2 * (dp - 1) * latency
 
@@ -196,39 +175,103 @@ def _peak_memory(config: Config) -> dict[str, float]:
 
 def _calls(config: Config, op: str, group: str, m: int) -> int:
     """About how many collectives of one kind a step runs (for their latency terms): per
-    microbatch and layer on tp and cp, per microbatch on pp, per step on the data-parallel groups."""
-    layers = config.model.num_layers // config.parallel.pipeline_model_parallel_size
+    microbatch and layer on tp and cp, per microbatch on pp, per bucket on the data-parallel
+    groups (ZeRO-2/3: per microbatch; ZeRO-3's gathers twice)."""
+    par = config.parallel
+    layers = config.model.num_layers // par.pipeline_model_parallel_size
     if group == "tp":
         return 4 * layers * m
     if group == "cp":
-        return 3 * layers * m * config.parallel.context_parallel_size
+        return 3 * layers * m * par.context_parallel_size
     if group == "pp":
         return 2 * m
+    if group in DATA_GROUPS:
+        last = last_stage_rank(par.pipeline_model_parallel_size, par.v_shape)
+        buckets = sum(len(buf.buckets) for params in rank_params(config, last) for buf in grad_buffers(config, params))
+        per_microbatch = {"optim_grads": op == "reduce_scatter",
+                          "optim_grads_params": 1 + (op == "all_gather")}.get(par.sharding, 0)
+        return buckets * (m * per_microbatch or 1)
     return 1
 
 
-def _exposed(config: Config, comm: dict[str, float], compute: float, m: int, overlap_grad_reduce: bool) -> float:
+def _chunk_buckets(config: Config) -> list[tuple[float, float]]:
+    """Per model chunk of the last stage: (its share of the rank's grad-buffer elements, the
+    share of those whose reduction starts only once its backward is over: the bucket completed
+    last, which holds the chunk's first parameters, and the deferred buckets, reduced after the
+    tp / embedding sums)."""
+    par = config.parallel
+    chunks = []
+    for params in rank_params(config, last_stage_rank(par.pipeline_model_parallel_size, par.v_shape)):
+        sizes = [(end - start, deferred) for buf in grad_buffers(config, params)
+                 for (start, end, _), deferred in zip(buf.buckets, buf.deferred)]
+        plain = [size for size, deferred in sizes if not deferred]
+        waiting = sum(size for size, deferred in sizes if deferred) + (plain[-1] if plain else 0)
+        chunks.append((sum(size for size, _ in sizes), waiting))
+    total = sum(size for size, _ in chunks) or 1
+    return [(size / total, tail / size if size else 0.0) for size, tail in chunks]
+
+
+def _data_parallel_waits(config: Config, reduce: float, gather: float, stage: StageCompute) -> float:
+    """The grad reduction of the last microbatch's backward and the parameters' all-gather after
+    the step, on one stream (ZeRO-1 and plain DP; ZeRO-2's per-microbatch reductions: _exposed).
+    Each chunk's buckets reduce as its last backward produces them, its tail after it; under the
+    interleaved schedule chunk k's last backward ends k·pp chunk passes before the step's last
+    (the cooldown runs the last microbatches chunk by chunk), so its reduction has those to hide
+    behind. The all-gather of chunk k must be done by the end of its first forward, k·pp chunk
+    passes into the next step; without --overlap-param-gather it waits whole."""
+    par = config.parallel
+    chunks = _chunk_buckets(config)
+    spacing = par.pipeline_model_parallel_size if par.schedule == "interleaved" else 0
+    backward, forward = stage.backward_s / len(chunks), stage.forward_s / len(chunks)
+    clock = float("-inf")
+    for k in reversed(range(len(chunks))):  # the last chunk's backward finishes first
+        share, tail = chunks[k]
+        end = -k * spacing * backward
+        clock = max(clock, end - backward) + (1 - tail) * share * reduce
+        clock = max(clock, end) + tail * share * reduce
+    waits = max(0.0, clock)
+    if not par.overlap_param_gather:
+        return waits + gather
+    clock = late = 0.0
+    for k, (share, _) in enumerate(chunks):
+        clock += share * gather
+        late = max(late, clock - (k * spacing + 1) * forward)
+    return waits + late
+
+
+def _exposed(config: Config, times: dict[tuple[str, str], float], comm: dict[str, float], stage: StageCompute,
+             m: int, software: Software, overlap_grad_reduce: bool) -> float:
     """The communication time the step waits for (module docstring: what overlaps); without
     `overlap_grad_reduce` the data-parallel reduction overlaps nothing."""
     par = config.parallel
-    backward_per_microbatch = compute / m * 2 / 3 if overlap_grad_reduce else 0.0
-    exposed = comm.get("tp", 0.0) + comm.get("pp", 0.0) + comm.get("mp", 0.0) + comm.get("embedding", 0.0)
-    exposed += max(0.0, comm.get("cp", 0.0) - (compute / 3 if par.cp_comm_type == "p2p" else 0.0))
-    exposed += comm.get("ep", 0.0)
-    data = comm.get("dp-cp", 0.0) + comm.get("edp", 0.0) + comm.get("dp", 0.0)
+    busy = m * (stage.forward_s + stage.backward_s)
+    exposed = comm.get("mp", 0.0) + comm.get("embedding", 0.0) + comm.get("ep", 0.0) + comm.get("dp", 0.0)
+    for group, overlapped in (("tp", software.tp_comm_overlap), ("pp", software.pp_overlap)):
+        exposed += max(0.0, comm.get(group, 0.0) - busy) if overlapped else comm.get(group, 0.0)
+    exposed += max(0.0, comm.get("cp", 0.0) - (busy / 3 if par.cp_comm_type == "p2p" else 0.0))
+    gather = sum(t for (op, group), t in times.items() if group in DATA_GROUPS and op == "all_gather")
+    reduce = sum(t for (op, group), t in times.items() if group in DATA_GROUPS and op != "all_gather")
     if par.sharding == "optim_grads_params":
-        exposed += max(0.0, data - compute)
-    elif par.sharding == "optim_grads":
-        exposed += max(0.0, data - m * backward_per_microbatch)
-    elif par.sharded_optimizer:
-        # Reduce-scatter overlaps the last backward; the all-gather after the step (half of it)
-        # overlaps the next forward only with --overlap-param-gather.
-        gather = data / 2
-        exposed += max(0.0, data - gather - backward_per_microbatch)
-        exposed += max(0.0, gather - compute / m / 3) if par.overlap_param_gather else gather
-    else:
-        exposed += max(0.0, data - backward_per_microbatch)
-    return exposed
+        return exposed + m * _zero3_exposed(gather / m / 2, reduce / m, stage)
+    if not overlap_grad_reduce:
+        return exposed + reduce + gather
+    if par.sharding == "optim_grads":  # each microbatch's reduce-scatter overlaps its own backward
+        tail = sum(share * tail for share, tail in _chunk_buckets(config))
+        per_backward = reduce / m
+        exposed += m * (tail * per_backward + max(0.0, (1 - tail) * per_backward - stage.backward_s))
+        return exposed + _data_parallel_waits(config, 0.0, gather, stage)
+    return exposed + _data_parallel_waits(config, reduce, gather, stage)
+
+
+def _zero3_exposed(gather: float, reduce: float, stage: StageCompute) -> float:
+    """ZeRO-3's wait per microbatch: each layer's gather (`gather` for all of a pass) is started
+    during the layer before it (param_sharding.py), so the first one of the forward and of the
+    backward waits whole, each other one by what its predecessor's compute does not cover; the
+    backward's reduce-scatters share the stream, and the last one waits whole."""
+    units = stage.layers + 1  # the layers and the embedding / output layer
+    g, r = gather / units, reduce / units
+    forward, backward = stage.forward_s / units, stage.backward_s / units
+    return (g + (units - 1) * max(0.0, g - forward)) + (g + (units - 1) * max(0.0, g + r - backward) + r)
 
 
 def _buffers(config: Config, memory: dict[str, float]) -> float:

@@ -1,0 +1,174 @@
+"""How long a pipeline stage computes one microbatch, forward and backward, and the optimizer
+step: each GEMM at the efficiency its shape reaches, attention at a flash kernel's measured
+efficiency, the memory-bound ops at HBM bandwidth (the numbers: planner/calibration.py; what
+differs between training codes: planner/software.py).
+
+Per layer and token (h hidden, a/g query/kv heads of width d, f the MLP width, t = tp, t_s = tp
+under sequence parallelism else 1), forward:
+- GEMMs: QKV (h x (a + 2g)d/t), the output projection (ad/t x h), the MLP (h x gate·f/t and
+  f/t x h; a mixture-of-experts layer's k routed experts, each seeing its share of the tokens,
+  and its shared expert); the last stage's output layer (h x V/t). Backward computes the input
+  and the weight gradients: two GEMMs of the same shape, twice the forward's time.
+- attention: a causal flash kernel computes 4·s/2·a·d/t FLOPs per token (each query sees s/2
+  keys on average; a window of w, at most w + 1), its backward 2.5 times that (it recomputes
+  the scores); Megatron-LM 2021's unfused attention computes the whole s x s (the mask is
+  applied after) as batched GEMMs.
+- memory-bound ops, bytes per token at 2 bytes an element: two norms (read h, write h) and two
+  residual adds (read 2h, write h) on this rank's tokens (/t_s); the activation (SwiGLU reads 2f,
+  writes f; GeLU f and f), RoPE (q and k, in and out), flash attention's q, k, v in and output
+  out, or the unfused scores (written and read for the softmax, again for its dropout) (/t).
+  Backward moves about twice the forward's bytes. Eager elementwise ops move eager_traffic
+  times this fused minimum; the loss, when the logits are materialised (no fused linear +
+  cross-entropy), writes and reads them forward and backward.
+Recomputation replays the forward of what it recomputes: full, whole layers; selective, its
+modules (core_attn: the attention kernel; mlp: the MLP's GEMMs and activation; layernorm: the
+norms), or under torchtitan's op policy every second matmul and every memory-bound op but
+attention's (software.py). The optimizer reads each parameter it updates (fp32 main weight, grad, two moments,
+and the grad again for the norm) and writes three fp32 tensors and the bf16 weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_lite.config import Config
+from megatron_lite.pipeline_parallel.partition import chunk_layers, last_stage_rank
+from megatron_lite.planner.calibration import Calibration
+from megatron_lite.planner.hardware import GPU
+from megatron_lite.planner.memory import RankCoords, logits_kept, state_memory
+from megatron_lite.planner.software import Software
+
+FLASH_BACKWARD = 2.5  # a flash backward's matmul work over its forward's (it recomputes the scores)
+
+
+@dataclass(frozen=True)
+class StageCompute:
+    """One microbatch on the busiest stage (the last: it also computes the logits), and the step's optimizer."""
+    forward_s: float
+    backward_s: float  # recomputation's replayed forward included
+    optimizer_s: float
+    layers: int  # transformer layers the stage runs per microbatch (ZeRO-3 gathers them one by one)
+    parts: dict[str, float]  # forward_s + backward_s by kind: gemm, attention, memory, recompute
+
+
+@dataclass
+class _Parts:
+    """Forward seconds of one layer's parts: GEMMs, attention kernel, memory-bound ops."""
+    gemm: dict[str, float]
+    attention: float
+    memory: dict[str, float]
+
+
+class _Cost:
+    """The seconds of a GEMM, of memory-bound bytes and of a layer's parts, for one microbatch on one rank."""
+
+    def __init__(self, config: Config, gpu: GPU, calibration: Calibration, software: Software) -> None:
+        self.config, self.gpu, self.cal, self.software = config, gpu, calibration, software
+        self.peak = gpu.peak_tflops * 1e12
+        par = config.parallel
+        self.tp = par.tensor_model_parallel_size
+        self.tp_s = self.tp if par.sequence_parallel else 1
+        self.tokens = config.train.micro_batch_size * config.model.seq_length // par.context_parallel_size
+        self.nbytes = config.train.params_dtype.itemsize
+        ours = config.model.fused_kernels or config.train.compile
+        self.fused = ours if software.fused_elementwise is None else software.fused_elementwise
+        self.fused_loss = not logits_kept(config) if software.fused_loss is None else software.fused_loss
+
+    def gemm(self, m: float, k: float, n: float) -> float:
+        """Forward seconds of an m x k x n GEMM."""
+        intensity = m * k * n / (m * k + k * n + m * n)
+        return 2 * m * k * n / (self.peak * self.cal.gemm_efficiency(self.gpu, intensity))
+
+    def memory(self, elements_per_token: float, eager: bool = True) -> float:
+        """Forward seconds of memory-bound ops moving `elements_per_token` elements per token."""
+        factor = self.cal.eager_traffic if eager and not self.fused else 1.0
+        return factor * self.tokens * elements_per_token * self.nbytes / self.gpu.hbm_bandwidth
+
+    def mlp(self, ffn: float, tokens: float, gate: int) -> float:
+        h = self.config.model.hidden_size
+        return self.gemm(tokens, h, gate * ffn) + self.gemm(tokens, ffn, h)
+
+    def layer(self, moe: bool) -> _Parts:
+        model, t = self.config.model, self.tp
+        h, a, g, d, f, s = (model.hidden_size, model.num_attention_heads, model.num_query_groups, model.head_dim,
+                            model.ffn_hidden_size, model.seq_length)
+        llama = model.family == "llama"
+        gate = 2 if llama else 1
+        m = self.tokens
+        gemm = {"attention": self.gemm(m, h, (a + 2 * g) * d / t) + self.gemm(m, a * d / t, h)}
+        # The second, fourth and sixth matmul of a llama layer's forward (separate q, k, v, out,
+        # gate, up, down projections): k, out and up, which torchtitan's op policy replays.
+        gemm["every_other"] = (self.gemm(m, h, g * d / t) + self.gemm(m, a * d / t, h)
+                               + self.gemm(m, h, f / t)) if llama and not moe else 0.0
+        if moe:
+            experts, k, ep = model.num_experts, model.moe_router_topk, self.config.parallel.expert_model_parallel_size
+            # Balanced routing: each of the E/ep local experts computes m·k·ep/E tokens.
+            gemm["mlp"] = experts / ep * self.mlp(model.expert_ffn_hidden_size, m * k * ep / experts, gate)
+            width = k * model.expert_ffn_hidden_size
+            if model.moe_shared_expert_intermediate_size:
+                gemm["mlp"] += self.mlp(model.moe_shared_expert_intermediate_size / t, m, gate)
+                width += model.moe_shared_expert_intermediate_size / t
+        else:
+            gemm["mlp"] = self.mlp(f / t, m, gate)
+            width = f / t
+        if self.software.attention == "flash":
+            keys = s / 2 if model.window_size is None else min(s / 2, model.window_size + 1)
+            attention = 4 * m * keys * a * d / t / (self.peak * self.cal.attention_efficiency)
+            attention_io = self.memory((2 * a + 2 * g) * d / t, eager=False)
+        else:  # the s x s scores as batched GEMMs, at the efficiency of large ones
+            attention = 4 * m * s * a * d / t / (self.peak * self.cal.gemm_ceiling)
+            attention_io = self.memory(5 * a * s / t, eager=False)
+        memory = {"layernorm": self.memory(2 * 2 * h / self.tp_s),
+                  "mlp": self.memory((3 if llama else 2) * width),
+                  "other": self.memory(2 * 3 * h / self.tp_s + (2 * (a + g) * d / t if llama else 0)),
+                  "attention": attention_io}
+        return _Parts(gemm, attention, memory)
+
+
+def _backward_factor(software: Software) -> float:
+    return FLASH_BACKWARD if software.attention == "flash" else 2.0
+
+
+def _replayed(config: Config, software: Software, parts: _Parts, layers: int) -> float:
+    """Forward seconds recomputation replays on `layers` layers of one kind."""
+    model = config.model
+    if model.recompute_granularity == "full":
+        one = parts.gemm["attention"] + parts.gemm["mlp"] + parts.attention + sum(parts.memory.values())
+        return one * (layers if model.recompute_method == "uniform" else min(model.recompute_num_layers, layers))
+    if model.recompute_granularity == "selective" and software.selective == "every_other_matmul":
+        return layers * (parts.gemm["every_other"] + sum(parts.memory.values()) - parts.memory["attention"])
+    modules = model.selective_recompute
+    one = (parts.attention + parts.memory["attention"] if "core_attn" in modules else 0.0)
+    one += parts.gemm["mlp"] + parts.memory["mlp"] if "mlp" in modules else 0.0
+    one += parts.memory["layernorm"] if "layernorm" in modules else 0.0
+    return layers * one
+
+
+def _optimizer_bytes(config: Config, pp_rank: int) -> float:
+    """Bytes the optimizer step moves on a rank of pipeline stage `pp_rank` (module docstring)."""
+    updated = state_memory(config, RankCoords(pp=pp_rank))["Adam state"] / 8
+    return updated * (4 + 16 + 12 + (2 if config.train.params_dtype.itemsize != 4 else 0))
+
+
+def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: Software) -> StageCompute:
+    """The last pipeline stage's compute per microbatch, and the optimizer step."""
+    model, par = config.model, config.parallel
+    cost = _Cost(config, gpu, calibration, software)
+    pp_rank = last_stage_rank(par.pipeline_model_parallel_size, par.v_shape)
+    numbers = [n for c in range(par.vpp) for n in chunk_layers(model.num_layers, par.pipeline_model_parallel_size,
+                                                                par.vpp, pp_rank, c, par.v_shape)]
+    moe = sum(model.is_moe_layer(n) for n in numbers)
+    kinds = [(cost.layer(True), moe)] if moe else []
+    kinds += [(cost.layer(False), len(numbers) - moe)] if len(numbers) > moe else []
+    gemm = sum(n * (p.gemm["attention"] + p.gemm["mlp"]) for p, n in kinds)
+    attention = sum(n * p.attention for p, n in kinds)
+    memory = sum(n * sum(p.memory.values()) for p, n in kinds)
+    replay = sum(_replayed(config, software, p, n) for p, n in kinds)
+    head = cost.gemm(cost.tokens, model.hidden_size, model.padded_vocab_size(cost.tp) / cost.tp)
+    # Materialised logits are written and read forward and again backward (whole step: not x 3).
+    loss = 0.0 if cost.fused_loss else cost.memory(4 * model.padded_vocab_size(cost.tp) / cost.tp)
+    parts = {"gemm": 3 * (gemm + head), "attention": (1 + _backward_factor(software)) * attention,
+             "memory": 3 * memory + loss, "recompute": replay}
+    forward = gemm + attention + memory + head
+    return StageCompute(forward_s=forward, backward_s=sum(parts.values()) - forward,
+                        optimizer_s=_optimizer_bytes(config, pp_rank) / gpu.hbm_bandwidth, layers=len(numbers),
+                        parts=parts)
