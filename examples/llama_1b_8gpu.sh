@@ -3,8 +3,10 @@
 #
 #   python tools/plan_parallelism.py --model llama-1b --gpu H100 --num-gpus 8 --global-batch-size 256
 #
-# puts it at dp 8, micro batch 1, no recomputation (the weights, grads and Adam state of 1.1B
-# parameters fit every GPU, so sharding them or splitting the model buys nothing). Run from anywhere:
+# puts it at dp 8 with ZeRO-3 (--data-parallel-sharding-strategy optim_grads_params), micro batch 8,
+# no recomputation: 1.1B parameters need no model parallelism, and at micro batch 8 activations
+# dominate memory; the three sharding strategies predict step times within 0.5 % of each other,
+# ZeRO-3 the lowest peak memory. Run from anywhere:
 #
 #   bash examples/llama_1b_8gpu.sh [more pretrain_gpt.py flags, which override these]
 #
@@ -25,7 +27,7 @@ fi
 
 torchrun --standalone --nproc-per-node "$NPROC_PER_NODE" pretrain_gpt.py \
     --model llama-1b "${PRECISION_ARGS[@]}" \
-    --micro-batch-size 1 --global-batch-size 256 \
+    --data-parallel-sharding-strategy optim_grads_params --micro-batch-size 8 --global-batch-size 256 \
     --train-iters 20000 --lr 4e-4 --min-lr 4e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 \
     "${DATA_ARGS[@]}" \

@@ -8,7 +8,7 @@
 # directory, so the script finds the code through SLURM_SUBMIT_DIR). The layout is what
 # `python tools/plan_parallelism.py --model llama-8b --gpu H100 --num-gpus 16 --global-batch-size 512`
 # ranks first for two nodes of 8 H100: cp 4 x pp 4, two chunks per rank under the zero-bubble
-# V schedule (ZB-V), dp 1.
+# V schedule (ZB-V), dp 1, the distributed optimizer (sharding over the cp ranks), micro batch 4.
 #
 #SBATCH --job-name=megatron-lite
 #SBATCH --nodes=2
@@ -33,7 +33,8 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
     pretrain_gpt.py \
     --model llama-8b "${PRECISION_ARGS[@]}" \
-    --cp 4 --pp 4 --vpp 2 --pipeline-schedule zbv --micro-batch-size 1 --global-batch-size 512 \
+    --cp 4 --pp 4 --vpp 2 --pipeline-schedule zbv --use-distributed-optimizer \
+    --micro-batch-size 4 --global-batch-size 512 \
     --train-iters 10000 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 500 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 \
     --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR" --save-interval 500 --async-save \

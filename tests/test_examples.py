@@ -63,21 +63,21 @@ def test_slurm_script_on_a_one_node_allocation(tmp_path: Path) -> None:
     result = run_command(["bash", str(EXAMPLES / "slurm_pretrain_gpt.sh"), *TINY, "--cp", "1", "--pp", "2",
                           "--num-layers", "4"], env=env, timeout=180)
     _trained(result, tmp_path / "ckpt")
-    assert "> layout: pp2-vpp2-zbv on world 2, zbv schedule over 2 chunks per rank" in result.stdout
+    assert "> layout: pp2-vpp2-zbv-distopt on world 2, zbv schedule over 2 chunks per rank" in result.stdout
 
 
 def test_llama_1b_recipe_on_two_ranks(tmp_path: Path) -> None:
     result = run_command(["bash", str(EXAMPLES / "llama_1b_8gpu.sh"), *TINY],
                          env=_env(NPROC_PER_NODE="2", CHECKPOINT_DIR=str(tmp_path / "ckpt")), timeout=180)
     _trained(result, tmp_path / "ckpt")
-    assert "> layout: dp2 on world 2" in result.stdout
+    assert "> layout: dp2-zero3 on world 2" in result.stdout
 
 
 @pytest.mark.parametrize("script, flags, layout", [
     ("llama_1b_8gpu.sh", ["--model", "llama-1b", "--num-gpus", "8", "--global-batch-size", "256"],
-     "dp8 mbs1 recompute=none"),
+     "dp8-zero3 mbs8 recompute=none"),
     ("slurm_pretrain_gpt.sh", ["--model", "llama-8b", "--num-gpus", "16", "--global-batch-size", "512"],
-     "cp4-pp4-vpp2-zbv mbs1 recompute=none"),
+     "cp4-pp4-vpp2-zbv-distopt mbs4 recompute=none"),
 ])
 def test_recipes_use_the_planners_first_layout(capsys: pytest.CaptureFixture, script: str, flags: list[str],
                                                layout: str) -> None:
@@ -86,9 +86,11 @@ def test_recipes_use_the_planners_first_layout(capsys: pytest.CaptureFixture, sc
     text = (EXAMPLES / script).read_text()
     # The planner command the script quotes is the one run here, and its flags spell the layout.
     assert " ".join(flags[:2]) in text and f"--num-gpus {flags[3]} --global-batch-size {flags[5]}" in text
-    spelled = {"dp8 mbs1 recompute=none": "--micro-batch-size 1 --global-batch-size 256",
-               "cp4-pp4-vpp2-zbv mbs1 recompute=none":
-                   "--cp 4 --pp 4 --vpp 2 --pipeline-schedule zbv --micro-batch-size 1 --global-batch-size 512"}
+    spelled = {"dp8-zero3 mbs8 recompute=none":
+                   "--data-parallel-sharding-strategy optim_grads_params --micro-batch-size 8 --global-batch-size 256",
+               "cp4-pp4-vpp2-zbv-distopt mbs4 recompute=none":
+                   "--cp 4 --pp 4 --vpp 2 --pipeline-schedule zbv --use-distributed-optimizer \\\n"
+                   "    --micro-batch-size 4 --global-batch-size 512"}
     assert spelled[layout] in text
 
 
