@@ -34,7 +34,7 @@ from megatron_lite.planner.hardware import GPUS
 
 # Shapes of well-known models. Vocabulary size is not part of a preset: it comes from the tokenizer.
 PRESETS: dict[str, dict] = {
-    # CPU demo: trains visibly in a few minutes on two cores.
+    # CPU demo: 200 steps in under a minute on two cores.
     "tiny": dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4,
                  num_query_groups=2, seq_length=128),
     "tiny-gpt2": dict(family="gpt2", num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128),
