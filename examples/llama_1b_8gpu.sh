@@ -10,8 +10,10 @@
 #
 #   bash examples/llama_1b_8gpu.sh [more pretrain_gpt.py flags, which override these]
 #
-# Without DATA_PATH it trains on the built-in corpus with the byte tokenizer; set DATA_PATH
-# (a prefix tools/preprocess_data.py wrote) and TOKENIZER_MODEL (the tokenizer it used) for real data.
+# Without DATA_PATH it trains on the built-in corpus with the byte tokenizer; set DATA_PATH (a
+# prefix tools/preprocess_data.py wrote) for your data, and TOKENIZER_MODEL (the Hugging Face
+# tokenizer it used) unless that was the byte tokenizer. It writes TensorBoard events, which
+# needs the tensorboard extra: pip install -e ".[tensorboard]".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +23,9 @@ CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/llama-1b}
 PRECISION_ARGS=(--bf16)
 if [[ "${PRECISION:-bf16}" == fp32 ]]; then PRECISION_ARGS=(); fi
 DATA_ARGS=()
-if [[ -n "${DATA_PATH:-}" ]]; then
-    DATA_ARGS=(--data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+if [[ -n "${DATA_PATH:-}" ]]; then DATA_ARGS=(--data-path "$DATA_PATH"); fi
+if [[ -n "${TOKENIZER_MODEL:-}" ]]; then
+    DATA_ARGS+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
 fi
 
 torchrun --standalone --nproc-per-node "$NPROC_PER_NODE" pretrain_gpt.py \

@@ -9,6 +9,7 @@
 # `python tools/plan_parallelism.py --model llama-8b --gpu H100 --num-gpus 16 --global-batch-size 512`
 # ranks first for two nodes of 8 H100: cp 4 x pp 4, two chunks per rank under the zero-bubble
 # V schedule (ZB-V), dp 1, the distributed optimizer (sharding over the cp ranks), micro batch 4.
+# It writes TensorBoard events, which needs the tensorboard extra: pip install -e ".[tensorboard]".
 #
 #SBATCH --job-name=megatron-lite
 #SBATCH --nodes=2

@@ -154,6 +154,17 @@ def axis_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
     return sizes
 
 
+def plan_grid(parallel: ParallelConfig, world_size: int, rank: int = 0) -> Grid:
+    """The grid of `world_size` ranks as `rank` sees it, without process groups: what
+    initialize_model_parallel builds, and what a dry run checks and describes without starting any."""
+    sizes = axis_sizes(parallel, world_size)
+    ep = parallel.expert_model_parallel_size
+    if (sizes["tp"] * sizes["cp"] * sizes["dp"]) % ep:
+        raise ConfigError(f"--expert-model-parallel-size={ep} does not divide tp x dp x cp = "
+                          f"{sizes['tp']} x {sizes['dp']} x {sizes['cp']} (the ranks of one pipeline stage)")
+    return Grid(sizes, rank, ep, parallel.v_shape)
+
+
 def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
     """Start torch.distributed from torchrun's environment (if more than one rank) and build every group.
 
@@ -162,13 +173,9 @@ def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
     """
     global _GRID
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    sizes = axis_sizes(parallel, world_size)
-    ep = parallel.expert_model_parallel_size
-    if (sizes["tp"] * sizes["cp"] * sizes["dp"]) % ep:
-        raise ConfigError(f"--expert-model-parallel-size={ep} does not divide tp x dp x cp = "
-                          f"{sizes['tp']} x {sizes['dp']} x {sizes['cp']} (the ranks of one pipeline stage)")
+    planned = plan_grid(parallel, world_size)
     if world_size == 1:
-        _GRID = Grid(sizes, v_shape=parallel.v_shape)
+        _GRID = planned
         return _GRID
     timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
@@ -176,7 +183,7 @@ def initialize_model_parallel(parallel: ParallelConfig) -> Grid:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _init_process_group(backend, world_size, timeout)
-    grid = Grid(sizes, dist.get_rank(), ep, parallel.v_shape)
+    grid = Grid(planned.sizes, dist.get_rank(), planned.expert_parallel, parallel.v_shape)
     made: dict[tuple[int, ...], dist.ProcessGroup] = {}
     # new_group is collective: every rank creates every group, in the same order. Names with the
     # same members (any group over axes of size 1) share one process group. Without its own

@@ -37,7 +37,7 @@ from megatron_lite.checkpointing.reshard import load_weights  # noqa: E402
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.hf.convert import TOKENIZER_FILES, from_hf_state, load_safetensors, save_safetensors, to_hf_state  # noqa: E402
-from megatron_lite.hf.families import hf_config, model_config_from_hf  # noqa: E402
+from megatron_lite.hf.families import ARCHITECTURES, hf_config, model_config_from_hf  # noqa: E402
 from megatron_lite.hf.tokenizer import copy_tokenizer_files, export_tokenizer  # noqa: E402
 from megatron_lite.training.parallelize import build_chunks, parallelize  # noqa: E402
 
@@ -111,6 +111,9 @@ def from_hf(args: argparse.Namespace) -> None:
     run_on_ranks(import_rank, args.tp * args.pp * args.dp, str(hf_dir), args.out, config)
     print(f"imported {hf_dir} ({model.family} family) to {args.out} at tp={args.tp} pp={args.pp}: weights only, "
           "pretrain_gpt.py --load starts from it at iteration 0 with a fresh optimizer")
+    # The model's whole context is rarely what one trains at (131,072 tokens for Llama 3.2): say so.
+    print(f"sequence length: {model.seq_length}, config.json's whole context; pretrain_gpt.py --load {args.out} "
+          "--seq-length N trains at N tokens instead (the model keeps its context)")
     tokenizer = Path(args.out) / TOKENIZER_DIR
     copied = copy_tokenizer_files(hf_dir, tokenizer)
     if copied:
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name)
         if name == "from-hf":
             sub.add_argument("hf_dir", help="local Hugging Face folder of a family in megatron_lite/hf/families.py "
-                                             "(Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2)")
+                                             f"({', '.join(ARCHITECTURES.values())})")
             sub.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
         else:
             sub.add_argument("--load", required=True)

@@ -3,22 +3,22 @@ layout on a cluster, best first (megatron_lite/planner/).
 
     python tools/plan_parallelism.py --model llama-8b --seq-length 4096 --global-batch-size 512 --gpu H100 --num-gpus 64
     python tools/plan_parallelism.py --model llama-8b --gpu H200 --num-gpus 16 --layout --tp 2 --pp 2 --sp \\
-        --use-distributed-optimizer
+        --use-distributed-optimizer --micro-batch-size 1 --global-batch-size 512
     python tools/plan_parallelism.py --validate        # against published A100 and H100 throughputs
     python tools/plan_parallelism.py --seed-tables     # DP / DDP / FSDP speedups and ZeRO memory
 
 Model, parallel and batch flags are pretrain_gpt.py's (same names, same checks); --layout
-evaluates the layout those flags describe instead of searching. Times assume bf16 weights
-(--bf16 is implied) and this code's kernels (flash attention, fused loss), calibrated to what
-published runs reached (megatron_lite/planner/calibration.py); an MFU above the best published
-for the model's size class on that GPU is marked "above any published measurement".
+evaluates the layout those flags describe instead of searching (as `pretrain_gpt.py --dry-run
+--world-size N --gpu G` does, on the same formulas). Times assume bf16 weights (--bf16 is
+implied) and this code's kernels (flash attention, fused loss), calibrated to what published
+runs reached (megatron_lite/planner/calibration.py); an MFU above the best published for the
+model's size class on that GPU is marked "above any published measurement".
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -140,20 +140,6 @@ def seed_tables(gpu_key: str = "H100") -> dict:
     return {"gpu": hardware.name, "speedup": speedup, "memory_gb": memory}
 
 
-def _parse_run_flags(argv: list[str], num_gpus: int) -> Config:
-    """pretrain_gpt.py's flags as a run on `num_gpus` ranks would parse them (its data-parallel
-    size comes from WORLD_SIZE, set only while parsing)."""
-    previous = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(num_gpus)
-    try:
-        return parse_args(argv)
-    finally:
-        if previous is None:
-            del os.environ["WORLD_SIZE"]
-        else:
-            os.environ["WORLD_SIZE"] = previous
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--gpu", default="H100", type=str.upper, choices=sorted(GPUS), help="the GPU type")
@@ -196,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --num-gpus={ours.num_gpus} must be positive", file=sys.stderr)
         return 2
     try:
-        config = _parse_run_flags(rest + (["--bf16"] if "--fp16" not in rest else []) + ["--device", "cuda"],
-                                  ours.num_gpus)
+        config = parse_args(rest + (["--bf16"] if "--fp16" not in rest else []) + ["--device", "cuda"],
+                            world_size=ours.num_gpus)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split norms, dropout and the residual stream along the sequence across the tp group (needs tp > 1)."""
     data_parallel_size: int = 1
-    """Model replicas; derived as world_size / (tp * pp), never set by hand."""
+    """Model replicas; derived as world_size / (tp * cp * pp), never set by hand."""
     use_distributed_optimizer: bool = False
     """Shard fp32 Adam state across data-parallel ranks (ZeRO-1): reduce-scatter grads, all-gather params."""
     data_parallel_sharding_strategy: str | None = None

@@ -44,6 +44,14 @@ def check_token_ids(dataset: IndexedDataset, tokenizer: Tokenizer) -> None:
                          "the same --tokenizer-type and --tokenizer-model")
 
 
+def run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer --tokenizer-type and --tokenizer-model name; a ConfigError names what is wrong."""
+    try:
+        return build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from e
+
+
 def build_training_data(cfg: TrainConfig, seq_length: int) -> TrainingData:
     """The tokenizer and the train/valid datasets of this run; bad input raises ConfigError naming the file.
 
@@ -51,8 +59,8 @@ def build_training_data(cfg: TrainConfig, seq_length: int) -> TrainingData:
     global batches of the valid split, so exactly that many samples are asked for (the
     datasets round them up to whole epochs); the test split is never read.
     """
+    tokenizer = run_tokenizer(cfg)
     try:
-        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
         if cfg.data_path:
             data_path, corpus = cfg.data_path, f"--data-path {' '.join(cfg.data_path)}"
         else:

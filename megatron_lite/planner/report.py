@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from megatron_lite.config import Config
-from megatron_lite.planner.memory import activation_memory, state_memory
+from megatron_lite.planner.hardware import GPU
+from megatron_lite.planner.memory import RankCoords, activation_memory, state_memory
+from megatron_lite.planner.step_time import estimate
 from megatron_lite.planner.traffic import step_traffic
 
 MB = 2**20
@@ -27,8 +29,38 @@ def describe_plan(config: Config, allocated: dict[str, int]) -> str:
     state = ("state as allocated" if predicted == allocated else
              "state (MB) " + ", ".join(f"{name} {nbytes / MB:.2f}" for name, nbytes in predicted.items())
              + ", not as allocated")
-    return (f"> planner: rank 0's {state}, activations {activation_memory(config) / MB:.2f} MB at the peak; a step "
-            f"sends (MB, logical volume) {_traffic_mb(step_traffic(config))}{_exact(config)}")
+    return (f"> planner: rank 0's {state}, activations {activation_memory(config) / MB:.2f} MB at the peak; "
+            + describe_traffic(config))
+
+
+def describe_traffic(config: Config) -> str:
+    """What one step of rank 0 sends, by group."""
+    return f"a step sends (MB, logical volume) {_traffic_mb(step_traffic(config))}{_exact(config)}"
+
+
+def describe_stage_memory(config: Config) -> list[str]:
+    """Each pipeline stage's ranks' bytes by the planner's formulas (a stage's ranks hold the same,
+    but for a few bytes of bucket padding on the last data-parallel shard)."""
+    lines = []
+    for pp_rank in range(config.parallel.pipeline_model_parallel_size):
+        parts = {**state_memory(config, RankCoords(pp=pp_rank)), "activations": activation_memory(config, pp_rank)}
+        lines.append(f"> memory per rank of pipeline stage {pp_rank} (planner, MB): "
+                     + " + ".join(f"{name} {nbytes / MB:.2f}" for name, nbytes in parts.items() if nbytes)
+                     + f" = {sum(parts.values()) / MB:.2f}")
+    return lines
+
+
+def describe_step_time(config: Config, gpu: GPU) -> str:
+    """The planner's step on `gpu`s (step_time.py's model: bf16 GEMMs at its calibrated share of peak)."""
+    est = estimate(config, gpu)
+    par = config.parallel
+    world = (par.tensor_model_parallel_size * par.context_parallel_size * par.pipeline_model_parallel_size
+             * par.data_parallel_size)
+    return (f"> planner on {world} x {gpu.name}: step {est.step_s:.4g} s (compute {est.compute_s:.4g}, exposed "
+            f"communication {est.exposed_comm_s:.4g}, bubble {est.bubble_s:.4g}), {est.tokens_per_s:,.0f} tokens/s, "
+            f"MFU {100 * est.mfu:.1f}%, peak memory {est.peak_memory / 1e9:.1f} GB of {gpu.memory_gb:.0f}: "
+            + ("fits" if est.fits else "does not fit (95% of the GPU's memory at most)"))
+
 
 
 def describe_measured(config: Config, traffic: dict[tuple[str, str], float]) -> str:

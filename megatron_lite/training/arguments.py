@@ -30,10 +30,11 @@ from megatron_lite.config import (
 )
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
+from megatron_lite.planner.hardware import GPUS
 
 # Shapes of well-known models. Vocabulary size is not part of a preset: it comes from the tokenizer.
 PRESETS: dict[str, dict] = {
-    # CPU demo: trains visibly in a few minutes on two cores.
+    # CPU demo: 200 steps in under a minute on two cores.
     "tiny": dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4,
                  num_query_groups=2, seq_length=128),
     "tiny-gpt2": dict(family="gpt2", num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128),
@@ -98,6 +99,17 @@ _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "seque
                                   "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],
                                   "pipeline_model_parallel_size": ["--pp"],
                                   "virtual_pipeline_model_parallel_size": ["--vpp"]}
+# How pretrain_gpt.py runs rather than what it trains, so not Config fields: a dry run checks the
+# configuration for a world it need not be on and describes it by the planner's formulas.
+_LAUNCH_FLAGS: dict[str, dict] = {
+    "--dry-run": dict(action="store_true", help="Validate the whole configuration for the world size, print the "
+                      "layout, the memory of each pipeline stage's ranks and the planner's prediction, and exit 0 "
+                      "without building the model or reading data."),
+    "--world-size": dict(type=int, metavar="N", help="With --dry-run: the number of ranks to validate for (default: "
+                         "torchrun's WORLD_SIZE, else 1)."),
+    "--gpu": dict(type=str.upper, choices=sorted(GPUS), help="With --dry-run: also predict the step time, tokens/s, "
+                  "MFU and whether it fits on GPUs of this type (tools/plan_parallelism.py's model)."),
+}
 # A `bool | None` field whose None is a per-family default gets, besides its flag (which writes
 # True), one that writes False: Megatron only unties, and our llama family is untied by default.
 _OPPOSITES = {"untie_embeddings_and_output_weights": "--tie-embeddings-and-output-weights"}
@@ -155,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"Model preset; any model flag overrides its value (default: {DEFAULT_PRESET}).")
     for cls in (ModelConfig, ParallelConfig, TrainConfig):
         add_dataclass_flags(parser, cls)
+    launch = parser.add_argument_group("Launch")
+    for name, options in _LAUNCH_FLAGS.items():
+        launch.add_argument(name, default=argparse.SUPPRESS, **options)
     return parser
 
 
@@ -163,11 +178,50 @@ class _ErrorRaisingParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Flags -> validated Config. Raises ConfigError with a one-line message on bad input."""
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How pretrain_gpt.py runs: for real, or as a dry run for a world of `world_size` ranks."""
+    dry_run: bool = False
+    world_size: int = 1
+    gpu: str | None = None  # a dry run's GPU type (planner/hardware.py's GPUS), for the step time
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+
+
+def parse_run(argv: list[str] | None = None) -> tuple[Launch, Config]:
+    """pretrain_gpt.py's flags -> how it runs and the validated Config (for the dry run's world size,
+    if it names one). Raises ConfigError with a one-line message on bad input."""
+    given = _parse(argv)
+    launch = {name: given.pop(name) for name in ("dry_run", "world_size", "gpu") if name in given}
+    if launch and not launch.get("dry_run"):
+        raise ConfigError(f"--{next(iter(launch)).replace('_', '-')} is only for --dry-run (a real run's world size "
+                          "is torchrun's)")
+    world_size = launch.get("world_size", _world_size())
+    if world_size < 1:
+        raise ConfigError(f"--world-size={world_size} must be at least 1")
+    return Launch(launch.get("dry_run", False), world_size, launch.get("gpu")), _config(given, world_size)
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> Config:
+    """Flags -> validated Config for `world_size` ranks (default: torchrun's WORLD_SIZE). Raises
+    ConfigError with a one-line message on bad input."""
+    given = _parse(argv)
+    launch = [name for name in ("dry_run", "world_size", "gpu") if name in given]
+    if launch:
+        raise ConfigError(f"--{launch[0].replace('_', '-')} is pretrain_gpt.py's, not a flag here")
+    return _config(given, _world_size() if world_size is None else world_size)
+
+
+def _parse(argv: list[str] | None) -> dict:
     parser = build_parser()
     parser.__class__ = _ErrorRaisingParser
-    given = vars(parser.parse_args(argv))
+    return vars(parser.parse_args(argv))
+
+
+def _config(given: dict, world_size: int) -> Config:
+    """The parsed flags -> the validated Config of a run on `world_size` ranks."""
     preset_named = "model" in given
     preset = given.pop("model", DEFAULT_PRESET)
     if preset not in PRESETS:
@@ -190,8 +244,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"--num-layers={model.num_layers} is not divisible by pp * "
                               f"--num-layers-per-virtual-pipeline-stage = {stages}")
         parallel = dataclasses.replace(parallel, virtual_pipeline_model_parallel_size=model.num_layers // stages)
-    parallel = dataclasses.replace(parallel, data_parallel_size=axis_sizes(parallel, int(os.environ.get("WORLD_SIZE",
-                                                                                                        "1")))["dp"])
+    parallel = dataclasses.replace(parallel, data_parallel_size=axis_sizes(parallel, world_size)["dp"])
     if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
         if int(os.environ.get("RANK", "0")) == 0:
             print("WARNING: --sequence-parallel has no effect with --tensor-model-parallel-size=1; disabled",
@@ -214,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def flags_markdown() -> str:
     """The flags table docs/flags.md shows (a test keeps the two in sync)."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |",
-            f"| `--model` | `tiny` | preset: {', '.join(f'`{p}`' for p in PRESETS)}; flags override it |"]
+            f"| `--model` | `tiny` | preset: {', '.join(f'`{p}`' for p in PRESETS)}; flags override it |",
+            *(f"| `{name}` | | {options['help']} |" for name, options in _LAUNCH_FLAGS.items())]
     for cls in (ModelConfig, ParallelConfig, TrainConfig):
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):

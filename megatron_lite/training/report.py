@@ -84,19 +84,29 @@ def print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, d
     n_params = sum(p.numel() for c in model.chunks for p in c.parameters())
     tp, dp = grid.size("tp"), grid.size("dp")
     print_rank_0(describe_layout(grid, config.parallel))
-    print_rank_0(f"> model: {config.model.family} family, {config.model.num_layers} layers, hidden "
-                 f"{config.model.hidden_size}, {n_params:,} parameters on rank 0, padded vocab "
-                 f"{config.model.padded_vocab_size(tp)}")
+    print_rank_0(describe_model(config, n_params))
     print_rank_0(describe_memory(model, dp))
     par = config.parallel
     layers_per_chunk = config.model.num_layers // (par.pipeline_model_parallel_size * par.vpp)
     print_rank_0(describe_activation_memory(config.model, layers_per_chunk, par.vpp, cfg.micro_batch_size, tp,
                                             par.sequence_parallel))
     print_rank_0(describe_plan(config, memory_parts(model)))
-    print_rank_0(f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} = micro batch "
-                 f"{cfg.micro_batch_size} x {cfg.num_microbatches(dp)} microbatches x dp {dp}, on "
-                 f"{device} in {str(cfg.params_dtype).removeprefix('torch.')}"
-                 + _describe_loss_scale(model.optimizer.loss_scaler))
+    print_rank_0(f"{describe_training(config)}, on {device}" + _describe_loss_scale(model.optimizer.loss_scaler))
+
+
+def describe_model(config: Config, rank_0_params: int) -> str:
+    model = config.model
+    return (f"> model: {model.family} family, {model.num_layers} layers, hidden {model.hidden_size}, "
+            f"{rank_0_params:,} parameters on rank 0, padded vocab "
+            f"{model.padded_vocab_size(config.parallel.tensor_model_parallel_size)}")
+
+
+def describe_training(config: Config) -> str:
+    """The iterations and how a global batch is made up."""
+    cfg, dp = config.train, config.parallel.data_parallel_size
+    return (f"> training: {cfg.train_iters} iterations of global batch {cfg.global_batch_size} x "
+            f"{config.model.seq_length} tokens, micro batch {cfg.micro_batch_size} x {cfg.num_microbatches(dp)} "
+            f"microbatches x dp {dp}, in {str(cfg.params_dtype).removeprefix('torch.')}")
 
 
 def _describe_loss_scale(scaler) -> str:
