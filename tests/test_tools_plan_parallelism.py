@@ -6,6 +6,7 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -13,8 +14,8 @@ from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfi
 from megatron_lite.planner.hardware import GPUS
 from megatron_lite.planner.parameters import count_parameters
 from megatron_lite.planner.published import PUBLISHED
-from megatron_lite.planner.search import plan
-from megatron_lite.training.arguments import PRESETS
+from megatron_lite.planner.search import Candidate, plan
+from megatron_lite.training.arguments import PRESETS, parse_run
 from tools import plan_parallelism
 
 
@@ -102,7 +103,8 @@ def test_search_table(capsys) -> None:
     assert plan_parallelism.main(["--model", "llama-1b", "--num-gpus", "8", "--top", "2", "--micro-batch-size", "1",
                                   "--global-batch-size", "64"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "valid layout(s), 2 shown" in lines[0] and len(lines) == 4
+    assert "valid layout(s), 2 shown" in lines[0] and len(lines) == 6  # header, columns, 2 x (row, command)
+    assert lines[3].startswith("    torchrun --nproc-per-node 8 pretrain_gpt.py --model llama-1b")
 
 
 def test_seed_tables() -> None:
@@ -125,3 +127,21 @@ def test_bad_input_is_one_line(argv, message, capsys) -> None:
     assert plan_parallelism.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_each_row_prints_the_command_that_trains_it(capsys) -> None:
+    """A row's command line is the user's model and batch flags with the row's layout, micro batch and
+    recomputation in place of theirs; pretrain_gpt.py accepts it for that world (--dry-run) and
+    starts the row's layout."""
+    flags = ["--model", "llama-8b", "--seq-length", "4096", "--global-batch-size", "512", "--tp", "2",
+             "--micro-batch-size", "2"]
+    assert plan_parallelism.main(["--gpu", "H100", "--num-gpus", "16", "--top", "3", "--json", *flags]) == 0
+    rows = json.loads(capsys.readouterr().out)["layouts"]
+    for row in rows:
+        launcher, _, command = row["command"].partition(" pretrain_gpt.py ")
+        assert launcher == ("torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
+                            '--rdzv-endpoint "$MASTER_ADDR:29500"')
+        argv = shlex.split(command)
+        assert argv[:6] == ["--model", "llama-8b", "--seq-length", "4096", "--global-batch-size", "512"]
+        launch, config = parse_run([*argv, "--dry-run", "--world-size", "16"])
+        assert launch.dry_run and Candidate(config, None).name == row["layout"]

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from megatron_lite.config.layout import Layout  # noqa: E402
 from megatron_lite.planner.calibration import CALIBRATIONS  # noqa: E402
 from megatron_lite.planner.hardware import GPU, GPUS  # noqa: E402
 from megatron_lite.planner.hardware import gpu as gpu_named
@@ -32,16 +34,50 @@ from megatron_lite.planner.parameters import count_parameters  # noqa: E402
 from megatron_lite.planner.search import Candidate, plan  # noqa: E402
 from megatron_lite.planner.step_time import StepEstimate, estimate  # noqa: E402
 from megatron_lite.planner.validation import mfu_ceiling, validate  # noqa: E402
-from megatron_lite.training.arguments import parse_args  # noqa: E402
+from megatron_lite.training.arguments import build_parser, parse_args  # noqa: E402
 
 GB = 1e9
 TOLERANCE = {"ampere": 0.15, "hopper": 0.20}  # --validate: the largest error a row may have, per architecture
 ABOVE = "above any published measurement"
 
 
-def _row(name: str, est: StepEstimate, config: Config, hardware: GPU) -> dict:
+# pretrain_gpt.py's flags a row decides (its layout, micro batch, recomputation): dropped from the
+# user's flags before the row's own are added to its command line.
+_RECOMPUTE_FIELDS = ("recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules")
+_ROW_FLAGS = {option for action in build_parser()._actions for option in action.option_strings
+              if action.dest in {f.name for f in dataclasses.fields(ParallelConfig)} | {"micro_batch_size",
+                                                                                      *_RECOMPUTE_FIELDS}}
+
+
+def command_line(config: Config, user_flags: list[str], num_gpus: int, hardware: GPU) -> str:
+    """The torchrun line that trains `config` on `num_gpus` GPUs: the user's model and batch flags as
+    given, then the row's layout, micro batch and recomputation (one node, or a c10d rendezvous)."""
+    kept, skipping = [], False
+    for token in user_flags:
+        if token.startswith("--"):
+            skipping = token.split("=")[0] in _ROW_FLAGS
+        if not skipping:
+            kept.append(token)
+    recompute = [token for field in _RECOMPUTE_FIELDS if getattr(config.model, field) is not None
+                 for token in ("--" + field.replace("_", "-"), *map(str, _as_list(getattr(config.model, field))))]
+    nodes = -(-num_gpus // hardware.gpus_per_node)
+    # Several nodes: the same line on each, meeting at the first node's address (left for the shell to expand).
+    launcher = (f"torchrun --nproc-per-node {num_gpus}" if nodes == 1 else
+                f"torchrun --nnodes {nodes} --nproc-per-node {hardware.gpus_per_node} --rdzv-backend c10d "
+                '--rdzv-endpoint "$MASTER_ADDR:29500"')
+    precision = [] if {"--bf16", "--fp16"} & set(kept) else ["--bf16"]
+    return f"{launcher} " + shlex.join(["pretrain_gpt.py", *kept, *Layout.of(config.parallel).flags(),
+                                        "--micro-batch-size", str(config.train.micro_batch_size), *recompute,
+                                        *precision])
+
+
+def _as_list(value: object) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _row(name: str, est: StepEstimate, config: Config, hardware: GPU, command: str) -> dict:
     ceiling = mfu_ceiling(hardware, count_parameters(config.model))
-    return {"layout": name, "memory_gb": {k: v / GB for k, v in est.memory.items()},
+    return {"layout": name, "command": command, "memory_gb": {k: v / GB for k, v in est.memory.items()},
             "peak_memory_gb": est.peak_memory / GB, "fits": est.fits,
             "traffic_gb_per_step": {k: v / GB for k, v in est.traffic.items()},
             "comm_s": est.comm_s, "compute_s": est.compute_s, "compute_parts_s": est.compute_parts,
@@ -68,6 +104,7 @@ def _print_rows(rows: list[dict]) -> None:
               f"{mem['buffers']:6.1f} {r['peak_memory_gb']:7.1f} {r['compute_s']:9.3f} {r['exposed_comm_s']:7.3f} "
               f"{r['bubble_s']:6.3f} {r['step_s']:7.3f} {r['tokens_per_s']:9.0f} {100 * r['mfu']:4.1f}%  "
               f"{traffic}{above}")
+        print(f"    {r['command']}")
 
 
 def _print_validation(rows: list[dict], worst: dict[str, float]) -> None:
@@ -190,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     hardware = gpu_named(ours.gpu)
     if ours.layout:
         given = Candidate(config, estimate(config, hardware))
-        rows = [_row(given.name, given.estimate, config, hardware)]
-        count = 1
+        best, count = [given], 1
     else:
         best, count = plan(config, ours.num_gpus, hardware, ours.top)
-        rows = [_row(c.name, c.estimate, c.config, hardware) for c in best]
+    rows = [_row(c.name, c.estimate, c.config, hardware, command_line(c.config, rest, ours.num_gpus, hardware))
+            for c in best]
     if ours.json:
         print(json.dumps({"gpu": hardware.name, "num_gpus": ours.num_gpus, "valid_layouts": count, "layouts": rows},
                          indent=1))

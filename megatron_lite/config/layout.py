@@ -49,6 +49,19 @@ class Layout:
         parts += ["ps"] * self.ps
         return "-".join(parts) or "single"
 
+    def flags(self) -> list[str]:
+        """pretrain_gpt.py's flags for this layout (dp is what the world leaves: no flag)."""
+        sizes = [[flag, str(size)] for flag, size in (("--tp", self.tp), ("--cp", self.cp), ("--pp", self.pp),
+                                                     ("--ep", self.ep), ("--vpp", self.vpp)) if size > 1]
+        flags = [token for pair in sizes for token in pair]
+        flags += ["--cp-comm-type", self.cp_comm] if self.cp_comm != "p2p" else []
+        flags += ["--pipeline-schedule", self.schedule] if self.schedule else []
+        flags += ["--sp"] * self.sp + ["--use-distributed-optimizer"] * self.distopt
+        flags += ["--overlap-param-gather"] * self.overlap
+        flags += ["--data-parallel-sharding-strategy", _STRATEGY[self.zero]] if self.zero else []
+        flags += ["--data-parallel-mode", "parameter-server"] if self.ps else []
+        return flags
+
     @classmethod
     def parse(cls, name: str) -> Layout:
         """The inverse of `name`."""
