@@ -138,8 +138,9 @@ def test_dense_llama_variants_map_to_their_hf_family(architecture: str, model: d
 @pytest.mark.parametrize("fields, message", [
     ({"attention_bias": True}, "attention_bias=True is not supported"),
     ({"model_type": "gemma"}, "model_type=gemma is not supported; allowed: llama, mistral, qwen2"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
-     "layer_types=['full_attention', 'sliding_attention'] is not supported (a sliding window on every layer or none)"),
+    ({"model_type": "qwen2", "layer_types": ["full_attention", "chunked_attention"]},
+     "layer_types=['full_attention', 'chunked_attention'] is not supported (full_attention or sliding_attention for "
+     "each of the 2 layers)"),
     ({"model_type": "qwen2_moe", "use_sliding_window": True}, "use_sliding_window=True is not supported"),
 ])
 def test_hf_configs_we_cannot_compute_are_refused_naming_the_field(fields: dict, message: str) -> None:

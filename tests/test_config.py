@@ -27,10 +27,29 @@ from megatron_lite.training.arguments import PRESETS, parse_args
     (["--split", "98,2"], r"--split=98,2 must be three"),
     (["--hidden-dropout", "1.5"], r"--hidden-dropout=1.5 must be in \[0, 1\)"),
     (["--micro-batch-size", "0"], r"--micro-batch-size=0 must be a positive number"),
+    (["--window-size", "128,5"], r"--window-size: 128,5: RIGHT=5 must be 0 \(a causal decoder attends to no later"),
+    (["--window-size", "-2"], r"--window-size: -2: LEFT=-2 must be >= 0, or -1 for no window"),
+    (["--window-attn-skip-freq", "2"], r"--window-attn-skip-freq=2 needs --window-size"),
+    (["--window-size", "8", "--window-attn-skip-freq", "[1,0]*3"],
+     r"--window-attn-skip-freq=\[1, 0, 1, 0, 1, 0\] must give each of the --num-layers=4 layers 1 \(slide\) or 0"),
+    (["--window-size", "8", "--window-attn-skip-freq", "__import__('os')"],
+     r"--window-attn-skip-freq: .* is not an integer N or a list such as \[1,1,1,0\]\*3"),
 ])
 def test_bad_flags_are_refused(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_args(argv)
+
+
+def test_megatron_window_flags() -> None:
+    """--window-size is Megatron's LEFT,RIGHT (one number N is N,0; LEFT -1 no window);
+    --window-attn-skip-freq N makes layers N, 2N, ... (counting from 1) attend fully, and a list
+    pattern gives each layer 1 (slide) or 0 (full)."""
+    assert parse_args(["--window-size", "8"]).model == parse_args(["--window-size", "8,0"]).model
+    assert parse_args(["--window-size", "8"]).model.layer_windows == [8] * 4
+    assert parse_args(["--model", "mistral-7b", "--window-size=-1,0"]).model.window_size is None
+    assert parse_args(["--window-size", "8", "--window-attn-skip-freq", "2"]).model.layer_windows == [8, None] * 2
+    model = parse_args(["--num-layers", "8", "--window-size", "8", "--window-attn-skip-freq", "([1]*3+[0])*2"]).model
+    assert model.window_attn_skip_freq == [1, 1, 1, 0] * 2 and model.layer_windows == [8, 8, 8, None] * 2
 
 
 def test_presets_and_overrides() -> None:

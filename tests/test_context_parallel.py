@@ -1,5 +1,6 @@
 """Context parallelism on gloo ranks: every comm type against one device (alone and composed with
-TP + SP, PP, interleaving, DP with the distributed optimizer, and with a sliding window), its
+TP + SP, PP, interleaving, DP with the distributed optimizer, and with a sliding window on
+alternate layers), its
 traffic against the analytic volume, the causal load balance of the zigzag split, and activation
 memory per rank.
 
@@ -46,15 +47,16 @@ LAYOUTS = [Layout.parse(name) for name in (
     "cp2-dp2-distopt", "cp2-dp2-allgather-distopt",
     "tp2-cp2-pp2-sp")]
 # A sliding window of 5 over chunks of 8 tokens (cp 2): the chunk pairs 8 apart it reaches in
-# part, those 16 apart it skips.
-WINDOW = 5
+# part, those 16 apart it skips. On layers 1 and 3 only (Megatron's skip freq 2: layers 2 and 4
+# attend fully), so each attention must take its own layer's window.
+WINDOW = dict(window_size=5, window_attn_skip_freq=2)
 WINDOWED = [Layout.parse(name) for name in ("cp2", "cp2-allgather", "cp2-a2a")]
 
 
-def cp_config(family: str, layout: Layout = Layout(), steps: int = STEPS, window_size: int | None = None):
+def cp_config(family: str, layout: Layout = Layout(), steps: int = STEPS, windowed: bool = False):
     config = tiny_config(family, model=dict(num_layers=4, hidden_size=64, num_attention_heads=8,
                                             num_query_groups=4 if family == "llama" else 8, seq_length=SEQ,
-                                            vocab_size=VOCAB, window_size=window_size),
+                                            vocab_size=VOCAB, **(WINDOW if windowed else {})),
                          micro_batch_size=1, global_batch_size=4, train_iters=steps, clip_grad=1.0)
     return config.updated(parallel=layout.fields())
 
@@ -116,7 +118,7 @@ def cp_worker(world: int) -> dict:
         results["traffic"] = {c: one_step_traffic(c) for c in ("p2p", "allgather", "a2a")}
         results["saved"] = {c: saved_bytes_in_layers(cp_config("llama", Layout(cp=2, cp_comm=c)))
                             for c in ("p2p", "allgather", "a2a")}
-        results["window"] = {layout: run_steps(cp_config("llama", layout, window_size=WINDOW), STEPS)
+        results["window"] = {layout: run_steps(cp_config("llama", layout, windowed=True), STEPS)
                              for layout in WINDOWED}
     if world == 4:
         parallel_state.initialize_model_parallel(ParallelConfig(context_parallel_size=4))
@@ -130,8 +132,8 @@ def spawned(world: int) -> list[dict]:
 
 
 @functools.cache
-def reference(family: str, window_size: int | None = None) -> dict:
-    return run_steps(cp_config(family, window_size=window_size), STEPS)
+def reference(family: str, windowed: bool = False) -> dict:
+    return run_steps(cp_config(family, windowed=windowed), STEPS)
 
 
 # ---------------------------------------------------------------- the tests
@@ -146,7 +148,7 @@ def test_context_parallel_matches_single_device(layout: Layout, family: str) -> 
 @pytest.mark.parametrize("layout", WINDOWED, ids=[layout.name for layout in WINDOWED])
 def test_sliding_window_context_parallel_matches_single_device(layout: Layout) -> None:
     ranks = spawned(layout.world_size)
-    windowed = reference("llama", WINDOW)
+    windowed = reference("llama", windowed=True)
     assert_parity(windowed, merge_ranks([r["window"][layout] for r in ranks]), VOCAB)
     # The window changes the model: its losses are not the full causal context's.
     assert windowed["losses"] != pytest.approx(reference("llama")["losses"], rel=1e-4)

@@ -61,9 +61,12 @@ def test_causal() -> None:
 
 def test_model_flops_of_a_sliding_window_count_the_keys_each_query_sees() -> None:
     """Megatron's formula counts s keys per query for the scores and weighted sum; with a
-    window, window + 1 keys (a window wider than the sequence changes nothing)."""
+    window, window + 1 keys (a window wider than the sequence changes nothing), on the layers
+    that slide: with one of the two layers sliding, half the saving."""
     full = tiny_model(seq_length=64)
     h, s, layers = full.hidden_size, full.seq_length, full.num_layers
     windowed = flops_per_step(tiny_model(seq_length=64, window_size=15), 2)
     assert flops_per_step(full, 2) - windowed == pytest.approx(12.0 * 2 * s * layers * h * (s - 16))
     assert flops_per_step(tiny_model(seq_length=64, window_size=100), 2) == flops_per_step(full, 2)
+    one_layer = flops_per_step(tiny_model(seq_length=64, window_size=15, window_attn_skip_freq=[0, 1]), 2)
+    assert flops_per_step(full, 2) - one_layer == pytest.approx(12.0 * 2 * s * h * (s - 16))

@@ -94,9 +94,14 @@ class ModelConfig:
     attention_dropout: float = 0.0
     """Dropout on the attention probabilities."""
     window_size: int | None = None
-    """Sliding-window attention (Mistral): each token attends to itself and the WINDOW_SIZE tokens before it, nothing
-    earlier (flash attention's left window; Hugging Face's sliding_window is this plus one). Default: the whole
-    causal context."""
+    """Sliding-window attention (Mistral), Megatron's LEFT,RIGHT: each token attends to itself and the LEFT tokens
+    before it, nothing earlier (flash attention's left window; Hugging Face's sliding_window is LEFT plus one); RIGHT
+    must be 0 (a causal decoder sees no later token), and one number N means N,0. Unset, or LEFT -1 (written
+    --window-size=-1,0 or --window-size -1): the whole causal context."""
+    window_attn_skip_freq: int | list[int] | None = None
+    """Which layers slide, with --window-size (Megatron's): an integer N makes every N-th layer (layers N, 2N, ...,
+    counting from 1) attend fully and the others slide (2: Gemma-2's alternation; 6: Gemma-3's five to one); a list
+    such as [1,1,1,0]*3 or ([1]*5+[0])*4 gives each layer 1 (slide) or 0 (full). Default: every layer slides."""
     fused_kernels: bool = True
     """Fused kernels (megatron_lite/kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off:
     plain torch."""
@@ -173,6 +178,21 @@ class ModelConfig:
         """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1,
         ...)."""
         return bool(self.num_experts) and (number + 1) % self.moe_layer_freq == 0
+
+    def layer_window(self, number: int) -> int | None:
+        """The window of layer `number` (0-based, global), None for the whole causal context: --window-size on the
+        layers --window-attn-skip-freq leaves sliding (Megatron's is_layer_window_attention, whose layers count from
+        1). Every attention of the layer (training, context parallelism, the KV cache) and the FLOPs read this."""
+        freq = self.window_attn_skip_freq
+        if freq is None:
+            return self.window_size
+        sliding = (number + 1) % freq != 0 if isinstance(freq, int) else freq[number] == 1
+        return self.window_size if sliding else None
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """layer_window of every layer, in order."""
+        return [self.layer_window(number) for number in range(self.num_layers)]
 
     @property
     def head_dim(self) -> int:
@@ -298,6 +318,19 @@ class ModelConfig:
         fast, slow = self.rope_scaling_betas
         require(fast > slow, f"--rope-scaling-beta-fast={fast} must exceed --rope-scaling-beta-slow={slow}")
 
+    def _validate_window_pattern(self) -> None:
+        freq = self.window_attn_skip_freq
+        if freq is None:
+            return
+        require(self.window_size is not None, f"--window-attn-skip-freq={freq} needs --window-size (it says which "
+                "layers slide)")
+        if isinstance(freq, int):
+            require(freq > 0, f"--window-attn-skip-freq={freq} must be a positive number or a list of 0 and 1")
+        else:
+            require(len(freq) == self.num_layers and set(freq) <= {0, 1},
+                    f"--window-attn-skip-freq={freq} must give each of the --num-layers={self.num_layers} layers 1 "
+                    "(slide) or 0 (full)")
+
     def validate(self) -> None:
         require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
         self._validate_recompute()
@@ -330,6 +363,7 @@ class ModelConfig:
                     f"--max-position-embeddings={self.max_position_embeddings}")
         require(self.window_size is None or self.window_size >= 0,
                 f"--window-size={self.window_size} must be >= 0 (the tokens before each token it attends to)")
+        self._validate_window_pattern()
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"{flag(name)}={value} must be in [0, 1)")

@@ -1,8 +1,9 @@
 """Which Hugging Face `transformers` family represents a model, and the config.json of each.
 
 Ours -> HF (`hf_config`): the llama family is LlamaForCausalLM, MistralForCausalLM with a
-sliding window, Qwen2ForCausalLM with q/k/v biases, Qwen3ForCausalLM with per-head q/k norms
-(both with a sliding window on every layer, or none); with experts, MixtralForCausalLM (every layer
+sliding window on every layer, Qwen2ForCausalLM with q/k/v biases, Qwen3ForCausalLM with per-head
+q/k norms (both with a sliding window on any of their layers: their layer_types say which, as
+Gemma-2's alternation or Qwen's max_window_layers); with experts, MixtralForCausalLM (every layer
 MoE, softmax top-k renormalised), Qwen2MoeForCausalLM (a gated shared expert, q/k/v biases or
 not) or Qwen3MoeForCausalLM (q/k norms). gpt2 is GPT2LMHeadModel. What no family represents is
 refused with one line naming it.
@@ -33,7 +34,7 @@ def hf_family(model: ModelConfig) -> str:
     """The model_type of the HF family that computes what `model` does; ConfigError if none."""
     if model.family == "gpt2":
         for bad, why in ((model.num_experts, "experts"), (model.qk_layernorm, "q/k norms"),
-                         (model.window_size is not None, "a sliding window"),
+                         (_sliding_window(model) is not None, "a sliding window"),
                          (model.kv_channels not in (None, model.hidden_size // model.num_attention_heads),
                           f"--kv-channels={model.kv_channels}"),
                          (model.num_query_groups != model.num_attention_heads,
@@ -44,9 +45,14 @@ def hf_family(model: ModelConfig) -> str:
         return "gpt2"
     if model.add_qkv_bias and model.qk_layernorm:
         raise ConfigError("no Hugging Face family has q/k/v biases and q/k norms together")
+    some_layers_only = len(set(model.layer_windows)) > 1
     if not model.num_experts:
+        if some_layers_only and not (model.add_qkv_bias or model.qk_layernorm):
+            raise ConfigError("no Hugging Face family represents a sliding window on some layers only without q/k/v "
+                              "biases or q/k norms (Qwen2's and Qwen3's layer_types do; Mistral's window is every "
+                              "layer's)")
         return ("qwen2" if model.add_qkv_bias else "qwen3" if model.qk_layernorm
-                else "llama" if model.window_size is None else "mistral")
+                else "llama" if _sliding_window(model) is None else "mistral")
     family = ("qwen2_moe" if model.moe_shared_expert_intermediate_size else "qwen3_moe" if model.qk_layernorm
               else "mixtral")
     refusals = [
@@ -57,8 +63,10 @@ def hf_family(model: ModelConfig) -> str:
          "a shared expert without a gate (Qwen2-MoE's is gated: --moe-shared-expert-gate)"),
         (family == "qwen2_moe" and model.qk_layernorm, "a shared expert with q/k norms"),
         (family == "qwen3_moe" and model.add_qkv_bias, "q/k norms with q/k/v biases"),
-        (family != "mixtral" and model.window_size is not None,
+        (family != "mixtral" and _sliding_window(model) is not None,
          "a sliding window with a shared expert or q/k norms (only Mixtral's is every layer's)"),
+        (family == "mixtral" and some_layers_only, "a sliding window on some layers only (Mixtral's is every "
+         "layer's)"),
         (family == "mixtral" and model.add_qkv_bias, "q/k/v biases without a shared expert or q/k norms"),
         (family == "mixtral" and model.moe_layer_freq != 1,
          f"--moe-layer-freq={model.moe_layer_freq} without a shared expert or q/k norms (every Mixtral layer is MoE)"),
@@ -92,16 +100,17 @@ def hf_config(model: ModelConfig) -> dict:
     config.update({"llama": {"attention_bias": False, "mlp_bias": False},
                    "qwen3": {"attention_bias": False}, "qwen3_moe": {"attention_bias": False},
                    "qwen2_moe": {"qkv_bias": model.add_qkv_bias}}.get(family, {}))
-    sliding_window = None if model.window_size is None else model.window_size + 1  # it counts the token itself
+    sliding_window = _sliding_window(model)
     if family in ("mistral", "mixtral"):
         config["sliding_window"] = sliding_window
     elif family.startswith("qwen"):
-        # Qwen's window is on layers max_window_layers onwards: on every layer, or on none.
-        windowed = sliding_window is not None
-        config.update(use_sliding_window=windowed, sliding_window=sliding_window,
-                      max_window_layers=0 if windowed else model.num_layers)
+        # layer_types name each layer's attention. Without them transformers slides the layers from
+        # max_window_layers onwards, so that is the first sliding layer: right wherever the pattern is Qwen's.
+        windows = model.layer_windows
+        config.update(use_sliding_window=sliding_window is not None, sliding_window=sliding_window,
+                      max_window_layers=next((i for i, w in enumerate(windows) if w is not None), model.num_layers))
         if family in ("qwen2", "qwen3"):
-            config["layer_types"] = ["sliding_attention" if windowed else "full_attention"] * model.num_layers
+            config["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
     if family == "mixtral":
         config.update({"intermediate_size": model.expert_ffn_hidden_size, "num_local_experts": model.num_experts,
                        "router_jitter_noise": 0.0})
@@ -143,7 +152,7 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
                  make_vocab_size_divisible_by=make_vocab_size_divisible_by, norm_epsilon=hf.get("rms_norm_eps", 1e-6),
                  **_rope_args(hf),
                  add_qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and hf.get("qkv_bias", True)),
-                 qk_layernorm=kind in ("qwen3", "qwen3_moe"), window_size=_window_size(hf, kind),
+                 qk_layernorm=kind in ("qwen3", "qwen3_moe"), **_window_args(hf, kind),
                  # Every one of these families defaults to untied, as our llama family does (None).
                  untie_embeddings_and_output_weights=False if hf.get("tie_word_embeddings") else None)
     if kind == "mixtral":
@@ -161,26 +170,39 @@ def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> M
     return ModelConfig(**model)
 
 
-def _window_size(hf: dict, kind: str) -> int | None:
-    """Our window_size for config.json's sliding window (None: full attention); ConfigError for a
-    window on some layers only, or in a family we do not map it for."""
-    window = hf.get("sliding_window")
+def _sliding_window(model: ModelConfig) -> int | None:
+    """config.json's sliding_window, which counts the token itself: our window plus one; None where no layer
+    slides."""
+    return None if all(window is None for window in model.layer_windows) else model.window_size + 1
+
+
+def _window_args(hf: dict, kind: str) -> dict:
+    """Our window_size and window_attn_skip_freq for config.json's sliding window and the layers it is on;
+    ConfigError for a window in a family we do not map it for."""
     if kind in ("mistral", "mixtral"):
         _refuse(hf, layer_types=lambda v: any(t != "full_attention" for t in v))
-        return None if window is None else window - 1  # HF counts the token itself
-    if kind in ("qwen2", "qwen3"):
-        # transformers' rule and defaults: layers max_window_layers (28) onwards slide, by a window
-        # of sliding_window (4096), when use_sliding_window is set.
-        window, first = hf.get("sliding_window", 4096), hf.get("max_window_layers", 28)
-        types = hf.get("layer_types") or [
-            "sliding_attention" if hf.get("use_sliding_window") and window is not None and i >= first
-            else "full_attention" for i in range(hf["num_hidden_layers"])]
-        if len(set(types)) > 1 or types[0] not in ("full_attention", "sliding_attention"):
-            raise ConfigError(f"layer_types={types!r} is not supported (a sliding window on every layer or none)")
-        return window - 1 if types[0] == "sliding_attention" and window is not None else None
-    _refuse(hf, use_sliding_window=bool, layer_types=lambda v: any(t != "full_attention" for t in v),
-            **({"sliding_window": bool} if kind == "llama" else {}))
-    return None
+        window = hf.get("sliding_window")
+        return {"window_size": None if window is None else window - 1}  # HF counts the token itself
+    if kind not in ("qwen2", "qwen3"):
+        _refuse(hf, use_sliding_window=bool, layer_types=lambda v: any(t != "full_attention" for t in v),
+                **({"sliding_window": bool} if kind == "llama" else {}))
+        return {}
+    # transformers' rule and defaults: a window of sliding_window (4096) only with use_sliding_window, on the
+    # layers layer_types name sliding_attention, or without them on layers max_window_layers (28) onwards.
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+    layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28)
+                                      else "full_attention" for i in range(layers)]
+    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise ConfigError(f"layer_types={types!r} is not supported (full_attention or sliding_attention for each "
+                          f"of the {layers} layers)")
+    if "sliding_attention" not in types:
+        return {}
+    if window is None:
+        raise ConfigError(f"layer_types={types!r} names sliding layers but use_sliding_window="
+                          f"{hf.get('use_sliding_window')!r} sets no window (transformers refuses to run it)")
+    pattern = [int(t == "sliding_attention") for t in types]
+    return {"window_size": window - 1, "window_attn_skip_freq": None if all(pattern) else pattern}
 
 
 def _rope_parameters(model: ModelConfig) -> dict:

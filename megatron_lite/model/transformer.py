@@ -29,10 +29,13 @@ class Attention(nn.Module):
     The fused QKV projection is laid out group by group: for each query group its query
     heads, then its key head, then its value head. Splitting that output dimension into
     contiguous pieces therefore hands every tp rank whole groups (Megatron's layout too).
-    With window_size each query sees itself and the window_size tokens before it (Mistral's
-    sliding window, less one). With qk_layernorm every query and key head is normalised over its width before RoPE,
-    by one norm for all query heads and one for all key heads (Megatron's q_layernorm,
-    k_layernorm); each tp rank normalises its own heads, so their grads are partial over tp.
+    With a window (ModelConfig.layer_window: --window-size on the layers --window-attn-skip-freq
+    leaves sliding) each query sees itself and the window's tokens before it (Mistral's sliding
+    window, less one); the layer hands it to every attention it runs (training, context
+    parallelism, the KV cache). With qk_layernorm every query and key head is normalised over its
+    width before RoPE, by one norm for all query heads and one for all key heads (Megatron's
+    q_layernorm, k_layernorm); each tp rank normalises its own heads, so their grads are partial
+    over tp.
     """
 
     def __init__(self, config: ModelConfig, ops: Ops, sequence_parallel: bool = False, layer_number: int = 0) -> None:
@@ -43,7 +46,7 @@ class Attention(nn.Module):
         self.num_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        self.window = config.window_size
+        self.window = config.layer_window(layer_number)
         self.sequence_parallel, self.recompute = sequence_parallel, config.selective_recompute
         self.ops = ops
         bias = config.family == "gpt2"

@@ -10,7 +10,7 @@ under sequence parallelism else 1), forward:
   and its shared expert); the last stage's output layer (h x V/t). Backward computes the input
   and the weight gradients: two GEMMs of the same shape, twice the forward's time.
 - attention: a causal flash kernel computes 4·s/2·a·d/t FLOPs per token (each query sees s/2
-  keys on average; a window of w, at most w + 1), its backward 2.5 times that (it recomputes
+  keys on average; a layer with a window of w, at most w + 1), its backward 2.5 times that (it recomputes
   the scores); Megatron-LM 2021's unfused attention computes the whole s x s (the mask is
   applied after) as batched GEMMs.
 - memory-bound ops, bytes per token at 2 bytes an element: two norms (read h, write h) and two
@@ -28,6 +28,7 @@ and the grad again for the norm) and writes three fp32 tensors and the bf16 weig
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from megatron_lite.config import Config
@@ -87,7 +88,8 @@ class _Cost:
         h = self.config.model.hidden_size
         return self.gemm(tokens, h, gate * ffn) + self.gemm(tokens, ffn, h)
 
-    def layer(self, moe: bool) -> _Parts:
+    def layer(self, moe: bool, window: int | None) -> _Parts:
+        """A layer's parts: a mixture of experts or dense, attending within `window` (None: the causal context)."""
         model, t = self.config.model, self.tp
         h, a, g, d, f, s = (model.hidden_size, model.num_attention_heads, model.num_query_groups, model.head_dim,
                             model.ffn_hidden_size, model.seq_length)
@@ -111,7 +113,7 @@ class _Cost:
             gemm["mlp"] = self.mlp(f / t, m, gate)
             width = f / t
         if self.software.attention == "flash":
-            keys = s / 2 if model.window_size is None else min(s / 2, model.window_size + 1)
+            keys = s / 2 if window is None else min(s / 2, window + 1)
             attention = 4 * m * keys * a * d / t / (self.peak * self.cal.attention_efficiency)
             attention_io = self.memory((2 * a + 2 * g) * d / t, eager=False)
         else:  # the s x s scores as batched GEMMs, at the efficiency of large ones
@@ -156,9 +158,10 @@ def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: 
     pp_rank = last_stage_rank(par.pipeline_model_parallel_size, par.v_shape)
     numbers = [n for c in range(par.vpp) for n in chunk_layers(model.num_layers, par.pipeline_model_parallel_size,
                                                                 par.vpp, pp_rank, c, par.v_shape)]
-    moe = sum(model.is_moe_layer(n) for n in numbers)
-    kinds = [(cost.layer(True), moe)] if moe else []
-    kinds += [(cost.layer(False), len(numbers) - moe)] if len(numbers) > moe else []
+    # The stage's layers by kind, mixtures of experts first: how many of each (MoE or not, its window).
+    counts = Counter(sorted(((model.is_moe_layer(n), model.layer_window(n)) for n in numbers),
+                            key=lambda kind: not kind[0]))
+    kinds = [(cost.layer(moe, window), count) for (moe, window), count in counts.items()]
     gemm = sum(n * (p.gemm["attention"] + p.gemm["mlp"]) for p, n in kinds)
     attention = sum(n * p.attention for p, n in kinds)
     memory = sum(n * sum(p.memory.values()) for p, n in kinds)

@@ -8,8 +8,9 @@ gated), padded vocabulary V:
 
 The 12 is 2 FLOPs per multiply-add times 3 for forward + backward (the backward costs two
 forwards). Term by term: QKV + output projections (1 + g/n), the attention scores and
-weighted sum (s/h; the causal mask is not discounted, as in Megatron; with a sliding window
-each query sees at most window + 1 keys, which stands for s), the MLP, and the logits. For
+weighted sum (s/h; the causal mask is not discounted, as in Megatron; on a layer with a sliding
+window each query sees at most window + 1 keys, which stands for s, and where only some layers
+slide the layers' mean does), the MLP, and the logits. For
 g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
 Activation recomputation is not counted: MFU measures useful model work only. On a mixture-of-
 experts layer the MLP term counts the active parameters only: k routed experts of width
@@ -26,7 +27,7 @@ def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     h, s, layers = config.hidden_size, config.seq_length, config.num_layers
     gate = 1.5 if config.family == "llama" else 1.0
     heads_width = config.num_attention_heads * config.head_dim / h
-    keys = s if config.window_size is None else min(s, config.window_size + 1)
+    keys = sum(s if window is None else min(s, window + 1) for window in config.layer_windows) / layers
     attention = (1 + config.num_query_groups / config.num_attention_heads + keys / h) * heads_width
     dense = config.ffn_hidden_size / h * gate
     moe_layers = sum(config.is_moe_layer(i) for i in range(layers))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
 import types
@@ -110,6 +111,50 @@ _LAUNCH_FLAGS: dict[str, dict] = {
     "--gpu": dict(type=str.upper, choices=sorted(GPUS), help="With --dry-run: also predict the step time, tokens/s, "
                   "MFU and whether it fits on GPUs of this type (tools/plan_parallelism.py's model)."),
 }
+
+
+def _window_pair(text: str) -> int | None:
+    """--window-size as Megatron takes it, LEFT,RIGHT (or one number, LEFT,0) -> our window_size: LEFT, or None
+    for -1 (unbounded)."""
+    parts = text.strip("() ").split(",")
+    try:
+        left, right = (int(part) for part in (parts if len(parts) == 2 else [*parts, "0"]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LEFT,RIGHT or one number LEFT (integers, -1 unbounded)")
+    if right != 0:
+        raise argparse.ArgumentTypeError(f"{text}: RIGHT={right} must be 0 (a causal decoder attends to no later "
+                                         "token)")
+    if left < -1:
+        raise argparse.ArgumentTypeError(f"{text}: LEFT={left} must be >= 0, or -1 for no window")
+    return None if left == -1 else left
+
+
+def _layer_pattern(text: str) -> int | list[int]:
+    """--window-attn-skip-freq as Megatron takes it: an integer, or a list expression such as [1,1,1,0]*3 or
+    ([1]*5+[0])*4, evaluated here without eval: list literals of integers joined by + and *."""
+    def value(node: ast.AST) -> int | list:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(element) for element in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError(node)
+
+    try:
+        pattern = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, TypeError, ValueError):
+        pattern = None
+    if not isinstance(pattern, int) and not (isinstance(pattern, list)
+                                             and all(type(layer) is int for layer in pattern)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer N or a list such as [1,1,1,0]*3 (integers, "
+                                         "+ and *)")
+    return pattern
+
+
+# Fields whose flag is not a plain value of the field's type: Megatron's spellings, read into the field.
+_PARSERS = {"window_size": _window_pair, "window_attn_skip_freq": _layer_pattern}
 # A `bool | None` field whose None is a per-family default gets, besides its flag (which writes
 # True), one that writes False: Megatron only unties, and our llama family is untied by default.
 _OPPOSITES = {"untie_embeddings_and_output_weights": "--tie-embeddings-and-output-weights"}
@@ -151,6 +196,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[
             if f.name in _OPPOSITES:
                 group.add_argument(_OPPOSITES[f.name], dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                    help=f"The opposite of {names[0]}.")
+        elif f.name in _PARSERS:
+            group.add_argument(*names, dest=f.name, type=_PARSERS[f.name], default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=help_text)
         else:
             group.add_argument(*names, dest=f.name, type=base, nargs="+" if is_list else None,
                                choices=_CHOICES.get(f.name), default=argparse.SUPPRESS,
