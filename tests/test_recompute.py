@@ -2,26 +2,32 @@
 recomputing gives bit-identical losses, grads and weights, with dropout on and off, on one
 device and at tp 2 + SP, pp 2 (1F1B), pp 2 x vpp 2 (interleaved) and cp 2; dropout masks agree
 across tp ranks where the tensor is replicated and differ where it is split; resume with
-dropout on is bit-exact. One spawn of 2 ranks runs the parallel cases.
+dropout on is bit-exact. Under ZeRO-3 at dp 2 (dense and MoE) recomputing matches one device
+without it, gathers the same bytes as without it, and holds no more gathered at once (but a
+replayed group of more than 2 layers).
+One spawn of 2 ranks runs the parallel cases.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from unittest import mock
 
 import pytest
 import torch
 
 from helpers.checkpoint_steps import layout_config, train_jobs
-from helpers.parity import run_steps, setup_rank
+from helpers.parity import assert_parity, merge_ranks, run_steps, setup_rank
 from helpers.tiny import tiny_config
 from megatron_lite import parallel_state
-from megatron_lite.comm import all_gather
+from megatron_lite.comm import METER, all_gather
 from megatron_lite.config import ConfigError
 from megatron_lite.config.layout import Layout
 from megatron_lite.data.random_tokens import RandomTokens
+from megatron_lite.distributed.param_sharding import ShardedParams
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.model.transformer import Attention, TransformerLayer
+from megatron_lite.tensor_parallel.random import replaying
 from megatron_lite.training.arguments import parse_args
 from megatron_lite.training.loop import rank_microbatches, train_step
 
@@ -33,15 +39,29 @@ RECOMPUTE = {  # name: model fields
     "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp", "layernorm"]},
 }
 LAYOUTS = [Layout(tp=2, sp=True), Layout(pp=2), Layout(pp=2, vpp=2), Layout(cp=2)]
+MOE = {"num_experts": 4, "moe_router_topk": 2, "moe_aux_loss_coeff": 1e-2}
+# ZeRO-3 at dp 2 against one device without recomputation (no dropout: dp ranks draw other masks).
+# A replayed group of 2 layers finds both gathered (the grad buffers gather the last and prefetch
+# the first); a group of all 4 gathers its first two inside the replay; "selective" replays core
+# attention (the default), the MLP and the norms, "selective-moe" the experts, inside a gathered layer.
+ZERO3 = Layout(dp=2, zero=3)
+ZERO3_RECOMPUTE = {  # run under ZeRO-3 only
+    "full-uniform-4": {**RECOMPUTE["full-uniform"], "recompute_num_layers": 4},
+    "selective-moe": {"recompute_granularity": "selective", "recompute_modules": ["moe", "layernorm"]},
+}
+ZERO3_CASES = [("llama", "full-uniform"), ("llama", "selective"), ("gpt2", "full-uniform-4"), ("moe", "selective-moe")]
 
 
 def recompute_config(family: str, layout: Layout = Layout(), dropout: bool = True, recompute: str | None = None):
-    model = {"num_layers": 4, **(DROPOUT if dropout else {}), **RECOMPUTE.get(recompute, {})}
+    """4 layers, 4 microbatches of 1; family "moe": llama with 4 experts, top 2."""
+    model = {"num_layers": 4, **(DROPOUT if dropout else {}), **(MOE if family == "moe" else {}),
+             **{**RECOMPUTE, **ZERO3_RECOMPUTE}.get(recompute, {})}
+    family = "llama" if family == "moe" else family
     if layout.cp > 1:  # context parallelism refuses attention dropout
         model["attention_dropout"] = 0.0
     config = tiny_config(family, model=model, micro_batch_size=1, global_batch_size=4, train_iters=STEPS)
-    config = config.updated(parallel=layout.fields())
-    return config
+    # Several ZeRO-3 buckets per unit: each freed on its own once its grads are in.
+    return config.updated(parallel={**layout.fields(), **({"ddp_bucket_size": 3000} if layout.zero == 3 else {})})
 
 
 def identical(a: dict, b: dict) -> bool:
@@ -71,10 +91,41 @@ def _draws_in_attention_and_dropout(layout: Layout) -> dict:
             "mask_fraction": masks[0].float().mean().item()}
 
 
+def _zero3_working_set(family: str, recompute: str | None) -> dict:
+    """One step under ZeRO-3 at dp 2: the bytes all-gathered, the most bytes held gathered at
+    once (sampled after every unit's gather: only frees happen between them) and each unit's
+    bytes, how many units a replay asked for, and whether every bucket is freed after the step."""
+    config = recompute_config(family, ZERO3, dropout=False, recompute=recompute)
+    model = setup_rank(config)
+    most, unit_bytes, replayed, gather = [0], [], [0], ShardedParams._gather
+
+    def counting_gather(self: ShardedParams, i: int, wait: bool) -> None:
+        gather(self, i, wait)
+        held = {id(b): b for unit in self.buckets for _, b in unit if b.gathered}  # a tied bucket serves two units
+        most[0] = max(most[0], sum(b.param_full.nbytes for b in held.values()))
+        unit_bytes[:] = [sum(b.param_full.nbytes for _, b in unit) for unit in self.buckets]
+        replayed[0] += replaying()
+
+    batches = rank_microbatches(RandomTokens(config.model.vocab_size, config.model.seq_length), 0, config,
+                                torch.device("cpu"))
+    METER.reset()
+    with mock.patch.object(ShardedParams, "_gather", counting_gather):
+        train_step(model, batches, 1, config, torch.device("cpu"))
+    gathered = sum(n for (op, _group), n in METER.bytes.items() if op == "all_gather")  # experts gather over edp
+    return {"gathered_bytes": gathered, "most_bytes": most[0],
+            "unit_bytes": unit_bytes, "replayed_units": replayed[0],
+            "freed": not any(b.gathered for buf in model.grad_buffers for b in buf.buckets)}
+
+
 def recompute_worker() -> dict:
     results = {(layout, dropout, recompute): run_steps(recompute_config("llama", layout, dropout, recompute), STEPS)
                for layout in LAYOUTS for dropout in (False, True) for recompute in (None, *RECOMPUTE)}
     results["masks"] = {sp: _draws_in_attention_and_dropout(Layout(tp=2, sp=sp)) for sp in (False, True)}
+    results["zero3"] = {case: run_steps(recompute_config(case[0], ZERO3, False, case[1]), STEPS)
+                        for case in ZERO3_CASES}
+    families = dict.fromkeys(family for family, _ in ZERO3_CASES)
+    results["zero3_working_set"] = {case: _zero3_working_set(*case)
+                                    for case in [*((family, None) for family in families), *ZERO3_CASES]}
     return results
 
 
@@ -105,12 +156,39 @@ def test_recompute_is_bit_identical_in_parallel(layout: Layout, dropout: bool, r
         assert identical(rank[(layout, dropout, recompute)], rank[(layout, dropout, None)])
 
 
+@pytest.mark.parametrize("family, recompute", ZERO3_CASES, ids=["-".join(case) for case in ZERO3_CASES])
+def test_recompute_under_zero3_matches_one_device(family: str, recompute: str) -> None:
+    """A replayed layer gathers its parameters again (or finds them gathered) and the grad
+    buffers free them after its backward: the training of one device without recomputation."""
+    assert_parity(single(family, False, None), merge_ranks([rank["zero3"][(family, recompute)] for rank in spawned()]),
+                  tiny_config().model.vocab_size)
+
+
+@pytest.mark.parametrize("family, recompute", ZERO3_CASES, ids=["-".join(case) for case in ZERO3_CASES])
+def test_recompute_under_zero3_gathers_no_more(family: str, recompute: str) -> None:
+    """The replay gathers only what backward would gather anyway (the same bytes as without
+    recomputation) and holds no more at once than backward without it (the running unit and the
+    prefetched one; gpt2's tied embedding stays gathered from the output's backward to the
+    embedding's), except that a replayed group of 4 layers is gathered whole; none is left
+    gathered after the step."""
+    for rank in spawned():
+        without = rank["zero3_working_set"][(family, None)]
+        result = rank["zero3_working_set"][(family, recompute)]
+        assert result["gathered_bytes"] == without["gathered_bytes"]
+        extra = 2 * max(result["unit_bytes"]) if recompute == "full-uniform-4" else 0  # 2 layers more
+        assert 0 < result["most_bytes"] <= without["most_bytes"] + extra and result["freed"]
+        if family != "gpt2":
+            assert result["most_bytes"] <= sum(sorted(result["unit_bytes"])[-2:])
+        # Full: 4 layers replayed per microbatch (2 groups of 2, or 1 of 4), 2 microbatches per rank;
+        # a selective replay runs inside a layer, through no unit's hooks.
+        assert result["replayed_units"] == (8 if recompute.startswith("full") else 0)
+
+
 def test_moe_layers_recompute_without_counting_twice() -> None:
     """Replaying an MoE layer does not add its routed tokens or balancing loss again."""
-    moe = {"num_experts": 4, "moe_router_topk": 2, "moe_aux_loss_coeff": 1e-2}
     def run(**recompute):
-        config = recompute_config("llama")
-        config = config.updated(model={**moe, **recompute})
+        config = recompute_config("moe")
+        config = config.updated(model=recompute)
         model = setup_rank(config)
         batches = rank_microbatches(RandomTokens(config.model.vocab_size, config.model.seq_length), 0, config,
                                     torch.device("cpu"))
@@ -149,8 +227,6 @@ def test_resume_with_dropout_is_bit_exact(tmp_path) -> None:
     (["--recompute-method", "uniform"], "need --recompute-granularity full"),
     (["--recompute-modules", "mlp"], "--recompute-modules needs --recompute-granularity selective"),
     (["--recompute-granularity", "selective", "--recompute-modules", "moe"], "--recompute-modules moe needs"),
-    (["--recompute-granularity", "selective", "--data-parallel-sharding-strategy", "optim_grads_params"],
-     "not supported yet"),
 ])
 def test_bad_recompute_flags_are_refused(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

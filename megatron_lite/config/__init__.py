@@ -65,28 +65,11 @@ class Config:
                                    parallel=dataclasses.replace(self.parallel, **(parallel or {})),
                                    train=dataclasses.replace(self.train, **(train or {})), **fields)
 
-    @classmethod
-    def for_costing(cls, model: ModelConfig, parallel: ParallelConfig, train: TrainConfig) -> Config:
-        """A Config that is costed, never trained: the planner's rebuilt published runs. Each part
-        passes its own checks; the cross-checks of what this trainer does not run yet are skipped
-        (torchtitan's FSDP with selective checkpointing is ZeRO-3 with recomputation)."""
-        model.validate()
-        parallel.validate()
-        parallel.validate_model(model)
-        train.validate(parallel.data_parallel_size)
-        config = object.__new__(cls)
-        for name, value in (("model", model), ("parallel", parallel), ("train", train), ("model_flags_given", None)):
-            object.__setattr__(config, name, value)
-        return config
-
     def validate(self) -> None:
         self.model.validate()
         self.parallel.validate()
         self.parallel.validate_model(self.model)
         self.train.validate(self.parallel.data_parallel_size)
-        require(not (self.model.recompute_granularity and self.parallel.sharding == "optim_grads_params"),
-                "--recompute-granularity with --data-parallel-sharding-strategy=optim_grads_params is not "
-                "supported yet (a replayed layer would free the parameters its backward still needs)")
         require(not (self.train.compile and self.parallel.sharding == "optim_grads_params"),
                 "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")

@@ -12,6 +12,15 @@ again (a stage holds many microbatches in flight, and keeping a gathered copy pe
 would be the unsharded memory): per step and rank, m forwards and m backwards of gathers and m
 reduce-scatters, m the microbatches.
 
+Under activation recomputation backward replays a recomputed region's forward, and with it
+the forward hooks of the units inside (full recomputation replays whole layers; selective
+recomputation replays parts of one layer, which fire no unit hook and find their layer
+gathered for its backward). A replayed unit is gathered if it is not already (a group of
+layers replays all of them at the start of its last layer's backward), is not freed after the
+replayed forward (its backward follows and reads the parameters; the grad buffers free them
+when its grads are in, as without recomputation) and prefetches nothing. So recomputation
+gathers no more than backward without it, and holds no more at once but a replayed group.
+
 Why not torch's FSDP2 (`fully_shard`, which runs on gloo here): it makes parameters DTensors
 and owns their gradients, reduce-scattering them in its own hooks in the parameters' dtype;
 our fp32 main-grad buffer, the distributed optimizer's flat shards and the checkpoint format
@@ -24,6 +33,7 @@ import torch
 
 from megatron_lite.distributed.data_parallel import Bucket, DataParallelGrads
 from megatron_lite.param_unit import ParamUnit
+from megatron_lite.tensor_parallel.random import replaying
 
 
 class ShardedParams:
@@ -53,13 +63,27 @@ class ShardedParams:
                 buf.wait_params(bucket)
 
     def _before_forward(self, i: int) -> None:
+        if replaying():
+            self._before_replay(i)
+            return
         self._gather(i, wait=True)
         for buf, bucket in self.buckets[i]:
             self.users[id(bucket)] = self.users.get(id(bucket), 0) + 1
         if i + 1 < len(self.units):
             self._gather(i + 1, wait=False)  # prefetch: overlaps this unit's forward
 
+    def _before_replay(self, i: int) -> None:
+        """Backward replays the unit's forward (recomputation, module docstring): gather it unless it
+        is already. No user count: torch's checkpoint may stop a replay once it has what backward
+        needs, before the unit's forward hook, so a count could leak. No prefetch: the units after
+        it are done with. Per unit, not per microbatch: every replay's saved tensors are views of the
+        unit's one gathered copy; a copy kept per microbatch in flight would be, under pipeline
+        parallelism, the unsharded memory."""
+        self._gather(i, wait=True)
+
     def _after_forward(self, i: int, output: object) -> None:
+        if replaying():  # its backward follows and reads the parameters; the replayed output is not in the graph
+            return
         for buf, bucket in self.buckets[i]:
             self.users[id(bucket)] -= 1
             if self.users[id(bucket)] == 0:

@@ -1,11 +1,9 @@
 """The published runs (planner/published.py) rebuilt as our configs and predicted, and the best
 published MFU of a model's size class on a GPU, which a prediction above is flagged against.
 
-A published row is rebuilt as Config.for_costing, without the cross-checks of what the trainer
-does not run yet: torchtitan's FSDP with selective
-checkpointing is ZeRO-3 with recomputation, which today's trainer refuses (a replayed layer
-would free parameters its backward still needs) but the cost functions model (the replay runs
-after the layer's backward gather, so it gathers nothing more).
+A published row is rebuilt as a Config that validates like a command line: each is a run this
+trainer accepts (torchtitan's FSDP with selective checkpointing is ZeRO-3 with recomputation;
+the replay runs after the layer's backward gather, so it gathers nothing more).
 """
 from __future__ import annotations
 
@@ -26,14 +24,14 @@ CLASS_NAMES = ("< 3B", "3B-30B", "30B-300B", ">= 300B")
 
 
 def published_config(run: PublishedRun) -> Config:
-    """The run of a published row as our Config (bf16, on GPUs), for costing (module docstring)."""
+    """The run of a published row as our Config (bf16, on GPUs)."""
     layout = dict(run.layout)
     model_parallel = (layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1)
                       * layout.get("context_parallel_size", 1))
-    return Config.for_costing(model=ModelConfig(**run.model, **run.recompute),
-                              parallel=ParallelConfig(**layout, data_parallel_size=run.gpus // model_parallel),
-                              train=TrainConfig(micro_batch_size=run.micro_batch, global_batch_size=run.global_batch,
-                                                bf16=True, device="cuda"))
+    return Config(model=ModelConfig(**run.model, **run.recompute),
+                  parallel=ParallelConfig(**layout, data_parallel_size=run.gpus // model_parallel),
+                  train=TrainConfig(micro_batch_size=run.micro_batch, global_batch_size=run.global_batch,
+                                    bf16=True, device="cuda"))
 
 
 def six_n_flops(model: ModelConfig) -> float:
