@@ -63,7 +63,8 @@ def test_presets_and_overrides() -> None:
 # Published sizes (model cards), vocabularies and tying (config.json) of the real models the presets copy.
 REAL_MODELS = {"llama3.2-1b": (1.23e9, 128256, True), "qwen2.5-0.5b": (0.49e9, 151936, True),
                "qwen3-0.6b": (0.6e9, 151936, True), "smollm-135m": (135e6, 49152, True),
-               "mistral-7b": (7.24e9, 32000, False)}
+               "mistral-7b": (7.24e9, 32000, False), "llama3-70b": (70.6e9, 128256, False),
+               "mixtral-8x7b": (46.7e9, 32000, False), "qwen3-30b-a3b": (30.5e9, 151936, False)}
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
@@ -72,6 +73,12 @@ def test_real_model_presets_have_their_models_parameter_count(name: str) -> None
     model = dataclasses.replace(parse_args(["--model", name]).model, vocab_size=vocab)
     assert model.tie_embeddings == tied
     assert count_parameters(model) == pytest.approx(size, rel=0.01)
+
+
+def test_zbv_alone_runs_two_chunks_per_rank() -> None:
+    """ZB-V is defined on two model chunks per rank: --pipeline-schedule zbv needs no --vpp 2."""
+    config = parse_args(["--pp", "2", "--pipeline-schedule", "zbv", "--micro-batch-size", "4"], world_size=2)
+    assert config.parallel.vpp == 2 and config.parallel.v_shape
 
 
 def test_tie_flags() -> None:
@@ -115,7 +122,7 @@ def test_padded_vocab() -> None:
      r"--ffn-hidden-size=99 is not divisible by --tensor-model-parallel-size=2"),
     (2, ["--tp", "2", "--sp", "--seq-length", "33"],
      r"--seq-length=33 is not divisible by --tensor-model-parallel-size=2, which --sequence-parallel needs"),
-    (2, ["--pp", "2", "--pipeline-schedule", "zbv"],
+    (2, ["--pp", "2", "--pipeline-schedule", "zbv", "--vpp", "1"],
      r"--pipeline-schedule=zbv places two model chunks per rank in a V; "
      r"set --virtual-pipeline-model-parallel-size 2 \(it is 1\)"),
     (2, ["--pp", "2", "--vpp", "2", "--pipeline-schedule", "zb-h1"],

@@ -68,8 +68,8 @@ def test_generate_tool_prints_prompt_and_continuation_only(checkpoints: dict[str
                                                            capsys: pytest.CaptureFixture) -> None:
     model, _ = load_model(checkpoints["tp1"])
     ids = generate(model, list(PROMPT.encode()), 30, GREEDY, EOD)
-    for load in (checkpoints["tp2pp2"], checkpoints["hf"]):
-        assert generate_tool.main(["--load", str(load), "--prompt", PROMPT, "--max-new-tokens", "30", "--greedy"]) == 0
+    for load, greedy in ((checkpoints["tp2pp2"], "--greedy"), (checkpoints["hf"], "--temperature=0")):
+        assert generate_tool.main(["--load", str(load), "--prompt", PROMPT, "--max-new-tokens", "30", greedy]) == 0
         out, err = capsys.readouterr()
         assert out == PROMPT + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace") + "\n"
         assert "tokens/s), stopped at --max-new-tokens=30" in err
@@ -86,7 +86,7 @@ def test_generate_tool_prints_prompt_and_continuation_only(checkpoints: dict[str
     (["--max-new-tokens", "60"], "the prompt's 17 tokens + --max-new-tokens=60 must be between 1 and the model's "
                                  "context of 64 positions"),
     (["--top-p", "1.5"], "--top-p=1.5 must be within [0, 1] (0: no cut)"),
-    (["--temperature", "0"], "--temperature=0.0 must be positive (--greedy takes the most likely token)"),
+    (["--temperature", "-1"], "--temperature=-1.0 must be positive, or 0 for the most likely token"),
     (["--ckpt-step", "7"], "--ckpt-step=7: "),
 ])
 def test_bad_input_is_one_line(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture,

@@ -62,8 +62,8 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None
     """Alternative to --virtual-pipeline-model-parallel-size: layers per model chunk."""
     pipeline_schedule: str | None = None
-    """gpipe, 1f1b, interleaved, zb-h1 or zbv (zero bubble; zbv with --vpp 2; default: interleaved when vpp > 1, else
-    1f1b)."""
+    """gpipe, 1f1b, interleaved, zb-h1 or zbv (zero bubble; zbv runs two chunks per rank, --vpp 2 by default; default:
+    interleaved when vpp > 1, else 1f1b)."""
     microbatch_group_size_per_virtual_pipeline_stage: int | None = None
     """Interleaved schedule: microbatches each model chunk runs in a row (default pp, depth-first); from pp to the
     number of microbatches, which must be a multiple of it or leave a remainder of at least pp."""

@@ -8,9 +8,10 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """greedy takes the most likely token; otherwise the logits are divided by temperature,
-    cut to the top_k most likely (0: no cut) and to the smallest set whose probability reaches
-    top_p (0 or 1: no cut), then sampled (Megatron's and transformers' order of the steps)."""
+    """greedy (or temperature 0, the limit it tends to, as Megatron's and vLLM's tools read it)
+    takes the most likely token; otherwise the logits are divided by temperature, cut to the
+    top_k most likely (0: no cut) and to the smallest set whose probability reaches top_p (0 or
+    1: no cut), then sampled (Megatron's and transformers' order of the steps)."""
     greedy: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -18,9 +19,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """ValueError naming the first value out of range."""
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature={self.temperature} must be positive "
-                             "(--greedy takes the most likely token)")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature={self.temperature} must be positive, or 0 for the most likely token")
         if self.top_k < 0:
             raise ValueError(f"--top-k={self.top_k} must be 0 (no cut) or positive")
         if not 0 <= self.top_p <= 1:
@@ -29,7 +29,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of logits [b, vocab]."""
-    if params.greedy:
+    if params.greedy or params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
     if params.top_k:

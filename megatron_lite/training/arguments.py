@@ -53,9 +53,22 @@ PRESETS: dict[str, dict] = {
     "llama-moe": dict(family="llama", num_layers=16, hidden_size=2048, num_attention_heads=32,
                       num_query_groups=4, ffn_hidden_size=5632, seq_length=2048, num_experts=8, moe_router_topk=2,
                       moe_ffn_hidden_size=1408, moe_aux_loss_coeff=1e-2),
-    # Llama-3-8B's shape.
+    # Llama-3-8B's and Llama-3-70B's shapes.
     "llama-8b": dict(family="llama", num_layers=32, hidden_size=4096, num_attention_heads=32,
                      num_query_groups=8, ffn_hidden_size=14336, seq_length=8192, rotary_base=500000.0),
+    "llama3-70b": dict(family="llama", num_layers=80, hidden_size=8192, num_attention_heads=64,
+                       num_query_groups=8, ffn_hidden_size=28672, seq_length=8192, rotary_base=500000.0),
+    # The mixtures of experts Megatron-LM's examples train, as their config.json (random init here):
+    # Mixtral-8x7B (8 experts of Mistral-7B's MLP, top-2) and Qwen3-30B-A3B (128 experts of width
+    # 768, top-8, q/k norms, 128-wide heads); 4096-token samples, the RoPE table their whole context.
+    "mixtral-8x7b": dict(family="llama", num_layers=32, hidden_size=4096, num_attention_heads=32,
+                         num_query_groups=8, ffn_hidden_size=14336, seq_length=4096, max_position_embeddings=32768,
+                         rotary_base=1000000.0, num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=14336,
+                         moe_aux_loss_coeff=1e-2),
+    "qwen3-30b-a3b": dict(family="llama", num_layers=48, hidden_size=2048, num_attention_heads=32,
+                          num_query_groups=4, kv_channels=128, qk_layernorm=True, ffn_hidden_size=6144,
+                          seq_length=4096, max_position_embeddings=40960, norm_epsilon=1e-6, rotary_base=1000000.0,
+                          num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768, moe_aux_loss_coeff=1e-3),
     # Small tied models, as their config.json on the Hub (random init here; from-hf imports the weights).
     # Llama-3.2-1B: trained at 8192 tokens, its 131072 context by llama3 RoPE scaling (factor 32,
     # low/high freq factors 1 and 4: the fields' defaults).
@@ -292,6 +305,9 @@ def _config(given: dict, world_size: int) -> Config:
             raise ConfigError(f"--num-layers={model.num_layers} is not divisible by pp * "
                               f"--num-layers-per-virtual-pipeline-stage = {stages}")
         parallel = dataclasses.replace(parallel, virtual_pipeline_model_parallel_size=model.num_layers // stages)
+    if parallel.pipeline_schedule == "zbv" and parallel.virtual_pipeline_model_parallel_size is None:
+        # ZB-V is defined on two chunks per rank (its V): the schedule alone says so.
+        parallel = dataclasses.replace(parallel, virtual_pipeline_model_parallel_size=2)
     parallel = dataclasses.replace(parallel, data_parallel_size=axis_sizes(parallel, world_size)["dp"])
     if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
         if int(os.environ.get("RANK", "0")) == 0:
