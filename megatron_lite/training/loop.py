@@ -83,10 +83,10 @@ def _reduce_device() -> torch.device | None:
 
 def microbatch_shape(config: Config) -> tuple[int, int, int]:
     """Shape of the hidden states passed between pipeline stages: [micro batch, this rank's tokens
-    (seq / cp, and / tp under SP), hidden]."""
-    par = config.parallel
-    seq = config.model.seq_length // par.context_parallel_size
-    return (config.train.micro_batch_size, seq // par.tensor_model_parallel_size if par.sequence_parallel else seq,
+    (seq / cp, and / tp under SP), hidden]; the sizes from the rank grid, as every layer reads them."""
+    grid = parallel_state.get_grid()
+    seq = config.model.seq_length // grid.size("cp")
+    return (config.train.micro_batch_size, seq // grid.size("tp") if config.parallel.sequence_parallel else seq,
             config.model.hidden_size)
 
 
