@@ -63,23 +63,19 @@ class ShardedParams:
                 buf.wait_params(bucket)
 
     def _before_forward(self, i: int) -> None:
-        if replaying():
-            self._before_replay(i)
-            return
         self._gather(i, wait=True)
+        if replaying():
+            # Backward replays the unit's forward (recomputation, module docstring): gathered above
+            # unless it was already. No user count: torch's checkpoint may stop a replay once it has
+            # what backward needs, before the unit's forward hook, so a count could leak. No prefetch:
+            # the units after it are done with. Per unit, not per microbatch: every replay's saved
+            # tensors are views of the unit's one gathered copy (a copy per microbatch in flight would
+            # be, under pipeline parallelism, the unsharded memory).
+            return
         for buf, bucket in self.buckets[i]:
             self.users[id(bucket)] = self.users.get(id(bucket), 0) + 1
         if i + 1 < len(self.units):
             self._gather(i + 1, wait=False)  # prefetch: overlaps this unit's forward
-
-    def _before_replay(self, i: int) -> None:
-        """Backward replays the unit's forward (recomputation, module docstring): gather it unless it
-        is already. No user count: torch's checkpoint may stop a replay once it has what backward
-        needs, before the unit's forward hook, so a count could leak. No prefetch: the units after
-        it are done with. Per unit, not per microbatch: every replay's saved tensors are views of the
-        unit's one gathered copy; a copy kept per microbatch in flight would be, under pipeline
-        parallelism, the unsharded memory."""
-        self._gather(i, wait=True)
 
     def _after_forward(self, i: int, output: object) -> None:
         if replaying():  # its backward follows and reads the parameters; the replayed output is not in the graph
