@@ -97,6 +97,9 @@ def to_hf(args: argparse.Namespace) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     files = save_safetensors(to_hf_state(full.model, model), out, int(args.max_shard_size_gb * 2**30))
     print(f"wrote {out}: config.json, {', '.join(files)} ({config['architectures'][0]}, iteration {full.iteration})")
+    if model.mtp_depths:
+        print(f"left out the {model.mtp_depths} multi-token prediction module(s) (mtp.layers.*): no Hugging Face "
+              "family we export has them")
     print(tokenizer_line)
 
 

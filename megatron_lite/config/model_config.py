@@ -102,6 +102,13 @@ class ModelConfig:
     """Which layers slide, with --window-size (Megatron's): an integer N makes every N-th layer (layers N, 2N, ...,
     counting from 1) attend fully and the others slide (2: Gemma-2's alternation; 6: Gemma-3's five to one); a list
     such as [1,1,1,0]*3 or ([1]*5+[0])*4 gives each layer 1 (slide) or 0 (full). Default: every layer slides."""
+    mtp_num_layers: int | None = None
+    """Multi-token prediction (DeepSeek-V3's, as Megatron-Core builds it): this many extra modules after the last
+    layer, module k predicting the token k+1 positions ahead from module k-1's output and the embedding of the token
+    k ahead, through its own transformer layer and the shared output layer (llama family); training only, generation
+    and Hugging Face export leave them out. Default (or 0): none."""
+    mtp_loss_scaling_factor: float = 0.1
+    """With --mtp-num-layers: the mean of the modules' losses times this is added to the lm loss."""
     fused_kernels: bool = True
     """Fused kernels (megatron_lite/kernels/, Triton on GPU) for norms, RoPE, SwiGLU/GELU, attention and the loss; off:
     plain torch."""
@@ -156,8 +163,8 @@ class ModelConfig:
     # (checkpointing.adopt_checkpoint_model_args); a new field is checked unless listed here.
     TRAINING_ONLY = ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "fused_kernels",
                      "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
-                     "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-                     "moe_router_bias_update_rate", "moe_token_dispatcher_type")
+                     "mtp_loss_scaling_factor", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+                     "moe_z_loss_coeff", "moe_router_bias_update_rate", "moe_token_dispatcher_type")
 
     def __post_init__(self) -> None:
         """The defaults derived from other fields (frozen: set once, here)."""
@@ -193,6 +200,11 @@ class ModelConfig:
     def layer_windows(self) -> list[int | None]:
         """layer_window of every layer, in order."""
         return [self.layer_window(number) for number in range(self.num_layers)]
+
+    @property
+    def mtp_depths(self) -> int:
+        """The number of multi-token prediction modules (0: none)."""
+        return self.mtp_num_layers or 0
 
     @property
     def head_dim(self) -> int:
@@ -331,6 +343,19 @@ class ModelConfig:
                     f"--window-attn-skip-freq={freq} must give each of the --num-layers={self.num_layers} layers 1 "
                     "(slide) or 0 (full)")
 
+    def _validate_mtp(self) -> None:
+        require(0 < self.mtp_num_layers < self.seq_length, f"--mtp-num-layers={self.mtp_num_layers} must be "
+                f"below --seq-length={self.seq_length} (module k predicts the token k+1 positions ahead)")
+        require(self.mtp_loss_scaling_factor >= 0,
+                f"--mtp-loss-scaling-factor={self.mtp_loss_scaling_factor} must be >= 0")
+        # Module k embeds the token k positions ahead with the shared embedding; gpt2 would need its learned
+        # position table on the last pipeline stage too.
+        require(self.family == "llama", f"--mtp-num-layers is for the llama family (rotary positions); "
+                f"--family={self.family} is not supported with it")
+        require(not isinstance(self.window_attn_skip_freq, list), "--mtp-num-layers with a per-layer "
+                "--window-attn-skip-freq list is not supported (the list names no window for the MTP layers); "
+                "give an integer frequency")
+
     def validate(self) -> None:
         require(self.family in FAMILIES, f"--family={self.family} is unknown; allowed: {', '.join(FAMILIES)}")
         self._validate_recompute()
@@ -364,6 +389,8 @@ class ModelConfig:
         require(self.window_size is None or self.window_size >= 0,
                 f"--window-size={self.window_size} must be >= 0 (the tokens before each token it attends to)")
         self._validate_window_pattern()
+        if self.mtp_depths:
+            self._validate_mtp()
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"{flag(name)}={value} must be in [0, 1)")

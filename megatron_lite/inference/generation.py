@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ def load_model(path: str | Path, ckpt_step: int | None = None,
             raise ConfigError(f"--load={path} holds neither a checkpoint nor a Hugging Face config.json")
         full = read_checkpoint(path, iteration)
         model_config, weights, train = ModelConfig(**full.config["model"]), full.model, full.config["train"]
-    model = GPTModel(model_config)
+    # Generation predicts one token at a time: the multi-token prediction modules are left out.
+    model = GPTModel(replace(model_config, mtp_num_layers=None))
     load_weights(weights, [model])
     return model.to(device).eval(), train
 

@@ -14,6 +14,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.kv_cache import InferenceParams
+from megatron_lite.model.mtp import MultiTokenPrediction
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_tables
@@ -50,13 +51,16 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.ops = select_ops(config.fused_kernels) if ops is None else ops
         vocab = config.padded_vocab_size(parallel_state.get_grid().size("tp"))
-        if pre_process or (post_process and config.tie_embeddings):
+        # The last stage reads the embedding table too when it is the output layer, or when the
+        # multi-token prediction modules embed the tokens ahead.
+        shared_on_last = config.tie_embeddings or config.mtp_depths > 0
+        if pre_process or (post_process and shared_on_last):
             self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
             weight = self.word_embeddings.weight
             place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
-            if config.tie_embeddings and parallel_state.get_grid().size("pp") > 1:
-                # The first and the last stage each hold a copy of the tied table (input
-                # embedding, output layer); the two copies' grads are summed every step.
+            if shared_on_last and parallel_state.get_grid().size("pp") > 1:
+                # The first and the last stage each hold a copy of the table (input embedding,
+                # and output layer or MTP embedding); the two copies' grads are summed every step.
                 with_partial_grads(weight, "embedding")
                 if parallel_state.get_grid().v_shape and not pre_process:  # both stages on this rank
                     place(weight, replace(placement(weight), second_copy=True))
@@ -78,6 +82,7 @@ class GPTModel(nn.Module):
                                                          sequence_parallel=sequence_parallel)
                 weight = self.output_layer.weight
                 place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
+            self.mtp = MultiTokenPrediction(config, self.ops, sequence_parallel) if config.mtp_depths else None
 
     def param_units(self) -> list[ParamUnit]:
         """The groups of parameters used together, in forward order (what ZeRO-3 gathers at once):
@@ -93,7 +98,10 @@ class GPTModel(nn.Module):
                   for number, layer in self.layers.items()]
         if self.post_process:
             output = self.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
-            units.append(ParamUnit("output", [*self.final_layernorm.parameters(), output], self.final_layernorm, self))
+            # The MTP modules run between the final norm and the end of the forward, with the embedding.
+            mtp = [] if self.mtp is None else [*self.mtp.parameters(), self.word_embeddings.weight]
+            params = list(dict.fromkeys([*self.final_layernorm.parameters(), output, *mtp]))
+            units.append(ParamUnit("output", params, self.final_layernorm, self))
         return units
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -103,8 +111,13 @@ class GPTModel(nn.Module):
                 grid = parallel_state.get_grid()
                 positions = positions.chunk(grid.size("tp"))[grid.coord("tp")]
             x = x + self.position_embeddings(positions)
-        with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
+        with self._layers_rng():
             return self.embedding_dropout(x)
+
+    def _layers_rng(self) -> contextlib.AbstractContextManager:
+        """Under SP every dropout outside the tensor-parallel regions is on this rank's tokens: the
+        tensor-parallel RNG."""
+        return get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
 
     def _run_layers(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
                     inference_params: InferenceParams | None = None) -> torch.Tensor:
@@ -131,12 +144,15 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 hidden: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                inference_params: InferenceParams | None = None) -> torch.Tensor:
+                inference_params: InferenceParams | None = None, mtp_tokens: torch.Tensor | None = None,
+                mtp_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, s, vocab] without labels, per-token fp32 loss [b, s] with them; a stage that
         is not the last returns its hidden states. `hidden` is the input of a stage that is not the
         first. `positions` [s]: where in the sequence the tokens are (default 0..s-1; context
         parallelism gives each rank tokens from two places of the sequence; generation the
-        positions after those in `inference_params`, its KV cache)."""
+        positions after those in `inference_params`, its KV cache). With multi-token prediction
+        modules, labels and `mtp_tokens`, `mtp_labels` ([b, s, N], model/mtp.py's add_mtp_targets):
+        the per-token losses [b, s, 1 + N], the lm loss's then each module's."""
         if positions is None and inference_params is not None:
             offset = inference_params.sequence_len_offset
             positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
@@ -146,19 +162,34 @@ class GPTModel(nn.Module):
             positions = torch.arange(seq, device=(tokens if tokens is not None else hidden).device)
         x = self.embed(tokens, positions) if self.pre_process else hidden
         rotary = None if self.config.family == "gpt2" else (self.rotary_cos[positions], self.rotary_sin[positions])
-        # Under SP every dropout in the layers is on this rank's tokens: the tensor-parallel RNG.
-        with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
+        with self._layers_rng():
             x = self._run_layers(x, rotary, inference_params)
         if not self.post_process:
             return x
         x = self.final_layernorm(x)
-        # The output layer is column-parallel over the vocabulary (tied: the embedding table).
-        weight = self.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
-        x = enter_tensor_parallel_region(x, self.sequence_parallel)
         if labels is None:
             # Pad ids are not tokens: drop their logits.
-            return gather_from_tensor_model_parallel_region(F.linear(x, weight))[..., : self.config.vocab_size]
-        return self.ops.lm_loss(x, weight, labels, self.config.vocab_size)
+            logits = F.linear(enter_tensor_parallel_region(x, self.sequence_parallel), self._output_weight())
+            return gather_from_tensor_model_parallel_region(logits)[..., : self.config.vocab_size]
+        loss = self._loss(x, labels)
+        if self.mtp is None or mtp_tokens is None:
+            return loss
+        losses = [loss]
+        for k, layer in enumerate(self.mtp.layers):
+            embedded = self.embed(mtp_tokens[..., k], positions)
+            with self._layers_rng():
+                x = layer(x, embedded, rotary)
+            losses.append(self._loss(x, mtp_labels[..., k]))
+        return torch.stack(losses, dim=-1)
+
+    def _output_weight(self) -> torch.Tensor:
+        """The output layer's weight, column-parallel over the vocabulary (tied: the embedding table)."""
+        return self.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss of the final hidden states x against labels, through the output layer."""
+        x = enter_tensor_parallel_region(x, self.sequence_parallel)
+        return self.ops.lm_loss(x, self._output_weight(), labels, self.config.vocab_size)
 
 
 def _is_output_projection(name: str) -> bool:
@@ -180,7 +211,7 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.zero_()
-            elif "layernorm" in name:
+            elif "layernorm" in name or name.endswith(("enorm.weight", "hnorm.weight")):  # norms (MTP's too)
                 param.fill_(1.0)
             else:
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))

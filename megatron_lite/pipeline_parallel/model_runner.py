@@ -11,6 +11,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_reduce
 from megatron_lite.model.moe import AuxLoss
+from megatron_lite.model.mtp import mtp_loss_weights
 from megatron_lite.pipeline_parallel.split_backward import WeightGradients, backward_input
 from megatron_lite.pipeline_parallel.trace import Trace
 
@@ -23,7 +24,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(what to differentiate, the mean loss over the unmasked tokens of one microbatch).
 
     Under context parallelism each cp rank holds part of every sequence: the sum and the count
@@ -31,14 +33,20 @@ def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
     Each rank differentiates cp times its own share of that mean: the gradient reduction
     averages over dp x cp, and the average of cp times the shares is their sum, the gradient
     of the mean.
+
+    With multi-token prediction per_token and loss_mask are [b, s, 1 + N] (the lm loss, then
+    each module's): each is averaged over its own unmasked tokens, the means are reported, and
+    what is differentiated is their sum weighted by `weights` (model/mtp.py's mtp_loss_weights).
     """
-    total, count = (per_token * loss_mask).sum(), loss_mask.sum()
+    total, count = (per_token * loss_mask).sum((0, 1)), loss_mask.sum((0, 1))
     cp = parallel_state.get_grid().size("cp")
     if cp == 1:
         loss = total / count
-        return loss, loss.detach()
-    sums = all_reduce(torch.stack([total.detach(), count]), group="cp")
-    return total * (cp / sums[1]), sums[0] / sums[1]
+        objective, mean = loss, loss.detach()
+    else:
+        sums = all_reduce(torch.stack([total.detach(), count]), group="cp")
+        objective, mean = total * (cp / sums[1]), sums[0] / sums[1]
+    return (objective if weights is None else (objective * weights).sum()), mean
 
 
 class ModelRunner:
@@ -67,6 +75,7 @@ class ModelRunner:
         self.before_last_backward, self.after_backward = before_last_backward, after_backward
         # Detached device scalars: reading them (a host sync) waits for the end of the step.
         self.losses: list[torch.Tensor] = []
+        self.mtp_losses: list[torch.Tensor] = []  # [N] per microbatch, with multi-token prediction
         self.pending: dict[tuple[int, int], WeightGradients] = {}  # B done, W not yet
 
     def _record(self, chunk: int, microbatch: int, kind: str, start: float) -> None:
@@ -78,11 +87,19 @@ class ModelRunner:
         model, batch = self.chunks[chunk], self.microbatches[microbatch]
         if input_tensor is not None:
             input_tensor.requires_grad_()
+        mtp = model.post_process and "mtp_tokens" in batch
         with autocast(self.device, self.dtype):
             output = model(tokens=batch["tokens"], labels=batch["labels"] if model.post_process else None,
-                           hidden=input_tensor, positions=batch.get("position_ids"))
+                           hidden=input_tensor, positions=batch.get("position_ids"),
+                           **({"mtp_tokens": batch["mtp_tokens"], "mtp_labels": batch["mtp_labels"]} if mtp else {}))
         if model.post_process:
-            objective, loss = microbatch_loss(output, batch["loss_mask"])
+            if mtp:
+                masks = torch.cat([batch["loss_mask"].unsqueeze(-1), batch["mtp_loss_mask"]], dim=-1)
+                objective, losses = microbatch_loss(output, masks, mtp_loss_weights(model.config, output.device))
+                loss = losses[0]
+                self.mtp_losses.append(losses[1:])
+            else:
+                objective, loss = microbatch_loss(output, batch["loss_mask"])
             self.losses.append(loss)
             output = objective / self.num_microbatches
             if self.loss_scale != 1.0:

@@ -26,6 +26,7 @@ from megatron_lite.data import build_training_data
 from megatron_lite.data.loader import global_batch
 from megatron_lite.distributed.grad_sync import average_across_data_parallel, reduce_partial_grads
 from megatron_lite.model.moe import finish_moe_step
+from megatron_lite.model.mtp import add_mtp_targets
 from megatron_lite.optimizer.lr_schedule import learning_rate, set_learning_rate
 from megatron_lite.parallel_state import print_rank_0
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
@@ -67,13 +68,16 @@ def select_device(config: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
-def last_stage_loss(losses: list[torch.Tensor]) -> float:
-    """Mean microbatch loss of the step, known on the last pipeline stage, on every rank."""
+def last_stage_loss(losses: list[torch.Tensor], shape: tuple[int, ...] = ()) -> float | list[float]:
+    """Mean microbatch loss of the step, known on the last pipeline stage, on every rank; of each
+    entry of losses of `shape` (the MTP modules' [N]), a list."""
     grid = parallel_state.get_grid()
-    mean = (torch.stack(losses).double().mean() if losses
-            else torch.zeros((), dtype=torch.float64, device=_reduce_device()))
+    mean = (torch.stack(losses).double().mean(0) if losses
+            else torch.zeros(shape, dtype=torch.float64, device=_reduce_device()))
     if grid.size("pp") > 1:
-        all_reduce(mean.view(1), group="pp")
+        all_reduce(mean.view(-1), group="pp")
+    if shape:
+        return [average_across_data_parallel(value) for value in mean.tolist()]
     return average_across_data_parallel(mean.item())
 
 
@@ -91,9 +95,9 @@ def microbatch_shape(config: Config) -> tuple[int, int, int]:
 
 
 def forward_backward(model: TrainingModel, microbatches, config: Config, device: torch.device,
-                     trace: Trace | None = None, loss_scale: float = 1.0) -> list[torch.Tensor]:
+                     trace: Trace | None = None, loss_scale: float = 1.0) -> ModelRunner:
     """Forward and backward of the step's microbatches under the pipeline schedule, then every grad
-    reduction; returns the last stage's microbatch losses (none on other stages).
+    reduction; returns the runner, which holds the last stage's microbatch losses (none on other stages).
 
     Afterwards each rank holds, in each parameter's fp32 main_grad (with the distributed
     optimizer: in its shard of the grad buffer), `loss_scale` times the gradient of the mean
@@ -112,7 +116,7 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
     reduce_partial_grads(model.chunks)
     for buf in model.grad_buffers:
         buf.finish_grad_sync()
-    return runner.losses
+    return runner
 
 
 class StepResult(NamedTuple):
@@ -121,6 +125,7 @@ class StepResult(NamedTuple):
     lr: float
     skipped: bool  # --fp16: the gradients overflowed, the weights were left as they were
     moe: dict | None = None  # mixture of experts: the step's balancing loss and expert load (model/moe.py)
+    mtp: list[float] | None = None  # multi-token prediction: each module's loss, averaged as loss is
 
 
 def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
@@ -132,13 +137,15 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     (the parity tests compare them there with one device's).
     """
     cfg, scaler = config.train, model.optimizer.loss_scaler
-    losses = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale)
+    runner = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale)
     if scaler is not None:
         for buf in model.grad_buffers:
             buf.grad_data.mul_(1.0 / scaler.scale)
     if inspect_grads is not None:
         inspect_grads(model)
-    loss = last_stage_loss(losses)
+    loss = last_stage_loss(runner.losses)
+    depths = config.model.mtp_depths
+    mtp = last_stage_loss(runner.mtp_losses, (depths,)) if depths else None
     moe = finish_moe_step(model.chunks) if config.model.num_experts else None
     grad_norm = model.optimizer.clip_grads(cfg.clip_grad)
     # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
@@ -151,7 +158,7 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     if not skipped:
         set_learning_rate(model.optimizer, lr)
         model.optimizer.step()
-    return StepResult(loss, grad_norm, lr, skipped, moe)
+    return StepResult(loss, grad_norm, lr, skipped, moe, mtp)
 
 
 def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
@@ -169,11 +176,12 @@ def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
 
 def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):
     """This rank's microbatches of the global batch starting at `consumed`: its data-parallel
-    replica's samples, and of each sample the tokens its context-parallel rank holds."""
-    cfg, grid = config.train, parallel_state.get_grid()
+    replica's samples, and of each sample the tokens its context-parallel rank holds (with
+    multi-token prediction, what its modules read and predict, cut from the whole sequences first)."""
+    cfg, grid, depths = config.train, parallel_state.get_grid(), config.model.mtp_depths
     batches = global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
                            grid.coord("dp"), grid.size("dp"))
-    return (split_for_context_parallel(batch) for batch in batches)
+    return (split_for_context_parallel(add_mtp_targets(batch, depths) if depths else batch) for batch in batches)
 
 
 @torch.no_grad()
@@ -244,13 +252,13 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     tokens_per_step = cfg.global_batch_size * config.model.seq_length
     losses, valid_loss = [], None
     # Only train steps are timed: evaluation and checkpointing do not inflate the step time.
-    interval_seconds, interval_losses, interval_norms, skipped = 0.0, [], [], 0
+    interval_seconds, interval_losses, interval_mtp, interval_norms, skipped = 0.0, [], [], [], 0
     while iteration < cfg.train_iters:
         iteration += 1
         start = time.perf_counter()
         batches = rank_microbatches(train_ds, consumed, config, device)
         METER.reset()  # what the meter holds after the loop is the last step's traffic
-        loss, grad_norm, lr, step_skipped, moe = train_step(model, batches, iteration, config, device)
+        loss, grad_norm, lr, step_skipped, moe, mtp = train_step(model, batches, iteration, config, device)
         last_traffic = dict(METER.bytes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -258,6 +266,8 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
         consumed += cfg.global_batch_size
         losses.append(loss)
         interval_losses.append(loss)
+        if mtp is not None:
+            interval_mtp.append(mtp)
         if step_skipped:  # its grad norm is not finite: not averaged into the logged one
             skipped += 1
         else:
@@ -272,9 +282,10 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
                 "loss_scale": 1.0 if model.optimizer.loss_scaler is None else model.optimizer.loss_scaler.scale,
                 "grad_norm": float(np.mean(interval_norms)) if interval_norms else math.nan,
                 "skipped_iterations": skipped, **(moe or {}),
+                **({"mtp_losses": np.mean(interval_mtp, axis=0).tolist()} if interval_mtp else {}),
                 "tokens_per_s": tokens_per_step / seconds, "tflops_per_gpu": tflops,
                 "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device)})
-            interval_seconds, interval_losses, interval_norms, skipped = 0.0, [], [], 0
+            interval_seconds, interval_losses, interval_mtp, interval_norms, skipped = 0.0, [], [], [], 0
         evaluate_now = cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters)
         if valid_ds is not None and evaluate_now:
             valid_loss = evaluate(model.chunks, valid_ds, config, device)

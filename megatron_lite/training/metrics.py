@@ -54,6 +54,7 @@ class MetricsLogger:
     def training(self, record: dict) -> None:
         """record holds iteration, train_iters, consumed_samples, elapsed_ms, lr, global_batch_size,
         lm_loss, loss_scale, grad_norm, skipped_iterations (--fp16 overflows in the interval),
+        with --mtp-num-layers mtp_losses (each multi-token prediction module's loss, Megatron's "mtp_K loss"),
         tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb; with mixture-of-
         experts layers load_balancing_loss, expert_load_max_over_mean and tokens_per_expert (the
         last step's routed tokens per expert of each MoE layer on this stage)."""
@@ -66,6 +67,7 @@ class MetricsLogger:
               f" learning rate: {record['lr']:.6E} |"
               f" global batch size: {record['global_batch_size']:5d} |"
               f" lm loss: {record['lm_loss']:.6E} |"
+              + "".join(f" mtp_{k} loss: {loss:.6E} |" for k, loss in enumerate(record.get("mtp_losses", ()), 1)) +
               f" loss scale: {record['loss_scale']:.1f} |"
               f" grad norm: {record['grad_norm']:.3f} |"
               f" number of skipped iterations: {record['skipped_iterations']:3d} |"

@@ -19,8 +19,9 @@ largest difference over every layout the suite runs):
   element counted once), relative: measured 1.6e-7, allowed 1e-6. Counting tp-replicated
   norm weights tp times, or a dp sum for a mean, is off by percents.
 - `grad_norm`, every step, relative: measured 2.2e-6 (tp 2 + SP with pp, step 4), allowed 2e-5.
-- `loss`, every step, relative: measured 9e-8, allowed 1e-6. A real error (a missing
-  reduction, a wrong shard, a wrong average) moves the loss by 1e-3 or more.
+- `loss`, every step (the lm loss and each multi-token prediction module's), relative: measured
+  9e-8, allowed 1e-6. A real error (a missing reduction, a wrong shard, a wrong average) moves
+  the loss by 1e-3 or more.
 - `weight`, absolute, after the last step: measured 3.7e-5, allowed 1e-4 (10 % of one
   lr=1e-3 step). Adam divides by sqrt(v), so an entry whose gradient is near zero, where
   rounding differs in relative terms, moves by a visible fraction of lr; a real error moves
@@ -82,23 +83,25 @@ def full_grads(model: TrainingModel) -> dict[str, torch.Tensor]:
 
 
 def run_steps(config: Config, steps: int) -> dict:
-    """Per step: loss and grad norm; grads of step 1 before clipping and weights after the last step,
-    of the parameters this rank holds (full over tp, keyed by their global names)."""
+    """Per step: loss (and the MTP modules' losses, one after another) and grad norm; grads of step 1
+    before clipping and weights after the last step, of the parameters this rank holds (full over tp,
+    keyed by their global names)."""
     device = torch.device("cpu")
     model = setup_rank(config)
     dataset = RandomTokens(config.model.vocab_size, config.model.seq_length)
-    losses, norms, grads = [], [], {}
+    losses, mtp_losses, norms, grads = [], [], [], {}
     for iteration in range(1, steps + 1):
         batches = rank_microbatches(dataset, (iteration - 1) * config.train.global_batch_size, config, device)
         inspect = (lambda m: grads.update(full_grads(m))) if iteration == 1 else None
-        loss, grad_norm = train_step(model, batches, iteration, config, device, inspect_grads=inspect)[:2]
-        losses.append(loss)
-        norms.append(grad_norm)
+        step = train_step(model, batches, iteration, config, device, inspect_grads=inspect)
+        losses.append(step.loss)
+        mtp_losses.extend(step.mtp or [])
+        norms.append(step.grad_norm)
     model.optimizer.finish_param_gather()  # --overlap-param-gather leaves the last gather in flight
     main = model.optimizer.main_weights()  # ZeRO-3 holds only shards: the full values come from here
     weights = {n: gather_full(p, p if materialized(p) else main[p].to(p.dtype))
                for chunk in model.chunks for n, p in chunk.named_parameters()}
-    return {"losses": losses, "grad_norms": norms, "grads": grads, "weights": weights}
+    return {"losses": losses, "mtp_losses": mtp_losses, "grad_norms": norms, "grads": grads, "weights": weights}
 
 
 def _gathered_grads(buf) -> dict:
@@ -129,8 +132,8 @@ def merge_ranks(results: list[dict]) -> dict:
     the same ones) and the merged grads and weights."""
     first = results[0]
     for result in results:
-        assert result["losses"] == first["losses"] and result["grad_norms"] == first["grad_norms"]
-    return {"losses": first["losses"], "grad_norms": first["grad_norms"],
+        assert all(result[key] == first[key] for key in ("losses", "mtp_losses", "grad_norms"))
+    return {"losses": first["losses"], "mtp_losses": first["mtp_losses"], "grad_norms": first["grad_norms"],
             "grads": merge_tensors([r["grads"] for r in results]),
             "weights": merge_tensors([r["weights"] for r in results])}
 
@@ -153,7 +156,7 @@ def max_differences(reference: dict, result: dict, vocab_size: int) -> dict[str,
     return {"grad": worst(reference["grads"], result["grads"], scaled=True),
             "grad_norm_first": relative(reference["grad_norms"][:1], result["grad_norms"][:1]),
             "grad_norm": relative(reference["grad_norms"], result["grad_norms"]),
-            "loss": relative(reference["losses"], result["losses"]),
+            "loss": relative(reference["losses"] + reference["mtp_losses"], result["losses"] + result["mtp_losses"]),
             "weight": worst(reference["weights"], result["weights"], scaled=False)}
 
 

@@ -1,0 +1,123 @@
+"""Multi-token prediction (--mtp-num-layers, --mtp-loss-scaling-factor).
+
+In-process: the model's objective and per-module losses against a plain computation written
+here (shifts, concatenation order, norms, the shared head, the weighting), their gradients
+too; --mtp-num-layers 0 is the model without the flag, bit for bit; bad flags are refused.
+Spawned (one spawn of two ranks): tp 2 + SP, pp 2 (untied and tied embedding), cp 2 and dp 2
+with one module against one device in fp32 (lm and MTP losses, grads before clipping, grad
+norms, weights; tolerances in tests/helpers/parity.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.parity import assert_parity, merge_ranks, run_steps
+from helpers.tiny import TINY_FLAGS, tiny_config
+from megatron_lite import parallel_state
+from megatron_lite.config import ConfigError, ParallelConfig
+from megatron_lite.config.layout import Layout
+from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.model.mtp import add_mtp_targets, mtp_loss_weights
+from megatron_lite.pipeline_parallel.model_runner import microbatch_loss
+from megatron_lite.training.arguments import parse_args
+
+STEPS = 3
+MTP = {"mtp_num_layers": 1}
+TIED = {"untie_embeddings_and_output_weights": False}
+CASES = [(Layout(tp=2, sp=True), {}), (Layout(pp=2), {}), (Layout(pp=2), TIED), (Layout(cp=2), {}), (Layout(dp=2), {})]
+
+
+def mtp_config(layout: Layout = Layout(), **model):
+    config = tiny_config(model={**MTP, "seq_length": 16, **model}, micro_batch_size=1, global_batch_size=4,
+                         train_iters=STEPS, clip_grad=0.5)
+    return config.updated(parallel=layout.fields())
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def test_objective_equals_a_plain_computation() -> None:
+    """Module k at position i: [enorm(embedding of token i+k); hnorm(previous depth's output)] -> eh_proj ->
+    its transformer layer -> its final norm -> the shared head, scored against token i+k+1, averaged over the
+    positions that have one; objective = lm loss + factor / N * sum of the modules' losses."""
+    depths, factor = 2, 0.3
+    config = mtp_config(mtp_num_layers=depths, mtp_loss_scaling_factor=factor).model
+    parallel_state.initialize_model_parallel(ParallelConfig())
+    model = GPTModel(config)
+    init_weights(model, config, seed=5)
+    sample = torch.randint(0, config.vocab_size, (2, config.seq_length + 1), generator=torch.Generator().manual_seed(0))
+    batch = add_mtp_targets({"tokens": sample[:, :-1], "labels": sample[:, 1:],
+                             "loss_mask": torch.ones(2, config.seq_length)}, depths)
+    per_token = model(batch["tokens"], batch["labels"], mtp_tokens=batch["mtp_tokens"], mtp_labels=batch["mtp_labels"])
+    masks = torch.cat([batch["loss_mask"].unsqueeze(-1), batch["mtp_loss_mask"]], dim=-1)
+    objective, losses = microbatch_loss(per_token, masks, mtp_loss_weights(config, per_token.device))
+    ours = torch.autograd.grad(objective, list(model.parameters()))
+
+    # The reference: the main model's layers run by hand, the rest written out.
+    eps, s = config.norm_epsilon, config.seq_length
+    table, head = model.word_embeddings.weight, model.output_layer.weight[: config.vocab_size]  # not the pad rows
+    rotary = (model.rotary_cos[:s], model.rotary_sin[:s])
+    h = table[sample[:, :-1]]
+    for layer in model.layers.values():
+        h = layer(h, rotary)
+    h = _rms(h, model.final_layernorm.weight, eps)
+    reference = [F.cross_entropy((h @ head.t()).flatten(0, 1), sample[:, 1:].flatten())]
+    for k, mtp in enumerate(model.mtp.layers, 1):
+        ahead = torch.cat([sample[:, k:s], torch.zeros(2, k, dtype=sample.dtype)], dim=1)  # token i+k (0 past the end)
+        x = torch.cat([_rms(table[ahead], mtp.enorm.weight, eps), _rms(h, mtp.hnorm.weight, eps)], dim=-1)
+        h = _rms(mtp.transformer_layer(x @ mtp.eh_proj.weight.t(), rotary), mtp.final_layernorm.weight, eps)
+        logits = (h @ head.t())[:, : s - k]  # the last k positions have no token k+1 ahead
+        reference.append(F.cross_entropy(logits.flatten(0, 1), sample[:, k + 1:].flatten()))
+    expected = reference[0] + factor / depths * sum(reference[1:])
+    torch.testing.assert_close(losses, torch.stack(reference).detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(objective, expected, rtol=1e-6, atol=0)
+    for name, mine, theirs in zip(dict(model.named_parameters()), ours,
+                                  torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_zero_layers_is_the_model_without_the_flag() -> None:
+    zero, unset = run_steps(mtp_config(mtp_num_layers=0), 2), run_steps(mtp_config(mtp_num_layers=None), 2)
+    assert zero["losses"] == unset["losses"] and zero["grad_norms"] == unset["grad_norms"] and not zero["mtp_losses"]
+    assert zero["weights"].keys() == unset["weights"].keys()
+    assert all(torch.equal(zero["weights"][name], unset["weights"][name]) for name in zero["weights"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mtp-num-layers", "16"], r"--mtp-num-layers=16 must be below --seq-length=16"),
+    (["--mtp-num-layers", "-1"], r"--mtp-num-layers=-1 must be below"),
+    (["--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "-0.1"], r"--mtp-loss-scaling-factor=-0.1 must be >= 0"),
+    (["--mtp-num-layers", "1", "--family", "gpt2"], r"--mtp-num-layers is for the llama family"),
+])
+def test_bad_mtp_flags_are_refused(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_args(TINY_FLAGS + flags, world_size=1)
+
+
+def mtp_worker() -> dict:
+    return {(layout, tuple(model.items())): run_steps(mtp_config(layout, **model), STEPS) for layout, model in CASES}
+
+
+@functools.cache
+def spawned() -> dict:
+    ranks = run_on_ranks(mtp_worker, 2)
+    return {key: merge_ranks([r[key] for r in ranks]) for key in ranks[0]}
+
+
+@functools.cache
+def single(model: tuple) -> dict:
+    return run_steps(mtp_config(**dict(model)), STEPS)
+
+
+@pytest.mark.parametrize("layout, model", CASES, ids=[layout.name + ("-tied" if m else "") for layout, m in CASES])
+def test_layouts_match_single_device(layout: Layout, model: dict) -> None:
+    result = spawned()[(layout, tuple(model.items()))]
+    reference = single(tuple(model.items()))
+    assert len(result["mtp_losses"]) == STEPS and result["mtp_losses"] != result["losses"]
+    assert_parity(reference, result, 258)
