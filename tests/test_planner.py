@@ -36,6 +36,7 @@ SELECTIVE = {"recompute_granularity": "selective", "recompute_modules": ["core_a
 MATRIX = [
     ("single", "llama", {}, {}),
     ("single", "gpt2", FULL, {}),
+    ("single", "llama", {"mtp_num_layers": 2}, {}),  # multi-token prediction: its layers, norms and logits
     ("dp4", "llama", {}, {}),
     ("dp4-distopt", "gpt2", {}, {}),
     ("dp4-distopt", "llama", {}, {"bf16": True}),
@@ -51,6 +52,8 @@ MATRIX = [
     ("pp2-dp2-gpipe", "llama", {}, {}),
     ("pp2-dp2-zbh1-distopt", "llama", {}, {}),
     ("pp2-dp2", "llama", {"untie_embeddings_and_output_weights": False}, {}),  # tied: an embedding group
+    ("tp2-pp2-sp", "llama", {"mtp_num_layers": 1}, {}),  # multi-token prediction: an embedding group too
+    ("cp2-dp2", "llama", {"mtp_num_layers": 2}, {}),
     ("pp2-vpp2-dp2-zbv", "gpt2", {}, {}),
     ("dp4-ps", "llama", {}, {}),
     ("tp2-dp2-ps", "gpt2", {}, {"bf16": True}),

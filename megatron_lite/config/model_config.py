@@ -207,6 +207,12 @@ class ModelConfig:
         return self.mtp_num_layers or 0
 
     @property
+    def embedding_on_last_stage(self) -> bool:
+        """Whether the last pipeline stage reads the embedding table too: as the tied output layer,
+        or to embed the tokens ahead for the multi-token prediction modules."""
+        return self.tie_embeddings or self.mtp_depths > 0
+
+    @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 

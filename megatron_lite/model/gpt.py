@@ -51,14 +51,11 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.ops = select_ops(config.fused_kernels) if ops is None else ops
         vocab = config.padded_vocab_size(parallel_state.get_grid().size("tp"))
-        # The last stage reads the embedding table too when it is the output layer, or when the
-        # multi-token prediction modules embed the tokens ahead.
-        shared_on_last = config.tie_embeddings or config.mtp_depths > 0
-        if pre_process or (post_process and shared_on_last):
+        if pre_process or (post_process and config.embedding_on_last_stage):
             self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
             weight = self.word_embeddings.weight
             place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
-            if shared_on_last and parallel_state.get_grid().size("pp") > 1:
+            if config.embedding_on_last_stage and parallel_state.get_grid().size("pp") > 1:
                 # The first and the last stage each hold a copy of the table (input embedding,
                 # and output layer or MTP embedding); the two copies' grads are summed every step.
                 with_partial_grads(weight, "embedding")

@@ -27,7 +27,8 @@ Recomputation replaces the terms of what it replays by the inputs it keeps:
   core_attn  q, k, v and the output: (2·a·d + 2·g·d)/t instead of attention's term
   mlp        the MLP's input, h/t_s, instead of the fc1 input's h and the MLP's term
 Context parallelism (on s/cp tokens per rank) and q/k norms (llama) change the attention
-term: see layer_bytes. Outside the layers: embedding_bytes (first stage), head_bytes (last).
+term: see layer_bytes. Outside the layers: embedding_bytes (first stage), head_bytes (last,
+with the multi-token prediction modules).
 Not modelled: dropout (its masks, and with attention dropout the s x s probabilities of
 torch's math attention), mixture-of-experts layers, and --bf16 (most tensors take 2 bytes
 there, the norms' fp32 statistics and the fp32 residual stream 4). tests/test_activation_memory.py
@@ -102,24 +103,31 @@ def embedding_bytes(model: ModelConfig, micro_batch: int) -> float:
 
 
 def head_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-               logits_kept: bool = True) -> float:
+               logits_kept: bool = True, cp_comm: str | None = None) -> float:
     """Bytes the last stage keeps per microbatch after the layers: the final norm's (as in
     layer_bytes, on this rank's tokens), the output layer's input (the whole sequence), and the
     vocab-parallel loss's: with the plain loss the fp32 logits shard and its softmax (V/t each),
     the labels twice (int64) and 10 bytes of masks and statistics per token, plus the pad
-    columns' mask; the fused loss kernel keeps no logits (`logits_kept` False)."""
-    h = model.hidden_size
+    columns' mask; the fused loss kernel keeps no logits (`logits_kept` False). Each multi-token
+    prediction module keeps as much again for its final norm, head and loss, and besides its
+    layer's (layer_bytes, `cp_comm` as there), its embedding's ids and mask, its two input
+    norms' and its projection's input [embedding; hidden] (the whole sequence under SP)."""
+    h, depths = model.hidden_size, model.mtp_depths
     tokens = model.seq_length * micro_batch
     ts = tp if sequence_parallel else 1
     norm = 2 * h + 1 if model.family == "llama" else h + 2
-    return BYTES * tokens * (norm / ts + h) + loss_bytes(model, micro_batch, tp, logits_kept)
+    module = (embedding_bytes(model, micro_batch) + BYTES * tokens * (2 * norm / ts + 2 * h)
+              + layer_bytes(model, micro_batch, tp, sequence_parallel, cp_comm)) if depths else 0.0
+    return (1 + depths) * BYTES * tokens * (norm / ts + h) + depths * module + loss_bytes(model, micro_batch, tp,
+                                                                                        logits_kept)
 
 
 def loss_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, logits_kept: bool = True) -> float:
-    """The loss's part of head_bytes: what only the input gradient's pass reads, so a split
-    backward (zero-bubble schedules) frees it at B, the rest of the head at W."""
+    """The loss's part of head_bytes (the lm loss's and each MTP module's): what only the input
+    gradient's pass reads, so a split backward (zero-bubble schedules) frees it at B, the rest of
+    the head at W."""
     v = model.padded_vocab_size(tp) // tp
-    return (8 * v + 26) * model.seq_length * micro_batch + v if logits_kept else 0
+    return (1 + model.mtp_depths) * ((8 * v + 26) * model.seq_length * micro_batch + v) if logits_kept else 0
 
 
 def describe_activation_memory(model: ModelConfig, layers_per_chunk: int, chunks: int, micro_batch: int,

@@ -15,7 +15,8 @@ g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
 Activation recomputation is not counted: MFU measures useful model work only. On a mixture-of-
 experts layer the MLP term counts the active parameters only: k routed experts of width
 f_moe and the shared expert, plus the router (E/2h) and the shared expert's gate (1/2h), so MFU
-stays honest.
+stays honest. Each multi-token prediction module (--mtp-num-layers) adds its layer, its
+[embedding; hidden] projection 2h -> h (one more h^2 unit) and a second pass over the logits.
 """
 from __future__ import annotations
 
@@ -27,16 +28,23 @@ def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     h, s, layers = config.hidden_size, config.seq_length, config.num_layers
     gate = 1.5 if config.family == "llama" else 1.0
     heads_width = config.num_attention_heads * config.head_dim / h
-    keys = sum(s if window is None else min(s, window + 1) for window in config.layer_windows) / layers
-    attention = (1 + config.num_query_groups / config.num_attention_heads + keys / h) * heads_width
     dense = config.ffn_hidden_size / h * gate
-    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
     moe = 0.0
-    if moe_layers:
+    if config.num_experts:
         active = (config.moe_router_topk * config.expert_ffn_hidden_size
                   + (config.moe_shared_expert_intermediate_size or 0))
         # The router (one h x E matmul) and the shared expert's gate (h x 1).
         moe = active / h * gate + (config.num_experts + config.moe_shared_expert_gate) / (2 * h)
-    mlp = ((layers - moe_layers) * dense + moe_layers * moe) / layers
-    logits = config.padded_vocab_size() / (2 * layers * h)
-    return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
+
+    def layer(number: int) -> float:
+        window = config.layer_window(number)
+        keys = s if window is None else min(s, window + 1)
+        attention = (1 + config.num_query_groups / config.num_attention_heads + keys / h) * heads_width
+        return attention + (moe if config.is_moe_layer(number) else dense)
+
+    # Each multi-token prediction module: its layer (numbered after the model's), its 2h -> h
+    # projection (4h^2 per token forward: 1 in these units) and the logits once more.
+    depths = config.mtp_depths
+    units = (sum(layer(number) for number in range(layers + depths)) + depths
+             + (1 + depths) * config.padded_vocab_size() / (2 * h))
+    return 12.0 * global_batch_size * s * h * h * units

@@ -126,7 +126,8 @@ def activation_memory(config: Config, pp_rank: int = 0) -> int:
     if pp_rank == 0:
         total += chunks[0] * embedding_bytes(local, mb)
     if pp_rank == last_stage_rank(pp, par.v_shape):  # its last chunk is the last stage
-        total += chunks[-1] * head_bytes(local, mb, tp, par.sequence_parallel, logits_kept(config))
+        total += chunks[-1] * head_bytes(local, mb, tp, par.sequence_parallel, logits_kept(config),
+                                         par.cp_comm_type if cp > 1 else None)
     return int(total)
 
 
@@ -137,7 +138,8 @@ def _zero_bubble_activations(config: Config, pp_rank: int, local, per_chunk: flo
     par, mb = config.parallel, config.train.micro_batch_size
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     ends = [stage_ends(pp, par.vpp, pp_rank, c, par.v_shape) for c in range(par.vpp)]
-    head = head_bytes(local, mb, tp, par.sequence_parallel, logits_kept(config))
+    head = head_bytes(local, mb, tp, par.sequence_parallel, logits_kept(config),
+                      par.cp_comm_type if par.context_parallel_size > 1 else None)
     loss = loss_bytes(local, mb, tp, logits_kept(config))
 
     def change(kind: str, chunk: int) -> float:

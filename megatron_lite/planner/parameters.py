@@ -77,11 +77,12 @@ def chunk_params(model: ModelConfig, tp: int, pp: int, vpp: int, ep: int, sp: bo
     h, vocab = model.hidden_size, model.padded_vocab_size(tp)
     out: list[ParamSpec] = []
     unit = 0
-    if pre or (post and model.tie_embeddings):
-        # The embedding's backward needs only the ids: one gather; tied on one stage the output
+    shared_on_last = model.embedding_on_last_stage
+    if pre or (post and shared_on_last):
+        # The embedding's backward needs only the ids: one gather; on the last stage the output
         # unit uses the same table, gathered for its forward and backward too.
-        gathers = (1 if pre else 0) + (2 if post and model.tie_embeddings else 0)
-        out.append(ParamSpec(vocab // tp * h, deferred=model.tie_embeddings and pp > 1, unit=0, gathers=gathers))
+        gathers = (1 if pre else 0) + (2 if post and shared_on_last else 0)
+        out.append(ParamSpec(vocab // tp * h, deferred=shared_on_last and pp > 1, unit=0, gathers=gathers))
     if pre:
         unit = 1
         if model.family == "gpt2":
@@ -94,6 +95,9 @@ def chunk_params(model: ModelConfig, tp: int, pp: int, vpp: int, ep: int, sp: bo
         out += _norm(model, h, sp, unit)
         if not model.tie_embeddings:
             out.append(ParamSpec(vocab // tp * h, unit=unit))
+        for k in range(model.mtp_depths):  # in the output unit: enorm, hnorm, eh_proj, layer, final norm
+            out += [*_norm(model, h, sp, unit), *_norm(model, h, sp, unit), ParamSpec(2 * h * h // tp, unit=unit),
+                    *layer_params(model, model.num_layers + k, tp, ep, sp, unit), *_norm(model, h, sp, unit)]
     return out
 
 

@@ -19,6 +19,9 @@ the activations' bytes per element, A = b·(s/cp)·h·a is one activation. Per m
 Per step: the data-parallel reduction of the grad buffers (bucket sizes from
 planner/memory.py), the partial grads' sums (tp, embedding), the grad norm's squares (4 bytes
 over each norm group) and the loss (fp64 mean over pp and dp).
+Multi-token prediction: each module on the last stage repeats the embedding's, a layer's and the
+head's collectives, with its projection's (see _mtp_tensor_parallel), its loss's over tp and cp,
+and its mean over pp and dp.
 Mixture of experts: the token exchange per rank is the expectation of balanced routing (what a
 rank receives depends on the router; the sum over an ep group is exact, dropless); the small
 collectives of its routing statistics are not counted.
@@ -78,6 +81,7 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
     # A mixture-of-experts layer's experts are not split over tp: only its shared expert's linears
     # (if any) gather and reduce like a dense MLP's.
     tp_linears = 4 * layers - (2 * moe_layers if not model.moe_shared_expert_intermediate_size else 0)
+    depths = model.mtp_depths if last else 0  # the multi-token prediction modules, on the last stage
     if tp > 1:
         passes = m * (tp_linears + first + last)
         if sp:
@@ -85,8 +89,10 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
             out[("reduce_scatter", "tp")] += passes * act + m * reductions * act
         else:
             out[("all_reduce", "tp")] += passes * act + m * reductions * act
+        if depths:
+            _mtp_tensor_parallel(config, m * act, out)
         if last:
-            out[("all_reduce", "tp")] += m * 3 * 4 * b * s
+            out[("all_reduce", "tp")] += m * 3 * 4 * b * s * (1 + depths)
         partial_tp = sum(p.numel for chunk in rank_params(config, rank.pp) for p in chunk
                          if p.deferred and not p.expert) - _embedding_partial(config, rank)
         if partial_tp:
@@ -95,7 +101,7 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
         d, g = model.head_dim, model.num_query_groups // tp
         k = b * s * g * d * abytes
         q = b * s * (model.num_attention_heads // tp) * d * abytes
-        passes, replays = m * layers, m * cp_replay
+        passes, replays = m * (layers + depths), m * cp_replay
         if par.cp_comm_type == "p2p":
             out[("send", "cp")] += passes * (4 * (cp - 1) + 2 * cp) * k + replays * 2 * (cp - 1) * k
         elif par.cp_comm_type == "allgather":
@@ -104,7 +110,7 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
         else:
             out[("all_to_all", "cp")] += (2 * passes + replays) * (2 * q + 2 * k)
         if last:
-            out[("all_reduce", "cp")] += m * 2 * 4
+            out[("all_reduce", "cp")] += m * 2 * 4 * (1 + depths)
     if pp > 1:
         boundary = b * s * h // (tp if sp else 1) * abytes
         # A stage sends its activations to the next one and its input gradients to the previous
@@ -112,8 +118,8 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
         for stage in stages:
             out[("send", "pp")] += m * boundary * sum(0 <= other < pp * vpp and other not in stages
                                                       for other in (stage + 1, stage - 1))
-        out[("all_reduce", "pp")] += 8
-        if model.tie_embeddings and (first or last) and not par.v_shape:  # ZB-V: both copies on one rank
+        out[("all_reduce", "pp")] += 8 * (1 + model.mtp_depths)  # the losses' means
+        if model.embedding_on_last_stage and (first or last) and not par.v_shape:  # ZB-V: both copies on one rank
             out[("all_reduce", "embedding")] += 4 * _embedding_partial(config, rank)
     if model.num_experts:
         _moe_statistics(config, moe_layers, m, out)
@@ -129,8 +135,26 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
         if sizes[group] > 1 and not (par.parameter_server and rank.dp != 0 and dp > 1):  # servers clip for workers
             out[("all_reduce", group)] += 4
     if dp > 1:
-        out[("all_reduce", "dp")] += 8
+        out[("all_reduce", "dp")] += 8 * (1 + model.mtp_depths)  # the lm loss and each MTP module's, averaged
     return dict(out)
+
+
+def _mtp_tensor_parallel(config: Config, act: float, out: Traffic) -> None:
+    """The tp collectives of the multi-token prediction modules, `act` one activation over the
+    step's microbatches. Each module has the embedding's reduction, its transformer layer's linears
+    and the head's, as the model has, and around eh_proj: its input [embedding; hidden] (2 act)
+    gathered (SP) or its grad all-reduced, the output's slices all-gathered to the whole width,
+    and under SP the grad of its scatter back to this rank's tokens all-gathered."""
+    model, sp = config.model, config.parallel.sequence_parallel
+    for k in range(model.mtp_depths):
+        moe_only = model.is_moe_layer(model.num_layers + k) and not model.moe_shared_expert_intermediate_size
+        places = (4 - 2 * moe_only) + 2  # the layer's linears, the embedding and the head
+        if sp:
+            out[("all_gather", "tp")] += (places + 2 + 1 + 1) * act
+            out[("reduce_scatter", "tp")] += (places + 2) * act
+        else:
+            out[("all_reduce", "tp")] += (places + 2) * act
+            out[("all_gather", "tp")] += act
 
 
 def _moe_statistics(config: Config, moe_layers: int, m: int, out: Traffic) -> None:
@@ -173,11 +197,11 @@ def _token_exchange(config: Config, abytes: int) -> float:
 
 
 def _embedding_partial(config: Config, rank: RankCoords) -> int:
-    """Elements of the tied embedding's copies this rank holds (two under ZB-V, both ends of the V
-    on rank 0), whose grads sum over the embedding group."""
+    """Elements of the embedding's copies this rank holds (two under ZB-V, both ends of the V on
+    rank 0) when the last stage has one too, whose grads sum over the embedding group."""
     par, model = config.parallel, config.model
     pp = par.pipeline_model_parallel_size
-    if not (model.tie_embeddings and pp > 1):
+    if not (model.embedding_on_last_stage and pp > 1):
         return 0
     copies = sum(any(stage_ends(pp, par.vpp, rank.pp, c, par.v_shape)) for c in range(par.vpp))
     return (copies * model.padded_vocab_size(par.tensor_model_parallel_size) // par.tensor_model_parallel_size
