@@ -97,7 +97,8 @@ def print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, d
 def describe_model(config: Config, rank_0_params: int) -> str:
     model = config.model
     sliding = sum(window is not None for window in model.layer_windows)
-    return (f"> model: {model.family} family, {model.num_layers} layers, hidden {model.hidden_size}, "
+    mtp = f" + {model.mtp_depths} multi-token prediction" if model.mtp_depths else ""
+    return (f"> model: {model.family} family, {model.num_layers} layers{mtp}, hidden {model.hidden_size}, "
             f"{rank_0_params:,} parameters on rank 0, padded vocab "
             f"{model.padded_vocab_size(config.parallel.tensor_model_parallel_size)}"
             + (f", sliding window {model.window_size} on {sliding} of {model.num_layers} layers" if sliding else ""))
