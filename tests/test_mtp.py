@@ -5,26 +5,36 @@ here (shifts, concatenation order, norms, the shared head, the weighting), their
 too; --mtp-num-layers 0 is the model without the flag, bit for bit; bad flags are refused.
 Spawned (one spawn of two ranks): tp 2 + SP, pp 2 (untied and tied embedding), cp 2 and dp 2
 with one module against one device in fp32 (lm and MTP losses, grads before clipping, grad
-norms, weights; tolerances in tests/helpers/parity.py).
+norms, weights; tolerances in tests/helpers/parity.py); a pp 2 checkpoint resumed there exactly
+and loaded at one device; its Hugging Face export and generation without the modules.
 """
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.checkpoint_steps import train, train_jobs
 from helpers.parity import assert_parity, merge_ranks, run_steps
 from helpers.tiny import TINY_FLAGS, tiny_config
 from megatron_lite import parallel_state
 from megatron_lite.config import ConfigError, ParallelConfig
 from megatron_lite.config.layout import Layout
 from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.hf.convert import load_safetensors
+from megatron_lite.inference.generation import generate, load_model
+from megatron_lite.inference.sampling import SamplingParams
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.mtp import add_mtp_targets, mtp_loss_weights
 from megatron_lite.pipeline_parallel.model_runner import microbatch_loss
 from megatron_lite.training.arguments import parse_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import convert_checkpoint  # noqa: E402
 
 STEPS = 3
 MTP = {"mtp_num_layers": 1}
@@ -100,14 +110,21 @@ def test_bad_mtp_flags_are_refused(flags: list[str], message: str) -> None:
         parse_args(TINY_FLAGS + flags, world_size=1)
 
 
-def mtp_worker() -> dict:
-    return {(layout, tuple(model.items())): run_steps(mtp_config(layout, **model), STEPS) for layout, model in CASES}
+def mtp_worker(saved: str) -> dict:
+    results = {(layout, tuple(model.items())): run_steps(mtp_config(layout, **model), STEPS)
+               for layout, model in CASES}
+    # At pp 2: four steps straight; two steps saved, then resumed for two.
+    pp2 = mtp_config(Layout(pp=2))
+    results["checkpoint"] = train_jobs([(pp2, 4), (pp2, 2, None, saved), (pp2, 2, saved)])
+    return results
 
 
-@functools.cache
-def spawned() -> dict:
-    ranks = run_on_ranks(mtp_worker, 2)
-    return {key: merge_ranks([r[key] for r in ranks]) for key in ranks[0]}
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    saved = tmp_path_factory.mktemp("mtp") / "pp2"
+    ranks = run_on_ranks(mtp_worker, 2, str(saved))
+    merged = {key: merge_ranks([r[key] for r in ranks]) for key in ranks[0] if key != "checkpoint"}
+    return {**merged, "checkpoint": ranks[0]["checkpoint"], "saved": saved}
 
 
 @functools.cache
@@ -116,8 +133,26 @@ def single(model: tuple) -> dict:
 
 
 @pytest.mark.parametrize("layout, model", CASES, ids=[layout.name + ("-tied" if m else "") for layout, m in CASES])
-def test_layouts_match_single_device(layout: Layout, model: dict) -> None:
-    result = spawned()[(layout, tuple(model.items()))]
+def test_layouts_match_single_device(spawned: dict, layout: Layout, model: dict) -> None:
+    result = spawned[(layout, tuple(model.items()))]
     reference = single(tuple(model.items()))
     assert len(result["mtp_losses"]) == STEPS and result["mtp_losses"] != result["losses"]
     assert_parity(reference, result, 258)
+
+
+def test_checkpoints_resume_exactly_and_reshard(spawned: dict) -> None:
+    """Saved at pp 2 (the modules and the embedding's copy on the last stage): resumed there
+    bit-identically; loaded at one device, the next steps' losses are the same to 1e-5."""
+    straight, first, resumed = spawned["checkpoint"]
+    assert first == straight[:2] and resumed == straight[2:]
+    assert train(mtp_config(), 2, str(spawned["saved"])) == pytest.approx(straight[2:], rel=1e-5)
+
+
+def test_export_and_generation_leave_the_modules_out(spawned: dict, tmp_path, capsys) -> None:
+    assert convert_checkpoint.main(["to-hf", "--load", str(spawned["saved"]), "--out", str(tmp_path)]) == 0
+    assert "left out the 1 multi-token prediction module(s) (mtp.layers.*)" in capsys.readouterr().out
+    assert not [name for name in load_safetensors(tmp_path) if "mtp" in name]
+    for path in (spawned["saved"], tmp_path):
+        model, _ = load_model(path)
+        assert model.mtp is None
+        assert len(generate(model, [1, 2, 3], 5, SamplingParams(greedy=True), 256)) == 5
