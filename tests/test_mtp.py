@@ -10,6 +10,7 @@ and loaded at one device; its Hugging Face export and generation without the mod
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -28,8 +29,10 @@ from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.hf.convert import load_safetensors
 from megatron_lite.inference.generation import generate, load_model
 from megatron_lite.inference.sampling import SamplingParams
+from megatron_lite.model.fused_ops import lm_loss as fused_lm_loss
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.mtp import add_mtp_targets, mtp_loss_weights
+from megatron_lite.model.ops import TORCH_OPS
 from megatron_lite.pipeline_parallel.model_runner import microbatch_loss
 from megatron_lite.training.arguments import parse_args
 
@@ -55,14 +58,18 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def test_objective_equals_a_plain_computation() -> None:
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["torch", "fused-loss"])
+def test_objective_equals_a_plain_computation(fused_loss: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Module k at position i: [enorm(embedding of token i+k); hnorm(previous depth's output)] -> eh_proj ->
     its transformer layer -> its final norm -> the shared head, scored against token i+k+1, averaged over the
-    positions that have one; objective = lm loss + factor / N * sum of the modules' losses."""
+    positions that have one; objective = lm loss + factor / N * sum of the modules' losses. Also with the
+    fused linear cross-entropy kernel computing every loss (Triton, interpreted on CPU)."""
     depths, factor = 2, 0.3
     config = mtp_config(mtp_num_layers=depths, mtp_loss_scaling_factor=factor).model
     parallel_state.initialize_model_parallel(ParallelConfig())
-    model = GPTModel(config)
+    if fused_loss:
+        monkeypatch.setenv("MEGATRON_LITE_TRITON", "1")
+    model = GPTModel(config, ops=dataclasses.replace(TORCH_OPS, lm_loss=fused_lm_loss) if fused_loss else TORCH_OPS)
     init_weights(model, config, seed=5)
     sample = torch.randint(0, config.vocab_size, (2, config.seq_length + 1), generator=torch.Generator().manual_seed(0))
     batch = add_mtp_targets({"tokens": sample[:, :-1], "labels": sample[:, 1:],
