@@ -172,6 +172,8 @@ class ModelConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         default("num_query_groups", self.num_attention_heads)
+        if self.mtp_num_layers == 0:  # one way to say "none": a checkpoint saved with 0 loads where it is unset
+            object.__setattr__(self, "mtp_num_layers", None)
         default("max_position_embeddings", self.seq_length)
         if self.hidden_size:
             default("ffn_hidden_size", 4 * self.hidden_size if self.family == "gpt2"
