@@ -58,14 +58,23 @@ class DistributedOptimizer(LocalOptimizer):
         if all(t.main is t.model for t in self.tensors) and not any(b.shard_params for buf in self.buffers
                                                                     for b in buf.buckets):
             return {p: p.detach() for buf in self.buffers for p in buf.ranges}  # fp32: the gathered weights
-        weights = {}
-        for buf in self.buffers:  # gather the fp32 main pieces into a buffer laid out as the full grads
+        return self.full_local([(t, t.main) for t in self.tensors])
+
+    def full_local(self, pieces, wanted=lambda p: True) -> dict[nn.Parameter, torch.Tensor]:
+        """Gather the pieces into fp32 buffers laid out as the full grads, bucket by bucket (the
+        buckets holding a `wanted` parameter): every rank gets every rank's pieces."""
+        full = {}
+        for buf in self.buffers:
+            buckets = [b for b in buf.buckets if any(wanted(p) for p in b.params)]
+            if not buckets:
+                continue
             flat = torch.zeros(buf.size, dtype=torch.float32, device=buf.grad_data.device)
-            for t in self.tensors:
+            for t, value in pieces:
                 if t.param in buf.ranges:
                     lo = buf.ranges[t.param][0] + t.offset
-                    flat[lo:lo + t.main.numel()].copy_(t.main)
-            for bucket in buf.buckets:
+                    flat[lo:lo + t.main.numel()].copy_(value.flatten())
+            for bucket in buckets:
                 all_gather_flat(flat[bucket.start:bucket.end], buf.group)
-            weights.update({p: flat[lo:hi].view_as(p) for p, (lo, hi) in buf.ranges.items()})
-        return weights
+            full.update({p: flat[lo:hi].view_as(p) for bucket in buckets for p in bucket.params if wanted(p)
+                         for lo, hi in [buf.ranges[p]]})
+        return full

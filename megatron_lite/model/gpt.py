@@ -54,6 +54,7 @@ class GPTModel(nn.Module):
             self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
             weight = self.word_embeddings.weight
             place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
+            weight.is_embedding_or_output_parameter = True  # AdamW's under --optimizer muon (Megatron's name)
             if config.tie_embeddings and parallel_state.get_grid().size("pp") > 1:
                 # The first and the last stage each hold a copy of the tied table (input
                 # embedding, output layer); the two copies' grads are summed every step.
@@ -62,6 +63,7 @@ class GPTModel(nn.Module):
                     place(weight, replace(placement(weight), second_copy=True))
         if pre_process and config.family == "gpt2":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.position_embeddings.weight.is_embedding_or_output_parameter = True
             # Under SP each rank adds the rows of its own positions only: a partial grad.
             mark_sequence_parallel(self.position_embeddings, sequence_parallel)
         if config.family == "llama":
@@ -78,6 +80,7 @@ class GPTModel(nn.Module):
                                                          sequence_parallel=sequence_parallel)
                 weight = self.output_layer.weight
                 place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
+                weight.is_embedding_or_output_parameter = True
 
     def param_units(self) -> list[ParamUnit]:
         """The groups of parameters used together, in forward order (what ZeRO-3 gathers at once):

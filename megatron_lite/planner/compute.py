@@ -24,7 +24,9 @@ Recomputation replays the forward of what it recomputes: full, whole layers; sel
 modules (core_attn: the attention kernel; mlp: the MLP's GEMMs and activation; layernorm: the
 norms), or under torchtitan's op policy every second matmul and every memory-bound op but
 attention's (software.py). The optimizer reads each parameter it updates (fp32 main weight, grad, two moments,
-and the grad again for the norm) and writes three fp32 tensors and the bf16 weight.
+and the grad again for the norm) and writes three fp32 tensors and the bf16 weight; under --optimizer muon a matrix
+has one momentum buffer instead of two moments, and its Newton-Schulz steps are GEMMs on the stage's full
+matrices (planner/flops.py), timed as the model's are.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from dataclasses import dataclass
 from megatron_lite.config import Config
 from megatron_lite.pipeline_parallel.partition import chunk_layers, last_stage_rank
 from megatron_lite.planner.calibration import Calibration
+from megatron_lite.planner.flops import muon_matrices, newton_schulz_gemms
 from megatron_lite.planner.hardware import GPU
-from megatron_lite.planner.memory import RankCoords, logits_kept, state_memory
+from megatron_lite.planner.memory import RankCoords, logits_kept, optimizer_elements
 from megatron_lite.planner.software import Software
 
 FLASH_BACKWARD = 2.5  # a flash backward's matmul work over its forward's (it recomputes the scores)
@@ -147,8 +150,20 @@ def _replayed(config: Config, software: Software, parts: _Parts, layers: int) ->
 
 def _optimizer_bytes(config: Config, pp_rank: int) -> float:
     """Bytes the optimizer step moves on a rank of pipeline stage `pp_rank` (module docstring)."""
-    updated = state_memory(config, RankCoords(pp=pp_rank))["Adam state"] / 8
-    return updated * (4 + 16 + 12 + (2 if config.train.params_dtype.itemsize != 4 else 0))
+    adam, muon = optimizer_elements(config, RankCoords(pp=pp_rank))
+    weight = 2 if config.train.params_dtype.itemsize != 4 else 0
+    return adam * (4 + 16 + 12 + weight) + muon * (4 + 12 + 8 + weight)
+
+
+def _newton_schulz_seconds(cost: _Cost, config: Config, layers: list[int]) -> float:
+    """Muon's Newton-Schulz on the stage's matrices, each whole (duplicated over tp), as GEMMs."""
+    train = config.train
+    if train.optimizer != "muon":
+        return 0.0
+    return train.muon_num_ns_steps * sum(cost.gemm(*shape) for rows, cols in muon_matrices(config.model,
+                                                                                              train.muon_split_qkv,
+                                                                                              layers)
+                                         for shape in newton_schulz_gemms(rows, cols))
 
 
 def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: Software) -> StageCompute:
@@ -173,5 +188,6 @@ def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: 
              "memory": 3 * memory + loss, "recompute": replay}
     forward = gemm + attention + memory + head
     return StageCompute(forward_s=forward, backward_s=sum(parts.values()) - forward,
-                        optimizer_s=_optimizer_bytes(config, pp_rank) / gpu.hbm_bandwidth, layers=len(numbers),
+                        optimizer_s=_optimizer_bytes(config, pp_rank) / gpu.hbm_bandwidth
+                        + _newton_schulz_seconds(cost, config, numbers), layers=len(numbers),
                         parts=parts)
