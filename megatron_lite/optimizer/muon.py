@@ -22,6 +22,7 @@ SwiGLU's gate and up halves of fc1 separately, each expert separately. The NS ru
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,7 +125,8 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 settings: MuonSettings, orthogonalized) -> None:
+                 settings: MuonSettings,
+                 orthogonalized: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]) -> None:
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, muon=False))
         self.settings = settings
         self.orthogonalized = orthogonalized

@@ -9,11 +9,13 @@ Bytes per parameter on a data-parallel rank: fp32 4 weight + 4 grad + 8 Adam mom
 bf16 2 + 4 + 4 main + 8 = 18. The distributed optimizer shards main copies and moments over
 dp: 8 + 8/dp in fp32, 6 + 12/dp in bf16 (ZeRO-1); ZeRO-2 shards the grads too, 4 + 12/dp and
 2 + 16/dp; ZeRO-3 everything, 16/dp and 18/dp, plus the gathered layers (distributed/).
-With --optimizer-cpu-offload the main copies (also in fp32, then a copy of the weights) and the
+Under --optimizer muon a matrix's state is one fp32 momentum buffer, 4 bytes instead of Adam's 8
+(muon.py). With --optimizer-cpu-offload the main copies (also in fp32, then a copy of the weights) and the
 moments are host memory.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -120,7 +122,7 @@ class LocalOptimizer:
         self.loss_scaler = build_loss_scaler(cfg)
 
     def full_local(self, pieces: list[tuple[MainParam, torch.Tensor]],
-                   wanted=lambda p: True) -> dict[nn.Parameter, torch.Tensor]:
+                   wanted: Callable[[nn.Parameter], bool] = lambda p: True) -> dict[nn.Parameter, torch.Tensor]:
         """Each `wanted` parameter's full local tensor (this rank's tp and ep shard) from values laid
         out as the main tensors (`pieces`: a main tensor and its value). Here every main tensor is a
         whole parameter; the distributed optimizer gathers its shards (collective over dp x cp)."""
