@@ -2,8 +2,8 @@
 each full logical matrix), every layout against one device (weights after 3 steps, fp32, CPU),
 resuming bit-identically, resharding its state, and the flags it refuses.
 
-Two spawns: world 2 (tp 2, dp 2 with the distributed optimizer, ZeRO-3, ep 2, and the resume
-jobs), world 4 (tp 2 x pp 2).
+Two spawns: world 2 (tp 2, dp 2 with the distributed optimizer, ZeRO-3, ep 2, cp 2, pp 2 x vpp 2,
+and the resume jobs), world 4 (tp 2 x pp 2).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ STEPS = 3
 MOE = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
 CASES = [  # (layout, experts)
     (Layout(tp=2, sp=True), False), (Layout(dp=2, distopt=True), False), (Layout(dp=2, zero=3), False),
-    (Layout(dp=2, ep=2), True), (Layout(tp=2, pp=2, sp=True), False),
+    (Layout(dp=2, ep=2), True), (Layout(cp=2), False), (Layout(pp=2, vpp=2), False),
+    (Layout(tp=2, pp=2, sp=True), False),
 ]
 RESUME = Layout(dp=2, distopt=True)
 
