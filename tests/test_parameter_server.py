@@ -131,10 +131,10 @@ def test_only_the_server_holds_optimizer_state(ranks: list[dict]) -> None:
     for rank in ranks:
         acc = rank["accounting"]
         if acc["server"]:  # Adam's two fp32 moments and, under bf16, the fp32 main weights
-            assert acc["state"] == 8 * acc["params"] == acc["memory"]["Adam state"]
+            assert acc["state"] == 8 * acc["params"] == acc["memory"]["optimizer state"]
             assert acc["memory"]["main weights"] == 4 * acc["params"]
         else:
-            assert acc["state"] == acc["memory"]["Adam state"] == acc["memory"]["main weights"] == 0
+            assert acc["state"] == acc["memory"]["optimizer state"] == acc["memory"]["main weights"] == 0
 
 
 def test_checkpoint_resumes_bit_exactly_and_in_all_reduce_mode(ranks: list[dict]) -> None:

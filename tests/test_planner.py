@@ -19,6 +19,7 @@ from megatron_lite.config import Config, ParallelConfig, TrainConfig
 from megatron_lite.config.layout import Layout
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.optimizer.muon import uses_muon
 from megatron_lite.optimizer.optimizer import state_bytes
 from megatron_lite.planner.activation_memory import SavedTensorMeter
 from megatron_lite.planner.memory import RankCoords, activation_memory, rank_params, state_memory
@@ -92,8 +93,10 @@ def measure(config: Config) -> dict:
     grid = parallel_state.get_grid()
     coords = RankCoords(grid.coord("pp"), grid.index("dp-cp"), grid.index("edp") if config.model.num_experts else 0)
     numels = [[p.numel() for p in chunk.parameters()] for chunk in model.chunks]
+    matrices = [[uses_muon(p) for p in chunk.parameters()] for chunk in model.chunks]
     return {"coords": coords, "memory": memory_parts(model), "adam": state_bytes(model.optimizer.optimizer),
-            "activations": meter.peak, "traffic": {k: float(v) for k, v in METER.bytes.items()}, "numels": numels}
+            "activations": meter.peak, "traffic": {k: float(v) for k, v in METER.bytes.items()}, "numels": numels,
+            "matrices": matrices}
 
 
 CASES = [case for case in MATRIX if case[0] != "single"]  # every one on 4 ranks
@@ -119,8 +122,9 @@ def results(case) -> list[dict]:
 def test_parameter_list_is_the_models(case) -> None:
     config = matrix_config(*case)
     for rank in results(case):
-        predicted = [[p.numel for p in chunk] for chunk in rank_params(config, rank["coords"].pp)]
-        assert predicted == rank["numels"]
+        predicted = rank_params(config, rank["coords"].pp)
+        assert [[p.numel for p in chunk] for chunk in predicted] == rank["numels"]
+        assert [[p.matrix for p in chunk] for chunk in predicted] == rank["matrices"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -129,7 +133,7 @@ def test_state_bytes_equal_the_allocated_tensors(case) -> None:
     for rank in results(case):
         predicted = state_memory(config, rank["coords"])
         assert predicted == rank["memory"]
-        assert predicted["Adam state"] == rank["adam"]
+        assert predicted["optimizer state"] == rank["adam"]
 
 
 # The activation formula counts fp32 tensors, of dense layers.

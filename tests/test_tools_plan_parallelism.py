@@ -94,7 +94,7 @@ def test_one_layout_in_json(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     (row,) = out["layouts"]
     assert row["layout"].startswith("tp2-dp4-sp-distopt")
-    assert set(row["memory_gb"]) == {"weights", "grads", "main weights", "Adam state", "activations", "buffers"}
+    assert set(row["memory_gb"]) == {"weights", "grads", "main weights", "optimizer state", "activations", "buffers"}
     assert row["traffic_gb_per_step"]["tp"] > 0 and row["traffic_gb_per_step"]["dp-cp"] > 0
     assert row["step_s"] == pytest.approx(row["compute_s"] + row["exposed_comm_s"] + row["bubble_s"])
 

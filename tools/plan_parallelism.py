@@ -95,7 +95,7 @@ def _print_rows(rows: list[dict]) -> None:
           "traffic GB/step")
     for r in rows:
         mem = r["memory_gb"]
-        optim = mem["main weights"] + mem["Adam state"]
+        optim = mem["main weights"] + mem["optimizer state"]
         traffic = " ".join(f"{g} {v:.2f}" for g, v in sorted(r["traffic_gb_per_step"].items()) if v >= 0.005)
         best = r["best_published_mfu"]
         above = (f"  <- MFU {ABOVE} (best for {best['size_class']} on this GPU: {100 * best['mfu']:.1f} %, "

@@ -1,5 +1,6 @@
 """Resharding: a checkpoint saved under one layout (tp, pp, vpp, dp, distributed optimizer on or
-off) loads under any other, weights and Adam state (exp_avg, exp_avg_sq, step) both.
+off) loads under any other, weights and optimizer state both (AdamW's exp_avg, exp_avg_sq and step; Muon's
+momentum_buffer and step: any elementwise state tensors an entry has, beside its step).
 
 Why not torch.distributed.checkpoint: it reshards tensors described as DTensor placements, and
 two of our shardings are not placements. The llama fc1 weight is strided (each tp rank holds
@@ -33,7 +34,6 @@ from megatron_lite.distributed.data_parallel import materialized
 from megatron_lite.optimizer.optimizer import MainParam
 from megatron_lite.placement import full_shape, is_expert, local_shard, placement, unshard
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 REPLICATED_LAYOUT = {"partition_dim": None, "partition_stride": 1, "unpadded_rows": None}
 
 
@@ -41,7 +41,7 @@ REPLICATED_LAYOUT = {"partition_dim": None, "partition_stride": 1, "unpadded_row
 class FullState:
     """A checkpoint independent of any layout: full, unpadded tensors keyed by global parameter name."""
     model: dict[str, torch.Tensor]
-    optimizer: dict[str, dict[str, torch.Tensor]] | None  # name -> exp_avg, exp_avg_sq, step; None: weights only
+    optimizer: dict[str, dict[str, torch.Tensor]] | None  # name -> step and state tensors; None: weights only
     iteration: int
     consumed_samples: int
     rng: dict  # the RNG states of each (tp rank, pp rank) of the saved layout
@@ -98,6 +98,11 @@ def optimizer_checkpoint(optimizer, chunks: list[nn.Module], collect_experts: bo
     return state, index
 
 
+def _moments(entry: dict) -> list[str]:
+    """The state tensors of one optimizer entry shaped like its parameter (all but the step)."""
+    return [key for key in entry if key != "step"]
+
+
 def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_shapes: dict, tp_rank: int,
                     layouts: dict) -> None:
     """Scatter one file's optimizer entries into flat per-(name, tp rank) buffers. A parameter
@@ -108,9 +113,9 @@ def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_sha
         if entry is None:  # saved before the first step: no state yet
             continue
         key = tp_rank if layouts[name]["partition_dim"] is not None else 0
-        flat = moments[name].setdefault(key, {k: torch.zeros(local_shapes[name].numel()) for k in MOMENTS})
-        for key in MOMENTS:
-            flat[key][lo:hi] = entry[key].flatten()
+        flat = moments[name].setdefault(key, {k: torch.zeros(local_shapes[name].numel()) for k in _moments(entry)})
+        for moment in _moments(entry):
+            flat[moment][lo:hi] = entry[moment].flatten()
         flat["step"] = entry["step"]
 
 
@@ -155,7 +160,7 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
         for name, by_rank in moments.items():
             shape = weights[name][0].shape
             optimizer[name] = {k: _assemble({r: m[k].view(shape) for r, m in by_rank.items()}, layouts[name])
-                               for k in MOMENTS}
+                               for k in _moments(by_rank[0])}
             optimizer[name]["step"] = by_rank[0]["step"]
     return FullState(model, optimizer, first["iteration"], first["consumed_samples"], rng, first["config"],
                      first["layout"], first.get("loss_scaler"))
@@ -196,7 +201,7 @@ def load_full_state(full: FullState, chunks: list[nn.Module], optimizer) -> None
     for i, (t, (name, lo, hi)) in enumerate(zip(_state_order(optimizer), optimizer_index(optimizer, chunks))):
         saved = full.optimizer[name]
         state[i] = {"step": saved["step"].clone(),
-                    **{k: _local(saved[k], t.param).flatten()[lo:hi].view_as(t.main).clone() for k in MOMENTS}}
+                    **{k: _local(saved[k], t.param).flatten()[lo:hi].view_as(t.main).clone() for k in _moments(saved)}}
     state_dict = optimizer.state_dict()
     state_dict["state"] = state
     optimizer.load_state_dict(state_dict)

@@ -31,10 +31,19 @@ from megatron_lite.config.parallel_config import (
     ParallelConfig,
     interleaved_microbatches_problem,
 )
-from megatron_lite.config.train_config import EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
+from megatron_lite.config.train_config import (
+    EXIT_SIGNALS,
+    LR_DECAY_STYLES,
+    MUON_COEFFICIENTS,
+    MUON_SCALE_MODES,
+    MUON_TP_MODES,
+    OPTIMIZERS,
+    TrainConfig,
+)
 
 __all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS",
-           "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
+           "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "MUON_COEFFICIENTS", "MUON_SCALE_MODES", "MUON_TP_MODES",
+           "OPTIMIZERS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
            "RECOMPUTE_MODULES", "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError",
            "ModelConfig", "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
 
@@ -107,6 +116,8 @@ class Config:
             (bool(self.model.num_experts), f"--num-experts={self.model.num_experts}",
              "expert grads are averaged over the expert-data-parallel group, which has no server"),
             (self.train.fp16, "--fp16", "loss scaling is not wired through the server; use --bf16"),
+            (self.train.optimizer == "muon", "--optimizer muon", "Muon's tensor-parallel gathers are not wired "
+                                                                 "through the server"),
         ]
         for given, what, why in unsupported:
             require(not given, f"--data-parallel-mode=parameter-server does not support {what} ({why}); drop it "

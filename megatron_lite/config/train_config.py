@@ -15,6 +15,16 @@ from megatron_lite.config.checks import ConfigError, flag, require, require_posi
 from megatron_lite.config.packages import require_packages
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adam", "muon")
+# Newton-Schulz coefficients (a, b, c) per step, cycled over --muon-num-ns-steps (optimizer/muon.py).
+# "simple": Keller Jordan's Muon, one triple every step; "quintic": the per-step set Megatron-Core defaults to.
+MUON_COEFFICIENTS = {
+    "quintic": ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)),
+    "simple": ((3.4445, -4.7750, 2.0315),),
+}
+MUON_SCALE_MODES = ("spectral", "unit_rms_norm", "shape_scaling")
+MUON_TP_MODES = ("blockwise", "duplicated", "distributed")  # Megatron's; only duplicated runs here
 EXIT_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name))
 
 
@@ -59,6 +69,29 @@ class TrainConfig:
     """AdamW beta2."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
+    optimizer: str = "adam"
+    """adam (AdamW) or muon: Muon for the hidden layers' matrices, AdamW for embeddings, output layer, norms and biases
+    (docs/optimizers.md)."""
+    muon_momentum: float = 0.9
+    """--optimizer muon: the momentum buffer's decay, M <- beta M + (1 - beta) grad."""
+    muon_use_nesterov: bool = False
+    """--optimizer muon: orthogonalise the Nesterov update (1 - beta) grad + beta M instead of M."""
+    muon_split_qkv: bool = True
+    """--optimizer muon: orthogonalise the fused QKV weight as one matrix instead of its query, key and value blocks
+    apart."""
+    muon_num_ns_steps: int = 5
+    """--optimizer muon: Newton-Schulz iterations per orthogonalisation."""
+    muon_coefficient_type: str = "quintic"
+    """--optimizer muon: the Newton-Schulz coefficients: quintic (a set per step, Megatron's default) or simple (Keller
+    Jordan's (3.4445, -4.7750, 2.0315) every step)."""
+    muon_scale_mode: str = "spectral"
+    """--optimizer muon: the orthogonalised update of a rows x cols matrix times spectral sqrt(max(rows, cols)),
+    unit_rms_norm sqrt(rows / cols) or shape_scaling sqrt(max(1, rows / cols))."""
+    muon_extra_scale_factor: float = 1.0
+    """--optimizer muon: a further factor on the update (0.2 with spectral matches AdamW's update RMS)."""
+    muon_tp_mode: str = "duplicated"
+    """--optimizer muon: how a tensor-parallel matrix is orthogonalised: duplicated (gathered whole on each of its tp
+    ranks; Megatron's blockwise and distributed are not implemented)."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     bf16: bool = False
@@ -152,6 +185,20 @@ class TrainConfig:
     def num_microbatches(self, data_parallel_size: int = 1) -> int:
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
 
+    def _validate_muon(self) -> None:
+        require(self.optimizer in OPTIMIZERS,
+                f"--optimizer={self.optimizer} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        require(0 <= self.muon_momentum < 1, f"--muon-momentum={self.muon_momentum} must be in [0, 1)")
+        require(self.muon_num_ns_steps >= 1, f"--muon-num-ns-steps={self.muon_num_ns_steps} must be at least 1")
+        require(self.muon_extra_scale_factor > 0,
+                f"--muon-extra-scale-factor={self.muon_extra_scale_factor} must be positive")
+        require(self.muon_tp_mode == "duplicated",
+                f"--muon-tp-mode={self.muon_tp_mode} is not implemented; allowed: duplicated (each tensor-parallel "
+                "matrix is gathered and orthogonalised whole)")
+        require(not (self.optimizer == "muon" and self.optimizer_cpu_offload),
+                "--optimizer muon with --optimizer-cpu-offload is not supported (Muon gathers its updates where the "
+                "model is); drop one of them")
+
     def validate(self, data_parallel_size: int = 1) -> None:
         require_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval",
                          "eval_iters", "tensorboard_log_interval")
@@ -177,6 +224,7 @@ class TrainConfig:
                 f"{self.initial_loss_scale}")
         require(self.loss_scale_window > 0 and self.hysteresis > 0,
                 f"--loss-scale-window={self.loss_scale_window} and --hysteresis={self.hysteresis} must be positive")
+        self._validate_muon()
         require(self.clip_grad >= 0, f"--clip-grad={self.clip_grad} must be >= 0 (0 disables clipping)")
         require(self.weight_decay >= 0, f"--weight-decay={self.weight_decay} must be >= 0")
         require(self.eval_interval >= 0, f"--eval-interval={self.eval_interval} must be >= 0 (0 disables)")

@@ -7,13 +7,17 @@ parameter elements, and all-gathers the updated shards so every replica has the 
 parameters again. A shard may cut a parameter anywhere, so the optimizer works on "pieces":
 views of the flat parameter and grad buffers, one per (parameter, shard) overlap, each
 inheriting its parameter's weight-decay group. AdamW is elementwise, so updating pieces
-gives exactly the elements the unsharded update would.
+gives exactly the elements the unsharded update would. Muon is not: its momentum updates are
+all-gathered whole, bucket by bucket (full_local), and each owner of a piece of a matrix
+orthogonalises the full matrix (optimizer.py's _orthogonalized).
 
 The same optimizer steps ZeRO-2 and ZeRO-3 (data_parallel.py): its pieces are views of
 whatever the buffers keep of this rank's shard; under ZeRO-3 the updated shards are not
 gathered after the step, the next forward gathers each layer's.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,7 +26,7 @@ from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_flat
 from megatron_lite.config import TrainConfig
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
-from megatron_lite.optimizer.optimizer import LocalOptimizer, main_param
+from megatron_lite.optimizer.optimizer import LocalOptimizer, MainParam, main_param
 
 
 class DistributedOptimizer(LocalOptimizer):
@@ -58,14 +62,24 @@ class DistributedOptimizer(LocalOptimizer):
         if all(t.main is t.model for t in self.tensors) and not any(b.shard_params for buf in self.buffers
                                                                     for b in buf.buckets):
             return {p: p.detach() for buf in self.buffers for p in buf.ranges}  # fp32: the gathered weights
-        weights = {}
-        for buf in self.buffers:  # gather the fp32 main pieces into a buffer laid out as the full grads
+        return self.full_local([(t, t.main) for t in self.tensors])
+
+    def full_local(self, pieces: list[tuple[MainParam, torch.Tensor]],
+                   wanted: Callable[[nn.Parameter], bool] = lambda p: True) -> dict[nn.Parameter, torch.Tensor]:
+        """Gather the pieces into fp32 buffers laid out as the full grads, bucket by bucket (the
+        buckets holding a `wanted` parameter): every rank gets every rank's pieces."""
+        full = {}
+        for buf in self.buffers:
+            buckets = [b for b in buf.buckets if any(wanted(p) for p in b.params)]
+            if not buckets:
+                continue
             flat = torch.zeros(buf.size, dtype=torch.float32, device=buf.grad_data.device)
-            for t in self.tensors:
+            for t, value in pieces:
                 if t.param in buf.ranges:
                     lo = buf.ranges[t.param][0] + t.offset
-                    flat[lo:lo + t.main.numel()].copy_(t.main)
-            for bucket in buf.buckets:
+                    flat[lo:lo + t.main.numel()].copy_(value.flatten())
+            for bucket in buckets:
                 all_gather_flat(flat[bucket.start:bucket.end], buf.group)
-            weights.update({p: flat[lo:hi].view_as(p) for p, (lo, hi) in buf.ranges.items()})
-        return weights
+            full.update({p: flat[lo:hi].view_as(p) for bucket in buckets for p in bucket.params if wanted(p)
+                         for lo, hi in [buf.ranges[p]]})
+        return full

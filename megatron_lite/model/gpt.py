@@ -55,6 +55,7 @@ class GPTModel(nn.Module):
             self.word_embeddings = VocabParallelEmbedding(vocab, config.hidden_size, sequence_parallel)
             weight = self.word_embeddings.weight
             place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
+            weight.is_embedding_or_output_parameter = True  # AdamW's under --optimizer muon (Megatron's name)
             if config.embedding_on_last_stage and parallel_state.get_grid().size("pp") > 1:
                 # The first and the last stage each hold a copy of the table (input embedding,
                 # and output layer or MTP embedding); the two copies' grads are summed every step.
@@ -63,6 +64,7 @@ class GPTModel(nn.Module):
                     place(weight, replace(placement(weight), second_copy=True))
         if pre_process and config.family == "gpt2":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.position_embeddings.weight.is_embedding_or_output_parameter = True
             # Under SP each rank adds the rows of its own positions only: a partial grad.
             mark_sequence_parallel(self.position_embeddings, sequence_parallel)
         if config.family == "llama":
@@ -79,6 +81,7 @@ class GPTModel(nn.Module):
                                                          sequence_parallel=sequence_parallel)
                 weight = self.output_layer.weight
                 place(weight, replace(placement(weight), unpadded_rows=config.vocab_size))
+                weight.is_embedding_or_output_parameter = True
             self.mtp = MultiTokenPrediction(config, self.ops, sequence_parallel) if config.mtp_depths else None
 
     def param_units(self) -> list[ParamUnit]:

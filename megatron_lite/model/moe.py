@@ -35,6 +35,7 @@ from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather, all_reduce, all_to_all_rows, reduce_scatter
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.ops import Ops
+from megatron_lite.optimizer.muon import mark_row_blocks
 from megatron_lite.placement import Placement, Shard, place
 from megatron_lite.tensor_parallel.layers import mark_sequence_parallel
 from megatron_lite.tensor_parallel.mappings import _Conjugate
@@ -137,6 +138,8 @@ class Experts(nn.Module):
             # Split over ep on the expert dim; the ranks holding the same experts (edp, tp ranks
             # among them) sum their grads in the experts' own grad buffer.
             place(param, Placement(shards=(Shard("ep", 0),)))
+        if gated:  # each expert's [gate; up]: two matrices to Muon
+            mark_row_blocks(self.linear_fc1, 1, (ffn, ffn))
         self.activation = ops.swiglu if gated else ops.gelu
 
     def forward(self, rows: Tensor, rows_per_expert: list[int]) -> Tensor:

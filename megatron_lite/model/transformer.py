@@ -19,6 +19,7 @@ from megatron_lite.model.kv_cache import InferenceParams
 from megatron_lite.model.moe import MoELayer
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops
+from megatron_lite.optimizer.muon import mark_row_blocks
 from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 
@@ -53,6 +54,9 @@ class Attention(nn.Module):
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
         self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size, bias=bias or config.add_qkv_bias,
                                                sequence_parallel=sequence_parallel)
+        heads_per_group = config.num_attention_heads // config.num_query_groups  # rows: per group, q heads, k, v
+        mark_row_blocks(self.linear_qkv.weight, config.num_query_groups,
+                        (heads_per_group * self.head_dim, self.head_dim, self.head_dim), qkv=True)
         self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                              bias=bias, sequence_parallel=sequence_parallel)
         self.q_layernorm = self.k_layernorm = None
@@ -106,6 +110,8 @@ class MLP(nn.Module):
         # stride 2: each rank takes its slice of the gate half and of the up half.
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, fc1_out, bias=bias,
                                                sequence_parallel=sequence_parallel, stride=2 if gated else 1)
+        if gated:  # two matrices to Muon
+            mark_row_blocks(self.linear_fc1.weight, 1, (ffn, ffn))
         self.linear_fc2 = RowParallelLinear(ffn, config.hidden_size, bias=bias,
                                             sequence_parallel=sequence_parallel)
         self.activation = ops.swiglu if gated else ops.gelu

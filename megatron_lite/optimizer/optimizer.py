@@ -9,11 +9,13 @@ Bytes per parameter on a data-parallel rank: fp32 4 weight + 4 grad + 8 Adam mom
 bf16 2 + 4 + 4 main + 8 = 18. The distributed optimizer shards main copies and moments over
 dp: 8 + 8/dp in fp32, 6 + 12/dp in bf16 (ZeRO-1); ZeRO-2 shards the grads too, 4 + 12/dp and
 2 + 16/dp; ZeRO-3 everything, 16/dp and 18/dp, plus the gathered layers (distributed/).
-With --optimizer-cpu-offload the main copies (also in fp32, then a copy of the weights) and the
+Under --optimizer muon a matrix's state is one fp32 momentum buffer, 4 bytes instead of Adam's 8
+(muon.py). With --optimizer-cpu-offload the main copies (also in fp32, then a copy of the weights) and the
 moments are host memory.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -22,6 +24,8 @@ from torch import nn
 from megatron_lite.config import TrainConfig
 from megatron_lite.optimizer.clip_grads import clip_grad_norm
 from megatron_lite.optimizer.loss_scaler import build_loss_scaler
+from megatron_lite.optimizer.muon import Muon, MuonSettings, orthogonalize, uses_muon
+from megatron_lite.placement import gather_full, is_expert, local_shard
 
 
 class MainParam(NamedTuple):
@@ -65,8 +69,27 @@ def adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: TrainCon
                              foreach=False)
 
 
+def muon(tensors: list[MainParam], cfg: TrainConfig, orthogonalized) -> Muon:
+    """--optimizer muon: Muon over the matrices (optimizer/muon.py's uses_muon), AdamW over the rest
+    in adamw's two weight-decay groups."""
+    settings = MuonSettings(cfg.muon_momentum, cfg.muon_use_nesterov, cfg.muon_num_ns_steps,
+                            cfg.muon_coefficient_type, cfg.muon_scale_mode, cfg.muon_extra_scale_factor,
+                            cfg.muon_split_qkv)
+    adam = [t for t in tensors if not uses_muon(t.param)]
+    groups = [{"params": [t.main for t in tensors if uses_muon(t.param)], "weight_decay": cfg.weight_decay,
+               "muon": True},
+              {"params": [t.main for t in adam if t.param.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [t.main for t in adam if t.param.ndim == 1], "weight_decay": 0.0}]
+    return Muon(groups, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, settings, orthogonalized)
+
+
+def state_bytes_per_element(muon: bool) -> int:
+    """Optimizer state per updated element: Muon's fp32 momentum buffer, or AdamW's two fp32 moments."""
+    return 4 if muon else 8
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state (Adam moments) held by this rank."""
+    """Bytes of optimizer state (Adam moments, Muon's momentum buffers) held by this rank."""
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                if torch.is_tensor(t) and t.dim() > 0)
 
@@ -91,9 +114,38 @@ class LocalOptimizer:
         """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler;
         the groups the experts' norm sums over (None: the model has no experts, on any rank)."""
         self.expert_norm_groups = self.expert_groups if experts else None
-        self.optimizer = adamw([t.main for t in self.tensors if t.param.ndim > 1],
-                               [t.main for t in self.tensors if t.param.ndim == 1], cfg)
+        if cfg.optimizer == "muon":
+            self.optimizer = muon(self.tensors, cfg, self._orthogonalized)
+        else:
+            self.optimizer = adamw([t.main for t in self.tensors if t.param.ndim > 1],
+                                   [t.main for t in self.tensors if t.param.ndim == 1], cfg)
         self.loss_scaler = build_loss_scaler(cfg)
+
+    def full_local(self, pieces: list[tuple[MainParam, torch.Tensor]],
+                   wanted: Callable[[nn.Parameter], bool] = lambda p: True) -> dict[nn.Parameter, torch.Tensor]:
+        """Each `wanted` parameter's full local tensor (this rank's tp and ep shard) from values laid
+        out as the main tensors (`pieces`: a main tensor and its value). Here every main tensor is a
+        whole parameter; the distributed optimizer gathers its shards (collective over dp x cp)."""
+        return {t.param: value.view_as(t.param) for t, value in pieces if wanted(t.param)}
+
+    def _orthogonalized(self, mains: list[torch.Tensor], updates: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Muon's orthogonalised update of each main tensor from its momentum update: the update
+        of the full matrix, not of this rank's piece. The pieces are gathered whole over the
+        data-parallel shards (full_local) and over tp, every rank orthogonalises the full matrices
+        it holds a piece of (the tp ranks of one matrix all compute it: Megatron's "duplicated"
+        mode) and keeps its piece. Experts are whole on their ep rank: no gather."""
+        by_main = {id(t.main): t for t in self.tensors}
+        pieces = [(by_main[id(main)], update) for main, update in zip(mains, updates)]
+        full = self.full_local(pieces, uses_muon)
+        held = {t.param for t, _ in pieces}
+        result = {}
+        for param, local in full.items():  # the same parameters in the same order on every tp rank
+            dense = not is_expert(param)
+            whole = gather_full(param, local) if dense else local  # collective over tp
+            if param in held:
+                update = orthogonalize(param, whole, self.optimizer.settings)
+                result[param] = local_shard(update, param) if dense else update
+        return [result[t.param].flatten()[t.offset:t.offset + t.main.numel()].view_as(t.main) for t, _ in pieces]
 
     def grads_for_norm(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
         return [(t.grad, t.param) for t in self.tensors if t.grad is not None]

@@ -24,7 +24,9 @@ Recomputation replays the forward of what it recomputes: full, whole layers; sel
 modules (core_attn: the attention kernel; mlp: the MLP's GEMMs and activation; layernorm: the
 norms), or under torchtitan's op policy every second matmul and every memory-bound op but
 attention's (software.py). The optimizer reads each parameter it updates (fp32 main weight, grad, two moments,
-and the grad again for the norm) and writes three fp32 tensors and the bf16 weight.
+and the grad again for the norm) and writes three fp32 tensors and the bf16 weight; under --optimizer muon a matrix
+has one momentum buffer instead of two moments, and its Newton-Schulz steps are GEMMs on the stage's full
+matrices (planner/flops.py), timed as the model's are.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from dataclasses import dataclass
 from megatron_lite.config import Config
 from megatron_lite.pipeline_parallel.partition import chunk_layers, last_stage_rank
 from megatron_lite.planner.calibration import Calibration
+from megatron_lite.planner.flops import muon_matrices, newton_schulz_gemms
 from megatron_lite.planner.hardware import GPU
-from megatron_lite.planner.memory import RankCoords, logits_kept, state_memory
+from megatron_lite.planner.memory import RankCoords, logits_kept, optimizer_elements
 from megatron_lite.planner.software import Software
 
 FLASH_BACKWARD = 2.5  # a flash backward's matmul work over its forward's (it recomputes the scores)
@@ -147,8 +150,20 @@ def _replayed(config: Config, software: Software, parts: _Parts, layers: int) ->
 
 def _optimizer_bytes(config: Config, pp_rank: int) -> float:
     """Bytes the optimizer step moves on a rank of pipeline stage `pp_rank` (module docstring)."""
-    updated = state_memory(config, RankCoords(pp=pp_rank))["Adam state"] / 8
-    return updated * (4 + 16 + 12 + (2 if config.train.params_dtype.itemsize != 4 else 0))
+    adam, muon = optimizer_elements(config, RankCoords(pp=pp_rank))
+    weight = 2 if config.train.params_dtype.itemsize != 4 else 0
+    return adam * (4 + 16 + 12 + weight) + muon * (4 + 12 + 8 + weight)
+
+
+def _newton_schulz_seconds(cost: _Cost, config: Config, layers: list[int]) -> float:
+    """Muon's Newton-Schulz on the stage's matrices, each whole (duplicated over tp), as GEMMs."""
+    train = config.train
+    if train.optimizer != "muon":
+        return 0.0
+    return train.muon_num_ns_steps * sum(cost.gemm(*shape) for rows, cols in muon_matrices(config.model,
+                                                                                              train.muon_split_qkv,
+                                                                                              layers)
+                                         for shape in newton_schulz_gemms(rows, cols))
 
 
 def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: Software) -> StageCompute:
@@ -158,20 +173,26 @@ def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: 
     pp_rank = last_stage_rank(par.pipeline_model_parallel_size, par.v_shape)
     numbers = [n for c in range(par.vpp) for n in chunk_layers(model.num_layers, par.pipeline_model_parallel_size,
                                                                 par.vpp, pp_rank, c, par.v_shape)]
+    # The multi-token prediction modules run on the last stage after the model: a layer each
+    # (numbered after the model's), their 2h -> h projection and the output layer once more.
+    depths = model.mtp_depths
+    mtp_numbers = list(range(model.num_layers, model.num_layers + depths))
     # The stage's layers by kind, mixtures of experts first: how many of each (MoE or not, its window).
-    counts = Counter(sorted(((model.is_moe_layer(n), model.layer_window(n)) for n in numbers),
+    counts = Counter(sorted(((model.is_moe_layer(n), model.layer_window(n)) for n in numbers + mtp_numbers),
                             key=lambda kind: not kind[0]))
     kinds = [(cost.layer(moe, window), count) for (moe, window), count in counts.items()]
     gemm = sum(n * (p.gemm["attention"] + p.gemm["mlp"]) for p, n in kinds)
     attention = sum(n * p.attention for p, n in kinds)
     memory = sum(n * sum(p.memory.values()) for p, n in kinds)
     replay = sum(_replayed(config, software, p, n) for p, n in kinds)
-    head = cost.gemm(cost.tokens, model.hidden_size, model.padded_vocab_size(cost.tp) / cost.tp)
+    head = (1 + depths) * cost.gemm(cost.tokens, model.hidden_size, model.padded_vocab_size(cost.tp) / cost.tp)
+    head += depths * cost.gemm(cost.tokens, 2 * model.hidden_size, model.hidden_size / cost.tp)
     # Materialised logits are written and read forward and again backward (whole step: not x 3).
-    loss = 0.0 if cost.fused_loss else cost.memory(4 * model.padded_vocab_size(cost.tp) / cost.tp)
+    loss = 0.0 if cost.fused_loss else (1 + depths) * cost.memory(4 * model.padded_vocab_size(cost.tp) / cost.tp)
     parts = {"gemm": 3 * (gemm + head), "attention": (1 + _backward_factor(software)) * attention,
              "memory": 3 * memory + loss, "recompute": replay}
     forward = gemm + attention + memory + head
     return StageCompute(forward_s=forward, backward_s=sum(parts.values()) - forward,
-                        optimizer_s=_optimizer_bytes(config, pp_rank) / gpu.hbm_bandwidth, layers=len(numbers),
+                        optimizer_s=_optimizer_bytes(config, pp_rank) / gpu.hbm_bandwidth
+                        + _newton_schulz_seconds(cost, config, numbers + mtp_numbers), layers=len(numbers),
                         parts=parts)

@@ -17,10 +17,18 @@ experts layer the MLP term counts the active parameters only: k routed experts o
 f_moe and the shared expert, plus the router (E/2h) and the shared expert's gate (1/2h), so MFU
 stays honest. Each multi-token prediction module (--mtp-num-layers) adds its layer, its
 [embedding; hidden] projection 2h -> h (one more h^2 unit) and a second pass over the logits.
+
+Muon's Newton-Schulz iterations (--optimizer muon) are optimizer work, not model FLOPs, so they
+stay out of MFU and are counted apart: per logical matrix of m x n with m <= n (it iterates on
+the wide side), each of the k steps multiplies X X^T (2 m^2 n), A A (2 m^3) and B X (2 m^2 n):
+k * (4 m^2 n + 2 m^3) per step, once per matrix for the whole model; every tp rank of a matrix
+computes it whole (optimizer/muon.py).
 """
 from __future__ import annotations
 
-from megatron_lite.config import ModelConfig
+from collections.abc import Iterable
+
+from megatron_lite.config import ModelConfig, TrainConfig
 
 
 def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
@@ -48,3 +56,42 @@ def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
     units = (sum(layer(number) for number in range(layers + depths)) + depths
              + (1 + depths) * config.padded_vocab_size() / (2 * h))
     return 12.0 * global_batch_size * s * h * h * units
+
+
+def muon_matrices(config: ModelConfig, split_qkv: bool = True,
+                  layers: Iterable[int] | None = None) -> list[tuple[int, int]]:
+    """The full (rows, cols) of every logical matrix Muon orthogonalises in `layers` (default: the
+    whole model, multi-token prediction modules included): query, key and value apart (or the
+    fused QKV), the output projection, SwiGLU's gate and up apart, fc2; on a mixture-of-experts
+    layer the router, each expert's and the shared expert's; an MTP module's 2h -> h projection."""
+    h, d = config.hidden_size, config.head_dim
+    heads, groups = config.num_attention_heads * d, config.num_query_groups * d
+    qkv = [(heads, h), (groups, h), (groups, h)] if split_qkv else [(heads + 2 * groups, h)]
+    gated = config.family == "llama"
+
+    def mlp(ffn: int) -> list[tuple[int, int]]:
+        return [(ffn, h)] * (2 if gated else 1) + [(h, ffn)]
+    out = []
+    for number in range(config.num_layers + config.mtp_depths) if layers is None else layers:
+        # A multi-token prediction module (numbered after the model's layers) adds its 2h -> h projection.
+        out += qkv + [(h, heads)] + ([(h, 2 * h)] if number >= config.num_layers else [])
+        if config.is_moe_layer(number):
+            out += [(config.num_experts, h)] + mlp(config.expert_ffn_hidden_size) * config.num_experts
+            out += mlp(config.moe_shared_expert_intermediate_size) if config.moe_shared_expert_intermediate_size else []
+        else:
+            out += mlp(config.ffn_hidden_size)
+    return out
+
+
+def newton_schulz_flops(config: ModelConfig, train: TrainConfig) -> float:
+    """Muon's Newton-Schulz FLOPs of one optimizer step, each matrix once (module docstring); 0 for AdamW."""
+    if train.optimizer != "muon":
+        return 0.0
+    return sum(train.muon_num_ns_steps * (4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3)
+               for r, c in muon_matrices(config, train.muon_split_qkv))
+
+
+def newton_schulz_gemms(rows: int, cols: int) -> list[tuple[int, int, int]]:
+    """The (m, k, n) of one Newton-Schulz step's matmuls on a rows x cols matrix (module docstring)."""
+    m, n = min(rows, cols), max(rows, cols)
+    return [(m, n, m), (m, m, m), (m, m, n)]

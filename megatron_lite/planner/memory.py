@@ -1,5 +1,6 @@
-"""Bytes one rank holds for a layout, by formula: weights, grads, fp32 main weights, Adam
-moments (exactly as allocated: each bucket's padding and each ZeRO shard counted as the grad
+"""Bytes one rank holds for a layout, by formula: weights, grads, fp32 main weights, optimizer
+state (AdamW's two fp32 moments per element; under --optimizer muon one fp32 momentum buffer for
+the hidden layers' matrices; exactly as allocated: each bucket's padding and each ZeRO shard counted as the grad
 buffers lay them out), activations (activation_memory.py's formula times the microbatches the
 schedule keeps in flight) and transient buffers.
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from megatron_lite.config import Config
 from megatron_lite.distributed.data_parallel import bucket_spans, buffer_order
+from megatron_lite.optimizer.optimizer import state_bytes_per_element
 from megatron_lite.pipeline_parallel.partition import last_stage_rank, stage_ends
 from megatron_lite.planner.activation_memory import embedding_bytes, head_bytes, loss_bytes, stage_bytes
 from megatron_lite.planner.parameters import ParamSpec, chunk_params
@@ -35,6 +37,7 @@ class BufferLayout:
     shard_grads: list[bool]
     shard_params: list[bool]
     gathers: list[int]  # ZeRO-3: all-gathers of the bucket per microbatch
+    members: list[list[ParamSpec]]  # each bucket's parameters, in its order
 
 
 def grad_buffers(config: Config, params: list[ParamSpec]) -> list[BufferLayout]:
@@ -54,7 +57,8 @@ def grad_buffers(config: Config, params: list[ParamSpec]) -> list[BufferLayout]:
         layouts.append(BufferLayout([(s, e, sum(ordered[i].numel for i in members)) for s, e, members in spans],
                                     group, deferred, [zero2 and not d for d in deferred],
                                     [zero3 and not d for d in deferred],
-                                    [ordered[members[0]].gathers for _, _, members in spans]))
+                                    [ordered[members[0]].gathers for _, _, members in spans],
+                                    [[ordered[i] for i in members] for _, _, members in spans]))
     return layouts
 
 
@@ -66,37 +70,56 @@ def rank_params(config: Config, pp_rank: int) -> list[list[ParamSpec]]:
             for c in range(par.vpp)]
 
 
-def _shard_overlap(start: int, end: int, used: int, index: int, size: int) -> int:
-    """Elements of parameters (not padding) in shard `index` of a bucket [start, end) whose first
-    `used` are parameters."""
+def _shard_elements(start: int, end: int, members: list[ParamSpec], index: int,
+                    size: int) -> list[tuple[ParamSpec, int]]:
+    """Each parameter of a bucket [start, end) (laid out from start, padding after them) with its
+    elements in shard `index` of `size`."""
     width = (end - start) // size
-    lo = start + index * width
-    return max(0, min(lo + width, start + used) - lo)
+    lo, offset, out = start + index * width, start, []
+    for p in members:
+        out.append((p, max(0, min(lo + width, offset + p.numel) - max(lo, offset))))
+        offset += p.numel
+    return out
 
 
 def state_memory(config: Config, rank: RankCoords = RankCoords()) -> dict[str, int]:
-    """Bytes of weights, fp32 grads, fp32 main weights and Adam moments on one rank, as
+    """Bytes of weights, fp32 grads, fp32 main weights and optimizer state on one rank, as
     training.memory_parts reports them from the allocated tensors."""
+    weights, grads, optimized = _rank_state(config, rank)
+    muon = config.train.optimizer == "muon"
+    half = config.train.params_dtype.itemsize != 4
+    return {"weights": weights, "grads": grads, "main weights": 4 * sum(n for _, n in optimized) if half else 0,
+            "optimizer state": sum(n * state_bytes_per_element(muon and p.matrix) for p, n in optimized)}
+
+
+def optimizer_elements(config: Config, rank: RankCoords = RankCoords()) -> tuple[int, int]:
+    """The elements one rank's optimizer updates: (by AdamW, by Muon)."""
+    optimized = _rank_state(config, rank)[2]
+    muon = sum(n for p, n in optimized if p.matrix) if config.train.optimizer == "muon" else 0
+    return sum(n for _, n in optimized) - muon, muon
+
+
+def _rank_state(config: Config, rank: RankCoords) -> tuple[int, int, list[tuple[ParamSpec, int]]]:
+    """Bytes of weights and of fp32 grads on one rank, and the elements its optimizer updates, by parameter."""
     par, train = config.parallel, config.train
     pbytes = train.params_dtype.itemsize
-    half = pbytes != 4
-    weights = grads = optimized = 0
+    weights = grads = 0
+    optimized: list[tuple[ParamSpec, int]] = []  # the elements the optimizer updates here, by parameter
     for params in rank_params(config, rank.pp):
         if not par.sharded_optimizer:
             weights += pbytes * sum(p.numel for p in params)
-            optimized += sum(p.numel for p in params)
+            optimized += [(p, p.numel) for p in params]
         for i, buf in enumerate(grad_buffers(config, params)):
             index = rank.edp if i else rank.dp
-            for (start, end, used), sg, sp in zip(buf.buckets, buf.shard_grads, buf.shard_params):
+            for (start, end, _), sg, sp, members in zip(buf.buckets, buf.shard_grads, buf.shard_params, buf.members):
                 size = end - start
                 grads += 4 * (size // buf.group_size if sg else size)
                 if par.sharded_optimizer:
                     weights += pbytes * (size // buf.group_size if sp else size)
-                    optimized += _shard_overlap(start, end, used, index, buf.group_size)
+                    optimized += _shard_elements(start, end, members, index, buf.group_size)
     if par.parameter_server and rank.dp != 0:
-        optimized = 0  # a parameter server's workers hold no optimizer state
-    return {"weights": weights, "grads": grads, "main weights": 4 * optimized if half else 0,
-            "Adam state": 8 * optimized}
+        optimized = []  # a parameter server's workers hold no optimizer state
+    return weights, grads, optimized
 
 
 def logits_kept(config: Config) -> bool:

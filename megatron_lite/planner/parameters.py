@@ -24,6 +24,8 @@ class ParamSpec:
     expert: bool = False
     unit: int = 0  # index of its ZeRO-3 unit in the chunk (GPTModel.param_units)
     gathers: int = 2  # ZeRO-3 all-gathers per microbatch: before its unit's forward and backward
+    matrix: bool = False  # a hidden layer's weight matrix: Muon's under --optimizer muon (optimizer/muon.py)
+    tp_split: bool = False  # a matrix split over tp (Muon gathers its update whole)
 
 
 def _norm(model: ModelConfig, size: int, partial: bool, unit: int) -> list[ParamSpec]:
@@ -36,22 +38,22 @@ def layer_params(model: ModelConfig, number: int, tp: int, ep: int, sp: bool, un
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     gpt2 = model.family == "gpt2"
     qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
-    out = [*_norm(model, h, sp, unit), ParamSpec(qkv * h // tp, unit=unit)]
+    out = [*_norm(model, h, sp, unit), ParamSpec(qkv * h // tp, unit=unit, matrix=True, tp_split=True)]
     if gpt2 or model.add_qkv_bias:
         out.append(ParamSpec(qkv // tp, unit=unit))
-    out.append(ParamSpec(h * model.num_attention_heads * d // tp, unit=unit))
+    out.append(ParamSpec(h * model.num_attention_heads * d // tp, unit=unit, matrix=True, tp_split=True))
     if gpt2:
         out.append(ParamSpec(h, sp, unit=unit))  # row-parallel bias: replicated, partial under SP
     if model.qk_layernorm:
         out += _norm(model, d, tp > 1, unit) + _norm(model, d, tp > 1, unit)
     out += _norm(model, h, sp, unit)
     if model.is_moe_layer(number):
-        out.append(ParamSpec(model.num_experts * h, sp, unit=unit))  # router
+        out.append(ParamSpec(model.num_experts * h, sp, unit=unit, matrix=True))  # router
         gate = 2 if model.family == "llama" else 1
         local = model.num_experts // ep
         fe = model.expert_ffn_hidden_size
-        out += [ParamSpec(local * fe * gate * h, expert=True, unit=unit),
-                ParamSpec(local * h * fe, expert=True, unit=unit)]
+        out += [ParamSpec(local * fe * gate * h, expert=True, unit=unit, matrix=True),
+                ParamSpec(local * h * fe, expert=True, unit=unit, matrix=True)]
         if model.moe_shared_expert_intermediate_size:
             out += _mlp(model, model.moe_shared_expert_intermediate_size, tp, sp, unit)
         if model.moe_shared_expert_gate:
@@ -64,9 +66,10 @@ def layer_params(model: ModelConfig, number: int, tp: int, ep: int, sp: bool, un
 def _mlp(model: ModelConfig, ffn: int, tp: int, sp: bool, unit: int) -> list[ParamSpec]:
     h = model.hidden_size
     if model.family == "llama":  # SwiGLU fc1 [gate; up], no biases
-        return [ParamSpec(2 * ffn * h // tp, unit=unit), ParamSpec(h * ffn // tp, unit=unit)]
-    return [ParamSpec(ffn * h // tp, unit=unit), ParamSpec(ffn // tp, unit=unit), ParamSpec(h * ffn // tp, unit=unit),
-            ParamSpec(h, sp, unit=unit)]
+        return [ParamSpec(2 * ffn * h // tp, unit=unit, matrix=True, tp_split=True),
+                ParamSpec(h * ffn // tp, unit=unit, matrix=True, tp_split=True)]
+    return [ParamSpec(ffn * h // tp, unit=unit, matrix=True, tp_split=True), ParamSpec(ffn // tp, unit=unit),
+            ParamSpec(h * ffn // tp, unit=unit, matrix=True, tp_split=True), ParamSpec(h, sp, unit=unit)]
 
 
 def chunk_params(model: ModelConfig, tp: int, pp: int, vpp: int, ep: int, sp: bool, pp_rank: int,
@@ -96,7 +99,8 @@ def chunk_params(model: ModelConfig, tp: int, pp: int, vpp: int, ep: int, sp: bo
         if not model.tie_embeddings:
             out.append(ParamSpec(vocab // tp * h, unit=unit))
         for k in range(model.mtp_depths):  # in the output unit: enorm, hnorm, eh_proj, layer, final norm
-            out += [*_norm(model, h, sp, unit), *_norm(model, h, sp, unit), ParamSpec(2 * h * h // tp, unit=unit),
+            out += [*_norm(model, h, sp, unit), *_norm(model, h, sp, unit),
+                    ParamSpec(2 * h * h // tp, unit=unit, matrix=True, tp_split=True),
                     *layer_params(model, model.num_layers + k, tp, ep, sp, unit), *_norm(model, h, sp, unit)]
     return out
 

@@ -22,6 +22,9 @@ over each norm group) and the loss (fp64 mean over pp and dp).
 Multi-token prediction: each module on the last stage repeats the embedding's, a layer's and the
 head's collectives, with its projection's (see _mtp_tensor_parallel), its loss's over tp and cp,
 and its mean over pp and dp.
+Muon (--optimizer muon), per step: the distributed optimizer all-gathers, in fp32, each bucket
+holding a matrix (every rank's pieces of the momentum update), and every matrix split over tp is
+all-gathered whole over tp (fp32).
 Mixture of experts: the token exchange per rank is the expectation of balanced routing (what a
 rank receives depends on the router; the sum over an ep group is exact, dropless); the small
 collectives of its routing statistics are not counted.
@@ -129,6 +132,8 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
         _parameter_server(config, rank, pbytes, out)
     else:
         _data_parallel(config, rank, m, pbytes, out)
+    if train.optimizer == "muon":
+        _muon(config, rank, out)
     norm_groups = ("dp-cp", "mp") if par.sharded_optimizer else ("mp",)
     sizes = {"dp-cp": dp * cp, "mp": tp * pp}
     for group in norm_groups:
@@ -224,6 +229,20 @@ def _data_parallel(config: Config, rank: RankCoords, m: int, pbytes: int, out: T
                 out[("reduce_scatter", group)] += 4 * size * (m if sg else 1)
                 # ZeRO-3 gathers a unit before its forward, and again before its backward, per microbatch.
                 out[("all_gather", group)] += pbytes * size * (m * gathers if sp else 1)
+
+
+def _muon(config: Config, rank: RankCoords, out: Traffic) -> None:
+    """Muon's gathers of the momentum updates: over the data-parallel shards, then over tp."""
+    par = config.parallel
+    tp = par.tensor_model_parallel_size
+    for params in rank_params(config, rank.pp):
+        if tp > 1:
+            out[("all_gather", "tp")] += sum(4 * p.numel * tp for p in params if p.matrix and p.tp_split)
+        for i, buf in enumerate(grad_buffers(config, params)):
+            if par.sharded_optimizer and buf.group_size > 1:
+                out[("all_gather", "edp" if i else "dp-cp")] += sum(
+                    4 * (end - start) for (start, end, _), members in zip(buf.buckets, buf.members)
+                    if any(p.matrix for p in members))
 
 
 def _parameter_server(config: Config, rank: RankCoords, pbytes: int, out: Traffic) -> None:

@@ -16,6 +16,10 @@ from megatron_lite.config import (
     MOE_DISPATCHERS,
     MOE_LOAD_BALANCING,
     MOE_SCORE_FUNCTIONS,
+    MUON_COEFFICIENTS,
+    MUON_SCALE_MODES,
+    MUON_TP_MODES,
+    OPTIMIZERS,
     RECOMPUTE_GRANULARITIES,
     RECOMPUTE_METHODS,
     RECOMPUTE_MODULES,
@@ -107,12 +111,16 @@ _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("c
             "moe_token_dispatcher_type": MOE_DISPATCHERS, "data_parallel_sharding_strategy": SHARDING_STRATEGIES,
             "data_parallel_mode": DATA_PARALLEL_MODES,
             "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
-            "recompute_modules": RECOMPUTE_MODULES, "rope_scaling_type": ROPE_SCALING_TYPES}
+            "recompute_modules": RECOMPUTE_MODULES, "rope_scaling_type": ROPE_SCALING_TYPES,
+            "optimizer": OPTIMIZERS, "muon_coefficient_type": tuple(MUON_COEFFICIENTS),
+            "muon_scale_mode": MUON_SCALE_MODES, "muon_tp_mode": MUON_TP_MODES}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
                                   "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],
                                   "pipeline_model_parallel_size": ["--pp"],
                                   "virtual_pipeline_model_parallel_size": ["--vpp"]}
+# Megatron's spelling of a flag that turns a default-on field off, where it is not --no-field-name.
+_NEGATIONS = {"muon_split_qkv": "--muon-no-split-qkv"}
 # How pretrain_gpt.py runs rather than what it trains, so not Config fields: a dry run checks the
 # configuration for a world it need not be on and describes it by the planner's formulas.
 _LAUNCH_FLAGS: dict[str, dict] = {
@@ -188,7 +196,7 @@ def _flag_names(f: dataclasses.Field) -> list[str]:
     """`--field-name` and its aliases. A bool field that defaults to True gets `--no-field-name`
     instead, which turns it off (Megatron's convention, as in --no-masked-softmax-fusion)."""
     if f.default is True:
-        return ["--no-" + f.name.replace("_", "-")]
+        return [_NEGATIONS.get(f.name, "--no-" + f.name.replace("_", "-"))]
     return ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
 
 

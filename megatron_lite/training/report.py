@@ -11,8 +11,11 @@ from megatron_lite.config import Config, ParallelConfig
 from megatron_lite.config.layout import Layout
 from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.parameter_server import ParameterServerOptimizer
+from megatron_lite.optimizer.muon import Muon, uses_muon
+from megatron_lite.optimizer.optimizer import state_bytes_per_element
 from megatron_lite.parallel_state import print_rank_0
 from megatron_lite.planner.activation_memory import describe_activation_memory
+from megatron_lite.planner.flops import flops_per_step, newton_schulz_flops
 from megatron_lite.planner.report import describe_plan
 from megatron_lite.training.parallelize import TrainingModel
 
@@ -38,15 +41,17 @@ def describe_layout(grid: parallel_state.Grid, par: ParallelConfig) -> str:
 def memory_parts(model: TrainingModel) -> dict[str, int]:
     """This rank's bytes of weights (the distributed optimizer's flat buffers: under ZeRO-3 the
     shards), fp32 grads (the grad buffers: under ZeRO-2/3 the shards), fp32 main weights and
-    Adam moments, as allocated."""
+    optimizer state (Adam moments; Muon's momentum buffers), as allocated."""
     optimized = model.optimizer.tensors
+    muon = isinstance(model.optimizer.optimizer, Muon)
     if isinstance(model.optimizer, DistributedOptimizer):
         weights = sum(buf.param_data.numel() * buf.param_data.element_size() for buf in model.grad_buffers)
     else:
         weights = sum(p.numel() * p.element_size() for c in model.chunks for p in c.parameters())
     return {"weights": weights, "grads": sum(4 * buf.grad_data.numel() for buf in model.grad_buffers),
             "main weights": sum(4 * t.main.numel() for t in optimized if t.main is not t.model),
-            "Adam state": sum(8 * t.main.numel() for t in optimized)}
+            "optimizer state": sum(t.main.numel() * state_bytes_per_element(muon and uses_muon(t.param))
+                                   for t in optimized)}
 
 
 def describe_memory(model: TrainingModel, dp: int) -> str:
@@ -74,8 +79,23 @@ def describe_memory(model: TrainingModel, dp: int) -> str:
         how = "; --use-distributed-optimizer shards them over dp"
     return ("> memory on rank 0: " + " + ".join(f"{k} {v / mb:.2f} MB" for k, v in parts.items() if v)
             + f" = {sum(parts.values()) / n:.1f} bytes per parameter ({dtype} weights, fp32 grads"
-            + (", main weights and Adam moments" if parts["main weights"] else " and Adam moments")
+            + (", main weights and " if parts["main weights"] else " and ") + _state_name(model)
             + (" (those two in host memory)" if offload else "") + how + ")")
+
+
+def _state_name(model: TrainingModel) -> str:
+    if isinstance(model.optimizer.optimizer, Muon):
+        return "Muon momentum (the matrices) and Adam moments (the rest)"
+    return "Adam moments"
+
+
+def describe_muon(config: Config) -> str:
+    """Muon's Newton-Schulz work per step against the model's (planner/flops.py)."""
+    ns, step = newton_schulz_flops(config.model, config.train), flops_per_step(config.model,
+                                                                                config.train.global_batch_size)
+    return (f"> muon: Newton-Schulz {ns / 1e9:.3f} GFLOP per step for the whole model ({100 * ns / step:.2f} % of "
+            f"the model's {step / 1e9:.1f} GFLOP, not in MFU), {config.train.muon_num_ns_steps} steps on each full "
+            "matrix, duplicated on each of its tp ranks")
 
 
 def print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, device: torch.device) -> None:
@@ -86,6 +106,8 @@ def print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, d
     print_rank_0(describe_layout(grid, config.parallel))
     print_rank_0(describe_model(config, n_params))
     print_rank_0(describe_memory(model, dp))
+    if cfg.optimizer == "muon":
+        print_rank_0(describe_muon(config))
     par = config.parallel
     layers_per_chunk = config.model.num_layers // (par.pipeline_model_parallel_size * par.vpp)
     print_rank_0(describe_activation_memory(config.model, layers_per_chunk, par.vpp, cfg.micro_batch_size, tp,
