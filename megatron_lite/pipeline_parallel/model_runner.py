@@ -80,7 +80,7 @@ class ModelRunner:
             input_tensor.requires_grad_()
         with autocast(self.device, self.dtype):
             output = model(tokens=batch["tokens"], labels=batch["labels"] if model.post_process else None,
-                           hidden=input_tensor, positions=batch.get("position_ids"))
+                           hidden=input_tensor, positions=batch.get("position_ids"), doc_start=batch.get("doc_start"))
         if model.post_process:
             objective, loss = microbatch_loss(output, batch["loss_mask"])
             self.losses.append(loss)
