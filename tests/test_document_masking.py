@@ -31,8 +31,13 @@ from megatron_lite.data.documents import DocumentMasking, document_starts
 from megatron_lite.distributed.spawn import run_on_ranks
 from megatron_lite.inference.generation import generate
 from megatron_lite.inference.sampling import SamplingParams
-from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model import fused_ops, ops
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.planner.activation_memory import stage_bytes
+from megatron_lite.planner.flops import flops_per_step
+from megatron_lite.planner.hardware import GPUS
+from megatron_lite.planner.step_time import estimate
+from megatron_lite.training.arguments import parse_args
 from megatron_lite.training.loop import train_step
 
 EOD, SEQ, VOCAB = 256, 32, 258
@@ -177,3 +182,23 @@ def test_generation_continues_the_last_document_of_a_prompt(family: str) -> None
     alone = generate(model, last, 6, greedy, EOD)
     assert generate(model, first + last, 6, greedy, EOD, documents=ALL_FLAGS) == alone
     assert generate(model, first + last, 6, greedy, EOD) != alone
+
+
+def test_flops_and_planner_count_only_each_documents_keys() -> None:
+    """The score term's keys per query: the sequence's, or under document masking the mean
+    document length (planner/flops.py); the planner's attention time shrinks with it."""
+    model = config().model
+    h, s, layers, batch = model.hidden_size, model.seq_length, model.num_layers, 8
+    width = model.num_attention_heads * model.head_dim / h
+    assert flops_per_step(model, batch, float(s)) == flops_per_step(model, batch)
+    saved = flops_per_step(model, batch) - flops_per_step(model, batch, 8.0)
+    assert saved == pytest.approx(12 * batch * s * layers * h * h * (s - 8) / h * width)
+    gpu = parse_args(["--model", "llama-1b", "--bf16", "--device", "cuda", "--reset-attention-mask"])
+    full, short = (estimate(gpu, GPUS["H100"], mean_document_length=n) for n in (None, 256.0))
+    assert short.compute_parts["attention"] == pytest.approx(full.compute_parts["attention"] * 256 / 2048)
+    assert short.step_s < full.step_s and short.mfu < full.mfu
+    without = parse_args(["--model", "llama-1b", "--bf16", "--device", "cuda"])
+    assert estimate(without, GPUS["H100"], mean_document_length=256.0).step_s == full.step_s
+    # --reset-position-ids: one RoPE table per sample in the activation formula.
+    tables = stage_bytes(model, 2, 3, per_sample_positions=True) - stage_bytes(model, 2, 3)
+    assert tables == 4 * 2 * s * model.head_dim

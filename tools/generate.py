@@ -23,7 +23,6 @@ from megatron_lite.inference.generation import generate, load_model  # noqa: E40
 from megatron_lite.inference.sampling import SamplingParams  # noqa: E402
 from megatron_lite.training.arguments import add_dataclass_flags  # noqa: E402
 
-
 # A prompt holding end-of-document tokens is continued as training saw packed documents.
 DOCUMENT_FLAGS = ("reset_position_ids", "reset_attention_mask")
 
