@@ -98,3 +98,58 @@ def test_sliding_window_matches_the_masked_reference(seqlen, window):
     want_out, want_lse = attention_forward_reference(q, k, v, True, window=window)
     torch.testing.assert_close(out, want_out, **TOL)
     torch.testing.assert_close(lse, want_lse, **TOL)
+
+
+def _doc_start(lengths_per_sample: list[list[int]]) -> torch.Tensor:
+    """[b, s]: each position's document start, for documents of these lengths laid end to end."""
+    rows = []
+    for lengths in lengths_per_sample:
+        starts = torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)
+        rows.append(torch.repeat_interleave(starts, torch.tensor(lengths)))
+    return torch.stack(rows)
+
+
+# Documents within one 16-row tile, across tiles and on tile edges, one document (plain causal),
+# each sample its own; and with a window.
+@pytest.mark.parametrize("lengths,window", [
+    ([[5, 20, 3, 9], [37]], None),
+    ([[16, 16, 5], [1, 1, 30, 5]], None),
+    ([[40, 8], [3, 45]], 6),
+])
+def test_document_mask_matches_the_masked_reference(lengths, window):
+    torch.manual_seed(0)
+    doc = _doc_start(lengths)
+    b, s = doc.shape
+    q = torch.randn(b, 4, s, 16)
+    k, v = torch.randn(2, b, 2, s, 16)
+    do = torch.randn_like(q)
+    got = _outputs_and_grads(flash_attention, q, k, v, do, causal=True, window=window, doc_start=doc)
+    want = _outputs_and_grads(flash_attention_reference, q, k, v, do, causal=True, window=window, doc_start=doc)
+    for name, a, b_ in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b_, **TOL, msg=lambda m: f"{name}: {m}")
+    # The reference's mask is the documents': a document's output is its attention alone.
+    first = lengths[0][0]
+    alone = flash_attention_reference(q[:1, :, first:], k[:1, :, first:], v[:1, :, first:], causal=True,
+                                      window=window, doc_start=doc[:1, first:] - first)
+    torch.testing.assert_close(want[0][:1, :, first:], alone, **TOL)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_document_masked_blocks_match_the_reference(causal):
+    """Context parallelism's blocks: doc_start in the key block's positions, below 0 (a document
+    begun before the block) or past its end (rows that see none of its keys: output 0, lse -inf)."""
+    torch.manual_seed(0)
+    doc = torch.tensor([[-5] * 10 + [3] * 20 + [30] * 6 + [60] * 4, [0] * 40])
+    q = torch.randn(2, 4, 40, 32)
+    k, v = torch.randn(2, 2, 2, 40, 32)
+    out, lse = flash_attention_forward(q, k, v, causal, doc_start=doc)
+    want_out, want_lse = attention_forward_reference(q, k, v, causal, doc_start=doc)
+    torch.testing.assert_close(out, want_out, **TOL)
+    torch.testing.assert_close(lse, want_lse, **TOL)
+    do = torch.randn_like(q)
+    # The backward takes the merged lse of a whole attention, finite for every row.
+    merged_lse = torch.logaddexp(want_lse, torch.zeros_like(want_lse))
+    got = flash_attention_backward(q, k, v, want_out, merged_lse, do, causal, doc_start=doc)
+    want = attention_backward_reference(q, k, v, want_out, merged_lse, do, causal, doc_start=doc)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)

@@ -52,3 +52,17 @@ def test_rotation_at_position_zero_is_identity_and_preserves_norm():
     torch.testing.assert_close(q_out[:, 0], q[:, 0], **TOL)
     torch.testing.assert_close(q_out.norm(dim=-1), q.norm(dim=-1), **TOL)
     torch.testing.assert_close(k_out.norm(dim=-1), k.norm(dim=-1), **TOL)
+
+
+def test_per_sample_positions_rotate_each_sample_by_its_own_angles():
+    """cos/sin [b, s, d/2] (--reset-position-ids: positions restart in each document): each sample
+    rotated as if alone with its table rows."""
+    torch.manual_seed(0)
+    q, k = _q_and_k(2, 9, 4, 2, 16, from_fused_qkv=True)
+    cos, sin = _angles(9, 16)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 0, 1]])
+    q_out, k_out = apply_rotary(q, k, cos[positions], sin[positions])
+    for b in range(2):
+        want = apply_rotary_reference(q[b:b + 1], k[b:b + 1], cos[positions[b]], sin[positions[b]])
+        torch.testing.assert_close(q_out[b:b + 1], want[0], **TOL)
+        torch.testing.assert_close(k_out[b:b + 1], want[1], **TOL)

@@ -16,11 +16,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_lite.config import ConfigError, TrainConfig  # noqa: E402
+from megatron_lite.data.documents import DocumentMasking  # noqa: E402
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
 from megatron_lite.hf.convert import TOKENIZER_FILES  # noqa: E402
 from megatron_lite.inference.generation import generate, load_model  # noqa: E402
 from megatron_lite.inference.sampling import SamplingParams  # noqa: E402
 from megatron_lite.training.arguments import add_dataclass_flags  # noqa: E402
+
+# A prompt holding end-of-document tokens is continued as training saw packed documents.
+DOCUMENT_FLAGS = ("reset_position_ids", "reset_attention_mask")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234, help="of the sampling generator")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
     parser.add_argument("--bf16", action="store_true", help="run the model in bf16 (default: fp32)")
-    # The tokenizer flags of pretrain_gpt.py; by default the checkpoint's own tokenizer.
-    add_dataclass_flags(parser, TrainConfig, ("tokenizer_type", "tokenizer_model"))
+    # The tokenizer and document flags of pretrain_gpt.py; by default the checkpoint's own.
+    add_dataclass_flags(parser, TrainConfig, ("tokenizer_type", "tokenizer_model", *DOCUMENT_FLAGS))
     return parser
 
 
@@ -74,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"> loaded {load}: {model.config.family} family, {n_params:,} parameters, on {device}", file=sys.stderr)
         start = time.perf_counter()
+        flags = {name: getattr(args, name) for name in DOCUMENT_FLAGS if hasattr(args, name)}
+        documents = DocumentMasking.of({**(train or {}), **flags}, tokenizer.eod)
         ids = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, params, tokenizer.eod,
-                       torch.Generator(device).manual_seed(args.seed))
+                       torch.Generator(device).manual_seed(args.seed), documents)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"generate.py: error: {exc}\n")
         return 2

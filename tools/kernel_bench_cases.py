@@ -5,10 +5,13 @@ reference); bench.py adds torch.compile of the reference. Liger-Kernel and the S
 backend join where they apply and are importable. Work is counted once per case:
   GB/s    the bytes the op must move at least (each input read once, each output written
           once), so a slower implementation simply shows a lower figure;
-  TFLOP/s model FLOPs (attention: 4 b h s^2 d, halved when causal; backward = 2.5x forward).
+  TFLOP/s model FLOPs (attention: 4 b h s^2 d, halved when causal; backward = 2.5x forward;
+          document-masked attention: 4 b h d sum(L^2)/2 over its documents of L tokens, the
+          work left to do, also for the plain causal kernel raced against it as "causal").
 Shapes are Llama-3.2-1B / Llama-3-8B sized (hidden 2048 / 4096, seq 2k-8k, vocab 32k-128k)
 with batches that fit an 80 GB GPU including the eager baseline's intermediates.
 """
+import random
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -45,6 +48,7 @@ class Case:
     unit: str  # "GB/s" or "TFLOP/s"
     work_fwd: float  # bytes or FLOPs of the forward
     work_fwd_bwd: float
+    baseline: Optional[str] = None  # an impl that "ours" is also compared with (bench.py prints the ratio)
 
 
 def _liger(name: str) -> Optional[Callable]:
@@ -190,6 +194,31 @@ def _attention_case(b, nh, nkv, s, d, device, dtype) -> Case:
     return Case("flash_attention", shape, make, impls, "TFLOP/s", flops, 3.5 * flops)
 
 
+def _document_lengths(s: int, documents: int) -> list:
+    """`documents` lengths summing to s, cut at fixed pseudo-random places (uneven, as in a corpus)."""
+    cuts = sorted(random.Random(0).sample(range(1, s), documents - 1))
+    return [b - a for a, b in zip([0] + cuts, cuts + [s])]
+
+
+def _document_attention_case(b, nh, nkv, s, d, documents, device, dtype) -> Case:
+    """Packed samples of `documents` documents (--reset-attention-mask): the kernel skipping the
+    key blocks of other documents, against the same kernel attending causally over the sample."""
+    lengths = _document_lengths(s, documents)
+    starts = torch.repeat_interleave(torch.tensor([sum(lengths[:i]) for i in range(documents)]),
+                                     torch.tensor(lengths)).to(device).expand(b, s).contiguous()
+
+    def make():
+        return dict(q=_randn((b, nh, s, d), device, dtype), k=_randn((b, nkv, s, d), device, dtype),
+                    v=_randn((b, nkv, s, d), device, dtype))
+
+    impls = dict(ours=lambda q, k, v: flash_attention(q, k, v, doc_start=starts),
+                 eager=lambda q, k, v: flash_attention_reference(q, k, v, doc_start=starts),
+                 causal=flash_attention)
+    flops = 4.0 * b * nh * d * sum(n * n for n in lengths) / 2
+    shape = f"b{b} nh{nh} nkv{nkv} s{s} d{d} {documents} documents"
+    return Case("flash_attention_documents", shape, make, impls, "TFLOP/s", flops, 3.5 * flops, baseline="causal")
+
+
 def _sdpa_flash(q, k, v):
     """torch's FlashAttention-2 backend; kv heads expanded first, as that backend wants."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -213,6 +242,8 @@ OPS = {
                                    [(37, 32, 300)], _flce_case),
     "flash_attention": ([(4, 32, 8, 2048, 64), (2, 32, 8, 4096, 128), (1, 32, 8, 8192, 128)],
                         [(1, 2, 1, 20, 16)], _attention_case),
+    "flash_attention_documents": ([(2, 32, 8, 4096, 128, 8), (4, 32, 8, 2048, 64, 8)], [(1, 2, 1, 48, 16, 8)],
+                                  _document_attention_case),
 }
 
 

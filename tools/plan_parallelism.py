@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validate", action="store_true", help="compare with published throughputs")
     parser.add_argument("--seed-tables", action="store_true", help="regenerate the DP/DDP/FSDP and ZeRO tables")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--mean-document-length", type=float,
+                        help="with --reset-attention-mask: the documents' mean length in tokens "
+                             "(default: the sequence's)")
     ours, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         parser.print_help()
@@ -224,12 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    length = ours.mean_document_length
+    if length is not None and (length <= 0 or not config.train.reset_attention_mask):
+        print(f"error: --mean-document-length={length} must be positive and goes with --reset-attention-mask",
+              file=sys.stderr)
+        return 2
     hardware = gpu_named(ours.gpu)
     if ours.layout:
-        given = Candidate(config, estimate(config, hardware))
+        given = Candidate(config, estimate(config, hardware, mean_document_length=length))
         best, count = [given], 1
     else:
-        best, count = plan(config, ours.num_gpus, hardware, ours.top)
+        best, count = plan(config, ours.num_gpus, hardware, ours.top, length)
     rows = [_row(c.name, c.estimate, c.config, hardware, command_line(c.config, rest, ours.num_gpus, hardware))
             for c in best]
     if ours.json:

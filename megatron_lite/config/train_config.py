@@ -166,6 +166,15 @@ class TrainConfig:
     is used."""
     split: str = "98,2,0"
     """Train/valid/test proportions of each dataset's documents."""
+    reset_position_ids: bool = False
+    """Positions restart at 0 after each end-of-document token of a packed sample (Megatron's; RoPE and gpt2's
+    position table see each document from its start)."""
+    reset_attention_mask: bool = False
+    """A token attends only to the earlier tokens of its own document, not across the end-of-document tokens of a
+    packed sample (Megatron's; the flash kernel and context parallelism skip other documents' key blocks)."""
+    eod_mask_loss: bool = False
+    """No loss where the input token is the end-of-document token (whose target is the next document's first token),
+    Megatron's; the loss is the mean over the tokens that count."""
     data_cache_dir: str | None = None
     """Where the built-in corpus and the sample indices are cached (default: ~/.cache/megatron_lite or
     $MEGATRON_LITE_CACHE, and cache/ beside --data-path)."""

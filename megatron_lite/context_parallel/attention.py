@@ -16,7 +16,10 @@ after RoPE at the true positions). Three ways to see every key (Megatron's --cp-
 
 p2p and allgather work on chunk pairs: query chunk i and key chunk j are fully visible when
 j < i, causal when j == i, skipped when j > i. With a sliding window a pair j < i is masked by
-its distance (i - j) * chunk length, and skipped when the window reaches none of it. A pair is
+its distance (i - j) * chunk length, and skipped when the window reaches none of it. With a
+document mask (`doc_start`, each local token's document start in the whole sequence) a pair
+j < i is masked by the documents, and skipped when no query of chunk i (in any sample) belongs
+to a document that began by the end of chunk j. A pair is
 one call of the block primitives the model's ops provide (`attention_block_forward` /
 `attention_block_backward`: the flash-attention kernels on GPU, their torch references on CPU),
 which return and take the row log-sum-exp.
@@ -44,13 +47,16 @@ def _chunk(t: Tensor, i: int, dim: int = -2) -> Tensor:
     return t.narrow(dim, i * (t.shape[dim] // 2), t.shape[dim] // 2)
 
 
-def _pairs(q_ids: tuple[int, int], k_ids: tuple[int, int], chunk: int, window: int | None):
+def _pairs(q_ids: tuple[int, int], k_ids: tuple[int, int], chunk: int, window: int | None,
+           doc_lows: tuple[int, int] | None = None):
     """(query chunk index, key chunk index, causal, offset) of every chunk pair some query of
-    which sees some key: offset is how far the query chunk starts after the key chunk."""
+    which sees some key: offset is how far the query chunk starts after the key chunk.
+    `doc_lows`: the earliest document start among each query chunk's tokens (None: no documents)."""
     for i, q_id in enumerate(q_ids):
         for j, k_id in enumerate(k_ids):
             offset = (q_id - k_id) * chunk
-            if k_id <= q_id and (window is None or offset - (chunk - 1) <= window):
+            if (k_id <= q_id and (window is None or offset - (chunk - 1) <= window)
+                    and (doc_lows is None or doc_lows[i] < (k_id + 1) * chunk)):
                 yield i, j, k_id == q_id, offset
 
 
@@ -78,38 +84,51 @@ class _Merged:
         return torch.cat(self.out, dim=-2).to(dtype), torch.cat(self.lse, dim=-1)
 
 
-def _local_pairs(q: Tensor, k_ids: tuple[int, int], window: int | None):
-    """_pairs of this rank's query chunks with the key chunks k_ids."""
-    q_ids = chunk_ids(parallel_state.get_grid().index("cp"), parallel_state.get_grid().size("cp"))
-    return _pairs(q_ids, k_ids, q.shape[-2] // 2, window)
+class _Masks:
+    """What limits which keys each local query sees: the window, and the documents (doc_start
+    [b, 2 * chunk], in whole-sequence positions, with the earliest of each query chunk, read
+    once per attention so that every pair's skip costs no device sync)."""
+
+    def __init__(self, window: int | None, doc_start: Tensor | None) -> None:
+        self.window, self.doc_start = window, doc_start
+        self.doc_lows = None if doc_start is None else tuple(int(_chunk(doc_start, i, -1).min()) for i in (0, 1))
+
+    def pairs(self, q: Tensor, k_ids: tuple[int, int]):
+        """_pairs of this rank's query chunks with the key chunks k_ids, each with its block's
+        masks: the window and offset, and doc_start in the key chunk's positions."""
+        grid = parallel_state.get_grid()
+        chunk = q.shape[-2] // 2
+        for i, j, causal, offset in _pairs(chunk_ids(grid.index("cp"), grid.size("cp")), k_ids, chunk, self.window,
+                                           self.doc_lows):
+            doc_start = None if self.doc_start is None else _chunk(self.doc_start, i, -1) - k_ids[j] * chunk
+            yield i, j, causal, dict(window=self.window, offset=offset, doc_start=doc_start)
 
 
 def _forward_blocks(forward: BlockForward, q: Tensor, kv: Tensor, k_ids: tuple[int, int], merged: _Merged,
-                    window: int | None) -> None:
+                    masks: _Masks) -> None:
     """Attend with the local queries to one rank's k/v chunk pair (kv = stack of k and v)."""
-    for i, j, causal, offset in _local_pairs(q, k_ids, window):
-        merged.add(i, *forward(_chunk(q, i), _chunk(kv[0], j), _chunk(kv[1], j), causal, window=window,
-                               offset=offset))
+    for i, j, causal, block in masks.pairs(q, k_ids):
+        merged.add(i, *forward(_chunk(q, i), _chunk(kv[0], j), _chunk(kv[1], j), causal, **block))
 
 
 def _backward_blocks(backward: BlockBackward, q: Tensor, kv: Tensor, k_ids: tuple[int, int], out: Tensor,
-                     lse: Tensor, dout: Tensor, dq: Tensor, dkv: Tensor, window: int | None) -> None:
+                     lse: Tensor, dout: Tensor, dq: Tensor, dkv: Tensor, masks: _Masks) -> None:
     """Add one k/v chunk pair's share of the gradients to dq (local) and dkv (that pair's)."""
-    for i, j, causal, offset in _local_pairs(q, k_ids, window):
+    for i, j, causal, block in masks.pairs(q, k_ids):
         grads = backward(_chunk(q, i), _chunk(kv[0], j), _chunk(kv[1], j), _chunk(out, i), _chunk(lse, i, -1),
-                         _chunk(dout, i), causal, window=window, offset=offset)
+                         _chunk(dout, i), causal, **block)
         _chunk(dq, i).add_(grads[0])
         _chunk(dkv[0], j).add_(grads[1])
         _chunk(dkv[1], j).add_(grads[2])
 
 
 def _save_for_backward(ctx, q: Tensor, k: Tensor, v: Tensor, merged: _Merged, backward: BlockBackward,
-                       window: int | None) -> Tensor:
+                       masks: _Masks) -> Tensor:
     """The merged output; keeps what the backward of a chunk-pair attention needs (only this
     rank's q, k, v: the others' k/v are fetched again rather than kept alive)."""
     out, lse = merged.result(q.dtype)
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.backward_block, ctx.window = backward, window
+    ctx.backward_block, ctx.masks = backward, masks
     return out
 
 
@@ -122,7 +141,7 @@ def _ring() -> tuple[int, int, int, int]:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, forward: BlockForward, backward: BlockBackward,
-                window: int | None) -> Tensor:
+                masks: _Masks) -> Tensor:
         cp, r, nxt, prv = _ring()
         kv, owner, merged = torch.stack([k, v]), r, _Merged()
         for step in range(cp):
@@ -130,12 +149,12 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:  # the next block travels while this one is computed
                 incoming = torch.empty_like(kv)
                 pending = send_recv_async([("send", kv, nxt, KV_TAG), ("recv", incoming, prv, KV_TAG)], "cp")
-            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged, window)
+            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged, masks)
             for work in pending:
                 work.wait()
             if incoming is not None:
                 kv, owner = incoming, (owner - 1) % cp
-        return _save_for_backward(ctx, q, k, v, merged, backward, window)
+        return _save_for_backward(ctx, q, k, v, merged, backward, masks)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
@@ -148,7 +167,7 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 incoming = torch.empty_like(kv)
                 pending = send_recv_async([("send", kv, nxt, KV_TAG), ("recv", incoming, prv, KV_TAG)], "cp")
-            _backward_blocks(ctx.backward_block, q, kv, chunk_ids(owner, cp), out, lse, dout, dq, dkv, ctx.window)
+            _backward_blocks(ctx.backward_block, q, kv, chunk_ids(owner, cp), out, lse, dout, dq, dkv, ctx.masks)
             # This block's dK/dV follow it; after the last step our own block's come home.
             arrived = torch.empty_like(dkv)
             send_recv([("send", dkv, nxt, DKV_TAG), ("recv", arrived, prv, DKV_TAG)], "cp")
@@ -168,11 +187,11 @@ def _gather_kv(k: Tensor, v: Tensor) -> Tensor:
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, forward: BlockForward, backward: BlockBackward,
-                window: int | None) -> Tensor:
+                masks: _Masks) -> Tensor:
         cp, merged = parallel_state.get_grid().size("cp"), _Merged()
         for owner, kv in enumerate(_gather_kv(k, v)):
-            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged, window)
-        return _save_for_backward(ctx, q, k, v, merged, backward, window)
+            _forward_blocks(forward, q, kv, chunk_ids(owner, cp), merged, masks)
+        return _save_for_backward(ctx, q, k, v, merged, backward, masks)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
@@ -182,7 +201,7 @@ class _AllGatherAttention(torch.autograd.Function):
         dq, dfull = torch.zeros_like(q, dtype=torch.float32), torch.zeros_like(full, dtype=torch.float32)
         for owner in range(cp):
             _backward_blocks(ctx.backward_block, q, full[owner], chunk_ids(owner, cp), out, lse, dout, dq,
-                             dfull[owner], ctx.window)
+                             dfull[owner], ctx.masks)
         dkv = reduce_scatter(dfull, dim=0, group="cp")[0]
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
@@ -210,20 +229,24 @@ def _ulysses_order(seq: int, cp: int, device: torch.device) -> tuple[Tensor, Ten
     return to_order, torch.argsort(to_order)
 
 
-def _ulysses(q: Tensor, k: Tensor, v: Tensor, attention: Callable[..., Tensor], window: int | None) -> Tensor:
+def _ulysses(q: Tensor, k: Tensor, v: Tensor, attention: Callable[..., Tensor], window: int | None,
+             doc_start: Tensor | None) -> Tensor:
     cp = parallel_state.get_grid().size("cp")
     to_order, back = _ulysses_order(q.shape[2] * cp, cp, q.device)
     q, k, v = (_AllToAll.apply(t, 1, 2).index_select(2, to_order) for t in (q, k, v))
-    return _AllToAll.apply(attention(q, k, v, 0.0, window).index_select(2, back), 2, 1)
+    if doc_start is not None:  # the whole sequence's document starts, as its heads now hold it
+        doc_start = all_gather(doc_start, dim=1, group="cp").index_select(1, to_order)
+    return _AllToAll.apply(attention(q, k, v, 0.0, window, doc_start).index_select(2, back), 2, 1)
 
 
 def context_parallel_attention(comm_type: str, attention: Callable[..., Tensor], block_forward: BlockForward,
                                block_backward: BlockBackward) -> Callable[..., Tensor]:
     """The attention op of a model whose sequence is split over cp (signature of Ops.attention;
     attention dropout is refused with cp > 1 by the config)."""
-    def cp_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, window: int | None = None) -> Tensor:
+    def cp_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, window: int | None = None,
+                     doc_start: Tensor | None = None) -> Tensor:
         if comm_type == "a2a":
-            return _ulysses(q, k, v, attention, window)
+            return _ulysses(q, k, v, attention, window, doc_start)
         function = _RingAttention if comm_type == "p2p" else _AllGatherAttention
-        return function.apply(q, k, v, block_forward, block_backward, window)
+        return function.apply(q, k, v, block_forward, block_backward, _Masks(window, doc_start))
     return cp_attention

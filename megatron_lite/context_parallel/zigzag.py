@@ -25,12 +25,15 @@ def zigzag_positions(seq_length: int, cp: int, rank: int, device: torch.device |
 
 
 def split_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This cp rank's tokens, labels and loss mask of a microbatch ([batch, seq] each), and their
-    positions ("position_ids", [seq/cp]); the batch itself when cp is 1."""
+    """This cp rank's tokens, labels and loss mask of a microbatch ([batch, seq] each, and so
+    per-sample "position_ids" and "doc_start" when the batch has them: the positions within each
+    document and the documents' starts, in the whole sequence), and their positions
+    ("position_ids", [seq/cp], unless per sample); the batch itself when cp is 1."""
     grid = parallel_state.get_grid()
     cp = grid.size("cp")
     if cp == 1:
         return batch
     positions = zigzag_positions(batch["tokens"].shape[1], cp, grid.index("cp"), batch["tokens"].device)
-    local = {name: t.index_select(1, positions).contiguous() for name, t in batch.items()}
-    return {**local, "position_ids": positions}
+    # Per-sample entries ([b]: the documents' statistics) are not split.
+    local = {name: t.index_select(1, positions).contiguous() if t.dim() > 1 else t for name, t in batch.items()}
+    return {"position_ids": positions, **local}

@@ -6,6 +6,7 @@ from typing import NamedTuple
 from megatron_lite.config import ConfigError, TrainConfig
 from megatron_lite.data.blended_dataset import BlendedDataset
 from megatron_lite.data.default_corpus import build_default_corpus
+from megatron_lite.data.documents import DocumentMasking
 from megatron_lite.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, parse_data_path
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
@@ -21,6 +22,7 @@ class TrainingData(NamedTuple):
     train: GPTDataset | BlendedDataset
     valid: GPTDataset | BlendedDataset | None  # None when evaluation is off or the split has no valid part
     description: str  # one line for the log: which corpus, which tokenizer, how many samples
+    documents: DocumentMasking | None  # --reset-attention-mask and its kin at the tokenizer's eod, if any is on
 
 
 def check_token_ids(dataset: IndexedDataset, tokenizer: Tokenizer) -> None:
@@ -61,6 +63,7 @@ def build_training_data(cfg: TrainConfig, seq_length: int) -> TrainingData:
     """
     tokenizer = run_tokenizer(cfg)
     try:
+        documents = DocumentMasking.of(vars(cfg), tokenizer.eod)
         if cfg.data_path:
             data_path, corpus = cfg.data_path, f"--data-path {' '.join(cfg.data_path)}"
         else:
@@ -76,4 +79,6 @@ def build_training_data(cfg: TrainConfig, seq_length: int) -> TrainingData:
         raise ConfigError(str(e)) from e
     description = (f"{corpus}; {type(tokenizer).__name__} (vocab {tokenizer.vocab_size}); {len(train):,} train"
                    f"{f' and {len(valid):,} valid' if valid is not None else ''} samples of {seq_length + 1} tokens")
-    return TrainingData(tokenizer, train, valid, description)
+    if documents is not None:
+        description += f"; {documents.describe()}"
+    return TrainingData(tokenizer, train, valid, description, documents)

@@ -10,6 +10,7 @@ import torch
 from megatron_lite.checkpointing import read_checkpoint, resolve_load
 from megatron_lite.checkpointing.reshard import load_weights
 from megatron_lite.config import ConfigError, ModelConfig
+from megatron_lite.data.documents import DocumentMasking
 from megatron_lite.hf.convert import from_hf_state, load_safetensors
 from megatron_lite.hf.families import model_config_from_hf
 from megatron_lite.inference.sampling import SamplingParams, sample
@@ -40,11 +41,15 @@ def load_model(path: str | Path, ckpt_step: int | None = None,
 
 @torch.no_grad()
 def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, params: SamplingParams,
-             eod: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+             eod: int | None = None, generator: torch.Generator | None = None,
+             documents: DocumentMasking | None = None) -> list[int]:
     """The ids that follow `prompt`: at most max_new_tokens, ending early after `eod`.
 
     The prompt runs through the model once and fills the KV cache; every later step feeds
     the one token just chosen. The prompt and its continuation must fit the model's context.
+    With `documents` (the masking the model trained with) a prompt holding eod tokens is
+    packed documents as in training: the continuation attends to the last document only and
+    its positions count from that document's start.
     """
     context = model.config.context_length
     if not prompt or len(prompt) + max_new_tokens > context:
@@ -55,7 +60,9 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, params: Sa
     tokens = torch.tensor([prompt], device=device)
     generated: list[int] = []
     while len(generated) < max_new_tokens:
-        logits = model(tokens, inference_params=cache)[:, -1]
+        start = cache.sequence_len_offset
+        masks = {} if documents is None else documents.prompt_inputs(prompt + generated, start)
+        logits = model(tokens, inference_params=cache, **{k: v.to(device) for k, v in masks.items()})[:, -1]
         cache.sequence_len_offset += tokens.shape[1]
         token = int(sample(logits, params, generator))
         generated.append(token)

@@ -30,6 +30,16 @@ blocks that need them (the `MASK` constexpr); full blocks run unmasked. A slidin
 visits only the key blocks the window reaches, all of them masked; a row that has not yet
 reached its window in the first block sees no key there, so the online softmax shifts by 0
 instead of its max of -inf.
+
+Document masking (DOCUMENTS, packed sequences): DOC holds, per sample and query row, the first
+key of the row's document; keys before it are hidden. Documents are contiguous, so DOC is
+non-decreasing along a sample's rows, and a query block skips every key block before its
+first row's document (the work saved on packed samples); key blocks between its first and its
+last row's document start are masked, those after up to the diagonal run unmasked. dK/dV walk
+only the query rows that can see their key block: KEY_END (per key, the first query row whose
+document starts after it) ends the walk, and the rows whose document starts at or before the
+block's first key run unmasked. A row that sees no key of a block (context parallelism hands
+blocks of other documents) gets output 0 and lse -inf, as with a window.
 """
 import triton
 import triton.language as tl
@@ -87,23 +97,36 @@ def _row_stats(LSE, DELTA, bh, rows, seqlen):
 
 
 @triton.jit
-def _visible(rows, cols, seqlen, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
-    """[rows, cols] mask of the keys each query may attend to."""
+def _doc_starts(DOC, b, rows, seqlen, DOCUMENTS: tl.constexpr):
+    """The first key of each row's document (DOCUMENTS), else zeros (unused)."""
+    starts = tl.zeros(rows.shape, tl.int32)
+    if DOCUMENTS:
+        starts = tl.load(ptr_add(DOC, b, seqlen) + rows, mask=rows < seqlen, other=0)
+    return starts
+
+
+@triton.jit
+def _visible(rows, cols, seqlen, window, doc, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+             DOCUMENTS: tl.constexpr):
+    """[rows, cols] mask of the keys each query may attend to (`doc`: _doc_starts of rows)."""
     ok = cols[None, :] < seqlen
     if CAUSAL:
         ok = ok & (rows[:, None] >= cols[None, :])
     if WINDOWED:
         ok = ok & (rows[:, None] - cols[None, :] <= window)
+    if DOCUMENTS:
+        ok = ok & (cols[None, :] >= doc[:, None])
     return ok
 
 
 @triton.jit
-def _query_block_kv_ranges(start_m, seqlen, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): key blocks [lo, split) are fully visible,
-    [split, end) need the mask (the diagonal when causal, else the ragged tail; with a window
-    every block from the first the window reaches). Needs BLOCK_M % BLOCK_N == 0, so that
-    start_m is a key-block boundary."""
+def _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                           DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): key blocks [lo, mid) need the mask (the
+    documents' starts), [mid, split) are fully visible, [split, end) need the mask (the diagonal
+    when causal, else the ragged tail; with a window every block from the first the window
+    reaches). Key blocks before lo are skipped. Needs BLOCK_M % BLOCK_N == 0, so that start_m is
+    a key-block boundary."""
     lo = 0
     if CAUSAL:
         split = start_m
@@ -114,25 +137,33 @@ def _query_block_kv_ranges(start_m, seqlen, window, CAUSAL: tl.constexpr, WINDOW
     if WINDOWED:
         lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
         split = lo
-    return lo, split, end
+    mid = lo
+    if DOCUMENTS:
+        valid = rows < seqlen
+        first = tl.maximum(tl.min(tl.where(valid, doc, seqlen)), 0)
+        last = tl.maximum(tl.max(tl.where(valid, doc, 0)), 0)
+        lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)
+        mid = tl.maximum(lo, tl.minimum(split, tl.cdiv(last, BLOCK_N) * BLOCK_N))
+        split = tl.maximum(split, mid)
+    return lo, mid, split, end
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, lo, hi, seqlen,
-               qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, doc, lo, hi, seqlen,
+               qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr,
+               MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_head, cols, stride_ks, seqlen, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            s = tl.where(_visible(rows, cols, seqlen, window, CAUSAL, WINDOWED), s, float("-inf"))
-        # Without a window every row sees a key in each call's first block, so m is finite
-        # from then on and exp2(m_i - m_new) never meets -inf - -inf; with one, a row that
-        # has seen no key yet shifts by 0 (its p and alpha are then exp2(-inf) = 0).
+            s = tl.where(_visible(rows, cols, seqlen, window, doc, CAUSAL, WINDOWED, DOCUMENTS), s, float("-inf"))
+        # Without a window or documents every row sees a key in each call's first block, so m
+        # is finite from then on and exp2(m_i - m_new) never meets -inf - -inf; with one, a row
+        # that has seen no key yet shifts by 0 (its p and alpha are then exp2(-inf) = 0).
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         shift = m_new
-        if WINDOWED:
+        if WINDOWED or DOCUMENTS:
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
@@ -145,10 +176,10 @@ def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, lo,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, qk_scale, seqlen, n_heads, group, window,
+    Q, K, V, OUT, LSE, DOC, qk_scale, seqlen, n_heads, group, window,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
     q = _load_rows(_head(Q, b, h, sqb, sqh), rows, sqs, seqlen, HEAD_DIM)
@@ -156,12 +187,19 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    lo, split, end = _query_block_kv_ranges(start_m, seqlen, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, lo, split, seqlen,
-                               qk_scale, window, CAUSAL, WINDOWED, False, HEAD_DIM, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, split, end, seqlen,
-                               qk_scale, window, CAUSAL, WINDOWED, True, HEAD_DIM, BLOCK_N)
-    if WINDOWED:  # rows past the end may see no key: their (unstored) results stay finite
+    doc = _doc_starts(DOC, b, rows, seqlen, DOCUMENTS)
+    lo, mid, split, end = _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL, WINDOWED, DOCUMENTS,
+                                                 BLOCK_M, BLOCK_N)
+    if DOCUMENTS:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc, lo, mid, seqlen,
+                                   qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc, mid, split, seqlen,
+                               qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, False, HEAD_DIM, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc, split, end, seqlen,
+                               qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
+    # A row may see no key (past the end with a window; of another document in a block context
+    # parallelism hands): output 0 and lse -inf, not 0/0.
+    if WINDOWED or DOCUMENTS:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     _store_rows(_head(OUT, b, h, sob, soh), rows, sos, seqlen, acc / l_i[:, None], HEAD_DIM)
     # Saved in the same base-2 units as the scores, so backward needs no conversion.
@@ -178,9 +216,9 @@ def _bwd_delta_kernel(OUT, DO, DELTA, seqlen, n_heads, sob, soh, sos, sdb, sdh, 
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, stride_qs, stride_dos, cols,
-                lo, hi, seqlen, qk_scale, window, MASK: tl.constexpr, WINDOWED: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, stride_qs, stride_dos, cols,
+                lo, hi, seqlen, qk_scale, window, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed form: this program owns keys `cols`, so it builds S^T [keys, queries].
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -188,10 +226,9 @@ def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, stride_qs, stride
         do = _load_rows(do_head, rows, stride_dos, seqlen, HEAD_DIM)
         lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
-        if MASK:  # causal diagonal block, or the window's edge
-            visible = rows[None, :] >= cols[:, None]
-            if WINDOWED:
-                visible = visible & (rows[None, :] - cols[:, None] <= window)
+        if MASK:  # causal diagonal block, the window's edge, or a document's start
+            doc = _doc_starts(DOC, b, rows, seqlen, DOCUMENTS)
+            visible = tl.trans(_visible(rows, cols, seqlen, window, doc, CAUSAL, WINDOWED, DOCUMENTS))
             s_t = tl.where(visible, s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -203,11 +240,11 @@ def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, stride_qs, stride
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, n_kv_heads, group, window,
+    Q, K, V, DO, DK, DV, LSE, DELTA, DOC, KEY_END, qk_scale, sm_scale, seqlen, n_heads, n_kv_heads, group, window,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n, cols, b, kvh, _ = _program_tile(n_kv_heads, BLOCK_N)
     k = _load_rows(_head(K, b, kvh, skb, skh), cols, sks, seqlen, HEAD_DIM)
@@ -221,6 +258,9 @@ def _bwd_dkdv_kernel(
     # (so P = 0), and keys past the end are this program's own rows, which are not stored.
     # With a window (causal) the queries after start_n + BLOCK_N - 1 + window see none of
     # these keys, and every block up to there is masked.
+    # With documents the rows from KEY_END of the block's last key on see none of its keys,
+    # and only the rows before KEY_END of its first key see all of them: the unmasked rows end
+    # at the last whole query block of those, the masked ones at `stop`.
     if CAUSAL:
         unmasked_lo = tl.minimum(start_n + BLOCK_N, seqlen)
     else:
@@ -229,31 +269,42 @@ def _bwd_dkdv_kernel(
     if WINDOWED:
         unmasked_lo = tl.minimum(start_n + BLOCK_N + window, seqlen)
         unmasked_hi = unmasked_lo
+    diagonal_hi, stop = unmasked_lo, unmasked_hi
+    if DOCUMENTS:
+        key_end = ptr_add(KEY_END, b, seqlen)
+        stop = tl.minimum(stop, tl.load(key_end + tl.minimum(start_n + BLOCK_N, seqlen) - 1))
+        diagonal_hi = tl.minimum(diagonal_hi, stop)
+        all_visible_hi = tl.load(key_end + start_n) // BLOCK_M * BLOCK_M
+        unmasked_hi = tl.maximum(unmasked_lo, tl.minimum(unmasked_hi, all_visible_hi))
     for h in range(kvh * group, (kvh + 1) * group):  # every query head sharing this kv head
         q_head, do_head = _head(Q, b, h, sqb, sqh), _head(DO, b, h, sdob, sdoh)
         bh = b * n_heads + h
         if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, sqs, sdos, cols,
-                                 start_n, unmasked_lo, seqlen, qk_scale, window, True, WINDOWED,
-                                 HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, bh, sqs, sdos, cols,
-                             unmasked_lo, unmasked_hi, seqlen, qk_scale, window, False, WINDOWED,
-                             HEAD_DIM, BLOCK_M)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, sqs, sdos, cols,
+                                 start_n, diagonal_hi, seqlen, qk_scale, window, True, CAUSAL, WINDOWED,
+                                 DOCUMENTS, HEAD_DIM, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, sqs, sdos, cols,
+                             unmasked_lo, unmasked_hi, seqlen, qk_scale, window, False, CAUSAL, WINDOWED,
+                             DOCUMENTS, HEAD_DIM, BLOCK_M)
+        if DOCUMENTS:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, sqs, sdos, cols,
+                                 unmasked_hi, stop, seqlen, qk_scale, window, True, CAUSAL, WINDOWED,
+                                 DOCUMENTS, HEAD_DIM, BLOCK_M)
     _store_rows(_head(DK, b, kvh, sdkb, sdkh), cols, sdks, seqlen, dk * sm_scale, HEAD_DIM)
     _store_rows(_head(DV, b, kvh, sdvb, sdvh), cols, sdvs, seqlen, dv, HEAD_DIM)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows, lo, hi, seqlen,
-              qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows, doc, lo, hi, seqlen,
+              qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr,
+              MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_head, cols, stride_ks, seqlen, HEAD_DIM)
         v = _load_rows(v_head, cols, stride_vs, seqlen, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            s = tl.where(_visible(rows, cols, seqlen, window, CAUSAL, WINDOWED), s, float("-inf"))
+            s = tl.where(_visible(rows, cols, seqlen, window, doc, CAUSAL, WINDOWED, DOCUMENTS), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -263,10 +314,10 @@ def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, seqlen, n_heads, group, window,
+    Q, K, V, DO, DQ, LSE, DELTA, DOC, qk_scale, sm_scale, seqlen, n_heads, group, window,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sdqb, sdqh, sdqs,
-    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m, rows, b, h, bh = _program_tile(n_heads, BLOCK_M)
     q = _load_rows(_head(Q, b, h, sqb, sqh), rows, sqs, seqlen, HEAD_DIM)
@@ -274,9 +325,14 @@ def _bwd_dq_kernel(
     lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
     k_head, v_head = _head(K, b, h // group, skb, skh), _head(V, b, h // group, svb, svh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    lo, split, end = _query_block_kv_ranges(start_m, seqlen, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, lo, split, seqlen,
-                   qk_scale, window, CAUSAL, WINDOWED, False, HEAD_DIM, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, split, end, seqlen,
-                   qk_scale, window, CAUSAL, WINDOWED, True, HEAD_DIM, BLOCK_N)
+    doc = _doc_starts(DOC, b, rows, seqlen, DOCUMENTS)
+    lo, mid, split, end = _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL, WINDOWED, DOCUMENTS,
+                                                 BLOCK_M, BLOCK_N)
+    if DOCUMENTS:
+        dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc, lo, mid, seqlen,
+                       qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc, mid, split, seqlen,
+                   qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, False, HEAD_DIM, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc, split, end, seqlen,
+                   qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
     _store_rows(_head(DQ, b, h, sdqb, sdqh), rows, sdqs, seqlen, dq * sm_scale, HEAD_DIM)

@@ -43,8 +43,9 @@ def layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor | None, eps: fl
 
 def apply_rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate q [b, s, nq, d] and k [b, s, nk, d] by the angles whose cos/sin are [s, d/2]
-    (fp32), in the Hugging Face "rotate half" convention: pairs (x[i], x[i + d/2])."""
-    c, s = cos[:, None, :], sin[:, None, :]
+    or, each sample its own positions, [b, s, d/2] (fp32), in the Hugging Face "rotate half"
+    convention: pairs (x[i], x[i + d/2])."""
+    c, s = cos[..., None, :], sin[..., None, :]
 
     def rotate(x: Tensor) -> Tensor:
         x1, x2 = x.float().chunk(2, dim=-1)
@@ -65,39 +66,56 @@ def gelu_reference(x: Tensor) -> Tensor:
 
 
 def visible_keys(q_len: int, k_len: int, window: int | None = None, offset: int = 0,
-                 device: torch.device | None = None) -> Tensor:
+                 device: torch.device | None = None, doc_start: Tensor | None = None) -> Tensor:
     """[q_len, k_len] bool: which keys each query attends to under a causal mask, with a sliding
     window if `window` is set: key j is visible to query i when 0 <= i + offset - j <= window
     (the query itself and the `window` keys before it). `offset` is how many positions the
-    first query sits after the first key (a cached prefix, or a context-parallel chunk pair)."""
+    first query sits after the first key (a cached prefix, or a context-parallel chunk pair).
+    With `doc_start` ([b, q_len] int, document masking) [b, 1, q_len, k_len]: key j is also
+    hidden from query i of sample b when j < doc_start[b, i], the first key of i's document
+    counted in k's positions (the keys of earlier documents)."""
     distance = offset + torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)
     visible = distance >= 0
-    return visible if window is None else visible & (distance <= window)
+    if window is not None:
+        visible = visible & (distance <= window)
+    return visible if doc_start is None else visible & same_document(doc_start, k_len)
+
+
+def same_document(doc_start: Tensor, k_len: int) -> Tensor:
+    """[b, 1, q_len, k_len] bool: key j lies at or after the first key of query i's document,
+    doc_start [b, q_len] (keys later in the sequence are the causal mask's business)."""
+    return (torch.arange(k_len, device=doc_start.device) >= doc_start[..., None])[:, None]
 
 
 def flash_attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                               softmax_scale: float | None = None, dropout_p: float = 0.0,
-                              window: int | None = None) -> Tensor:
+                              window: int | None = None, doc_start: Tensor | None = None) -> Tensor:
     """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d]: torch SDPA with each kv head
     repeated for the nh / nkv query heads of its group; `window` (causal only) limits each
-    query to itself and the `window` keys before it. `dropout_p` is beyond the kernel, which
-    has no dropout: the model trains with it on this path."""
+    query to itself and the `window` keys before it; `doc_start` [b, s] (causal only) hides
+    the keys before each query's document, as in visible_keys. `dropout_p` is beyond the
+    kernel, which has no dropout: the model trains with it on this path."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    if window is None:
+    if window is None and doc_start is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
     if not causal:
-        raise ValueError("a sliding window is for causal attention")
-    mask = visible_keys(q.shape[2], k.shape[2], window, device=q.device)
+        raise ValueError("a sliding window or a document mask is for causal attention")
+    mask = visible_keys(q.shape[2], k.shape[2], window, device=q.device, doc_start=doc_start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
 
 
-def _masked_scores(q: Tensor, k: Tensor, scale: float, causal: bool, window: int | None, offset: int) -> Tensor:
+def _masked_scores(q: Tensor, k: Tensor, scale: float, causal: bool, window: int | None, offset: int,
+                   doc_start: Tensor | None) -> Tensor:
     """fp32 q k^T * scale with the keys each query does not see at -inf: none hidden when not
-    causal and no window; a block off the diagonal (offset > 0) is causal with its offset."""
+    causal and no window; a block off the diagonal (offset > 0) is causal with its offset;
+    `doc_start` hides the keys of earlier documents, causal or not."""
     scores = q.float() @ k.float().transpose(-1, -2) * scale
     if causal or window is not None:
-        scores = scores.masked_fill(~visible_keys(q.shape[-2], k.shape[-2], window, offset, q.device), float("-inf"))
+        visible = visible_keys(q.shape[-2], k.shape[-2], window, offset, q.device, doc_start)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    elif doc_start is not None:
+        scores = scores.masked_fill(~same_document(doc_start, k.shape[-2]), float("-inf"))
     return scores
 
 
@@ -108,23 +126,24 @@ def _probabilities(scores: Tensor, lse: Tensor) -> Tensor:
 
 def attention_forward_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool,
                                 softmax_scale: float | None = None, window: int | None = None,
-                                offset: int = 0) -> tuple[Tensor, Tensor]:
+                                offset: int = 0, doc_start: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention of q [b, nh, s, d] over k, v [b, nkv, s, d] (GQA) and the natural-log
     logsumexp of each query row's scores, fp32 [b, nh, s]: what flash attention keeps for its
     backward, and what lets partial results over key blocks be merged (ring attention).
-    `window` and `offset` as in visible_keys, for a block of a sliding-window attention: a row
-    of the block that sees no key gets output 0 and lse -inf, which merges as nothing."""
+    `window`, `offset` and `doc_start` as in visible_keys, for a block of a sliding-window or
+    document-masked attention: a row of the block that sees no key gets output 0 and lse -inf,
+    which merges as nothing."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1).float()
-    scores = _masked_scores(q, k, scale, causal, window, offset)
+    scores = _masked_scores(q, k, scale, causal, window, offset, doc_start)
     lse = torch.logsumexp(scores, dim=-1)
     return (_probabilities(scores, lse) @ v).to(q.dtype), lse
 
 
 def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                                  causal: bool, softmax_scale: float | None = None, window: int | None = None,
-                                 offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                                 offset: int = 0, doc_start: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of one key block, FlashAttention-2's way: the probabilities are recomputed from
     the scores and `lse`, and delta = rowsum(dout * out). `out` and `lse` are those of the whole
     attention (every key block merged), so the grads of several blocks add up to the whole's."""
@@ -133,7 +152,7 @@ def attention_backward_reference(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     group = nh // k.shape[1]
     kf, vf = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
     qf, dof = q.float(), dout.float()
-    probs = _probabilities(_masked_scores(qf, kf, scale, causal, window, offset), lse)
+    probs = _probabilities(_masked_scores(qf, kf, scale, causal, window, offset, doc_start), lse)
     delta = (dof * out.float()).sum(-1, keepdim=True)
     dscores = probs * (dof @ vf.transpose(-1, -2) - delta)
     dq = dscores @ kf * scale

@@ -37,15 +37,16 @@ def _rotate_heads(X, Y, sxh, sxd, syh, syd, n_heads, half, cos, sin,
 def _rope_kernel(
     Q, K, QO, KO, COS, SIN, seqlen, half, n_q_heads, n_k_heads,
     sqb, sqs, sqh, sqd, skb, sks, skh, skd,
-    sqob, sqos, sqoh, sqod, skob, skos, skoh, skod, stride_cos,
+    sqob, sqos, sqoh, sqod, skob, skos, skoh, skod, stride_cos_b, stride_cos,
     INVERSE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0)
     b = token // seqlen
     s = token % seqlen
     d = tl.arange(0, BLOCK_D)[None, :]
-    cos = tl.load(ptr_add(COS, s, stride_cos) + d, mask=d < half, other=0.0)
-    sin = tl.load(ptr_add(SIN, s, stride_cos) + d, mask=d < half, other=0.0)
+    # stride_cos_b is 0 when the batch shares one table row per position.
+    cos = tl.load(ptr_add(ptr_add(COS, b, stride_cos_b), s, stride_cos) + d, mask=d < half, other=0.0)
+    sin = tl.load(ptr_add(ptr_add(SIN, b, stride_cos_b), s, stride_cos) + d, mask=d < half, other=0.0)
     if INVERSE:
         sin = -sin
     _rotate_heads(ptr_add(ptr_add(Q, b, sqb), s, sqs), ptr_add(ptr_add(QO, b, sqob), s, sqos),
@@ -58,17 +59,19 @@ def _rotate(q, k, cos, sin, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seqlen, n_q_heads, head_dim = q.shape
     if k.shape[:2] != q.shape[:2] or k.shape[3] != head_dim or head_dim % 2:
         raise ValueError(f"need q [b, s, nq, d] and k [b, s, nk, d], d even; got {q.shape}, {k.shape}")
-    if cos.shape != (seqlen, head_dim // 2) or sin.shape != cos.shape:
+    if cos.shape not in ((seqlen, head_dim // 2), (batch, seqlen, head_dim // 2)) or sin.shape != cos.shape:
         raise ValueError(
-            f"cos/sin must be [seq, head_dim/2] = [{seqlen}, {head_dim // 2}], got {tuple(cos.shape)}"
+            f"cos/sin must be [seq, head_dim/2] = [{seqlen}, {head_dim // 2}] or [batch, seq, head_dim/2], "
+            f"got {tuple(cos.shape)}"
         )
     cos, sin = cos.contiguous(), sin.contiguous()
+    stride_cos_b = cos.stride(0) if cos.dim() == 3 else 0
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     half = head_dim // 2
     _rope_kernel[(batch * seqlen,)](
         q, k, q_out, k_out, cos, sin, seqlen, half, n_q_heads, k.shape[2],
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), cos.stride(0),
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), stride_cos_b, cos.stride(-2),
         INVERSE=inverse,
         BLOCK_HQ=triton.next_power_of_2(n_q_heads),
         BLOCK_HK=triton.next_power_of_2(k.shape[2]),
@@ -94,8 +97,9 @@ class RotaryFunction(torch.autograd.Function):
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [b, s, nq, d] and k [b, s, nk, d] by the angles whose cos/sin are [s, d/2]
-    (fp32). Returns new contiguous (q_out, k_out); inputs may be strided views."""
+    """Rotate q [b, s, nq, d] and k [b, s, nk, d] by the angles whose cos/sin are [s, d/2], or
+    [b, s, d/2] with each sample's own positions (fp32). Returns new contiguous (q_out, k_out);
+    inputs may be strided views."""
     if not use_triton(q):
         return apply_rotary_reference(q, k, cos, sin)
     return RotaryFunction.apply(q, k, cos, sin)

@@ -35,22 +35,25 @@ def _kernel_applies(q: torch.Tensor) -> bool:
     return q.shape[-1] in HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
 
 
-def attention_block_forward(q, k, v, causal: bool, window: int | None = None, offset: int = 0):
+def attention_block_forward(q, k, v, causal: bool, window: int | None = None, offset: int = 0,
+                            doc_start: torch.Tensor | None = None):
     forward = flash_attention_forward if _kernel_applies(q) else attention_forward_reference
-    return forward(q, k, v, causal, window=window, offset=offset)
+    return forward(q, k, v, causal, window=window, offset=offset, doc_start=doc_start)
 
 
-def attention_block_backward(q, k, v, out, lse, dout, causal: bool, window: int | None = None, offset: int = 0):
+def attention_block_backward(q, k, v, out, lse, dout, causal: bool, window: int | None = None, offset: int = 0,
+                             doc_start: torch.Tensor | None = None):
     backward = flash_attention_backward if _kernel_applies(q) else attention_backward_reference
-    return backward(q, k, v, out, lse, dout, causal, window=window, offset=offset)
+    return backward(q, k, v, out, lse, dout, causal, window=window, offset=offset, doc_start=doc_start)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """Flash attention where it applies (it has no dropout), else SDPA."""
     if dropout_p or not _kernel_applies(q):
-        return flash_attention_reference(q, k, v, causal=True, dropout_p=dropout_p, window=window)
-    return flash_attention(q, k, v, causal=True, window=window)
+        return flash_attention_reference(q, k, v, causal=True, dropout_p=dropout_p, window=window,
+                                         doc_start=doc_start)
+    return flash_attention(q, k, v, causal=True, window=window, doc_start=doc_start)
 
 
 lm_loss = functools.partial(vocab_parallel_linear_cross_entropy, fused=True)

@@ -109,7 +109,7 @@ class GPTModel(nn.Module):
         if self.config.family == "gpt2":
             if self.sequence_parallel:  # this rank's slice of the tokens
                 grid = parallel_state.get_grid()
-                positions = positions.chunk(grid.size("tp"))[grid.coord("tp")]
+                positions = positions.chunk(grid.size("tp"), dim=-1)[grid.coord("tp")]
             x = x + self.position_embeddings(positions)
         with self._layers_rng():
             return self.embedding_dropout(x)
@@ -120,7 +120,8 @@ class GPTModel(nn.Module):
         return get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
 
     def _run_layers(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                    inference_params: InferenceParams | None = None) -> torch.Tensor:
+                    inference_params: InferenceParams | None = None, doc_start: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """The layers in order; under full recomputation each group of layers keeps only its
         input and is replayed in backward (uniform: groups of recompute_num_layers; block: the
         first recompute_num_layers layers of this chunk, one by one, the rest kept)."""
@@ -136,7 +137,7 @@ class GPTModel(nn.Module):
 
         def run(group: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
             for layer in group:
-                x = layer(x, rotary, inference_params)
+                x = layer(x, rotary, inference_params, doc_start)
             return x
         for i, group in enumerate(groups):
             x = checkpoint(functools.partial(run, group), x) if i < replayed else run(group, x)
@@ -144,15 +145,17 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 hidden: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                inference_params: InferenceParams | None = None, mtp_tokens: torch.Tensor | None = None,
-                mtp_labels: torch.Tensor | None = None) -> torch.Tensor:
+                inference_params: InferenceParams | None = None, doc_start: torch.Tensor | None = None,
+                mtp_tokens: torch.Tensor | None = None, mtp_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, s, vocab] without labels, per-token fp32 loss [b, s] with them; a stage that
         is not the last returns its hidden states. `hidden` is the input of a stage that is not the
-        first. `positions` [s]: where in the sequence the tokens are (default 0..s-1; context
-        parallelism gives each rank tokens from two places of the sequence; generation the
-        positions after those in `inference_params`, its KV cache). With multi-token prediction
-        modules, labels and `mtp_tokens`, `mtp_labels` ([b, s, N], model/mtp.py's add_mtp_targets):
-        the per-token losses [b, s, 1 + N], the lm loss's then each module's."""
+        first. `positions` [s], or [b, s] when each sample has its own (--reset-position-ids):
+        where in the sequence the tokens are (default 0..s-1; context parallelism gives each rank
+        tokens from two places of the sequence; generation the positions after those in
+        `inference_params`, its KV cache). `doc_start` [b, s] (--reset-attention-mask): where in the
+        sequence each token's document starts; a token attends to none before it. With multi-token
+        prediction modules, labels and `mtp_tokens`, `mtp_labels` ([b, s, N], model/mtp.py's
+        add_mtp_targets): the per-token losses [b, s, 1 + N], the lm loss's then each module's."""
         if positions is None and inference_params is not None:
             offset = inference_params.sequence_len_offset
             positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
@@ -163,7 +166,7 @@ class GPTModel(nn.Module):
         x = self.embed(tokens, positions) if self.pre_process else hidden
         rotary = None if self.config.family == "gpt2" else (self.rotary_cos[positions], self.rotary_sin[positions])
         with self._layers_rng():
-            x = self._run_layers(x, rotary, inference_params)
+            x = self._run_layers(x, rotary, inference_params, doc_start)
         if not self.post_process:
             return x
         x = self.final_layernorm(x)
@@ -178,7 +181,7 @@ class GPTModel(nn.Module):
         for k, layer in enumerate(self.mtp.layers):
             embedded = self.embed(mtp_tokens[..., k], positions)
             with self._layers_rng():
-                x = layer(x, embedded, rotary)
+                x = layer(x, embedded, rotary, doc_start)
             losses.append(self._loss(x, mtp_labels[..., k]))
         return torch.stack(losses, dim=-1)
 

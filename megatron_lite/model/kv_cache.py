@@ -22,9 +22,10 @@ class InferenceParams:
         self.key_value_memory_dict: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(self, layer_number: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               window: int | None = None) -> torch.Tensor:
+               window: int | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of the new tokens' q [b, heads, s, d] over every cached token and the
-        new ones, whose k, v [b, groups, s, d] are stored first; `window` as in the model."""
+        new ones, whose k, v [b, groups, s, d] are stored first; `window` and `doc_start` (the new
+        tokens' document starts, [b, s], in the cache's positions) as in the model."""
         b, groups, s, d = k.shape
         start, end = self.sequence_len_offset, self.sequence_len_offset + s
         if end > self.max_sequence_length or b > self.max_batch_size:
@@ -38,7 +39,7 @@ class InferenceParams:
         keys, values = keys[:b, :, :end], values[:b, :, :end]
         # Query i sits at position start + i and sees the keys up to it: the causal mask shifted
         # by the cached tokens (with nothing cached, plain causal attention).
-        visible = visible_keys(s, end, window, offset=start, device=q.device)
+        visible = visible_keys(s, end, window, offset=start, device=q.device, doc_start=doc_start)
         per_group = q.shape[1] // groups
         return F.scaled_dot_product_attention(q, keys.repeat_interleave(per_group, dim=1),
                                               values.repeat_interleave(per_group, dim=1), attn_mask=visible)

@@ -71,13 +71,14 @@ class MTPLayer(nn.Module):
         self.transformer_layer = TransformerLayer(config, ops, sequence_parallel, number)
         self.final_layernorm = build_norm(config, ops, sequence_parallel)
 
-    def forward(self, hidden: torch.Tensor, embedded: torch.Tensor,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, embedded: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """`doc_start`: the document mask of the main model's layers (model/gpt.py), kept here too."""
         x = gather_from_tensor_model_parallel_region(self.eh_proj(torch.cat([self.enorm(embedded),
                                                                              self.hnorm(hidden)], dim=-1)))
         if self.sequence_parallel:  # eh_proj gathered the sequence: back to this rank's tokens
             x = scatter_to_sequence_parallel_region(x)
-        return self.final_layernorm(self.transformer_layer(x, rotary))
+        return self.final_layernorm(self.transformer_layer(x, rotary, doc_start=doc_start))
 
 
 class MultiTokenPrediction(nn.Module):

@@ -35,26 +35,28 @@ Tensor = torch.Tensor
 class Ops:
     """One implementation of each op. The norms, apply_rotary, swiglu and gelu have the
     signatures of the `megatron_lite/kernels/` ops of those names; attention is causal and takes the dropout
-    probability and the sliding window (None: the whole causal context); lm_loss is
+    probability, the sliding window (None: the whole causal context) and the document mask
+    (`doc_start` [b, s]: each token's document start, None: one document); lm_loss is
     `vocab_parallel_linear_cross_entropy` (the output layer and the loss over this rank's
     vocabulary shard). attention_block_forward / _backward are attention
     of equal-length q and k/v blocks returning / taking the row log-sum-exp (with the window
-    and the blocks' position offset), from which context parallelism builds attention over a
-    split sequence."""
+    and the blocks' position offset, and the rows' document start in the block's key positions),
+    from which context parallelism builds attention over a split sequence."""
     rms_norm: Callable[..., NormOutput]
     layer_norm: Callable[..., NormOutput]
     apply_rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
     swiglu: Callable[[Tensor], Tensor]
     gelu: Callable[[Tensor], Tensor]
-    attention: Callable[[Tensor, Tensor, Tensor, float, int | None], Tensor]
+    attention: Callable[..., Tensor]
     lm_loss: Callable[[Tensor, Tensor, Tensor, int], Tensor]
     attention_block_forward: Callable[..., tuple[Tensor, Tensor]]
     attention_block_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, window: int | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, window: int | None = None,
+              doc_start: Tensor | None = None) -> Tensor:
     """Causal attention of q [batch, heads, seq, dim] over k, v [batch, groups, seq, dim]."""
-    return flash_attention_reference(q, k, v, causal=True, dropout_p=dropout_p, window=window)
+    return flash_attention_reference(q, k, v, causal=True, dropout_p=dropout_p, window=window, doc_start=doc_start)
 
 
 TORCH_OPS = Ops(rms_norm=rms_norm_reference, layer_norm=layer_norm_reference, apply_rotary=apply_rotary_reference,

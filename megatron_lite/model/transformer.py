@@ -33,8 +33,9 @@ class Attention(nn.Module):
     With a window (ModelConfig.layer_window: --window-size on the layers --window-attn-skip-freq
     leaves sliding) each query sees itself and the window's tokens before it (Mistral's sliding
     window, less one); the layer hands it to every attention it runs (training, context
-    parallelism, the KV cache). With qk_layernorm every query and key head is normalised over its
-    width before RoPE, by one norm for all query heads and one for all key heads (Megatron's
+    parallelism, the KV cache), and so it does the document mask (`doc_start`, packed samples under
+    --reset-attention-mask: each token's document start). With qk_layernorm every query and key
+    head is normalised over its width before RoPE, by one norm for all query heads and one for all key heads (Megatron's
     q_layernorm, k_layernorm); each tp rank normalises its own heads, so their grads are partial
     over tp.
     """
@@ -65,8 +66,9 @@ class Attention(nn.Module):
             self.k_layernorm = build_norm(config, ops, tp > 1, self.head_dim)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                inference_params: InferenceParams | None = None) -> torch.Tensor:
-        """`inference_params`: generation's KV cache; x then holds the tokens after the cached ones."""
+                inference_params: InferenceParams | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """`inference_params`: generation's KV cache; x then holds the tokens after the cached ones.
+        `doc_start` [b, s]: where each token's document starts in the sequence (None: no document mask)."""
         qkv = self.linear_qkv(x)
         b, s, _ = qkv.shape  # full sequence here, even under SP
         heads_per_group = self.num_heads // self.num_groups
@@ -84,17 +86,18 @@ class Attention(nn.Module):
         # Attention takes [batch, heads, seq, dim].
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if inference_params is not None:
-            out = inference_params.attend(self.layer_number, q, k, v, self.window)
+            out = inference_params.attend(self.layer_number, q, k, v, self.window, doc_start)
         else:
-            out = checkpointed(self._core_attention, "core_attn" in self.recompute)(q, k, v)
+            out = checkpointed(self._core_attention, "core_attn" in self.recompute)(q, k, v, doc_start)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
 
-    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        doc_start: torch.Tensor | None) -> torch.Tensor:
         """Softmax(q k^T) v with dropout on this rank's heads: drawn from the tensor-parallel RNG
         (under SP the whole layer stack already is, see tensor_parallel/random.py)."""
         dropout = self.dropout if self.training else 0.0
         with get_rng_tracker().fork() if dropout and not self.sequence_parallel else contextlib.nullcontext():
-            return self.ops.attention(q, k, v, dropout, self.window)
+            return self.ops.attention(q, k, v, dropout, self.window, doc_start)
 
 
 class MLP(nn.Module):
@@ -142,9 +145,9 @@ class TransformerLayer(nn.Module):
         self.recompute_mlp = ("moe" if config.is_moe_layer(number) else "mlp") in recompute
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                inference_params: InferenceParams | None = None) -> torch.Tensor:
+                inference_params: InferenceParams | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         input_norm = checkpointed(self.input_layernorm, self.recompute_norms)
-        attn = self.dropout(self.self_attention(input_norm(x), rotary, inference_params))
+        attn = self.dropout(self.self_attention(input_norm(x), rotary, inference_params, doc_start))
         # The residual add and the MLP's norm in one op (one pass in the fused kernel). The
         # stream x goes first: the sum takes its dtype, fp32 under autocast.
         normed, x = checkpointed(self.pre_mlp_layernorm, self.recompute_norms)(x, attn)

@@ -90,7 +90,7 @@ class ModelRunner:
         mtp = model.post_process and "mtp_tokens" in batch
         with autocast(self.device, self.dtype):
             output = model(tokens=batch["tokens"], labels=batch["labels"] if model.post_process else None,
-                           hidden=input_tensor, positions=batch.get("position_ids"),
+                           hidden=input_tensor, positions=batch.get("position_ids"), doc_start=batch.get("doc_start"),
                            **({"mtp_tokens": batch["mtp_tokens"], "mtp_labels": batch["mtp_labels"]} if mtp else {}))
         if model.post_process:
             if mtp:

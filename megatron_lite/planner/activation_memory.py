@@ -17,8 +17,8 @@ it in backward instead, for h/t each); attention's q, k and v (k and v repeated 
 query head: GQA saves no memory here), its output and log-sum-exp (gpt2's k and v are views
 of the fused QKV output, which it keeps whole); the MLP's fc1 output, its activation (SwiGLU:
 silu of the gate too) and the fc2 input. Llama adds the RoPE tables once per microbatch
-(s·d elements). Per rank, the layers of its pipeline stage(s), times the microbatches in
-flight (the pipeline schedule's).
+(s·d elements; b·s·d under --reset-position-ids, each sample its own positions). Per rank,
+the layers of its pipeline stage(s), times the microbatches in flight (the pipeline schedule's).
 
 Recomputation replaces the terms of what it replays by the inputs it keeps:
   full       only each group's input, h/t_s per token per group (uniform: ceil(L/N) groups;
@@ -29,8 +29,12 @@ Recomputation replaces the terms of what it replays by the inputs it keeps:
 Context parallelism (on s/cp tokens per rank) and q/k norms (llama) change the attention
 term: see layer_bytes. Outside the layers: embedding_bytes (first stage), head_bytes (last,
 with the multi-token prediction modules).
+Document masking (--reset-attention-mask) computes fewer score blocks but keeps nothing more in
+a layer: the flash kernel keeps only the microbatch's [b, s] document starts, shared by every
+layer (the FLOPs and the attention time do shrink: planner/flops.py, planner/compute.py).
 Not modelled: dropout (its masks, and with attention dropout the s x s probabilities of
-torch's math attention), mixture-of-experts layers, and --bf16 (most tensors take 2 bytes
+torch's math attention), the fp32 [b, s, s] mask torch's SDPA keeps per layer on the plain-torch
+path under --reset-attention-mask, mixture-of-experts layers, and --bf16 (most tensors take 2 bytes
 there, the norms' fp32 statistics and the fp32 residual stream 4). tests/test_activation_memory.py
 measures the layers' saved tensors with saved-tensor hooks against this formula, and
 tests/test_planner.py whole steps of its dense layouts (the planner's peak: megatron_lite/planner/memory.py).
@@ -82,16 +86,18 @@ def layer_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_para
 
 
 def stage_bytes(model: ModelConfig, layers: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,
-                cp_comm: str | None = None) -> float:
+                cp_comm: str | None = None, per_sample_positions: bool = False) -> float:
     """Bytes `layers` consecutive layers of one model chunk keep per microbatch (with full
-    recomputation: the kept inputs of the replayed layers), RoPE tables included."""
+    recomputation: the kept inputs of the replayed layers), RoPE tables included (one per sample
+    with `per_sample_positions`, --reset-position-ids)."""
     tokens = model.seq_length * micro_batch
     layer_input = BYTES * tokens * model.hidden_size / (tp if sequence_parallel else 1)
     kept = layer_bytes(model, micro_batch, tp, sequence_parallel, cp_comm)
     if model.recompute_granularity == "full" and model.recompute_method == "uniform":
         return math.ceil(layers / (model.recompute_num_layers or 1)) * layer_input
     replayed = min(model.recompute_num_layers, layers) if model.recompute_granularity == "full" else 0
-    rope = BYTES * model.seq_length * model.head_dim if model.family == "llama" else 0
+    tables = micro_batch if per_sample_positions else 1
+    rope = BYTES * tables * model.seq_length * model.head_dim if model.family == "llama" else 0
     return replayed * layer_input + (layers - replayed) * kept + (rope if layers > replayed else 0)
 
 
@@ -131,9 +137,10 @@ def loss_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, logits_kept: b
 
 
 def describe_activation_memory(model: ModelConfig, layers_per_chunk: int, chunks: int, micro_batch: int,
-                               tp: int, sequence_parallel: bool) -> str:
+                               tp: int, sequence_parallel: bool, per_sample_positions: bool = False) -> str:
     """The start-up log line: the formula's bytes per microbatch on this rank."""
-    per_chunk = stage_bytes(model, layers_per_chunk, micro_batch, tp, sequence_parallel)
+    per_chunk = stage_bytes(model, layers_per_chunk, micro_batch, tp, sequence_parallel,
+                            per_sample_positions=per_sample_positions)
     setting = model.recompute_granularity or "no"
     if model.recompute_granularity == "full":
         setting += f" ({model.recompute_method}, {model.recompute_num_layers or 1})"

@@ -10,7 +10,8 @@ under sequence parallelism else 1), forward:
   and its shared expert); the last stage's output layer (h x V/t). Backward computes the input
   and the weight gradients: two GEMMs of the same shape, twice the forward's time.
 - attention: a causal flash kernel computes 4·s/2·a·d/t FLOPs per token (each query sees s/2
-  keys on average; a layer with a window of w, at most w + 1), its backward 2.5 times that (it recomputes
+  keys on average; a layer with a window of w, at most w + 1; under document masking, documents
+  of L tokens, L/2: the kernel skips other documents' key blocks), its backward 2.5 times that (it recomputes
   the scores); Megatron-LM 2021's unfused attention computes the whole s x s (the mask is
   applied after) as batched GEMMs.
 - memory-bound ops, bytes per token at 2 bytes an element: two norms (read h, write h) and two
@@ -65,8 +66,12 @@ class _Parts:
 class _Cost:
     """The seconds of a GEMM, of memory-bound bytes and of a layer's parts, for one microbatch on one rank."""
 
-    def __init__(self, config: Config, gpu: GPU, calibration: Calibration, software: Software) -> None:
+    def __init__(self, config: Config, gpu: GPU, calibration: Calibration, software: Software,
+                 document_length: float | None = None) -> None:
         self.config, self.gpu, self.cal, self.software = config, gpu, calibration, software
+        # The keys a query's context spans: the sequence, or its document under document masking.
+        self.context = config.model.seq_length if document_length is None else min(config.model.seq_length,
+                                                                                   document_length)
         self.peak = gpu.peak_tflops * 1e12
         par = config.parallel
         self.tp = par.tensor_model_parallel_size
@@ -116,7 +121,7 @@ class _Cost:
             gemm["mlp"] = self.mlp(f / t, m, gate)
             width = f / t
         if self.software.attention == "flash":
-            keys = s / 2 if window is None else min(s / 2, window + 1)
+            keys = self.context / 2 if window is None else min(self.context / 2, window + 1)
             attention = 4 * m * keys * a * d / t / (self.peak * self.cal.attention_efficiency)
             attention_io = self.memory((2 * a + 2 * g) * d / t, eager=False)
         else:  # the s x s scores as batched GEMMs, at the efficiency of large ones
@@ -166,10 +171,12 @@ def _newton_schulz_seconds(cost: _Cost, config: Config, layers: list[int]) -> fl
                                          for shape in newton_schulz_gemms(rows, cols))
 
 
-def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: Software) -> StageCompute:
-    """The last pipeline stage's compute per microbatch, and the optimizer step."""
+def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: Software,
+                  document_length: float | None = None) -> StageCompute:
+    """The last pipeline stage's compute per microbatch, and the optimizer step; `document_length`:
+    the documents' mean length under document masking (None: no documents)."""
     model, par = config.model, config.parallel
-    cost = _Cost(config, gpu, calibration, software)
+    cost = _Cost(config, gpu, calibration, software, document_length)
     pp_rank = last_stage_rank(par.pipeline_model_parallel_size, par.v_shape)
     numbers = [n for c in range(par.vpp) for n in chunk_layers(model.num_layers, par.pipeline_model_parallel_size,
                                                                 par.vpp, pp_rank, c, par.v_shape)]

@@ -10,7 +10,11 @@ The 12 is 2 FLOPs per multiply-add times 3 for forward + backward (the backward 
 forwards). Term by term: QKV + output projections (1 + g/n), the attention scores and
 weighted sum (s/h; the causal mask is not discounted, as in Megatron; on a layer with a sliding
 window each query sees at most window + 1 keys, which stands for s, and where only some layers
-slide the layers' mean does), the MLP, and the logits. For
+slide the layers' mean does; under document masking (--reset-attention-mask) each query counts
+its document's length as it would the sequence's, so the mean over queries, sum of L_d^2 / s
+for documents of L_d tokens, stands for s: `document_keys`, which the training loop counts from
+each step's batch and the planner takes as a stated mean document length), the MLP, and the
+logits. For
 g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
 Activation recomputation is not counted: MFU measures useful model work only. On a mixture-of-
 experts layer the MLP term counts the active parameters only: k routed experts of width
@@ -31,11 +35,13 @@ from collections.abc import Iterable
 from megatron_lite.config import ModelConfig, TrainConfig
 
 
-def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
-    """Model FLOPs of one optimizer step (forward + backward) over the whole global batch."""
+def flops_per_step(config: ModelConfig, global_batch_size: int, document_keys: float | None = None) -> float:
+    """Model FLOPs of one optimizer step (forward + backward) over the whole global batch;
+    `document_keys`: the keys per query of document-masked attention (None: no documents)."""
     h, s, layers = config.hidden_size, config.seq_length, config.num_layers
     gate = 1.5 if config.family == "llama" else 1.0
     heads_width = config.num_attention_heads * config.head_dim / h
+    full = s if document_keys is None else min(s, document_keys)
     dense = config.ffn_hidden_size / h * gate
     moe = 0.0
     if config.num_experts:
@@ -46,7 +52,7 @@ def flops_per_step(config: ModelConfig, global_batch_size: int) -> float:
 
     def layer(number: int) -> float:
         window = config.layer_window(number)
-        keys = s if window is None else min(s, window + 1)
+        keys = full if window is None else min(full, window + 1)
         attention = (1 + config.num_query_groups / config.num_attention_heads + keys / h) * heads_width
         return attention + (moe if config.is_moe_layer(number) else dense)
 

@@ -141,7 +141,7 @@ def activation_memory(config: Config, pp_rank: int = 0) -> int:
     # few fp32 statistics are not told apart), the loss's stay fp32.
     half = config.train.params_dtype.itemsize / 4
     per_chunk = half * stage_bytes(local, model.num_layers // (pp * vpp), mb, tp, par.sequence_parallel,
-                                   par.cp_comm_type if cp > 1 else None)
+                                   par.cp_comm_type if cp > 1 else None, config.train.reset_position_ids)
     if par.schedule in ("zb-h1", "zbv") and pp > 1:
         return int(_zero_bubble_activations(config, pp_rank, local, per_chunk))
     chunks = in_flight(config, pp_rank)

@@ -85,12 +85,14 @@ def _no_recompute() -> dict:
             "recompute_modules": None}
 
 
-def plan(base: Config, num_gpus: int, gpu: GPU, top: int = 5) -> tuple[list[Candidate], int]:
-    """The `top` fitting layouts by predicted tokens/s, and how many valid layouts there were."""
+def plan(base: Config, num_gpus: int, gpu: GPU, top: int = 5,
+         mean_document_length: float | None = None) -> tuple[list[Candidate], int]:
+    """The `top` fitting layouts by predicted tokens/s, and how many valid layouts there were
+    (`mean_document_length`: as in estimate)."""
     ranked, count = [], 0
     for config in candidates(base, num_gpus, gpu):
         count += 1
-        result = estimate(config, gpu)
+        result = estimate(config, gpu, mean_document_length=mean_document_length)
         if result.fits:
             ranked.append(Candidate(config, result))
     ranked.sort(key=lambda c: -c.estimate.tokens_per_s)

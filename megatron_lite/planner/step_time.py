@@ -90,18 +90,21 @@ def _recompute_extra(config: Config) -> float:
 
 
 def estimate(config: Config, gpu: GPU, software: Software = THIS_CODE,
-             overlap_grad_reduce: bool = True) -> StepEstimate:
+             overlap_grad_reduce: bool = True, mean_document_length: float | None = None) -> StepEstimate:
     """The step of `config` (its parallel layout and batch) on GPUs of type `gpu`, run by
     `software` (default: this code; --validate predicts a published run with the code that ran
     it). `overlap_grad_reduce` False: the data-parallel reduction waits for the whole backward
-    (plain DP, the seed tables' "DP")."""
+    (plain DP, the seed tables' "DP"). `mean_document_length`: the documents' mean length in
+    tokens under --reset-attention-mask (documents of that length, packed: attention and the
+    FLOPs count only each document's own keys); None: as long as the sequence."""
     model, par, train = config.model, config.parallel, config.train
     tp, cp, pp, dp, vpp = (par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size,
                            par.data_parallel_size, par.vpp)
     world = tp * cp * pp * dp
     m = num_microbatches(config)
     cal = calibration(gpu)
-    stage = stage_compute(config, gpu, cal, software)
+    documents = mean_document_length if config.train.reset_attention_mask else None
+    stage = stage_compute(config, gpu, cal, software, documents)
     busy = m * (stage.forward_s + stage.backward_s)
     compute = busy + stage.optimizer_s
     bubble = bubble_fraction(pp, vpp, m, par.schedule) * busy if pp > 1 else 0.0
@@ -129,8 +132,9 @@ def estimate(config: Config, gpu: GPU, software: Software = THIS_CODE,
     tokens = train.global_batch_size * model.seq_length
     peak = gpu.peak_tflops * 1e12
     memory = _peak_memory(config)
-    total = flops_per_step(model, train.global_batch_size)
-    layer_flops = flops_per_step(dataclasses.replace(model, vocab_size=0), train.global_batch_size)  # no output layer
+    total = flops_per_step(model, train.global_batch_size, documents)
+    layer_flops = flops_per_step(dataclasses.replace(model, vocab_size=0), train.global_batch_size,  # no output layer
+                                 documents)
     hardware_flops = (layer_flops * (1 + _recompute_extra(config)) + total - layer_flops) / world
     parts = {name: m * seconds for name, seconds in stage.parts.items()} | {"optimizer": stage.optimizer_s}
     return StepEstimate(memory=memory, traffic=wire, compute_s=compute, compute_parts=parts, bubble_s=bubble,

@@ -23,6 +23,7 @@ from megatron_lite.comm import METER, all_reduce
 from megatron_lite.config import Config, ConfigError, TrainingError
 from megatron_lite.context_parallel.zigzag import split_for_context_parallel
 from megatron_lite.data import build_training_data
+from megatron_lite.data.documents import DocumentMasking
 from megatron_lite.data.loader import global_batch
 from megatron_lite.distributed.grad_sync import average_across_data_parallel, reduce_partial_grads
 from megatron_lite.model.moe import finish_moe_step
@@ -174,25 +175,35 @@ def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
                             "(--no-check-for-nan-in-loss-and-grad lets a run go on)")
 
 
-def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):
+def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device,
+                      documents: DocumentMasking | None = None):
     """This rank's microbatches of the global batch starting at `consumed`: its data-parallel
-    replica's samples, and of each sample the tokens its context-parallel rank holds (with
-    multi-token prediction, what its modules read and predict, cut from the whole sequences first)."""
+    replica's samples (with `documents`' masks), and of each sample the tokens its
+    context-parallel rank holds (with multi-token prediction, what its modules read and predict,
+    cut from the whole sequences first)."""
     cfg, grid, depths = config.train, parallel_state.get_grid(), config.model.mtp_depths
     batches = global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
-                           grid.coord("dp"), grid.size("dp"))
+                           grid.coord("dp"), grid.size("dp"), documents)
     return (split_for_context_parallel(add_mtp_targets(batch, depths) if depths else batch) for batch in batches)
 
 
+def document_keys(batches: list[dict[str, torch.Tensor]]) -> float | None:
+    """The mean keys per query of document-masked attention over this rank's microbatches (its
+    data-parallel share stands for the global batch in the FLOPs count); None without documents."""
+    keys = [batch["document_keys"] for batch in batches if "document_keys" in batch]
+    return float(torch.cat(keys).mean()) if keys else None
+
+
 @torch.no_grad()
-def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.device) -> float:
+def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.device,
+             documents: DocumentMasking | None = None) -> float:
     """Mean loss over the first eval_iters global batches of the validation split (the same ones every time)."""
     cfg = config.train
     for chunk in chunks:
         chunk.eval()
     losses = []
     for step in range(cfg.eval_iters):
-        batches = list(rank_microbatches(dataset, step * cfg.global_batch_size, config, device))
+        batches = list(rank_microbatches(dataset, step * cfg.global_batch_size, config, device, documents))
         runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.params_dtype)
         forward_only(runner, len(batches), config.parallel.vpp)
         losses.extend(runner.losses)
@@ -208,7 +219,8 @@ def pretrain(config: Config) -> dict:
     grid = parallel_state.initialize_model_parallel(par)
     device = select_device(config)
     set_seed(cfg.seed, device)
-    tokenizer, train_ds, valid_ds, data_description = build_training_data(cfg, config.model.seq_length)
+    data = build_training_data(cfg, config.model.seq_length)
+    tokenizer, train_ds, valid_ds, data_description = data.tokenizer, data.train, data.valid, data.description
     config = config.updated(model={"vocab_size": tokenizer.vocab_size})
     load_iteration = resolve_load(cfg.load, cfg.ckpt_step) if cfg.load else None
     if load_iteration is not None:
@@ -229,7 +241,8 @@ def pretrain(config: Config) -> dict:
     writer = CheckpointWriter(model.chunks, model.optimizer, config) if cfg.save else None
     exits = ExitConditions(cfg, _reduce_device())
     try:
-        return _train(config, model, train_ds, valid_ds, iteration, consumed, logger, writer, exits, device)
+        return _train(config, model, train_ds, valid_ds, iteration, consumed, logger, writer, exits, device,
+                      data.documents)
     except TrainingError as exc:
         if writer is not None:
             writer.wait()  # a background save of an earlier, good step still completes
@@ -243,7 +256,7 @@ def pretrain(config: Config) -> dict:
 
 def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: int, consumed: int,
            logger: MetricsLogger, writer: CheckpointWriter | None, exits: ExitConditions,
-           device: torch.device) -> dict:
+           device: torch.device, documents: DocumentMasking | None = None) -> dict:
     """The loop of pretrain, from `iteration` steps done and `consumed` samples read."""
     cfg = config.train
     world = parallel_state.get_grid().world_size
@@ -252,11 +265,14 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     tokens_per_step = cfg.global_batch_size * config.model.seq_length
     losses, valid_loss = [], None
     # Only train steps are timed: evaluation and checkpointing do not inflate the step time.
-    interval_seconds, interval_losses, interval_mtp, interval_norms, skipped = 0.0, [], [], [], 0
+    interval_seconds, interval_flops, skipped = 0.0, 0.0, 0
+    interval_losses, interval_mtp, interval_norms = [], [], []
     while iteration < cfg.train_iters:
         iteration += 1
         start = time.perf_counter()
-        batches = rank_microbatches(train_ds, consumed, config, device)
+        batches = list(rank_microbatches(train_ds, consumed, config, device, documents))
+        keys = document_keys(batches)
+        interval_flops += step_flops if keys is None else flops_per_step(config.model, cfg.global_batch_size, keys)
         METER.reset()  # what the meter holds after the loop is the last step's traffic
         loss, grad_norm, lr, step_skipped, moe, mtp = train_step(model, batches, iteration, config, device)
         last_traffic = dict(METER.bytes)
@@ -274,7 +290,7 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
             interval_norms.append(grad_norm)
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
             seconds = interval_seconds / len(interval_losses)
-            tflops = step_flops / seconds / 1e12 / world
+            tflops = interval_flops / len(interval_losses) / seconds / 1e12 / world
             logger.training({
                 "iteration": iteration, "train_iters": cfg.train_iters, "consumed_samples": consumed,
                 "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": cfg.global_batch_size,
@@ -285,10 +301,11 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
                 **({"mtp_losses": np.mean(interval_mtp, axis=0).tolist()} if interval_mtp else {}),
                 "tokens_per_s": tokens_per_step / seconds, "tflops_per_gpu": tflops,
                 "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device)})
-            interval_seconds, interval_losses, interval_mtp, interval_norms, skipped = 0.0, [], [], [], 0
+            interval_seconds, interval_flops, skipped = 0.0, 0.0, 0
+            interval_losses, interval_mtp, interval_norms = [], [], []
         evaluate_now = cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters)
         if valid_ds is not None and evaluate_now:
-            valid_loss = evaluate(model.chunks, valid_ds, config, device)
+            valid_loss = evaluate(model.chunks, valid_ds, config, device, documents)
             logger.validation(iteration, valid_loss)
         stop = exits.check()
         if bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0:

@@ -111,7 +111,7 @@ def print_run(config: Config, model: TrainingModel, grid: parallel_state.Grid, d
     par = config.parallel
     layers_per_chunk = config.model.num_layers // (par.pipeline_model_parallel_size * par.vpp)
     print_rank_0(describe_activation_memory(config.model, layers_per_chunk, par.vpp, cfg.micro_batch_size, tp,
-                                            par.sequence_parallel))
+                                            par.sequence_parallel, cfg.reset_position_ids))
     print_rank_0(describe_plan(config, memory_parts(model)))
     print_rank_0(f"{describe_training(config)}, on {device}" + _describe_loss_scale(model.optimizer.loss_scaler))
 
