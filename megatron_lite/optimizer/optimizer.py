@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from megatron_lite.config import TrainConfig
-from megatron_lite.optimizer.clip_grads import clip_grad_norm
+from megatron_lite.optimizer.clip_grads import clip_grad_norm, layout_sum
 from megatron_lite.optimizer.loss_scaler import build_loss_scaler
+from megatron_lite.placement import is_vocabulary_table
 
 
 class MainParam(NamedTuple):
@@ -55,10 +56,18 @@ def main_param(model: torch.Tensor, grad: torch.Tensor | None, param: nn.Paramet
     return MainParam(main, param, offset, model)
 
 
-def adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over two groups: weight decay for matrices, none for biases and norm weights."""
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+def adamw(tensors: list[MainParam], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over two groups: weight decay for matrices, none for biases and norm weights; with
+    --decoupled-lr the vocabulary tables form a third group that carries its own peak and floor
+    (lr_schedule.set_learning_rate reads them)."""
+    decoupled = [t for t in tensors if cfg.decoupled_lr is not None and is_vocabulary_table(t.param)]
+    rest = [t for t in tensors if not any(t is d for d in decoupled)]
+    groups = [{"params": [t.main for t in rest if t.param.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [t.main for t in rest if t.param.ndim == 1], "weight_decay": 0.0}]
+    if decoupled:
+        groups.append({"params": [t.main for t in decoupled], "weight_decay": cfg.weight_decay,
+                       "max_lr": cfg.decoupled_lr,
+                       "min_lr": cfg.min_lr if cfg.decoupled_min_lr is None else cfg.decoupled_min_lr})
     # foreach=False keeps the update a plain per-tensor loop: identical results whatever
     # the grouping or sharding of tensors, which the parity tests rely on.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -91,12 +100,22 @@ class LocalOptimizer:
         """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler;
         the groups the experts' norm sums over (None: the model has no experts, on any rank)."""
         self.expert_norm_groups = self.expert_groups if experts else None
-        self.optimizer = adamw([t.main for t in self.tensors if t.param.ndim > 1],
-                               [t.main for t in self.tensors if t.param.ndim == 1], cfg)
+        self.optimizer = adamw(self.tensors, cfg)
         self.loss_scaler = build_loss_scaler(cfg)
 
     def grads_for_norm(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
         return [(t.grad, t.param) for t in self.tensors if t.grad is not None]
+
+    def params_norm(self) -> float:
+        """L2 norm of all weights (their fp32 main copies), over the whole model (--log-params-norm)."""
+        pairs = [(t.main, t.param) for t in self.tensors]
+        return layout_sum(pairs, lambda main: torch.linalg.vector_norm(main.float()).square(), torch.float32,
+                          self.norm_groups, self.expert_norm_groups).sqrt().item()
+
+    def num_zeros_in_grad(self) -> int:
+        """Gradient entries that are exactly zero, over the whole model (--log-num-zeros-in-grad)."""
+        return int(layout_sum(self.grads_for_norm(), lambda grad: (grad == 0).sum().double(), torch.float64,
+                              self.norm_groups, self.expert_norm_groups).item())
 
     def clip_grads(self, max_norm: float) -> float:
         """Clip the grads to a global norm of max_norm (0: measure only); returns the norm before."""

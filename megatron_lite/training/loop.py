@@ -40,6 +40,7 @@ from megatron_lite.training.metric_writers import open_writers
 from megatron_lite.training.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.training.parallelize import TrainingModel, parallelize
 from megatron_lite.training.report import print_run
+from megatron_lite.training.step_statistics import step_statistics
 
 
 def set_seed(seed: int, device: torch.device = torch.device("cpu")) -> None:
@@ -91,22 +92,26 @@ def microbatch_shape(config: Config) -> tuple[int, int, int]:
 
 
 def forward_backward(model: TrainingModel, microbatches, config: Config, device: torch.device,
-                     trace: Trace | None = None, loss_scale: float = 1.0) -> list[torch.Tensor]:
+                     trace: Trace | None = None, loss_scale: float = 1.0,
+                     global_batch_size: int | None = None) -> list[torch.Tensor]:
     """Forward and backward of the step's microbatches under the pipeline schedule, then every grad
     reduction; returns the last stage's microbatch losses (none on other stages).
 
     Afterwards each rank holds, in each parameter's fp32 main_grad (with the distributed
     optimizer: in its shard of the grad buffer), `loss_scale` times the gradient of the mean
-    loss over the global batch, not yet clipped.
+    loss over the global batch, not yet clipped. `global_batch_size`: this step's, under
+    --rampup-batch-size (default: --global-batch-size).
     """
     cfg, par = config.train, config.parallel
     for buf in model.grad_buffers:
         buf.zero_grad()
-    num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"))
+    num_microbatches = (global_batch_size or cfg.global_batch_size) // (
+        cfg.micro_batch_size * parallel_state.get_grid().size("dp"))
     runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
                          cfg.params_dtype, trace, loss_scale=loss_scale,
                          before_last_backward=lambda c: [b.start_grad_sync_on_backward() for b in model.buffers_of(c)],
-                         after_backward=lambda c: [b.finish_microbatch() for b in model.buffers_of(c)])
+                         after_backward=lambda c: [b.finish_microbatch() for b in model.buffers_of(c)],
+                         per_token_loss=cfg.calculate_per_token_loss)
     run_schedule(runner, par.schedule, num_microbatches, par.vpp, microbatch_group_size=par.microbatch_group_size)
     # Partial grads summed first, then the data-parallel reduction of their (deferred) buckets.
     reduce_partial_grads(model.chunks)
@@ -121,18 +126,22 @@ class StepResult(NamedTuple):
     lr: float
     skipped: bool  # --fp16: the gradients overflowed, the weights were left as they were
     moe: dict | None = None  # mixture of experts: the step's balancing loss and expert load (model/moe.py)
+    stats: dict | None = None  # --log-params-norm's and --log-num-zeros-in-grad's numbers (step_statistics)
 
 
 def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
-               trace: Trace | None = None,
-               inspect_grads: Callable[[TrainingModel], None] | None = None) -> StepResult:
+               trace: Trace | None = None, inspect_grads: Callable[[TrainingModel], None] | None = None,
+               consumed_samples: int | None = None, global_batch_size: int | None = None) -> StepResult:
     """One optimizer step.
 
     `inspect_grads(model)`, if given, runs once the grads are reduced and before they are clipped
-    (the parity tests compare them there with one device's).
+    (the parity tests compare them there with one device's). `consumed_samples`: the samples read
+    through this step, for the lr schedule, and `global_batch_size` this step's batch (both
+    default to a constant --global-batch-size).
     """
     cfg, scaler = config.train, model.optimizer.loss_scaler
-    losses = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale)
+    losses = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale,
+                              global_batch_size)
     if scaler is not None:
         for buf in model.grad_buffers:
             buf.grad_data.mul_(1.0 / scaler.scale)
@@ -140,6 +149,7 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
         inspect_grads(model)
     loss = last_stage_loss(losses)
     moe = finish_moe_step(model.chunks) if config.model.num_experts else None
+    stats = step_statistics(model.optimizer, cfg, before_step=True)
     grad_norm = model.optimizer.clip_grads(cfg.clip_grad)
     # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
     skipped = scaler is not None and not math.isfinite(grad_norm)
@@ -147,11 +157,12 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
         scaler.update(found_inf=skipped)
     if cfg.check_for_nan_in_loss_and_grad:
         check_finite(iteration, loss, 0.0 if skipped else grad_norm)
-    lr = learning_rate(iteration, cfg)
+    lr = learning_rate(iteration, cfg, consumed_samples)
     if not skipped:
-        set_learning_rate(model.optimizer, lr)
+        set_learning_rate(model.optimizer, iteration, cfg, consumed_samples)
         model.optimizer.step()
-    return StepResult(loss, grad_norm, lr, skipped, moe)
+    stats.update(step_statistics(model.optimizer, cfg, before_step=False))
+    return StepResult(loss, grad_norm, lr, skipped, moe, stats or None)
 
 
 def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
@@ -167,12 +178,14 @@ def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
                             "(--no-check-for-nan-in-loss-and-grad lets a run go on)")
 
 
-def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device):
-    """This rank's microbatches of the global batch starting at `consumed`: its data-parallel
-    replica's samples, and of each sample the tokens its context-parallel rank holds."""
+def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device,
+                      global_batch_size: int | None = None):
+    """This rank's microbatches of the global batch starting at `consumed` (of `global_batch_size`
+    samples, default --global-batch-size): its data-parallel replica's samples, and of each
+    sample the tokens its context-parallel rank holds."""
     cfg, grid = config.train, parallel_state.get_grid()
-    batches = global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
-                           grid.coord("dp"), grid.size("dp"))
+    batches = global_batch(dataset, consumed, cfg.micro_batch_size, global_batch_size or cfg.global_batch_size,
+                           device, grid.coord("dp"), grid.size("dp"))
     return (split_for_context_parallel(batch) for batch in batches)
 
 
@@ -185,7 +198,8 @@ def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.dev
     losses = []
     for step in range(cfg.eval_iters):
         batches = list(rank_microbatches(dataset, step * cfg.global_batch_size, config, device))
-        runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.params_dtype)
+        runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.params_dtype,
+                             per_token_loss=cfg.calculate_per_token_loss)
         forward_only(runner, len(batches), config.parallel.vpp)
         losses.extend(runner.losses)
     for chunk in chunks:
@@ -239,23 +253,24 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     """The loop of pretrain, from `iteration` steps done and `consumed` samples read."""
     cfg = config.train
     world = parallel_state.get_grid().world_size
-    step_flops = flops_per_step(config.model, cfg.global_batch_size)
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    tokens_per_step = cfg.global_batch_size * config.model.seq_length
     losses, valid_loss = [], None
     # Only train steps are timed: evaluation and checkpointing do not inflate the step time.
     interval_seconds, interval_losses, interval_norms, skipped = 0.0, [], [], 0
     while iteration < cfg.train_iters:
         iteration += 1
         start = time.perf_counter()
-        batches = rank_microbatches(train_ds, consumed, config, device)
+        batch_size = cfg.batch_size_at(consumed)  # --rampup-batch-size's, else --global-batch-size
+        batches = rank_microbatches(train_ds, consumed, config, device, batch_size)
         METER.reset()  # what the meter holds after the loop is the last step's traffic
-        loss, grad_norm, lr, step_skipped, moe = train_step(model, batches, iteration, config, device)
+        loss, grad_norm, lr, step_skipped, moe, stats = train_step(model, batches, iteration, config, device,
+                                                                   consumed_samples=consumed + batch_size,
+                                                                   global_batch_size=batch_size)
         last_traffic = dict(METER.bytes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         interval_seconds += time.perf_counter() - start
-        consumed += cfg.global_batch_size
+        consumed += batch_size
         losses.append(loss)
         interval_losses.append(loss)
         if step_skipped:  # its grad norm is not finite: not averaged into the logged one
@@ -264,15 +279,15 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
             interval_norms.append(grad_norm)
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
             seconds = interval_seconds / len(interval_losses)
-            tflops = step_flops / seconds / 1e12 / world
+            tflops = flops_per_step(config.model, batch_size) / seconds / 1e12 / world
             logger.training({
                 "iteration": iteration, "train_iters": cfg.train_iters, "consumed_samples": consumed,
-                "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": cfg.global_batch_size,
+                "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": batch_size,
                 "lm_loss": float(np.mean(interval_losses)),
                 "loss_scale": 1.0 if model.optimizer.loss_scaler is None else model.optimizer.loss_scaler.scale,
                 "grad_norm": float(np.mean(interval_norms)) if interval_norms else math.nan,
-                "skipped_iterations": skipped, **(moe or {}),
-                "tokens_per_s": tokens_per_step / seconds, "tflops_per_gpu": tflops,
+                "skipped_iterations": skipped, **(moe or {}), **(stats or {}),
+                "tokens_per_s": batch_size * config.model.seq_length / seconds, "tflops_per_gpu": tflops,
                 "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device)})
             interval_seconds, interval_losses, interval_norms, skipped = 0.0, [], [], 0
         evaluate_now = cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters)

@@ -56,7 +56,8 @@ class MetricsLogger:
         lm_loss, loss_scale, grad_norm, skipped_iterations (--fp16 overflows in the interval),
         tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb; with mixture-of-
         experts layers load_balancing_loss, expert_load_max_over_mean and tokens_per_expert (the
-        last step's routed tokens per expert of each MoE layer on this stage)."""
+        last step's routed tokens per expert of each MoE layer on this stage); num_zeros and params_norm
+        under --log-num-zeros-in-grad and --log-params-norm (the interval's last step's)."""
         if not self.enabled:
             return
         mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
@@ -68,6 +69,8 @@ class MetricsLogger:
               f" lm loss: {record['lm_loss']:.6E} |"
               f" loss scale: {record['loss_scale']:.1f} |"
               f" grad norm: {record['grad_norm']:.3f} |"
+              + ("" if "num_zeros" not in record else f" num zeros: {record['num_zeros']:d} |")
+              + ("" if "params_norm" not in record else f" params norm: {record['params_norm']:.3f} |") +
               f" number of skipped iterations: {record['skipped_iterations']:3d} |"
               + ("" if "load_balancing_loss" not in record else
                  f" load balancing loss: {record['load_balancing_loss']:.6E} |"
