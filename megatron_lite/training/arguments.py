@@ -295,6 +295,10 @@ def _config(given: dict, world_size: int) -> Config:
     if preset not in PRESETS:
         raise ConfigError(f"--model={preset} is unknown; allowed: {', '.join(sorted(PRESETS))}")
     model_kwargs = dict(PRESETS[preset])
+    if not preset_named and "num_attention_heads" in given and "num_query_groups" not in given:
+        # The unnamed preset's key/value heads were chosen for its own head count: with other
+        # heads and no --num-query-groups, every head keeps its own (Megatron's default).
+        model_kwargs.pop("num_query_groups", None)
     no_effect = _megatron_conventions(given, model_kwargs if preset_named else {})
 
     def pick(cls: type, base: dict) -> dict:
