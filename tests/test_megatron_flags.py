@@ -64,6 +64,10 @@ def test_rampup_batch_sizes_per_iteration_and_the_steps_they_take() -> None:
     assert consumed == 200
     with pytest.raises(ConfigError, match="global batch 6 of the ramp is not divisible by --micro-batch-size=4"):
         TrainConfig(micro_batch_size=4, global_batch_size=16, rampup_batch_size=[6, 2, 10]).validate()
+    zbv = ["--pp", "2", "--pipeline-schedule", "zbv", "--num-layers", "4", "--micro-batch-size", "1",
+           "--global-batch-size", "8", "--rampup-batch-size", "2", "2", "8"]
+    with pytest.raises(ConfigError, match="zbv needs at least 2 x pp - 1 = 3 microbatches .* 2 = global batch 2"):
+        parse_args(zbv, world_size=2)  # every batch of the ramp must suit the schedule
 
 
 def test_per_token_loss_averages_over_the_global_batch_tokens() -> None:
@@ -123,12 +127,15 @@ def test_a_megatron_style_run_ramps_logs_norms_and_trains_on_mock_data(tmp_path,
 
 
 def test_no_load_optim_no_load_rng_and_finetune(tmp_path, capsys) -> None:
-    pretrain(tiny_config(train_iters=2, save=str(tmp_path)))
-    resumed = pretrain(tiny_config(train_iters=3, load=str(tmp_path), no_load_optim=True, no_load_rng=True))
-    assert resumed["iteration"] == 3 and len(resumed["losses"]) == 1
+    """The weights load (step 3's loss is the straight run's), the step count goes on or, with
+    --finetune, starts at 0."""
+    straight = pretrain(tiny_config(train_iters=3, save=str(tmp_path), save_interval=2))["losses"]
+    resumed = pretrain(tiny_config(train_iters=3, load=str(tmp_path), ckpt_step=2, no_load_optim=True,
+                                   no_load_rng=True))
+    assert resumed["iteration"] == 3 and resumed["losses"] == [straight[2]]
     assert "(--no-load-optim): iteration 2 with a fresh optimizer" in capsys.readouterr().out
-    tuned = pretrain(tiny_config(train_iters=2, load=str(tmp_path), finetune=True))
-    assert len(tuned["losses"]) == 2 and "(--finetune): training starts at iteration 0" in capsys.readouterr().out
+    tuned = pretrain(tiny_config(train_iters=1, load=str(tmp_path), finetune=True))
+    assert len(tuned["losses"]) == 1 and "(--finetune): training starts at iteration 0" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--finetune needs --load"):
         tiny_config(finetune=True)
 

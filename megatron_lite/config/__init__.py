@@ -85,17 +85,18 @@ class Config:
                 "supported yet (ZeRO-2/3 reduce-scatter per backward, not yet per W pass); use "
                 "--use-distributed-optimizer (ZeRO-1) or another schedule")
         par = self.parallel
-        if par.schedule == "interleaved":
-            m = self.train.num_microbatches(par.data_parallel_size)
-            problem = interleaved_microbatches_problem(par.pipeline_model_parallel_size, m, par.microbatch_group_size)
-            require(problem is None, f"{problem}; {m} = global batch {self.train.global_batch_size} / (micro batch "
-                                     f"{self.train.micro_batch_size} x dp {par.data_parallel_size})")
-        if par.schedule == "zbv" and par.pipeline_model_parallel_size > 1:
-            m, pp = self.train.num_microbatches(par.data_parallel_size), par.pipeline_model_parallel_size
-            require(m >= 2 * pp - 1, f"--pipeline-schedule=zbv needs at least 2 x pp - 1 = {2 * pp - 1} "
-                                     f"microbatches to fill its V; it has {m} = global batch "
-                                     f"{self.train.global_batch_size} / (micro "
-                                     f"batch {self.train.micro_batch_size} x dp {par.data_parallel_size})")
+        for batch in self.train.global_batch_sizes:  # --rampup-batch-size's, each must suit the schedule
+            m = batch // (self.train.micro_batch_size * par.data_parallel_size)
+            if par.schedule == "interleaved":
+                problem = interleaved_microbatches_problem(par.pipeline_model_parallel_size, m,
+                                                           par.microbatch_group_size)
+                require(problem is None, f"{problem}; {m} = global batch {batch} / (micro batch "
+                                         f"{self.train.micro_batch_size} x dp {par.data_parallel_size})")
+            if par.schedule == "zbv" and par.pipeline_model_parallel_size > 1:
+                pp = par.pipeline_model_parallel_size
+                require(m >= 2 * pp - 1, f"--pipeline-schedule=zbv needs at least 2 x pp - 1 = {2 * pp - 1} "
+                                         f"microbatches to fill its V; it has {m} = global batch {batch} / (micro "
+                                         f"batch {self.train.micro_batch_size} x dp {par.data_parallel_size})")
 
     def _validate_parameter_server(self) -> None:
         """What --data-parallel-mode parameter-server does not combine with, and why (its server

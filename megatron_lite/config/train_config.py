@@ -209,6 +209,12 @@ class TrainConfig:
         per_increment = samples / ((self.global_batch_size - start) // increment)
         return start + int(consumed_samples / per_increment) * increment
 
+    @property
+    def global_batch_sizes(self) -> list[int]:
+        """Every global batch the run steps with: the ramp's, then --global-batch-size."""
+        ramp = self.rampup_batch_size
+        return [*(range(ramp[0], self.global_batch_size, ramp[1]) if ramp else ()), self.global_batch_size]
+
     def iterations_for(self, samples: int) -> int:
         """Steps that --train-samples takes: the ramp's steps, then whole global batches (Megatron's count,
         which may end a little short of `samples`)."""
@@ -274,7 +280,7 @@ class TrainConfig:
                 f"--rampup-batch-size: START={start} must be below --global-batch-size={self.global_batch_size} and "
                 f"their difference a multiple of INCREMENT={increment}")
         per_step = self.micro_batch_size * data_parallel_size
-        bad = [size for size in range(start, self.global_batch_size, increment) if size % per_step]
+        bad = [size for size in self.global_batch_sizes if size % per_step]
         require(not bad, f"--rampup-batch-size: global batch {bad[0] if bad else 0} of the ramp is not divisible by "
                          f"--micro-batch-size={self.micro_batch_size} x data-parallel size {data_parallel_size} = "
                          f"{per_step}")
