@@ -86,7 +86,7 @@ class Config:
                 "--use-distributed-optimizer (ZeRO-1) or another schedule")
         par = self.parallel
         for batch in self.train.global_batch_sizes:  # --rampup-batch-size's, each must suit the schedule
-            m = batch // (self.train.micro_batch_size * par.data_parallel_size)
+            m = self.train.num_microbatches(par.data_parallel_size, batch)
             if par.schedule == "interleaved":
                 problem = interleaved_microbatches_problem(par.pipeline_model_parallel_size, m,
                                                            par.microbatch_group_size)

@@ -230,8 +230,9 @@ class TrainConfig:
         """The dtype of the model's weights and of what flows between its stages."""
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
-    def num_microbatches(self, data_parallel_size: int = 1) -> int:
-        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+    def num_microbatches(self, data_parallel_size: int = 1, global_batch_size: int | None = None) -> int:
+        """Microbatches per step on each rank, of --global-batch-size or of a ramp's `global_batch_size`."""
+        return (global_batch_size or self.global_batch_size) // (self.micro_batch_size * data_parallel_size)
 
     def _validate_schedule(self, data_parallel_size: int) -> None:
         """The lr schedule's and the batch ramp's flags (Megatron's rules: -iters flags with an

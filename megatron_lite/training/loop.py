@@ -105,8 +105,7 @@ def forward_backward(model: TrainingModel, microbatches, config: Config, device:
     cfg, par = config.train, config.parallel
     for buf in model.grad_buffers:
         buf.zero_grad()
-    num_microbatches = (global_batch_size or cfg.global_batch_size) // (
-        cfg.micro_batch_size * parallel_state.get_grid().size("dp"))
+    num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"), global_batch_size)
     runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
                          cfg.params_dtype, trace, loss_scale=loss_scale,
                          before_last_backward=lambda c: [b.start_grad_sync_on_backward() for b in model.buffers_of(c)],
