@@ -96,6 +96,12 @@ def counted_here(param: torch.Tensor) -> bool:
     return not placement(param).second_copy and all(grid.index(group) == 0 for group in placement(param).replicas)
 
 
+def is_vocabulary_table(param: torch.Tensor) -> bool:
+    """The input embedding or the output layer (the padded vocabulary tables): what --decoupled-lr
+    gives its own learning rate."""
+    return placement(param).unpadded_rows is not None
+
+
 def is_expert(param: torch.Tensor) -> bool:
     """Whether the parameter belongs to a mixture-of-experts layer's experts (split over ep)."""
     return placement(param).shard("ep") is not None

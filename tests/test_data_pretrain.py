@@ -129,7 +129,7 @@ BAD_INPUT = {  # case: (flags made in tmp_path, what follows "pretrain_gpt.py: e
                           r"--tokenizer-model .*/tokenizer\.json for HuggingFaceTokenizer does not exist"),
     "tokenizer without data": (lambda tmp: ["--tokenizer-type", "SentencePieceTokenizer"],
                                r"--tokenizer-type=SentencePieceTokenizer needs --data-path \(data preprocessed with "
-                               r"it\); the built-in corpus is byte-level"),
+                               r"it\) or --mock-data; the built-in corpus is byte-level"),
 }
 
 

@@ -1,6 +1,7 @@
 """Tokenizers trained by tools/train_tokenizer.py, loaded by build_tokenizer, used by preprocess_data."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,10 @@ def test_a_transformers_folder_loads_like_its_tokenizer_json(trained, tmp_path):
 
 
 def test_bad_tokenizer_arguments_name_the_type_and_path(tmp_path):
-    with pytest.raises(ValueError, match="unknown --tokenizer-type 'GPT2BPETokenizer'; choose one of"):
-        build_tokenizer("GPT2BPETokenizer", None)
+    with pytest.raises(ValueError, match="unknown --tokenizer-type 'TikTokenizer'; choose one of"):
+        build_tokenizer("TikTokenizer", None)
+    with pytest.raises(ValueError, match="GPT2BPETokenizer needs --vocab-file and --merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"))
     with pytest.raises(ValueError, match="SentencePieceTokenizer needs --tokenizer-model"):
         build_tokenizer("SentencePieceTokenizer", None)
     with pytest.raises(FileNotFoundError, match="missing.model for SentencePieceTokenizer does not exist"):
@@ -89,3 +92,47 @@ def test_byte_tokenizer():
     assert isinstance(tokenizer, ByteTokenizer)
     assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (258, 256, 257)
     assert tokenizer.decode(tokenizer.encode("héllo") + [tokenizer.eod]) == "héllo"
+
+
+def _gpt2_files(tokenizer_json: str, folder: Path) -> tuple[str, str]:
+    """GPT-2's two files, vocab.json and merges.txt, of a trained byte-level BPE."""
+    model = json.loads(Path(tokenizer_json).read_text())
+    vocab = {**model["model"]["vocab"], **{t["content"]: t["id"] for t in model["added_tokens"]}}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["model"]["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
+
+
+def test_megatron_tokenizers_and_their_preprocess_flags(trained, corpus, tmp_path):
+    """GPT2BPETokenizer (--vocab-file, --merge-file) encodes as transformers' GPT-2 tokenizer does;
+    Llama2Tokenizer is the SentencePiece model with BOS first; NullTokenizer reads ids written as
+    numbers. tools/preprocess_data.py takes the same flags (the GPT-2 type implied by the files)."""
+    from transformers import GPT2TokenizerFast
+
+    vocab_file, merge_file = _gpt2_files(trained["byte-level-bpe"], tmp_path)
+    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_file, merge_file=merge_file)
+    reference = GPT2TokenizerFast.from_pretrained(str(tmp_path))  # reads the folder's vocab.json and merges.txt
+    for text in ROUND_TRIP_TEXTS:
+        assert gpt2.encode(text) == reference.encode(text)
+        assert gpt2.decode(gpt2.encode(text)) == text
+    assert gpt2.eod == json.loads(Path(vocab_file).read_text())["<|endoftext|>"]
+    llama2 = build_tokenizer("Llama2Tokenizer", trained["sentencepiece-bpe"])
+    plain = build_tokenizer("SentencePieceTokenizer", trained["sentencepiece-bpe"])
+    assert llama2.encode("lazy dog") == [llama2._sp.bos_id(), *plain.encode("lazy dog")] and llama2.eod == plain.eod
+    null = build_tokenizer("NullTokenizer", vocab_size=10)
+    assert (null.encode("3 1 4"), null.vocab_size, null.eod, null.decode([3, 10, 1])) == ([3, 1, 4], 11, 10, "3 1")
+
+    root, texts = corpus
+    (tmp_path / "ids.txt").write_text("3 1 4 1 5")
+    runs = {"gpt2": (gpt2, ["--vocab-file", vocab_file, "--merge-file", merge_file], "docs.jsonl"),
+            "llama2": (llama2, ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                                trained["sentencepiece-bpe"]], "docs.jsonl"),
+            "null": (null, ["--tokenizer-type", "NullTokenizer", "--vocab-size", "10"], "ids.txt")}
+    for name, (tokenizer, flags, source) in runs.items():
+        folder = tmp_path if source == "ids.txt" else root
+        preprocess_data.main(["--input", str(folder / source), "--output-prefix", str(tmp_path / name), *flags,
+                              "--append-eod", "--workers", "2"])
+        first = IndexedDataset(str(tmp_path / f"{name}_text_document"))[0].tolist()
+        expected = "3 1 4 1 5" if source == "ids.txt" else texts[0]
+        assert first == tokenizer.encode(expected) + [tokenizer.eod], name

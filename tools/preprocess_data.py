@@ -32,7 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_lite.data.corpus_reader import BadRecordError, Record, expand_inputs, iter_records, record_texts  # noqa: E402
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, build_indexed_datasets, optimal_dtype  # noqa: E402
-from megatron_lite.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron_lite.data.tokenizer import TOKENIZERS, build_tokenizer  # noqa: E402
 
 CHUNK_BYTES = 1 << 18  # big enough to amortise inter-process traffic, small enough to balance workers
 CHUNK_RECORDS = 1024
@@ -41,8 +41,7 @@ BAD_RECORDS_SHOWN = 10
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    tokenizer_type: str
-    tokenizer_model: str | None
+    tokenizer: dict  # build_tokenizer's arguments, from Megatron's tokenizer flags
     keys: tuple[str, ...]
     append_eod: bool
     dtype: type[np.generic]
@@ -60,7 +59,7 @@ class Encoder:
 
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
-        self.tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+        self.tokenizer = build_tokenizer(**config.tokenizer)
         self.suffix = [self.tokenizer.eod] if config.append_eod else []
 
     def encode_chunk(self, records: list[Record]) -> EncodedChunk:
@@ -168,15 +167,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", required=True, help="files, folders or globs")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize, one dataset each")
     parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer-type", default="ByteTokenizer",
-                        help="ByteTokenizer, SentencePieceTokenizer or HuggingFaceTokenizer")
-    parser.add_argument("--tokenizer-model", help="the .model, tokenizer.json or tokenizer folder")
+    parser.add_argument("--tokenizer-type", default=None, choices=sorted(TOKENIZERS),
+                        help="as pretrain_gpt.py's (default: GPT2BPETokenizer with --vocab-file, else ByteTokenizer)")
+    parser.add_argument("--tokenizer-model", help="the .model (SentencePiece, Llama2), tokenizer.json or tokenizer "
+                        "folder")
+    parser.add_argument("--vocab-file", help="GPT2BPETokenizer: its vocab.json")
+    parser.add_argument("--merge-file", help="GPT2BPETokenizer: its merges.txt")
+    parser.add_argument("--vocab-size", type=int, help="NullTokenizer: ids 0..N-1, N ends documents")
     parser.add_argument("--append-eod", action="store_true", help="end each document with the eod id")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     parser.add_argument("--dataset-split", default="train", help="split read from `datasets` folders")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, not {args.workers}")
+    if args.tokenizer_type is None:  # as pretrain_gpt.py reads Megatron's GPT scripts
+        args.tokenizer_type = "GPT2BPETokenizer" if args.vocab_file or args.merge_file else "ByteTokenizer"
     if len(set(args.json_keys)) != len(args.json_keys):
         parser.error(f"--json-keys {' '.join(args.json_keys)} names a key twice")
     return args
@@ -185,9 +190,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> PreprocessStats:
     args = parse_args(argv)
     sources = expand_inputs(args.input)  # a missing input fails here, before any file is created
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    config = EncoderConfig(args.tokenizer_type, args.tokenizer_model, tuple(args.json_keys),
-                           args.append_eod, optimal_dtype(tokenizer.vocab_size))
+    tokenizer_args = dict(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                          vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size)
+    tokenizer = build_tokenizer(**tokenizer_args)
+    config = EncoderConfig(tokenizer_args, tuple(args.json_keys), args.append_eod, optimal_dtype(tokenizer.vocab_size))
     Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     outputs = [f"{args.output_prefix}_{key}_document" for key in config.keys]
     with build_indexed_datasets(outputs, config.dtype) as builders:

@@ -168,7 +168,9 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
             return 0, 0
     path = rank_file(root, iteration)
     state = load_file(path) if path.exists() else None
-    if state is None or state["finetune"] or not _same_layout(state["layout"], current_layout(config)):
+    cfg = config.train
+    if (state is None or state["finetune"] or cfg.finetune or cfg.no_load_optim
+            or not _same_layout(state["layout"], current_layout(config))):
         return _load_resharded(root, iteration, chunks, optimizer, config)
     _check_built_with(config, state["config"]["model"], path)
     for chunk, chunk_state in zip(chunks, state["model"]):
@@ -182,7 +184,8 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
     else:
         optimizer.load_state_dict(state["optimizer"])
     _load_loss_scaler(optimizer, state.get("loss_scaler"))
-    _set_rng_state(state["rng"])
+    if not cfg.no_load_rng:
+        _set_rng_state(state["rng"])
     return state["iteration"], state["consumed_samples"]
 
 
@@ -195,21 +198,32 @@ def _load_loss_scaler(optimizer, saved: dict | None) -> None:
 
 def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], optimizer,
                     config: Config) -> tuple[int, int]:
-    """Load through full tensors: another layout, or weights only."""
-    where = checkpoint_dir(root, iteration)
+    """Load through full tensors: another layout, or weights only (saved so, or --finetune and
+    --no-load-optim: weights and main weights, a fresh optimizer; --finetune from iteration 0)."""
+    where, cfg = checkpoint_dir(root, iteration), config.train
     full = read_checkpoint(root, iteration)
     _check_built_with(config, full.config["model"], where)
-    if full.optimizer is None:
-        parallel_state.print_rank_0(f"> loading weights only from {where} (no optimizer state): training starts "
+    from_start = full.optimizer is None or cfg.finetune
+    if from_start:
+        parallel_state.print_rank_0(f"> loading weights only from {where} "
+                                    f"({'--finetune' if cfg.finetune else 'no optimizer state'}): training starts "
                                     "at iteration 0 with a fresh optimizer")
+    elif cfg.no_load_optim:
+        parallel_state.print_rank_0(f"> loading weights from {where} (--no-load-optim): iteration {full.iteration} "
+                                    "with a fresh optimizer")
     else:
         parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with "
                                     f"{Layout.from_checkpoint(full.layout).name} "
                                     f"to {Layout.of(config.parallel).name}")
+    if from_start or cfg.no_load_optim:
+        full = dataclasses.replace(full, optimizer=None)
     load_full_state(full, chunks, optimizer)
-    if full.optimizer is None:
+    if from_start:
         return 0, 0
-    _load_loss_scaler(optimizer, full.loss_scaler)
+    if not cfg.no_load_optim:
+        _load_loss_scaler(optimizer, full.loss_scaler)
+    if cfg.no_load_rng:
+        return full.iteration, full.consumed_samples
     # This rank's own RNG states where the saved layout has its (tp, pp) position (ZeRO-3 and
     # ep > 1 resume through here), else the first rank's: a new layout draws new masks anyway.
     grid = parallel_state.get_grid()

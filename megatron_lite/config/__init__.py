@@ -34,6 +34,7 @@ from megatron_lite.config.parallel_config import (
 from megatron_lite.config.train_config import (
     EXIT_SIGNALS,
     LR_DECAY_STYLES,
+    LR_WSD_DECAY_STYLES,
     MUON_COEFFICIENTS,
     MUON_SCALE_MODES,
     MUON_TP_MODES,
@@ -41,11 +42,11 @@ from megatron_lite.config.train_config import (
     TrainConfig,
 )
 
-__all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS",
-           "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "MUON_COEFFICIENTS", "MUON_SCALE_MODES", "MUON_TP_MODES",
-           "OPTIMIZERS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
-           "RECOMPUTE_MODULES", "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError",
-           "ModelConfig", "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
+__all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "LR_WSD_DECAY_STYLES",
+           "MOE_DISPATCHERS", "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "MUON_COEFFICIENTS", "MUON_SCALE_MODES",
+           "MUON_TP_MODES", "OPTIMIZERS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS", "RECOMPUTE_MODULES",
+           "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError", "ModelConfig",
+           "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
 
 
 @dataclass(frozen=True)
@@ -83,23 +84,27 @@ class Config:
                 "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
         self._validate_parameter_server()
+        require(not (self.train.calculate_per_token_loss and self.model.mtp_depths),
+                "--calculate-per-token-loss with --mtp-num-layers is not supported (each module's loss is a mean "
+                "over its own tokens); drop one of them")
         require(self.parallel.schedule not in ("zb-h1", "zbv") or self.parallel.sharding in ("no_shard", "optim"),
                 f"--pipeline-schedule={self.parallel.schedule} with "
                 f"--data-parallel-sharding-strategy={self.parallel.sharding} is not "
                 "supported yet (ZeRO-2/3 reduce-scatter per backward, not yet per W pass); use "
                 "--use-distributed-optimizer (ZeRO-1) or another schedule")
         par = self.parallel
-        if par.schedule == "interleaved":
-            m = self.train.num_microbatches(par.data_parallel_size)
-            problem = interleaved_microbatches_problem(par.pipeline_model_parallel_size, m, par.microbatch_group_size)
-            require(problem is None, f"{problem}; {m} = global batch {self.train.global_batch_size} / (micro batch "
-                                     f"{self.train.micro_batch_size} x dp {par.data_parallel_size})")
-        if par.schedule == "zbv" and par.pipeline_model_parallel_size > 1:
-            m, pp = self.train.num_microbatches(par.data_parallel_size), par.pipeline_model_parallel_size
-            require(m >= 2 * pp - 1, f"--pipeline-schedule=zbv needs at least 2 x pp - 1 = {2 * pp - 1} "
-                                     f"microbatches to fill its V; it has {m} = global batch "
-                                     f"{self.train.global_batch_size} / (micro "
-                                     f"batch {self.train.micro_batch_size} x dp {par.data_parallel_size})")
+        for batch in self.train.global_batch_sizes:  # --rampup-batch-size's, each must suit the schedule
+            m = self.train.num_microbatches(par.data_parallel_size, batch)
+            if par.schedule == "interleaved":
+                problem = interleaved_microbatches_problem(par.pipeline_model_parallel_size, m,
+                                                           par.microbatch_group_size)
+                require(problem is None, f"{problem}; {m} = global batch {batch} / (micro batch "
+                                         f"{self.train.micro_batch_size} x dp {par.data_parallel_size})")
+            if par.schedule == "zbv" and par.pipeline_model_parallel_size > 1:
+                pp = par.pipeline_model_parallel_size
+                require(m >= 2 * pp - 1, f"--pipeline-schedule=zbv needs at least 2 x pp - 1 = {2 * pp - 1} "
+                                         f"microbatches to fill its V; it has {m} = global batch {batch} / (micro "
+                                         f"batch {self.train.micro_batch_size} x dp {par.data_parallel_size})")
 
     def _validate_parameter_server(self) -> None:
         """What --data-parallel-mode parameter-server does not combine with, and why (its server

@@ -22,6 +22,12 @@ def require_positive(obj: object, *names: str) -> None:
         require(value is not None and value > 0, f"{flag(name)}={value} must be a positive number")
 
 
+def require_null_vocab(vocab_size: int | None) -> None:
+    """NullTokenizer's one input: how many ids the data holds."""
+    require((vocab_size or 0) >= 1,
+            f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1 (the ids 0..N-1); got {vocab_size}")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.config.checks import ConfigError, flag, require, require_positive
+from megatron_lite.config.checks import ConfigError, flag, require, require_null_vocab, require_positive
 from megatron_lite.config.packages import require_packages
 
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 OPTIMIZERS = ("adam", "muon")
 # Newton-Schulz coefficients (a, b, c) per step, cycled over --muon-num-ns-steps (optimizer/muon.py).
 # "simple": Keller Jordan's Muon, one triple every step; "quintic": the per-step set Megatron-Core defaults to.
@@ -49,18 +50,44 @@ class TrainConfig:
     """Samples per forward/backward pass on one rank."""
     global_batch_size: int = 16
     """Samples per optimizer step over all data-parallel ranks and microbatches."""
-    train_iters: int = 200
-    """Optimizer steps to train for."""
+    rampup_batch_size: list[int] | None = None
+    """START INCREMENT SAMPLES: the global batch starts at START and grows by INCREMENT in equal steps over the first
+    SAMPLES samples up to --global-batch-size (Megatron's; every size must divide by micro batch x dp)."""
+    train_iters: int | None = None
+    """Optimizer steps to train for (default: 200, or what --train-samples takes)."""
+    train_samples: int | None = None
+    """Train on this many samples instead of --train-iters (the schedule's -samples flags then apply)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 1e-4
     """Learning rate at the end of decay."""
-    lr_warmup_iters: int = 20
-    """Steps of linear warmup from 0 to --lr."""
+    lr_warmup_iters: int | None = None
+    """Steps of linear warmup from 0 to --lr (default: 20 in an iteration-based run without --lr-warmup-fraction)."""
+    lr_warmup_samples: int | None = None
+    """With --train-samples: samples of linear warmup (default 0)."""
+    lr_warmup_fraction: float | None = None
+    """Warmup as this fraction of the decay (--lr-decay-iters or --lr-decay-samples), instead of a length."""
     lr_decay_iters: int | None = None
     """Steps over which the lr decays to --min-lr (default: --train-iters)."""
+    lr_decay_samples: int | None = None
+    """With --train-samples: samples over which the lr decays to --min-lr (default: --train-samples)."""
     lr_decay_style: str = "cosine"
-    """Shape of the decay after warmup: cosine, linear or constant."""
+    """Shape of the decay after warmup: cosine, linear, constant, inverse-square-root (peak x sqrt(warmup / step),
+    not below --min-lr) or WSD (warmup, stable at --lr, then an anneal over the decay's last --lr-wsd-decay-iters or
+    -samples)."""
+    lr_wsd_decay_style: str = "exponential"
+    """WSD's anneal: exponential, linear, cosine or minus_sqrt."""
+    lr_wsd_decay_iters: int | None = None
+    """WSD: the anneal's length in steps (it ends where the decay ends)."""
+    lr_wsd_decay_samples: int | None = None
+    """WSD with --train-samples: the anneal's length in samples."""
+    decoupled_lr: float | None = None
+    """Peak lr of the input embedding and the output layer, whose schedule is the others' (default: --lr)."""
+    decoupled_min_lr: float | None = None
+    """--decoupled-lr's floor (default: --min-lr)."""
+    calculate_per_token_loss: bool = False
+    """Average the loss over the global batch's unmasked tokens, not per microbatch then over microbatches (equal
+    whenever every microbatch has as many unmasked tokens)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay (not applied to biases and norm weights)."""
     adam_beta1: float = 0.9
@@ -123,6 +150,12 @@ class TrainConfig:
     """Directory to resume from (its latest checkpoint; saved under any layout, it is resharded to this one)."""
     keep_last: int | None = None
     """Keep only the K most recent checkpoints in --save, deleting older iter_ directories (default: keep all)."""
+    no_load_optim: bool = False
+    """--load: take the weights only, not the optimizer state (the optimizer starts fresh)."""
+    no_load_rng: bool = False
+    """--load: leave the random generators as --seed sets them."""
+    finetune: bool = False
+    """--load: the weights only, from iteration 0 with no samples consumed (neither optimizer nor RNG state)."""
     ckpt_step: int | None = None
     """Resume from iteration N of --load instead of the one its latest_checkpointed_iteration.txt names."""
     async_save: bool = False
@@ -142,6 +175,10 @@ class TrainConfig:
     after it)."""
     log_interval: int = 10
     """Print one log line every N steps."""
+    log_params_norm: bool = False
+    """Log the L2 norm of all weights (params-norm)."""
+    log_num_zeros_in_grad: bool = False
+    """Log how many gradient entries are exactly zero, before clipping (num-zeros)."""
     log_dir: str | None = None
     """Where metrics.jsonl is appended (default: the --save directory, else none)."""
     tensorboard_dir: str | None = None
@@ -160,10 +197,12 @@ class TrainConfig:
     eval_interval: int = 100
     """Evaluate on the validation split every N steps (0 disables)."""
     eval_iters: int = 10
-    """Global batches per evaluation."""
+    """Global batches per evaluation (0: no evaluation)."""
     data_path: list[str] | None = None
     """Dataset prefix of a .bin/.idx pair, or weight-prefix pairs to blend (0.7 a 0.3 b); without it a built-in corpus
     is used."""
+    mock_data: bool = False
+    """Train on random tokens (the same for every layout and run) instead of a corpus; needs no --data-path."""
     split: str = "98,2,0"
     """Train/valid/test proportions of each dataset's documents."""
     reset_position_ids: bool = False
@@ -179,20 +218,115 @@ class TrainConfig:
     """Where the built-in corpus and the sample indices are cached (default: ~/.cache/megatron_lite or
     $MEGATRON_LITE_CACHE, and cache/ beside --data-path)."""
     tokenizer_type: str = "ByteTokenizer"
-    """Tokenizer the data was preprocessed with: ByteTokenizer (needs no file), SentencePieceTokenizer or
-    HuggingFaceTokenizer."""
+    """Tokenizer the data was preprocessed with: ByteTokenizer (needs no file), SentencePieceTokenizer,
+    Llama2Tokenizer (a SentencePiece .model, BOS before each document), HuggingFaceTokenizer, GPT2BPETokenizer
+    (--vocab-file, --merge-file; the default when they are given) or NullTokenizer (ids written as numbers,
+    --vocab-size)."""
     tokenizer_model: str | None = None
     """The tokenizer's file or folder: a SentencePiece .model, a tokenizer.json or a transformers tokenizer folder."""
+    vocab_file: str | None = None
+    """GPT2BPETokenizer: its vocab.json."""
+    merge_file: str | None = None
+    """GPT2BPETokenizer: its merges.txt."""
+    tokenizer_vocab_size: int | None = None
+    """NullTokenizer: ids 0..N-1, and N ends documents; other tokenizers take their own vocabulary."""
     device: str | None = None
     """cpu or cuda (default: cuda when available)."""
+
+    def __post_init__(self) -> None:
+        """The defaults derived from other fields (frozen: set once, here)."""
+        if self.train_iters is None:
+            object.__setattr__(self, "train_iters", 200 if self.train_samples is None
+                               else self.iterations_for(self.train_samples))
+        if self.lr_warmup_iters is None and self.train_samples is None and self.lr_warmup_fraction is None:
+            object.__setattr__(self, "lr_warmup_iters", 20)
+
+    def batch_size_at(self, consumed_samples: int) -> int:
+        """The global batch of the step that starts after `consumed_samples`: --rampup-batch-size's
+        START, grown by INCREMENT each time another SAMPLES / ((global - START) / INCREMENT) samples
+        are consumed, --global-batch-size once more than SAMPLES are (Megatron's ramp)."""
+        if self.rampup_batch_size is None or consumed_samples > self.rampup_batch_size[2]:
+            return self.global_batch_size
+        start, increment, samples = self.rampup_batch_size
+        per_increment = samples / ((self.global_batch_size - start) // increment)
+        return start + int(consumed_samples / per_increment) * increment
+
+    @property
+    def global_batch_sizes(self) -> list[int]:
+        """Every global batch the run steps with: the ramp's, then --global-batch-size."""
+        ramp = self.rampup_batch_size
+        return [*(range(ramp[0], self.global_batch_size, ramp[1]) if ramp else ()), self.global_batch_size]
+
+    def iterations_for(self, samples: int) -> int:
+        """Steps that --train-samples takes: the ramp's steps, then whole global batches (Megatron's count,
+        which may end a little short of `samples`)."""
+        steps, consumed = 0, 0
+        if self.rampup_batch_size is not None:
+            while consumed <= self.rampup_batch_size[2] and consumed <= samples:
+                consumed += self.batch_size_at(consumed)
+                steps += 1
+        return steps + (samples - consumed) // self.global_batch_size
 
     @property
     def params_dtype(self) -> torch.dtype:
         """The dtype of the model's weights and of what flows between its stages."""
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
-    def num_microbatches(self, data_parallel_size: int = 1) -> int:
-        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+    def num_microbatches(self, data_parallel_size: int = 1, global_batch_size: int | None = None) -> int:
+        """Microbatches per step on each rank, of --global-batch-size or of a ramp's `global_batch_size`."""
+        return (global_batch_size or self.global_batch_size) // (self.micro_batch_size * data_parallel_size)
+
+    def _validate_schedule(self, data_parallel_size: int) -> None:
+        """The lr schedule's and the batch ramp's flags (Megatron's rules: -iters flags with an
+        iteration-based run, -samples flags with --train-samples)."""
+        for name in ("train_samples", "lr_warmup_samples", "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters",
+                     "lr_wsd_decay_samples", "lr_warmup_iters"):
+            value = getattr(self, name)
+            require(value is None or value >= (0 if "warmup" in name else 1),
+                    f"{flag(name)}={value} must be {'>= 0' if 'warmup' in name else 'positive'}")
+        unit = "iters" if self.train_samples is None else "samples"
+        other = "samples" if unit == "iters" else "iters"
+        wrong = [name for name in (f"lr_warmup_{other}", f"lr_decay_{other}", f"lr_wsd_decay_{other}")
+                 if getattr(self, name) is not None]
+        require(not wrong, f"{flag(wrong[0])} goes with "
+                           f"{'--train-samples' if other == 'samples' else '--train-iters'}; "
+                           f"this run counts {unit}: use {flag(wrong[0]).replace(other, unit)}" if wrong else "")
+        if self.lr_warmup_fraction is not None:
+            require(0 <= self.lr_warmup_fraction <= 1,
+                    f"--lr-warmup-fraction={self.lr_warmup_fraction} must be between 0 and 1")
+            require(self.lr_warmup_iters is None and self.lr_warmup_samples is None,
+                    f"--lr-warmup-fraction and --lr-warmup-{unit} exclude each other; choose one")
+        require(self.lr_decay_style in LR_DECAY_STYLES,
+                f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
+        require(self.lr_wsd_decay_style in LR_WSD_DECAY_STYLES,
+                f"--lr-wsd-decay-style={self.lr_wsd_decay_style} is unknown; allowed: {', '.join(LR_WSD_DECAY_STYLES)}")
+        anneal = getattr(self, f"lr_wsd_decay_{unit}")
+        if self.lr_decay_style == "WSD":
+            decay = (self.lr_decay_iters or self.train_iters) if unit == "iters" else (
+                self.lr_decay_samples or self.train_samples)
+            require(anneal is not None and anneal <= decay,
+                    f"--lr-decay-style=WSD needs --lr-wsd-decay-{unit} (the anneal), at most the decay's {decay}")
+        for name in ("decoupled_lr", "decoupled_min_lr"):
+            require(getattr(self, name) is None or getattr(self, name) >= 0, f"{flag(name)} must be >= 0")
+        require(self.decoupled_min_lr is None or self.decoupled_lr is not None,
+                "--decoupled-min-lr needs --decoupled-lr")
+        if self.rampup_batch_size is not None:
+            self._validate_rampup(data_parallel_size)
+
+    def _validate_rampup(self, data_parallel_size: int) -> None:
+        ramp = self.rampup_batch_size
+        require(len(ramp) == 3 and ramp[0] > 0 and ramp[1] > 0 and ramp[2] >= 0,
+                f"--rampup-batch-size={' '.join(map(str, ramp))} must be START INCREMENT SAMPLES "
+                "(START, INCREMENT > 0)")
+        start, increment, _ = ramp
+        require(start < self.global_batch_size and (self.global_batch_size - start) % increment == 0,
+                f"--rampup-batch-size: START={start} must be below --global-batch-size={self.global_batch_size} and "
+                f"their difference a multiple of INCREMENT={increment}")
+        per_step = self.micro_batch_size * data_parallel_size
+        bad = [size for size in self.global_batch_sizes if size % per_step]
+        require(not bad, f"--rampup-batch-size: global batch {bad[0] if bad else 0} of the ramp is not divisible by "
+                         f"--micro-batch-size={self.micro_batch_size} x data-parallel size {data_parallel_size} = "
+                         f"{per_step}")
 
     def _validate_muon(self) -> None:
         require(self.optimizer in OPTIMIZERS,
@@ -210,7 +344,9 @@ class TrainConfig:
 
     def validate(self, data_parallel_size: int = 1) -> None:
         require_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval",
-                         "eval_iters", "tensorboard_log_interval")
+                         "tensorboard_log_interval")
+        require(self.eval_iters >= 0, f"--eval-iters={self.eval_iters} must be >= 0 (0: no evaluation)")
+        self._validate_schedule(data_parallel_size)
         per_step = self.micro_batch_size * data_parallel_size
         if self.global_batch_size % per_step:
             lower = max(per_step, self.global_batch_size // per_step * per_step)
@@ -220,11 +356,6 @@ class TrainConfig:
                 f"nearest valid values: {lower} or {lower + per_step}")
         require(self.lr >= 0 and self.min_lr >= 0, f"--lr={self.lr} and --min-lr={self.min_lr} must be >= 0")
         require(self.min_lr <= self.lr, f"--min-lr={self.min_lr} must not exceed --lr={self.lr}")
-        require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters={self.lr_warmup_iters} must be >= 0")
-        require(self.lr_decay_style in LR_DECAY_STYLES,
-                f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
-        if self.lr_decay_iters is not None:
-            require(self.lr_decay_iters > 0, f"--lr-decay-iters={self.lr_decay_iters} must be positive")
         require(not (self.bf16 and self.fp16), "--bf16 and --fp16 exclude each other; choose one")
         if self.loss_scale is not None:
             require(self.fp16 and self.loss_scale > 0, f"--loss-scale={self.loss_scale} needs --fp16 and must be > 0")
@@ -248,9 +379,13 @@ class TrainConfig:
         require(len(weights) == 3 and all(w.strip().replace(".", "", 1).isdigit() for w in weights)
                 and sum(float(w) for w in weights) > 0,
                 f"--split={self.split} must be three non-negative numbers like 98,2,0")
-        require(self.data_path is not None or self.tokenizer_type == "ByteTokenizer",
-                f"--tokenizer-type={self.tokenizer_type} needs --data-path (data preprocessed with it); "
-                "the built-in corpus is byte-level")
+        require(not (self.mock_data and self.data_path), "--mock-data and --data-path exclude each other; choose one")
+        require(self.data_path is not None or self.mock_data or self.tokenizer_type == "ByteTokenizer",
+                f"--tokenizer-type={self.tokenizer_type} needs --data-path (data preprocessed with it) or "
+                "--mock-data; the built-in corpus is byte-level")
+        if self.tokenizer_type == "NullTokenizer":
+            require_null_vocab(self.tokenizer_vocab_size)
+        require(not self.finetune or self.load is not None, "--finetune needs --load (the weights to start from)")
         if self.ckpt_step is not None:
             require(self.load is not None, f"--ckpt-step={self.ckpt_step} needs --load")
             require(self.ckpt_step >= 0, f"--ckpt-step={self.ckpt_step} must be >= 0")

@@ -9,6 +9,7 @@ from megatron_lite.data.default_corpus import build_default_corpus
 from megatron_lite.data.documents import DocumentMasking
 from megatron_lite.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, parse_data_path
 from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.data.tokenizer import Tokenizer, build_tokenizer
 
 # Tokens of each dataset checked against the tokenizer's vocabulary. Data written by another
@@ -19,8 +20,9 @@ VOCAB_CHECK_TOKENS = 1 << 20
 
 class TrainingData(NamedTuple):
     tokenizer: Tokenizer
-    train: GPTDataset | BlendedDataset
-    valid: GPTDataset | BlendedDataset | None  # None when evaluation is off or the split has no valid part
+    train: GPTDataset | BlendedDataset | RandomTokens  # RandomTokens: --mock-data
+    # None when evaluation is off or the split has no valid part.
+    valid: GPTDataset | BlendedDataset | RandomTokens | None
     description: str  # one line for the log: which corpus, which tokenizer, how many samples
     documents: DocumentMasking | None  # --reset-attention-mask and its kin at the tokenizer's eod, if any is on
 
@@ -49,7 +51,8 @@ def check_token_ids(dataset: IndexedDataset, tokenizer: Tokenizer) -> None:
 def run_tokenizer(cfg: TrainConfig) -> Tokenizer:
     """The tokenizer --tokenizer-type and --tokenizer-model name; a ConfigError names what is wrong."""
     try:
-        return build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+        return build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file, cfg.merge_file,
+                               cfg.tokenizer_vocab_size)
     except (ValueError, OSError) as e:
         raise ConfigError(str(e)) from e
 
@@ -62,6 +65,12 @@ def build_training_data(cfg: TrainConfig, seq_length: int) -> TrainingData:
     datasets round them up to whole epochs); the test split is never read.
     """
     tokenizer = run_tokenizer(cfg)
+    evaluating = bool(cfg.eval_interval and cfg.eval_iters)
+    if cfg.mock_data:  # Megatron's --mock-data: random tokens of the tokenizer's vocabulary, no corpus
+        train = RandomTokens(tokenizer.vocab_size, seq_length, cfg.seed)
+        valid = RandomTokens(tokenizer.vocab_size, seq_length, cfg.seed + 1) if evaluating else None
+        return TrainingData(tokenizer, train, valid, f"--mock-data: random tokens; {type(tokenizer).__name__} (vocab "
+                                                     f"{tokenizer.vocab_size}); samples of {seq_length + 1} tokens")
     try:
         documents = DocumentMasking.of(vars(cfg), tokenizer.eod)
         if cfg.data_path:
@@ -72,7 +81,7 @@ def build_training_data(cfg: TrainConfig, seq_length: int) -> TrainingData:
         for prefix in parse_data_path(data_path)[0]:
             check_token_ids(IndexedDataset(prefix), tokenizer)
         num_samples = (cfg.train_iters * cfg.global_batch_size,
-                       cfg.eval_iters * cfg.global_batch_size if cfg.eval_interval else 0, 0)
+                       cfg.eval_iters * cfg.global_batch_size if evaluating else 0, 0)
         train, valid, _ = build_train_valid_test_datasets(data_path, cfg.split, seq_length, cfg.seed, num_samples,
                                                           cfg.data_cache_dir)
     except (ValueError, OSError) as e:  # the data modules' errors name the file and what is wrong with it

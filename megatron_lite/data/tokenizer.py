@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 
+from megatron_lite.config.checks import require_null_vocab
+
 
 class Tokenizer(ABC):
     """What the data pipeline and the model need from a tokenizer."""
@@ -83,6 +85,40 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(list(ids))
 
 
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron's Llama2Tokenizer: a SentencePiece .model whose documents each begin with its BOS id."""
+
+    def encode(self, text: str) -> list[int]:
+        bos = self._sp.bos_id()
+        return ([bos] if bos >= 0 else []) + super().encode(text)
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron's NullTokenizer: text is already ids written as numbers ("12 7 311"); ids 0..N-1
+    (--vocab-size N), and N ends documents. What --mock-data runs with: no file needed."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self._ids = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._ids + 1
+
+    @property
+    def eod(self) -> int:
+        return self._ids
+
+    @property
+    def pad(self) -> int:
+        return self._ids
+
+    def encode(self, text: str) -> list[int]:
+        return [int(word) for word in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(i) for i in ids if i < self._ids)
+
+
 # Names that well-known tokenizer.json files give their document end and padding tokens.
 _EOD_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 _PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]")
@@ -139,24 +175,51 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-TOKENIZERS = {cls.__name__: cls for cls in (ByteTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer)}
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """GPT-2's byte-level BPE from its vocab.json and merges.txt (Megatron's --vocab-file and
+    --merge-file); <|endoftext|> ends documents."""
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tokenizer = HFTokenizer(models.BPE.from_file(vocab_file, merge_file))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        self._tokenizer = tokenizer
+        eod = self._find_token(("<|endoftext|>",))
+        if eod is None:
+            raise ValueError(f"vocab file {vocab_file} has no <|endoftext|> token to end documents with")
+        self._eod = self._pad = eod
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None) -> Tokenizer:
-    """The tokenizer Megatron's --tokenizer-type / --tokenizer-model name."""
+TOKENIZERS = {cls.__name__: cls for cls in (ByteTokenizer, SentencePieceTokenizer, Llama2Tokenizer,
+                                            HuggingFaceTokenizer, GPT2BPETokenizer, NullTokenizer)}
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, vocab_file: str | None = None,
+                    merge_file: str | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer Megatron's --tokenizer-type names, from the files its type reads
+    (--tokenizer-model; --vocab-file and --merge-file; --vocab-size for NullTokenizer)."""
     if tokenizer_type not in TOKENIZERS:
         raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {sorted(TOKENIZERS)}")
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
-    if tokenizer_model is None:
-        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model (a file or folder)")
-    if not os.path.exists(tokenizer_model):
-        raise FileNotFoundError(f"--tokenizer-model {tokenizer_model} for {tokenizer_type} does not exist")
+    if tokenizer_type == "NullTokenizer":
+        require_null_vocab(vocab_size)
+        return NullTokenizer(vocab_size)
+    files = {"--vocab-file": vocab_file, "--merge-file": merge_file} if tokenizer_type == "GPT2BPETokenizer" else {
+        "--tokenizer-model": tokenizer_model}
+    if None in files.values():
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs {' and '.join(files)}")
+    for name, path in files.items():
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name} {path} for {tokenizer_type} does not exist")
     try:
-        return TOKENIZERS[tokenizer_type](tokenizer_model)
+        return TOKENIZERS[tokenizer_type](*files.values())
     except ValueError:
         raise  # ours, and they name the file already
     except Exception as e:
         # The libraries' own errors (OSError, RuntimeError, bare Exception) rarely name the file.
-        raise ValueError(f"cannot load {tokenizer_type} from {tokenizer_model}: {e}") from e
+        raise ValueError(f"cannot load {tokenizer_type} from {' and '.join(files.values())}: {e}") from e
 

@@ -1,11 +1,34 @@
 """Global gradient-norm clipping that counts every parameter exactly once across the layout."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from megatron_lite.comm import all_reduce
 from megatron_lite.placement import counted_here, is_expert
+
+
+def layout_sum(tensors: list[tuple[torch.Tensor, nn.Parameter]], term: Callable[[torch.Tensor], torch.Tensor],
+               dtype: torch.dtype, groups: tuple[str, ...], expert_groups: tuple[str, ...] | None) -> torch.Tensor:
+    """The sum of term(tensor) over the whole model, each element counted once, on every rank:
+    the tensors this rank holds (whole, or the distributed optimizer's shards of them), paired
+    with their parameters and summed over the groups as clip_grad_norm describes."""
+    device = tensors[0][0].device
+    plain = torch.zeros((), dtype=dtype, device=device)
+    experts = torch.zeros((), dtype=dtype, device=device)
+    for tensor, param in tensors:
+        if counted_here(param):
+            if expert_groups is not None and is_expert(param):
+                experts += term(tensor)
+            else:
+                plain += term(tensor)
+    for group in groups:
+        all_reduce(plain, group=group)
+    for group in expert_groups or ():
+        all_reduce(experts, group=group)
+    return plain + experts
 
 
 def clip_grad_norm(grads: list[tuple[torch.Tensor, nn.Parameter]], max_norm: float,
@@ -22,21 +45,8 @@ def clip_grad_norm(grads: list[tuple[torch.Tensor, nn.Parameter]], max_norm: flo
     replicas, tp ranks among them, otherwise hold the same grads). Given whenever the model has
     experts, so every rank runs the same collectives. The result equals the single-device norm.
     """
-    device = grads[0][0].device
-    squares = torch.zeros((), dtype=torch.float32, device=device)
-    expert_squares = torch.zeros((), dtype=torch.float32, device=device)
-    for grad, param in grads:
-        if counted_here(param):
-            square = torch.linalg.vector_norm(grad.float()).square()
-            if expert_groups is not None and is_expert(param):
-                expert_squares += square
-            else:
-                squares += square
-    for group in groups:
-        all_reduce(squares, group=group)
-    for group in expert_groups or ():
-        all_reduce(expert_squares, group=group)
-    total = (squares + expert_squares).sqrt()
+    total = layout_sum(grads, lambda grad: torch.linalg.vector_norm(grad.float()).square(), torch.float32, groups,
+                       expert_groups).sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grad, _ in grads:

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from megatron_lite.config import TrainConfig
-from megatron_lite.optimizer.clip_grads import clip_grad_norm
+from megatron_lite.optimizer.clip_grads import clip_grad_norm, layout_sum
 from megatron_lite.optimizer.loss_scaler import build_loss_scaler
 from megatron_lite.optimizer.muon import Muon, MuonSettings, orthogonalize, uses_muon
-from megatron_lite.placement import gather_full, is_expert, local_shard
+from megatron_lite.placement import gather_full, is_expert, is_vocabulary_table, local_shard
 
 
 class MainParam(NamedTuple):
@@ -59,28 +59,38 @@ def main_param(model: torch.Tensor, grad: torch.Tensor | None, param: nn.Paramet
     return MainParam(main, param, offset, model)
 
 
-def adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over two groups: weight decay for matrices, none for biases and norm weights."""
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False keeps the update a plain per-tensor loop: identical results whatever
-    # the grouping or sharding of tensors, which the parity tests rely on.
+def param_groups(tensors: list[MainParam], cfg: TrainConfig) -> list[dict]:
+    """The optimizer's groups: under --optimizer muon first the matrices Muon updates
+    (optimizer/muon.py's uses_muon); then AdamW's: weight decay for matrices, none for biases and
+    norm weights; with --decoupled-lr the vocabulary tables last, with their own peak and floor
+    (lr_schedule.set_learning_rate reads them)."""
+    orthogonal = [t for t in tensors if cfg.optimizer == "muon" and uses_muon(t.param)]
+    decoupled = [t for t in tensors if cfg.decoupled_lr is not None and is_vocabulary_table(t.param)]
+    taken = {id(t) for t in orthogonal + decoupled}
+    rest = [t for t in tensors if id(t) not in taken]
+    groups = [{"params": [t.main for t in orthogonal], "weight_decay": cfg.weight_decay, "muon": True}
+              ] if cfg.optimizer == "muon" else []
+    groups += [{"params": [t.main for t in rest if t.param.ndim > 1], "weight_decay": cfg.weight_decay},
+               {"params": [t.main for t in rest if t.param.ndim == 1], "weight_decay": 0.0}]
+    if decoupled:
+        groups.append({"params": [t.main for t in decoupled], "weight_decay": cfg.weight_decay,
+                       "max_lr": cfg.decoupled_lr,
+                       "min_lr": cfg.min_lr if cfg.decoupled_min_lr is None else cfg.decoupled_min_lr})
+    return groups
+
+
+def build_optimizer(tensors: list[MainParam], cfg: TrainConfig, orthogonalized) -> torch.optim.Optimizer:
+    """AdamW, or with --optimizer muon Muon (AdamW inside it for what is not a hidden matrix), over
+    param_groups. foreach=False keeps AdamW's update a plain per-tensor loop: identical results
+    whatever the grouping or sharding of tensors, which the parity tests rely on."""
+    groups = param_groups(tensors, cfg)
+    if cfg.optimizer == "muon":
+        settings = MuonSettings(cfg.muon_momentum, cfg.muon_use_nesterov, cfg.muon_num_ns_steps,
+                                cfg.muon_coefficient_type, cfg.muon_scale_mode, cfg.muon_extra_scale_factor,
+                                cfg.muon_split_qkv)
+        return Muon(groups, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, settings, orthogonalized)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                              foreach=False)
-
-
-def muon(tensors: list[MainParam], cfg: TrainConfig, orthogonalized) -> Muon:
-    """--optimizer muon: Muon over the matrices (optimizer/muon.py's uses_muon), AdamW over the rest
-    in adamw's two weight-decay groups."""
-    settings = MuonSettings(cfg.muon_momentum, cfg.muon_use_nesterov, cfg.muon_num_ns_steps,
-                            cfg.muon_coefficient_type, cfg.muon_scale_mode, cfg.muon_extra_scale_factor,
-                            cfg.muon_split_qkv)
-    adam = [t for t in tensors if not uses_muon(t.param)]
-    groups = [{"params": [t.main for t in tensors if uses_muon(t.param)], "weight_decay": cfg.weight_decay,
-               "muon": True},
-              {"params": [t.main for t in adam if t.param.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [t.main for t in adam if t.param.ndim == 1], "weight_decay": 0.0}]
-    return Muon(groups, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, settings, orthogonalized)
 
 
 def state_bytes_per_element(muon: bool) -> int:
@@ -114,11 +124,7 @@ class LocalOptimizer:
         """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler;
         the groups the experts' norm sums over (None: the model has no experts, on any rank)."""
         self.expert_norm_groups = self.expert_groups if experts else None
-        if cfg.optimizer == "muon":
-            self.optimizer = muon(self.tensors, cfg, self._orthogonalized)
-        else:
-            self.optimizer = adamw([t.main for t in self.tensors if t.param.ndim > 1],
-                                   [t.main for t in self.tensors if t.param.ndim == 1], cfg)
+        self.optimizer = build_optimizer(self.tensors, cfg, self._orthogonalized)
         self.loss_scaler = build_loss_scaler(cfg)
 
     def full_local(self, pieces: list[tuple[MainParam, torch.Tensor]],
@@ -149,6 +155,17 @@ class LocalOptimizer:
 
     def grads_for_norm(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
         return [(t.grad, t.param) for t in self.tensors if t.grad is not None]
+
+    def params_norm(self) -> float:
+        """L2 norm of all weights (their fp32 main copies), over the whole model (--log-params-norm)."""
+        pairs = [(t.main, t.param) for t in self.tensors]
+        return layout_sum(pairs, lambda main: torch.linalg.vector_norm(main.float()).square(), torch.float32,
+                          self.norm_groups, self.expert_norm_groups).sqrt().item()
+
+    def num_zeros_in_grad(self) -> int:
+        """Gradient entries that are exactly zero, over the whole model (--log-num-zeros-in-grad)."""
+        return int(layout_sum(self.grads_for_norm(), lambda grad: (grad == 0).sum().double(), torch.float64,
+                              self.norm_groups, self.expert_norm_groups).item())
 
     def clip_grads(self, max_norm: float) -> float:
         """Clip the grads to a global norm of max_norm (0: measure only); returns the norm before."""

@@ -25,7 +25,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor,
-                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    weights: torch.Tensor | None = None, token_weight: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(what to differentiate, the mean loss over the unmasked tokens of one microbatch).
 
     Under context parallelism each cp rank holds part of every sequence: the sum and the count
@@ -37,9 +38,15 @@ def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor,
     With multi-token prediction per_token and loss_mask are [b, s, 1 + N] (the lm loss, then
     each module's): each is averaged over its own unmasked tokens, the means are reported, and
     what is differentiated is their sum weighted by `weights` (model/mtp.py's mtp_loss_weights).
+    --calculate-per-token-loss gives `token_weight` (see per_token_weight): the loss sum times it,
+    in place of the mean, makes the step's objective the sum over the global batch's unmasked
+    tokens divided by their number.
     """
     total, count = (per_token * loss_mask).sum((0, 1)), loss_mask.sum((0, 1))
     cp = parallel_state.get_grid().size("cp")
+    if token_weight is not None:
+        reported = all_reduce(total.detach().clone(), group="cp") * (token_weight / cp)
+        return total * token_weight, reported
     if cp == 1:
         loss = total / count
         objective, mean = loss, loss.detach()
@@ -47,6 +54,16 @@ def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor,
         sums = all_reduce(torch.stack([total.detach(), count]), group="cp")
         objective, mean = total * (cp / sums[1]), sums[0] / sums[1]
     return (objective if weights is None else (objective * weights).sum()), mean
+
+
+def per_token_weight(microbatches: list[dict[str, torch.Tensor]], num_microbatches: int) -> float:
+    """The factor that turns a microbatch's loss sum into its share of the global batch's per-token
+    mean: the reductions after it divide by the microbatches and average over dp x cp, which this
+    factor undoes, and it divides by the unmasked tokens of the whole global batch (every rank
+    holds its microbatches' masks, so every stage counts them alike)."""
+    count = torch.stack([batch["loss_mask"].sum() for batch in microbatches]).sum().double()
+    all_reduce(count, group="dp-cp")
+    return num_microbatches * parallel_state.get_grid().size("dp-cp") / max(count.item(), 1.0)
 
 
 class ModelRunner:
@@ -61,15 +78,18 @@ class ModelRunner:
     def __init__(self, chunks: list[nn.Module], microbatches: list[dict[str, torch.Tensor]], num_microbatches: int,
                  tensor_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32,
                  trace: Trace | None = None, before_last_backward: Callable[[int], None] | None = None,
-                 loss_scale: float = 1.0, after_backward: Callable[[int], None] | None = None) -> None:
+                 loss_scale: float = 1.0, after_backward: Callable[[int], None] | None = None,
+                 per_token_loss: bool = False) -> None:
         """`dtype`: the weights' dtype, which is also that of the residual stream passed between
         stages (bf16 activations under --bf16: half the pipeline traffic of fp32).
         before_last_backward(chunk) runs before each chunk's backward of the last microbatch:
         every schedule runs a chunk's backwards in microbatch order, so that one makes its grads final.
-        after_backward(chunk) runs after each of a chunk's backwards (ZeRO-2/3 reduce then)."""
+        after_backward(chunk) runs after each of a chunk's backwards (ZeRO-2/3 reduce then).
+        per_token_loss: --calculate-per-token-loss (microbatch_loss)."""
         self.chunks, self.microbatches, self.num_microbatches = chunks, microbatches, num_microbatches
         self.tensor_shape, self.device, self.dtype, self.trace = tensor_shape, device, dtype, trace
         self.loss_scale = loss_scale
+        self.token_weight = per_token_weight(microbatches, num_microbatches) if per_token_loss else None
         # The balancing losses of MoE layers enter the objective with the lm loss's weight.
         AuxLoss.scale = loss_scale * parallel_state.get_grid().size("cp") / num_microbatches
         self.before_last_backward, self.after_backward = before_last_backward, after_backward
@@ -99,7 +119,7 @@ class ModelRunner:
                 loss = losses[0]
                 self.mtp_losses.append(losses[1:])
             else:
-                objective, loss = microbatch_loss(output, batch["loss_mask"])
+                objective, loss = microbatch_loss(output, batch["loss_mask"], token_weight=self.token_weight)
             self.losses.append(loss)
             output = objective / self.num_microbatches
             if self.loss_scale != 1.0:

@@ -13,6 +13,7 @@ from megatron_lite.config import (
     DATA_PARALLEL_MODES,
     FAMILIES,
     LR_DECAY_STYLES,
+    LR_WSD_DECAY_STYLES,
     MOE_DISPATCHERS,
     MOE_LOAD_BALANCING,
     MOE_SCORE_FUNCTIONS,
@@ -36,6 +37,7 @@ from megatron_lite.config import (
 from megatron_lite.data.tokenizer import TOKENIZERS
 from megatron_lite.parallel_state import axis_sizes
 from megatron_lite.planner.hardware import GPUS
+from megatron_lite.training.megatron_flags import add_megatron_flags, flags_markdown_rows, megatron_settings
 
 # Shapes of well-known models. Vocabulary size is not part of a preset: it comes from the tokenizer.
 PRESETS: dict[str, dict] = {
@@ -105,7 +107,8 @@ PRESETS: dict[str, dict] = {
 DEFAULT_PRESET = "tiny"
 # Fields that are not flags: derived at run time, never typed by a user.
 _DERIVED = {"vocab_size", "data_parallel_size"}
-_CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("cpu", "cuda"),
+_CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "lr_wsd_decay_style": LR_WSD_DECAY_STYLES,
+            "device": ("cpu", "cuda"),
             "pipeline_schedule": SCHEDULES, "cp_comm_type": CP_COMM_TYPES, "tokenizer_type": tuple(TOKENIZERS),
             "moe_router_score_function": MOE_SCORE_FUNCTIONS, "moe_router_load_balancing_type": MOE_LOAD_BALANCING,
             "moe_token_dispatcher_type": MOE_DISPATCHERS, "data_parallel_sharding_strategy": SHARDING_STRATEGIES,
@@ -118,7 +121,8 @@ _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "device": ("c
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
                                   "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],
                                   "pipeline_model_parallel_size": ["--pp"],
-                                  "virtual_pipeline_model_parallel_size": ["--vpp"]}
+                                  "virtual_pipeline_model_parallel_size": ["--vpp"],
+                                  "data_cache_dir": ["--data-cache-path"], "tokenizer_vocab_size": ["--vocab-size"]}
 # Megatron's spelling of a flag that turns a default-on field off, where it is not --no-field-name.
 _NEGATIONS = {"muon_split_qkv": "--muon-no-split-qkv"}
 # How pretrain_gpt.py runs rather than what it trains, so not Config fields: a dry run checks the
@@ -175,7 +179,9 @@ def _layer_pattern(text: str) -> int | list[int]:
 
 
 # Fields whose flag is not a plain value of the field's type: Megatron's spellings, read into the field.
-_PARSERS = {"window_size": _window_pair, "window_attn_skip_freq": _layer_pattern}
+# --split as Megatron's Llama scripts pass it, quotes and all ("--split '99,1,0'" in a bash array).
+_PARSERS = {"window_size": _window_pair, "window_attn_skip_freq": _layer_pattern,
+            "split": lambda text: text.strip("'\"")}
 # A `bool | None` field whose None is a per-family default gets, besides its flag (which writes
 # True), one that writes False: Megatron only unties, and our llama family is untied by default.
 _OPPOSITES = {"untie_embeddings_and_output_weights": "--tie-embeddings-and-output-weights"}
@@ -236,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"Model preset; any model flag overrides its value (default: {DEFAULT_PRESET}).")
     for cls in (ModelConfig, ParallelConfig, TrainConfig):
         add_dataclass_flags(parser, cls)
+    add_megatron_flags(parser)
     launch = parser.add_argument_group("Launch")
     for name, options in _LAUNCH_FLAGS.items():
         launch.add_argument(name, default=argparse.SUPPRESS, **options)
@@ -296,6 +303,11 @@ def _config(given: dict, world_size: int) -> Config:
     if preset not in PRESETS:
         raise ConfigError(f"--model={preset} is unknown; allowed: {', '.join(sorted(PRESETS))}")
     model_kwargs = dict(PRESETS[preset])
+    if not preset_named and "num_attention_heads" in given and "num_query_groups" not in given:
+        # The unnamed preset's key/value heads were chosen for its own head count: with other
+        # heads and no --num-query-groups, every head keeps its own (Megatron's default).
+        model_kwargs.pop("num_query_groups", None)
+    no_effect = _megatron_conventions(given, model_kwargs if preset_named else {})
 
     def pick(cls: type, base: dict) -> dict:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -333,7 +345,27 @@ def _config(given: dict, world_size: int) -> Config:
         # `--save ck --load ck` that does not exist yet is the first launch of a job that
         # resumes itself when restarted (torchrun --max-restarts): it starts fresh, with a warning.
         raise ConfigError(f"--load={load} does not exist or is not a directory")
+    if no_effect and int(os.environ.get("RANK", "0")) == 0:
+        print(f"accepted, no effect here: {', '.join(no_effect)} (docs/megatron_compat.md says why)", flush=True)
     return config
+
+
+def _megatron_conventions(given: dict, preset: dict) -> list[str]:
+    """Megatron's flags that are not one field each, read into `given`: the family restating flags
+    name, the tokenizer that --vocab-file implies, --train-samples in place of --train-iters; the
+    no-effect flags given are returned, for the start-up log."""
+    settings = megatron_settings(given)
+    if settings.family is not None:
+        family = given.get("family", preset.get("family"))
+        if family not in (None, settings.family):
+            raise ConfigError(f"{settings.said_by} name the {settings.family} family, but the model is {family} "
+                              "(--family or --model); drop one or make them agree")
+        given["family"] = settings.family
+    if "train_samples" in given and "train_iters" in given:
+        raise ConfigError("--train-iters and --train-samples exclude each other; choose one")
+    if "tokenizer_type" not in given and ("vocab_file" in given or "merge_file" in given):
+        given["tokenizer_type"] = "GPT2BPETokenizer"  # what Megatron's GPT scripts that name no type use
+    return settings.no_effect
 
 
 def flags_markdown() -> str:
@@ -352,7 +384,7 @@ def flags_markdown() -> str:
             default = False if f.default is True else f.default
             shown = "" if default in (None, dataclasses.MISSING) else f"`{default}`"
             rows.append(f"| {flags} | {shown} | {docs.get(f.name, '')} |")
-    return "\n".join(rows)
+    return "\n".join(rows + flags_markdown_rows())
 
 
 if __name__ == "__main__":

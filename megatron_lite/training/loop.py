@@ -42,6 +42,7 @@ from megatron_lite.training.metric_writers import open_writers
 from megatron_lite.training.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.training.parallelize import TrainingModel, parallelize
 from megatron_lite.training.report import print_run
+from megatron_lite.training.step_statistics import step_statistics
 
 
 def set_seed(seed: int, device: torch.device = torch.device("cpu")) -> None:
@@ -96,22 +97,25 @@ def microbatch_shape(config: Config) -> tuple[int, int, int]:
 
 
 def forward_backward(model: TrainingModel, microbatches, config: Config, device: torch.device,
-                     trace: Trace | None = None, loss_scale: float = 1.0) -> ModelRunner:
+                     trace: Trace | None = None, loss_scale: float = 1.0,
+                     global_batch_size: int | None = None) -> ModelRunner:
     """Forward and backward of the step's microbatches under the pipeline schedule, then every grad
     reduction; returns the runner, which holds the last stage's microbatch losses (none on other stages).
 
     Afterwards each rank holds, in each parameter's fp32 main_grad (with the distributed
     optimizer: in its shard of the grad buffer), `loss_scale` times the gradient of the mean
-    loss over the global batch, not yet clipped.
+    loss over the global batch, not yet clipped. `global_batch_size`: this step's, under
+    --rampup-batch-size (default: --global-batch-size).
     """
     cfg, par = config.train, config.parallel
     for buf in model.grad_buffers:
         buf.zero_grad()
-    num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"))
+    num_microbatches = cfg.num_microbatches(parallel_state.get_grid().size("dp"), global_batch_size)
     runner = ModelRunner(model.chunks, list(microbatches), num_microbatches, microbatch_shape(config), device,
                          cfg.params_dtype, trace, loss_scale=loss_scale,
                          before_last_backward=lambda c: [b.start_grad_sync_on_backward() for b in model.buffers_of(c)],
-                         after_backward=lambda c: [b.finish_microbatch() for b in model.buffers_of(c)])
+                         after_backward=lambda c: [b.finish_microbatch() for b in model.buffers_of(c)],
+                         per_token_loss=cfg.calculate_per_token_loss)
     run_schedule(runner, par.schedule, num_microbatches, par.vpp, microbatch_group_size=par.microbatch_group_size)
     # Partial grads summed first, then the data-parallel reduction of their (deferred) buckets.
     reduce_partial_grads(model.chunks)
@@ -127,18 +131,22 @@ class StepResult(NamedTuple):
     skipped: bool  # --fp16: the gradients overflowed, the weights were left as they were
     moe: dict | None = None  # mixture of experts: the step's balancing loss and expert load (model/moe.py)
     mtp: list[float] | None = None  # multi-token prediction: each module's loss, averaged as loss is
+    stats: dict | None = None  # --log-params-norm's and --log-num-zeros-in-grad's numbers (step_statistics)
 
 
 def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
-               trace: Trace | None = None,
-               inspect_grads: Callable[[TrainingModel], None] | None = None) -> StepResult:
+               trace: Trace | None = None, inspect_grads: Callable[[TrainingModel], None] | None = None,
+               consumed_samples: int | None = None, global_batch_size: int | None = None) -> StepResult:
     """One optimizer step.
 
     `inspect_grads(model)`, if given, runs once the grads are reduced and before they are clipped
-    (the parity tests compare them there with one device's).
+    (the parity tests compare them there with one device's). `consumed_samples`: the samples read
+    through this step, for the lr schedule, and `global_batch_size` this step's batch (both
+    default to a constant --global-batch-size).
     """
     cfg, scaler = config.train, model.optimizer.loss_scaler
-    runner = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale)
+    runner = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale,
+                              global_batch_size)
     if scaler is not None:
         for buf in model.grad_buffers:
             buf.grad_data.mul_(1.0 / scaler.scale)
@@ -148,6 +156,7 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     depths = config.model.mtp_depths
     mtp = last_stage_loss(runner.mtp_losses, (depths,)) if depths else None
     moe = finish_moe_step(model.chunks) if config.model.num_experts else None
+    stats = step_statistics(model.optimizer, cfg, before_step=True)
     grad_norm = model.optimizer.clip_grads(cfg.clip_grad)
     # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
     skipped = scaler is not None and not math.isfinite(grad_norm)
@@ -155,11 +164,12 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
         scaler.update(found_inf=skipped)
     if cfg.check_for_nan_in_loss_and_grad:
         check_finite(iteration, loss, 0.0 if skipped else grad_norm)
-    lr = learning_rate(iteration, cfg)
+    lr = learning_rate(iteration, cfg, consumed_samples)
     if not skipped:
-        set_learning_rate(model.optimizer, lr)
+        set_learning_rate(model.optimizer, iteration, cfg, consumed_samples)
         model.optimizer.step()
-    return StepResult(loss, grad_norm, lr, skipped, moe, mtp)
+    stats.update(step_statistics(model.optimizer, cfg, before_step=False))
+    return StepResult(loss, grad_norm, lr, skipped, moe, mtp, stats or None)
 
 
 def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
@@ -176,14 +186,14 @@ def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
 
 
 def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device,
-                      documents: DocumentMasking | None = None):
-    """This rank's microbatches of the global batch starting at `consumed`: its data-parallel
-    replica's samples (with `documents`' masks), and of each sample the tokens its
-    context-parallel rank holds (with multi-token prediction, what its modules read and predict,
-    cut from the whole sequences first)."""
+                      documents: DocumentMasking | None = None, global_batch_size: int | None = None):
+    """This rank's microbatches of the global batch starting at `consumed` (of `global_batch_size`
+    samples, default --global-batch-size): its data-parallel replica's samples (with `documents`'
+    masks), and of each sample the tokens its context-parallel rank holds (with multi-token
+    prediction, what its modules read and predict, cut from the whole sequences first)."""
     cfg, grid, depths = config.train, parallel_state.get_grid(), config.model.mtp_depths
-    batches = global_batch(dataset, consumed, cfg.micro_batch_size, cfg.global_batch_size, device,
-                           grid.coord("dp"), grid.size("dp"), documents)
+    batches = global_batch(dataset, consumed, cfg.micro_batch_size, global_batch_size or cfg.global_batch_size,
+                           device, grid.coord("dp"), grid.size("dp"), documents)
     return (split_for_context_parallel(add_mtp_targets(batch, depths) if depths else batch) for batch in batches)
 
 
@@ -204,7 +214,8 @@ def evaluate(chunks: list[nn.Module], dataset, config: Config, device: torch.dev
     losses = []
     for step in range(cfg.eval_iters):
         batches = list(rank_microbatches(dataset, step * cfg.global_batch_size, config, device, documents))
-        runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.params_dtype)
+        runner = ModelRunner(chunks, batches, len(batches), microbatch_shape(config), device, cfg.params_dtype,
+                             per_token_loss=cfg.calculate_per_token_loss)
         forward_only(runner, len(batches), config.parallel.vpp)
         losses.extend(runner.losses)
     for chunk in chunks:
@@ -260,9 +271,7 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     """The loop of pretrain, from `iteration` steps done and `consumed` samples read."""
     cfg = config.train
     world = parallel_state.get_grid().world_size
-    step_flops = flops_per_step(config.model, cfg.global_batch_size)
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    tokens_per_step = cfg.global_batch_size * config.model.seq_length
     losses, valid_loss = [], None
     # Only train steps are timed: evaluation and checkpointing do not inflate the step time.
     interval_seconds, interval_flops, skipped = 0.0, 0.0, 0
@@ -270,16 +279,19 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     while iteration < cfg.train_iters:
         iteration += 1
         start = time.perf_counter()
-        batches = list(rank_microbatches(train_ds, consumed, config, device, documents))
+        batch_size = cfg.batch_size_at(consumed)  # --rampup-batch-size's, else --global-batch-size
+        batches = list(rank_microbatches(train_ds, consumed, config, device, documents, batch_size))
         keys = document_keys(batches)
-        interval_flops += step_flops if keys is None else flops_per_step(config.model, cfg.global_batch_size, keys)
+        interval_flops += flops_per_step(config.model, batch_size, keys)
         METER.reset()  # what the meter holds after the loop is the last step's traffic
-        loss, grad_norm, lr, step_skipped, moe, mtp = train_step(model, batches, iteration, config, device)
+        loss, grad_norm, lr, step_skipped, moe, mtp, stats = train_step(model, batches, iteration, config, device,
+                                                                        consumed_samples=consumed + batch_size,
+                                                                        global_batch_size=batch_size)
         last_traffic = dict(METER.bytes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         interval_seconds += time.perf_counter() - start
-        consumed += cfg.global_batch_size
+        consumed += batch_size
         losses.append(loss)
         interval_losses.append(loss)
         if mtp is not None:
@@ -293,13 +305,13 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
             tflops = interval_flops / len(interval_losses) / seconds / 1e12 / world
             logger.training({
                 "iteration": iteration, "train_iters": cfg.train_iters, "consumed_samples": consumed,
-                "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": cfg.global_batch_size,
+                "elapsed_ms": seconds * 1e3, "lr": lr, "global_batch_size": batch_size,
                 "lm_loss": float(np.mean(interval_losses)),
                 "loss_scale": 1.0 if model.optimizer.loss_scaler is None else model.optimizer.loss_scaler.scale,
                 "grad_norm": float(np.mean(interval_norms)) if interval_norms else math.nan,
-                "skipped_iterations": skipped, **(moe or {}),
+                "skipped_iterations": skipped, **(moe or {}), **(stats or {}),
                 **({"mtp_losses": np.mean(interval_mtp, axis=0).tolist()} if interval_mtp else {}),
-                "tokens_per_s": tokens_per_step / seconds, "tflops_per_gpu": tflops,
+                "tokens_per_s": batch_size * config.model.seq_length / seconds, "tflops_per_gpu": tflops,
                 "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device)})
             interval_seconds, interval_flops, skipped = 0.0, 0.0, 0
             interval_losses, interval_mtp, interval_norms = [], [], []

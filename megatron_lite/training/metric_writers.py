@@ -32,6 +32,8 @@ TRAIN_TAGS = {
     "global_batch_size": "batch-size",
     "load_balancing_loss": "load_balancing_loss",
     "expert_load_max_over_mean": "expert_load_max_over_mean",
+    "params_norm": "params-norm",
+    "num_zeros": "num-zeros",
 }
 
 # The flag that opens a writer -> (the module its writer imports, how to install it).

@@ -57,7 +57,8 @@ class MetricsLogger:
         with --mtp-num-layers mtp_losses (each multi-token prediction module's loss, Megatron's "mtp_K loss"),
         tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb; with mixture-of-
         experts layers load_balancing_loss, expert_load_max_over_mean and tokens_per_expert (the
-        last step's routed tokens per expert of each MoE layer on this stage)."""
+        last step's routed tokens per expert of each MoE layer on this stage); num_zeros and params_norm
+        under --log-num-zeros-in-grad and --log-params-norm (the interval's last step's)."""
         if not self.enabled:
             return
         mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
@@ -70,6 +71,8 @@ class MetricsLogger:
               + "".join(f" mtp_{k} loss: {loss:.6E} |" for k, loss in enumerate(record.get("mtp_losses", ()), 1)) +
               f" loss scale: {record['loss_scale']:.1f} |"
               f" grad norm: {record['grad_norm']:.3f} |"
+              + ("" if "num_zeros" not in record else f" num zeros: {record['num_zeros']:d} |")
+              + ("" if "params_norm" not in record else f" params norm: {record['params_norm']:.3f} |") +
               f" number of skipped iterations: {record['skipped_iterations']:3d} |"
               + ("" if "load_balancing_loss" not in record else
                  f" load balancing loss: {record['load_balancing_loss']:.6E} |"

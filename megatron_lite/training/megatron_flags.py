@@ -1,0 +1,152 @@
+"""Megatron-LM flags that are not fields of our config: switches with no effect on our code path,
+model-shape flags that restate what a family is, and the FP8 flags we refuse. A Megatron launch
+script runs unchanged; the start-up log names once what it accepted without effect.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import NamedTuple
+
+from megatron_lite.config import ConfigError
+
+_ON = dict(action="store_true")
+_INT = dict(type=int, metavar="N")
+_TEXT = dict(type=str, metavar="VALUE")
+
+# Flag -> (its argparse options, why it changes nothing here).
+NO_EFFECT: dict[str, tuple[dict, str]] = {
+    "--use-mcore-models": (_ON, "there is one model implementation"),
+    "--transformer-impl": (_TEXT, "there is one model implementation"),
+    "--attention-backend": (_TEXT, "attention is our flash attention (Triton on GPU, its torch reference with "
+                                   "--no-fused-kernels)"),
+    "--use-flash-attn": (_ON, "attention is always flash attention"),
+    "--no-masked-softmax-fusion": (_ON, "no masked softmax: causal masking is inside the flash attention"),
+    "--attention-softmax-in-fp32": (_ON, "the attention softmax is always computed in fp32"),
+    "--no-rope-fusion": (_ON, "fused or not is --no-fused-kernels, for every kernel at once"),
+    "--no-bias-gelu-fusion": (_ON, "fused or not is --no-fused-kernels, for every kernel at once"),
+    "--no-bias-swiglu-fusion": (_ON, "fused or not is --no-fused-kernels, for every kernel at once"),
+    "--no-bias-dropout-fusion": (_ON, "fused or not is --no-fused-kernels, for every kernel at once"),
+    "--cross-entropy-loss-fusion": (_ON, "the loss is the fused vocab-parallel cross entropy already"),
+    "--no-gradient-accumulation-fusion": (_ON, "weight grads accumulate into the fp32 main grads in any case"),
+    "--accumulate-allreduce-grads-in-fp32": (_ON, "grads are accumulated and reduced in fp32 always"),
+    "--grad-reduce-in-bf16": (_ON, "grads are accumulated and reduced in fp32 always"),
+    "--disable-bf16-reduced-precision-matmul": (_ON, "matmuls use torch's default precision"),
+    "--overlap-grad-reduce": (_ON, "grad buckets are always reduced during the backward"),
+    "--moe-grouped-gemm": (_ON, "experts run one after another; no grouped GEMM kernel"),
+    "--moe-permute-fusion": (_ON, "token permutation is plain torch indexing"),
+    "--moe-router-dtype": (_TEXT, "router logits are computed in fp32 always"),
+    "--empty-unused-memory-level": (_INT, "the CUDA caching allocator's cache is left alone"),
+    "--manual-gc": (_ON, "Python's garbage collector runs as usual"),
+    "--manual-gc-interval": (_INT, "Python's garbage collector runs as usual"),
+    "--no-create-attention-mask-in-dataloader": (_ON, "batches never carry an attention mask"),
+    "--no-mmap-bin-files": (_ON, ".bin files are always memory-mapped"),
+    "--num-workers": (_INT, "samples are read in the training process (memory-mapped, cheap next to a step)"),
+    "--tiktoken-pattern": (_TEXT, "TikTokenizer's option; no tokenizer here reads it"),
+    "--profile": (_ON, "no built-in profiler; tools/benchmark_training.py times steps"),
+    "--profile-step-start": (_INT, "no built-in profiler"),
+    "--profile-step-end": (_INT, "no built-in profiler"),
+    "--profile-ranks": (dict(type=int, nargs="+", metavar="RANK"), "no built-in profiler"),
+    "--log-throughput": (_ON, "every log line already shows tokens/s, TFLOP/s per GPU and MFU"),
+    "--log-timers-to-tensorboard": (_ON, "the step time (iteration-time) already goes to TensorBoard and wandb"),
+    "--log-memory-to-tensorboard": (_ON, "peak memory is always in the log records"),
+    "--log-validation-ppl-to-tensorboard": (_ON, "the validation loss is logged; its perplexity is exp of it"),
+    "--timing-log-level": (_INT, "one step time is measured and logged"),
+    "--use-cpu-initialization": (_ON, "each rank initialises its own shard on its device"),
+    "--distributed-backend": (_TEXT, "NCCL on GPUs, gloo on CPUs, chosen by the device"),
+}
+
+# Flags that say what our families already are: given ones must agree with each other and with
+# --family (or the named preset's), and name the family where neither is given. A flag that is
+# absent says nothing (Megatron's defaults are not read as a shape: its Llama scripts leave
+# --normalization out). The family each value or switch says:
+FAMILY_OF_VALUE: dict[str, str] = {"LayerNorm": "gpt2", "RMSNorm": "llama", "learned_absolute": "gpt2",
+                                   "rope": "llama"}
+RESTATING: dict[str, dict] = {
+    "--swiglu": _ON,
+    "--normalization": dict(choices=("LayerNorm", "RMSNorm")),
+    "--position-embedding-type": dict(choices=("learned_absolute", "rope")),
+    "--no-position-embedding": _ON,
+    "--disable-bias-linear": _ON,
+    "--group-query-attention": _ON,
+    "--apply-layernorm-1p": _ON,
+    "--rotary-percent": dict(type=float, metavar="FRACTION"),
+}
+RESTATING_HELP = {
+    "--swiglu": "SwiGLU MLP: the llama family's.",
+    "--normalization": "LayerNorm (the gpt2 family's) or RMSNorm (the llama family's).",
+    "--position-embedding-type": "learned_absolute (the gpt2 family's) or rope (the llama family's).",
+    "--no-position-embedding": "No learned position table: the llama family (RoPE).",
+    "--disable-bias-linear": "No biases on the linear layers: the llama family (biases only with --add-qkv-bias).",
+    "--group-query-attention": "Grouped-query attention; the groups are --num-query-groups, in either family.",
+    "--apply-layernorm-1p": "Norm weights stored minus one: the same model and the same steps here, where norm weights "
+                            "carry no weight decay.",
+    "--rotary-percent": "Fraction of each head RoPE rotates; only 1.0 (the whole head) is computed here.",
+}
+FAMILY_OF_SWITCH = {"--swiglu": "llama", "--no-position-embedding": "llama", "--disable-bias-linear": "llama"}
+
+FP8_FLAGS: dict[str, dict] = {
+    "--fp8-format": _TEXT, "--fp8-recipe": _TEXT, "--fp8-margin": _INT, "--fp8-interval": _INT,
+    "--fp8-amax-history-len": _INT, "--fp8-amax-compute-algo": _TEXT, "--fp8-param-gather": _ON,
+    "--fp8-wgrad": _ON, "--first-last-layers-bf16": _ON, "--num-layers-at-start-in-bf16": _INT,
+    "--num-layers-at-end-in-bf16": _INT,
+}
+
+
+def _dest(flag: str) -> str:
+    return "megatron_" + flag.lstrip("-").replace("-", "_")
+
+
+_GROUPS = (("Megatron model-shape flags (restating a family)", RESTATING),
+           ("Megatron flags accepted with no effect here", {flag: options for flag, (options, _) in NO_EFFECT.items()}),
+           ("Megatron FP8 flags (refused: no FP8 here)", FP8_FLAGS))
+
+
+def _help(flag: str) -> str:
+    if flag in RESTATING_HELP:
+        return RESTATING_HELP[flag]
+    if flag in NO_EFFECT:
+        return f"No effect here: {NO_EFFECT[flag][1]}."
+    return "Refused: FP8 training is not implemented."
+
+
+def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
+    """The three groups of flags, each read back by `megatron_settings`."""
+    for title, flags in _GROUPS:
+        group = parser.add_argument_group(title)
+        for flag, options in flags.items():
+            group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, help=_help(flag), **options)
+
+
+def flags_markdown_rows() -> list[str]:
+    """These flags' rows of docs/flags.md's table."""
+    return [f"| `{flag}` | | {_help(flag)} |" for _, flags in _GROUPS for flag in flags]
+
+
+class MegatronSettings(NamedTuple):
+    family: str | None  # the family the restating flags name, None when none names one
+    said_by: str  # those flags, for a message
+    no_effect: list[str]  # the no-effect flags given, for the start-up log
+
+
+def megatron_settings(given: dict) -> MegatronSettings:
+    """Pops the three groups' values from the parsed flags. Raises ConfigError, one line, for FP8,
+    for restating flags that disagree, and for a shape no family computes."""
+    fp8 = [flag for flag in FP8_FLAGS if _dest(flag) in given]
+    if fp8:
+        raise ConfigError(f"{fp8[0]}: FP8 training is not implemented here; drop the FP8 flags "
+                          f"({', '.join(fp8)}) and train in --bf16")
+    no_effect = [flag for flag in NO_EFFECT if given.pop(_dest(flag), None) is not None]
+    values = {flag: given.pop(_dest(flag)) for flag in RESTATING if _dest(flag) in given}
+    percent = values.pop("--rotary-percent", 1.0)
+    if percent != 1.0:
+        raise ConfigError(f"--rotary-percent={percent}: only 1.0 is computed here (RoPE over the whole head)")
+    said = {f"{flag} {value}": FAMILY_OF_VALUE[value] for flag, value in values.items() if isinstance(value, str)}
+    said.update({flag: FAMILY_OF_SWITCH[flag] for flag in values if flag in FAMILY_OF_SWITCH})
+    families = sorted(set(said.values()))
+    if len(families) > 1:
+        by_family = "; ".join(f"{family}: {', '.join(f for f, fam in said.items() if fam == family)}"
+                              for family in families)
+        raise ConfigError(f"these flags name different families ({by_family}); our families compute llama "
+                          "(RMSNorm, RoPE, SwiGLU, no linear biases) or gpt2 (LayerNorm, learned positions, GELU, "
+                          "biases)")
+    return MegatronSettings(families[0] if families else None, ", ".join(said), no_effect)

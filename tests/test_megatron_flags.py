@@ -1,0 +1,171 @@
+"""Megatron-LM's flags with Megatron's meaning: the schedules counted in samples, WSD, the batch
+ramp, per-token loss, decoupled lr, the logged norms, loading options, mock data; the restating,
+no-effect and FP8 flags."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers.tiny import TINY_FLAGS, tiny_config, tiny_model
+from megatron_lite.config import ConfigError, TrainConfig
+from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.optimizer.lr_schedule import learning_rate, set_learning_rate
+from megatron_lite.optimizer.optimizer import LocalOptimizer
+from megatron_lite.pipeline_parallel.model_runner import ModelRunner
+from megatron_lite.pipeline_parallel.schedules import forward_backward_no_pipelining
+from megatron_lite.training.arguments import parse_args
+from megatron_lite.training.loop import pretrain
+
+
+def test_sample_based_schedule_equals_the_iteration_based_one() -> None:
+    """The same schedule in -samples flags and in -iters flags gives the same rate at every step,
+    bit for bit, and --lr-warmup-fraction is a fraction of the decay."""
+    iters = TrainConfig(global_batch_size=8, train_iters=40, lr_warmup_iters=5, lr_decay_iters=30, lr=1.0,
+                        min_lr=0.1)
+    samples = TrainConfig(global_batch_size=8, train_samples=320, lr_warmup_samples=40, lr_decay_samples=240, lr=1.0,
+                          min_lr=0.1)
+    assert samples.train_iters == 40
+    assert [learning_rate(i, iters) for i in range(1, 41)] == [learning_rate(i, samples) for i in range(1, 41)]
+    fraction = TrainConfig(global_batch_size=8, train_iters=40, lr_warmup_fraction=0.2, lr_decay_iters=25, lr=1.0)
+    assert learning_rate(5, fraction) == 1.0 and learning_rate(2, fraction) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("style, expected", [
+    ("linear", [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),
+    ("cosine", [1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0, 0.0]),
+    ("exponential", [1.0, 1.0, 2 * 0.5**0.25 - 1, 2 * 0.5**0.5 - 1, 2 * 0.5**0.75 - 1, 0.0, 0.0]),
+    ("minus_sqrt", [1.0, 1.0, 0.5, 1 - 0.5**0.5, 1 - 0.75**0.5, 0.0, 0.0]),
+])
+def test_wsd_is_stable_then_anneals_over_its_last_steps(style: str, expected: list[float]) -> None:
+    """Warmup 2 steps, stable to step 6, the anneal over steps 7-10 (--lr-wsd-decay-iters 4), the floor after."""
+    cfg = TrainConfig(train_iters=12, lr_warmup_iters=2, lr_decay_iters=10, lr_decay_style="WSD",
+                      lr_wsd_decay_style=style, lr_wsd_decay_iters=4, lr=1.0, min_lr=0.0)
+    assert learning_rate(1, cfg) == 0.5
+    assert [learning_rate(i, cfg) for i in (2, 6, 7, 8, 9, 10, 12)] == pytest.approx(expected)
+
+
+def test_inverse_square_root_decay() -> None:
+    cfg = TrainConfig(train_iters=100, lr_warmup_iters=4, lr_decay_style="inverse-square-root", lr=1.0, min_lr=0.1,
+                      global_batch_size=1, micro_batch_size=1)
+    assert [learning_rate(i, cfg) for i in (4, 16, 64, 100)] == pytest.approx([1.0, 0.5, 0.25, 0.2])
+    assert learning_rate(10_000, cfg) == 0.1
+
+
+def test_rampup_batch_sizes_per_iteration_and_the_steps_they_take() -> None:
+    """START 4, INCREMENT 4, over 48 samples up to 16: (16 - 4) / 4 = 3 increments of 16 samples each."""
+    cfg = TrainConfig(micro_batch_size=2, global_batch_size=16, rampup_batch_size=[4, 4, 48], train_samples=200)
+    sizes, consumed = [], 0
+    for _ in range(cfg.train_iters):
+        sizes.append(cfg.batch_size_at(consumed))
+        consumed += sizes[-1]
+    assert sizes == [4, 4, 4, 4, 8, 8, 12, 12] + [16] * 9  # the ramp's 56 samples, then 9 full batches
+    assert consumed == 200
+    with pytest.raises(ConfigError, match="global batch 6 of the ramp is not divisible by --micro-batch-size=4"):
+        TrainConfig(micro_batch_size=4, global_batch_size=16, rampup_batch_size=[6, 2, 10]).validate()
+    zbv = ["--pp", "2", "--pipeline-schedule", "zbv", "--num-layers", "4", "--micro-batch-size", "1",
+           "--global-batch-size", "8", "--rampup-batch-size", "2", "2", "8"]
+    with pytest.raises(ConfigError, match="zbv needs at least 2 x pp - 1 = 3 microbatches .* 2 = global batch 2"):
+        parse_args(zbv, world_size=2)  # every batch of the ramp must suit the schedule
+
+
+def test_per_token_loss_averages_over_the_global_batch_tokens() -> None:
+    """Microbatches with unequal unmasked tokens: the per-token loss and its grads are those of one
+    batch of them all (sum over tokens / their count), where the default averages the microbatches' means."""
+    config = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, config.vocab_size, (4, config.seq_length + 1), generator=gen)
+    mask = torch.ones(4, config.seq_length)
+    mask[0, 3:] = 0  # microbatch 0 has far fewer unmasked tokens than microbatch 1
+    big = {"tokens": data[:, :-1], "labels": data[:, 1:], "loss_mask": mask}
+    micro = [{k: v[i:i + 2] for k, v in big.items()} for i in (0, 2)]
+    results = []
+    for batches, per_token in (([big], False), (micro, True), (micro, False)):
+        model = GPTModel(config)
+        init_weights(model, config, seed=0)
+        runner = ModelRunner([model], batches, len(batches), (), torch.device("cpu"), per_token_loss=per_token)
+        forward_backward_no_pipelining(runner, len(batches))
+        results.append((float(sum(runner.losses)) / len(batches), [p.grad.clone() for p in model.parameters()]))
+    (whole, whole_grads), (per_token, per_token_grads), (means, _) = results
+    assert per_token == pytest.approx(whole, rel=1e-6) and means != pytest.approx(whole, rel=1e-5)
+    for a, b in zip(whole_grads, per_token_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_decoupled_lr_gives_the_vocabulary_tables_their_own_schedule() -> None:
+    config = tiny_config(decoupled_lr=0.5, decoupled_min_lr=0.05, lr=1.0, min_lr=0.1, train_iters=10,
+                         lr_warmup_iters=0, lr_decay_style="linear")
+    model = GPTModel(config.model)
+    optimizer = LocalOptimizer([model], config.train)
+    assert set_learning_rate(optimizer, 5, config.train) == pytest.approx(0.55)  # linear, half way: 0.1 + 0.9 / 2
+    main, tables = optimizer.param_groups[:2], optimizer.param_groups[2]
+    assert [id(p) for p in tables["params"]] == [id(model.word_embeddings.weight), id(model.output_layer.weight)]
+    assert tables["lr"] == pytest.approx(0.275) and all(group["lr"] == pytest.approx(0.55) for group in main)
+
+
+def test_a_megatron_style_run_ramps_logs_norms_and_trains_on_mock_data(tmp_path, capsys) -> None:
+    """One run: the loop takes each step's batch from the ramp and the lr at the samples consumed;
+    --mock-data with NullTokenizer --vocab-size trains on random ids below the vocabulary;
+    --log-params-norm and --log-num-zeros-in-grad add Megatron's fields to the log."""
+    flags = [*TINY_FLAGS[:-6], "--device", "cpu", "--micro-batch-size", "1", "--global-batch-size", "4",
+             "--rampup-batch-size", "2", "2", "4", "--train-samples", "14", "--lr-warmup-samples", "4",
+             "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "50", "--log-interval", "1",
+             "--log-params-norm", "--log-num-zeros-in-grad", "--eval-interval", "4", "--eval-iters", "1",
+             "--log-dir", str(tmp_path)]
+    config = parse_args(flags)
+    result = pretrain(config)
+    out = capsys.readouterr().out
+    assert [int(line.split("global batch size:")[1].split("|")[0]) for line in out.splitlines()
+            if "global batch size:" in line] == [2, 2, 4, 4]  # 8 samples ramped, then (14 - 8) // 4 steps
+    assert result["iteration"] == 4
+    assert f"learning rate: {learning_rate(1, config.train, 2):.6E}" in out  # warmup at 2 of 4 samples: lr / 2
+    assert result["config"].model.vocab_size == 51 and "--mock-data: random tokens; NullTokenizer (vocab 51)" in out
+    assert "params norm:" in out and "num zeros:" in out and result["valid_loss"] is not None
+    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert len(records) == 4 and all('"params_norm"' in r and '"num_zeros"' in r for r in records)
+
+
+def test_no_load_optim_no_load_rng_and_finetune(tmp_path, capsys) -> None:
+    """The weights load (step 3's loss is the straight run's), the step count goes on or, with
+    --finetune, starts at 0."""
+    straight = pretrain(tiny_config(train_iters=3, save=str(tmp_path), save_interval=2))["losses"]
+    resumed = pretrain(tiny_config(train_iters=3, load=str(tmp_path), ckpt_step=2, no_load_optim=True,
+                                   no_load_rng=True))
+    assert resumed["iteration"] == 3 and resumed["losses"] == [straight[2]]
+    assert "(--no-load-optim): iteration 2 with a fresh optimizer" in capsys.readouterr().out
+    tuned = pretrain(tiny_config(train_iters=1, load=str(tmp_path), finetune=True))
+    assert len(tuned["losses"]) == 1 and "(--finetune): training starts at iteration 0" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--finetune needs --load"):
+        tiny_config(finetune=True)
+
+
+def test_restating_no_effect_and_fp8_flags(capsys) -> None:
+    config = parse_args(["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+                         "--disable-bias-linear", "--group-query-attention", "--no-position-embedding",
+                         "--apply-layernorm-1p", "--rotary-percent", "1.0", "--use-mcore-models",
+                         "--attention-backend", "auto", "--overlap-grad-reduce", "--manual-gc", "--split", "'99,1,0'",
+                         "--data-cache-path", "/tmp/cache"])
+    assert config.model.family == "llama" and config.train.split == "99,1,0"
+    assert config.train.data_cache_dir == "/tmp/cache"
+    assert capsys.readouterr().out.count("accepted, no effect here: --use-mcore-models, --attention-backend, "
+                                         "--overlap-grad-reduce, --manual-gc") == 1
+    assert parse_args(["--normalization", "LayerNorm", "--position-embedding-type", "learned_absolute"]
+                      ).model.family == "gpt2"
+    refused = {
+        ("--swiglu", "--normalization", "LayerNorm"): "these flags name different families (gpt2: --normalization "
+                                                      "LayerNorm; llama: --swiglu)",
+        ("--model", "tiny-gpt2", "--disable-bias-linear"): "--disable-bias-linear name the llama family, but the "
+                                                           "model is gpt2",
+        ("--rotary-percent", "0.5"): "--rotary-percent=0.5: only 1.0 is computed here",
+        ("--fp8-format", "hybrid", "--fp8-amax-history-len", "1024"): "--fp8-format: FP8 training is not "
+                                                                      "implemented here",
+        ("--train-iters", "5", "--train-samples", "50"): "--train-iters and --train-samples exclude each other",
+        ("--train-samples", "50", "--lr-decay-iters", "5"): "--lr-decay-iters goes with --train-iters; this run "
+                                                            "counts samples: use --lr-decay-samples",
+        ("--lr-decay-style", "WSD"): "--lr-decay-style=WSD needs --lr-wsd-decay-iters",
+        ("--tokenizer-type", "NullTokenizer", "--mock-data"): "NullTokenizer needs --vocab-size",
+    }
+    for flags, message in refused.items():
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_args(list(flags))

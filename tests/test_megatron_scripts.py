@@ -1,0 +1,269 @@
+"""Megatron-LM's own launch scripts run here unchanged: the flag arrays of
+examples/gpt3/train_gpt3_175b_distributed.sh and examples/llama/train_llama3_8b_h200_bf16.sh (its
+--mock-data branch), as the scripts write them, with sizes shrunk and paths replaced, train to
+their last iteration under torchrun at world 2; at the scripts' own sizes they, and
+examples/mixtral/train_mixtral_8x7b_distributed.sh, pass the dry run for their world, and
+docs/megatron_compat.md names every flag they use."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tokenizers import pre_tokenizers
+
+import pretrain_gpt
+from helpers.commands import ROOT, run_command
+from helpers.tokenizers import write_corpus
+from tools import preprocess_data, train_tokenizer
+
+# Flags that other open issues add (checkpoint format, document masking): stripped, with their
+# values, until they land. The lead removes this set once they are merged.
+FLAGS_OWNED_BY_OTHER_ISSUES = {"--ckpt-format": 1}
+# wandb is an optional package: its flags are stripped where it is not installed.
+WANDB_FLAGS = {"--wandb-project": 1, "--wandb-exp-name": 1, "--wandb-save-dir": 1}
+
+
+def gpt3_175b(data: dict[str, str], n: Callable) -> list[list[str]]:
+    """train_gpt3_175b_distributed.sh's arrays; n(the script's size, a tiny one)."""
+    gpt_model_args = [
+        f"--num-layers {n(96, 2)}",
+        f"--hidden-size {n(12288, 32)}",
+        f"--num-attention-heads {n(96, 4)}",
+        f"--seq-length {n(2048, 32)}",
+        f"--max-position-embeddings {n(2048, 32)}",
+        "--attention-backend auto",
+    ]
+    training_args = [
+        "--micro-batch-size 1",
+        f"--global-batch-size {n(1536, 4)}",
+        f"--rampup-batch-size {n('16 16 5859375', '2 2 4')}",
+        f"--train-iters {n(500000, 4)}",
+        "--weight-decay 0.1",
+        "--adam-beta1 0.9",
+        "--adam-beta2 0.95",
+        "--init-method-std 0.006",
+        "--clip-grad 1.0",
+        "--fp16",
+        "--lr 6.0e-5",
+        "--lr-decay-style cosine",
+        "--min-lr 6.0e-6",
+        "--lr-warmup-fraction .001",
+        f"--lr-decay-iters {n(430000, 3)}",
+    ]
+    model_parallel_args = [
+        f"--tensor-model-parallel-size {n(8, 1)}",
+        f"--pipeline-model-parallel-size {n(16, 2)}",
+    ]
+    data_args = [
+        f"--data-path {data['data_path']}",
+        f"--vocab-file {data['vocab_file']}",
+        f"--merge-file {data['merge_file']}",
+        "--split 949,50,1",
+    ]
+    eval_and_logging_args = [
+        f"--log-interval {n(100, 1)}",
+        f"--save-interval {n(10000, 2)}",
+        f"--eval-interval {n(1000, 2)}",
+        f"--save {data['checkpoint']}",
+        f"--load {data['checkpoint']}",
+        f"--eval-iters {n(10, 1)}",
+        f"--tensorboard-dir {data['tensorboard']}",
+    ]
+    return [gpt_model_args, training_args, model_parallel_args, data_args, eval_and_logging_args]
+
+
+def llama3_8b_h200_bf16(data: dict[str, str], n: Callable) -> list[list[str]]:
+    """train_llama3_8b_h200_bf16.sh's arrays, DATA_ARGS_LIST of its mock-data branch."""
+    model_args = [
+        "--use-mcore-models",
+        f"--num-layers {n(32, 2)}",
+        f"--hidden-size {n(4096, 32)}",
+        f"--ffn-hidden-size {n(14336, 64)}",
+        f"--num-attention-heads {n(32, 4)}",
+        "--group-query-attention",
+        f"--num-query-groups {n(8, 2)}",
+        f"--kv-channels {n(128, 8)}",
+        f"--seq-length {n(8192, 16)}",
+        f"--max-position-embeddings {n(8192, 16)}",
+        "--position-embedding-type rope",
+        "--rotary-base 1000000",
+        "--rotary-percent 1.0",
+        "--attention-dropout 0.0",
+        "--hidden-dropout 0.0",
+        "--swiglu",
+        "--init-method-std 0.0134",
+        "--attention-backend fused",
+        "--apply-layernorm-1p",
+        "--untie-embeddings-and-output-weights",
+        "--disable-bias-linear",
+    ]
+    training_args = [
+        "--micro-batch-size 1",
+        f"--global-batch-size {n(128, 4)}",
+        f"--train-samples {n(1953125000, 16)}",
+        f"--lr-decay-samples {n(1949218748, 12)}",
+        f"--lr-warmup-samples {n(3906252, 4)}",
+        "--lr 0.00015",
+        "--min-lr 0.00001",
+        "--decoupled-lr 5.0e-4",
+        "--decoupled-min-lr 4.5e-5",
+        "--lr-decay-style cosine",
+        "--clip-grad 1.0",
+        "--weight-decay 0.1",
+        "--adam-beta1 0.9",
+        "--adam-beta2 0.95",
+        "--bf16",
+        "--grad-reduce-in-bf16",
+        "--cross-entropy-loss-fusion",
+        "--calculate-per-token-loss",
+        "--manual-gc",
+        "--empty-unused-memory-level 1",
+        "--exit-duration-in-mins 235",
+        # DDP_ARGS, which the script appends to TRAINING_ARGS
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+    ]
+    model_parallel_args = [
+        "--tensor-model-parallel-size 1",
+        "--context-parallel-size 1",
+        "--sequence-parallel",
+    ]
+    data_args_list = [  # each element one quoted string in the script, split by the shell when expanded
+        "--mock-data",
+        "--tokenizer-type NullTokenizer",
+        f"--vocab-size {n(128256, 500)}",
+        f"--data-cache-path {data['cache']}",
+        "--tiktoken-pattern v2",
+        "--split '99,1,0'",
+        "--no-create-attention-mask-in-dataloader",
+        "--no-mmap-bin-files",
+        "--num-workers 1",
+    ]
+    eval_and_logging_args = [
+        "--log-interval 1",
+        f"--save-interval {n(1000, 2)}",
+        "--log-throughput",
+        "--profile",
+        "--profile-step-start 4",
+        "--profile-step-end 6",
+        "--ckpt-format torch_dist",
+        "--distributed-timeout-minutes 60",
+        f"--save {data['checkpoint']}",
+        f"--load {data['checkpoint']}",
+        f"--tensorboard-dir {data['tensorboard']}",
+        "--wandb-project megatron-lm-training",
+        "--wandb-exp-name llama3x-8b-bf16-tp1",
+        f"--wandb-save-dir {data['checkpoint']}/wandb",
+        "--log-params-norm",
+        "--log-num-zeros-in-grad",
+        "--log-timers-to-tensorboard",
+    ]
+    return [model_args, training_args, model_parallel_args, data_args_list, eval_and_logging_args]
+
+
+def mixtral_8x7b(data: dict[str, str], n: Callable) -> list[list[str]]:
+    """train_mixtral_8x7b_distributed.sh's arrays (its sizes: it is checked by the dry run only)."""
+    model_args = ["--use-mcore-models", "--disable-bias-linear", "--seq-length 4096",
+                  "--max-position-embeddings 32768", "--num-layers 32", "--hidden-size 4096",
+                  "--ffn-hidden-size 14336", "--num-attention-heads 32", "--init-method-std 0.01",
+                  "--attention-dropout 0.0", "--hidden-dropout 0.0", "--normalization RMSNorm",
+                  "--position-embedding-type rope", "--swiglu", "--untie-embeddings-and-output-weights",
+                  "--group-query-attention", "--num-query-groups 8", "--no-masked-softmax-fusion",
+                  "--no-position-embedding", "--rotary-base 1000000"]
+    moe_args = ["--num-experts 8", "--moe-router-topk 2", "--moe-router-load-balancing-type aux_loss",
+                "--moe-aux-loss-coeff 1e-2", "--moe-grouped-gemm", "--moe-token-dispatcher-type alltoall",
+                "--overlap-param-gather", "--overlap-grad-reduce"]
+    data_args = ["--tokenizer-type Llama2Tokenizer", f"--tokenizer-model {data['tokenizer_model']}",
+                 f"--data-path {data['data_path']}", "--split 99990,8,2"]
+    training_args = ["--micro-batch-size 1", "--global-batch-size 256", "--lr 1e-4", "--train-iters 500000",
+                     "--lr-decay-iters 320000", "--lr-decay-style cosine", "--min-lr 1.0e-5", "--weight-decay 0.1",
+                     "--lr-warmup-iters 500", "--clip-grad 1.0", "--bf16"]
+    model_parallel_args = ["--tensor-model-parallel-size 1", "--pipeline-model-parallel-size 4",
+                           "--expert-model-parallel-size 8", "--use-distributed-optimizer", "--sequence-parallel"]
+    logging_args = ["--log-interval 1", "--save-interval 10000", "--eval-interval 1000", "--eval-iters 10",
+                    f"--save {data['checkpoint']}", f"--load {data['checkpoint']}",
+                    f"--tensorboard-dir {data['checkpoint']}/tensorboard", "--no-load-optim", "--no-load-rng"]
+    return [model_args, moe_args, data_args, training_args, model_parallel_args, logging_args]
+
+
+# Each script's world at its own sizes: tp x pp x dp, the nodes its parallel sizes need.
+WORLDS = {gpt3_175b: 128, llama3_8b_h200_bf16: 8, mixtral_8x7b: 32}
+
+
+def their_sizes(real: object, tiny: object) -> object:
+    return real
+
+
+def tiny_sizes(real: object, tiny: object) -> object:
+    return tiny
+
+
+def expand(arrays: list[list[str]]) -> list[str]:
+    """`${ARRAY[@]}` unquoted, as the scripts pass them: every element split at whitespace; then the
+    flags another issue or a missing optional package owns, with their values, left out."""
+    words = [word for array in arrays for element in array for word in element.split()]
+    stripped = {**FLAGS_OWNED_BY_OTHER_ISSUES, **({} if importlib.util.find_spec("wandb") else WANDB_FLAGS)}
+    kept, skip = [], 0
+    for word in words:
+        if skip:
+            skip -= 1
+        elif word in stripped:
+            skip = stripped[word]
+        else:
+            kept.append(word)
+    return kept
+
+
+def gpt2_files(folder: Path) -> tuple[str, str]:
+    """A GPT-2 vocab.json and merges.txt: the 256 byte-level symbols, two merges, <|endoftext|>."""
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate([*symbols, "th", "the", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e\n")
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
+
+
+def paths(root: Path, vocab_file: str = "gpt2-vocab.json", merge_file: str = "gpt2-merges.txt") -> dict[str, str]:
+    """The scripts' paths, replaced by files under `root`."""
+    return {"data_path": str(root / "corpus_text_document"), "vocab_file": vocab_file, "merge_file": merge_file,
+            "checkpoint": str(root / "checkpoints"), "tensorboard": str(root / "tensorboard"),
+            "cache": str(root / "cache"), "tokenizer_model": str(root / "tokenizer.model")}
+
+
+def test_the_scripts_at_their_own_sizes_pass_the_dry_run_and_the_docs_name_their_flags(tmp_path, capsys) -> None:
+    """The dry run reads the tokenizers only (for the vocabulary): GPT-2's files and a SentencePiece model."""
+    write_corpus(tmp_path)
+    train_tokenizer.main(["--input", str(tmp_path / "notes.txt"), "--tokenizer-type", "SentencePieceTokenizer",
+                          "--vocab-size", "300", "--output", str(tmp_path / "tokenizer.model")])
+    data = paths(tmp_path, *gpt2_files(tmp_path))
+    for script, world in WORLDS.items():
+        flags = expand(script(data, their_sizes))
+        assert pretrain_gpt.main([*flags, "--dry-run", "--world-size", str(world)]) == 0, capsys.readouterr().err
+        assert f"on world {world}" in capsys.readouterr().out
+    table = (ROOT / "docs" / "megatron_compat.md").read_text()
+    named = {word for script in WORLDS for array in script(data, their_sizes) for element in array
+             for word in element.split() if word.startswith("--")}
+    assert not sorted(flag for flag in named if f"`{flag}`" not in table)
+
+
+@pytest.mark.parametrize("script", [gpt3_175b, llama3_8b_h200_bf16])
+def test_megatron_example_script_runs_to_its_last_iteration(script, tmp_path: Path) -> None:
+    vocab_file, merge_file = gpt2_files(tmp_path)
+    write_corpus(tmp_path)
+    preprocess_data.main(["--input", str(tmp_path / "docs.jsonl"), "--output-prefix", str(tmp_path / "corpus"),
+                          "--vocab-file", vocab_file, "--merge-file", merge_file, "--append-eod"])
+    data = paths(tmp_path, vocab_file, merge_file)
+    flags = expand(script(data, tiny_sizes))
+    last = 4
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = run_command([*launcher, "pretrain_gpt.py", *flags, "--device", "cpu"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(rf" iteration +{last}/ +{last} \|", result.stdout), result.stdout[-3000:]
+    assert result.stdout.count("accepted, no effect here: --") == 1  # once, on rank 0
+    assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == str(last)
