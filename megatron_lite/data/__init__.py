@@ -66,13 +66,14 @@ def build_training_data(cfg: TrainConfig, seq_length: int) -> TrainingData:
     """
     tokenizer = run_tokenizer(cfg)
     evaluating = bool(cfg.eval_interval and cfg.eval_iters)
+    documents = DocumentMasking.of(vars(cfg), tokenizer.eod)
     if cfg.mock_data:  # Megatron's --mock-data: random tokens of the tokenizer's vocabulary, no corpus
         train = RandomTokens(tokenizer.vocab_size, seq_length, cfg.seed)
         valid = RandomTokens(tokenizer.vocab_size, seq_length, cfg.seed + 1) if evaluating else None
-        return TrainingData(tokenizer, train, valid, f"--mock-data: random tokens; {type(tokenizer).__name__} (vocab "
-                                                     f"{tokenizer.vocab_size}); samples of {seq_length + 1} tokens")
+        description = (f"--mock-data: random tokens; {type(tokenizer).__name__} (vocab {tokenizer.vocab_size}); "
+                       f"samples of {seq_length + 1} tokens")
+        return TrainingData(tokenizer, train, valid, description, documents)
     try:
-        documents = DocumentMasking.of(vars(cfg), tokenizer.eod)
         if cfg.data_path:
             data_path, corpus = cfg.data_path, f"--data-path {' '.join(cfg.data_path)}"
         else:

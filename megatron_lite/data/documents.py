@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_lite.config import ConfigError
+
 
 def document_starts(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     """[b, s] int64: the position in its sample where each token's document starts."""
@@ -47,7 +49,7 @@ class DocumentMasking:
         if not (reset_position_ids or reset_attention_mask or eod_mask_loss):
             return None
         if eod is None:
-            raise ValueError("--reset-position-ids, --reset-attention-mask and --eod-mask-loss need a tokenizer "
+            raise ConfigError("--reset-position-ids, --reset-attention-mask and --eod-mask-loss need a tokenizer "
                              "with an end-of-document token")
         return cls(eod, reset_position_ids, reset_attention_mask, eod_mask_loss)
 
