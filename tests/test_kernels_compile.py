@@ -8,7 +8,7 @@ kernel ahead of time (triton.compile with an explicit target needs no driver) an
 its register and stack use from the cubin (cuobjdump, shipped with Triton's CUDA backend).
 
 Signatures follow the kernels' naming convention: parameters starting with a capital letter
-are pointers (bf16 data, fp32 statistics, int64 targets), `eps` / `*_scale` are fp32,
+are pointers (bf16 data, fp32 statistics, int64 targets, int32 document positions), `eps` / `*_scale` are fp32,
 every other lowercase parameter is an int32 and `tl.constexpr` ones come from each case.
 """
 import json
@@ -23,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FP32_POINTERS = {"Mean", "Rstd", "DW_PARTIAL", "DB_PARTIAL", "COS", "SIN", "MAX", "SUMEXP", "TARGET_LOGIT",
                  "LSE", "DLOSS", "DELTA"}
+I32_POINTERS = {"DOC", "KEY_END"}  # flash attention's document starts and the rows that see each key
 
 
 def _backend_tool(name: str) -> Path:
@@ -63,11 +64,13 @@ def _cases() -> list:
     for kernel in (cross_entropy._ce_stats_kernel, cross_entropy._ce_grad_kernel):
         cases.append((kernel, dict(BLOCK=ce["BLOCK"]), [], ce["num_warps"], 3))
     for head_dim in (64, 128):
-        configs = fa._configs(head_dim, torch.bfloat16, cuda)
-        for causal, windowed in ((True, False), (False, False), (True, True)):
+        # Document masks on the causal attention, and on context parallelism's blocks (not causal).
+        for causal, windowed, documents in ((True, False, False), (False, False, False), (True, True, False),
+                                            (True, False, True), (False, False, True), (True, True, True)):
+            configs = fa._configs(head_dim, torch.bfloat16, cuda, documents)
             for kernel, config in zip((fa._fwd_kernel, fa._bwd_dkdv_kernel, fa._bwd_dq_kernel), configs):
                 tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-                flags = dict(CAUSAL=causal, WINDOWED=windowed, HEAD_DIM=head_dim, **tiles)
+                flags = dict(CAUSAL=causal, WINDOWED=windowed, DOCUMENTS=documents, HEAD_DIM=head_dim, **tiles)
                 cases.append((kernel, flags, [], config["num_warps"], config["num_stages"]))
         cases.append((fa._bwd_delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_M=fa.DELTA_BLOCK), [], 4, 3))
     return cases
@@ -81,7 +84,8 @@ def _signature(kernel, constexprs: dict, nones: list) -> tuple[dict, dict]:
         if name in consts:
             signature[name] = "constexpr"
         elif name[0].isupper():
-            signature[name] = "*fp32" if name in FP32_POINTERS else "*i64" if name == "TARGET" else "*bf16"
+            signature[name] = ("*fp32" if name in FP32_POINTERS else "*i64" if name == "TARGET"
+                               else "*i32" if name in I32_POINTERS else "*bf16")
         else:
             signature[name] = "fp32" if name == "eps" or name.endswith("_scale") else "i32"
     return signature, {(kernel.arg_names.index(k),): v for k, v in consts.items()}

@@ -97,30 +97,28 @@ def _row_stats(LSE, DELTA, bh, rows, seqlen):
 
 
 @triton.jit
-def _doc_starts(DOC, b, rows, seqlen, DOCUMENTS: tl.constexpr):
-    """The first key of each row's document (DOCUMENTS), else zeros (unused)."""
-    starts = tl.zeros(rows.shape, tl.int32)
-    if DOCUMENTS:
-        starts = tl.load(ptr_add(DOC, b, seqlen) + rows, mask=rows < seqlen, other=0)
-    return starts
+def _doc_starts(doc_row, rows, seqlen):
+    """The first key of each of `rows`' documents (doc_row: this sample's row of DOC). Loaded
+    where a block is masked rather than held through the loops: fewer live registers."""
+    return tl.load(doc_row + rows, mask=rows < seqlen, other=0)
 
 
 @triton.jit
-def _visible(rows, cols, seqlen, window, doc, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+def _visible(rows, cols, seqlen, window, doc_row, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
              DOCUMENTS: tl.constexpr):
-    """[rows, cols] mask of the keys each query may attend to (`doc`: _doc_starts of rows)."""
+    """[rows, cols] mask of the keys each query may attend to."""
     ok = cols[None, :] < seqlen
     if CAUSAL:
         ok = ok & (rows[:, None] >= cols[None, :])
     if WINDOWED:
         ok = ok & (rows[:, None] - cols[None, :] <= window)
     if DOCUMENTS:
-        ok = ok & (cols[None, :] >= doc[:, None])
+        ok = ok & (cols[None, :] >= _doc_starts(doc_row, rows, seqlen)[:, None])
     return ok
 
 
 @triton.jit
-def _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+def _query_block_kv_ranges(start_m, doc_row, seqlen, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
                            DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For query rows [start_m, start_m + BLOCK_M): key blocks [lo, mid) need the mask (the
     documents' starts), [mid, split) are fully visible, [split, end) need the mask (the diagonal
@@ -138,10 +136,9 @@ def _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL: tl.conste
         lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
         split = lo
     mid = lo
-    if DOCUMENTS:
-        valid = rows < seqlen
-        first = tl.maximum(tl.min(tl.where(valid, doc, seqlen)), 0)
-        last = tl.maximum(tl.max(tl.where(valid, doc, 0)), 0)
+    if DOCUMENTS:  # the document starts do not decrease along the rows: the first and last bound them
+        first = tl.maximum(tl.load(doc_row + start_m), 0)
+        last = tl.maximum(tl.load(doc_row + tl.minimum(start_m + BLOCK_M, seqlen) - 1), 0)
         lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)
         mid = tl.maximum(lo, tl.minimum(split, tl.cdiv(last, BLOCK_N) * BLOCK_N))
         split = tl.maximum(split, mid)
@@ -149,7 +146,7 @@ def _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL: tl.conste
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, doc, lo, hi, seqlen,
+def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, doc_row, lo, hi, seqlen,
                qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr,
                MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -157,7 +154,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_head, v_head, stride_ks, stride_vs, rows, doc
         k = _load_rows(k_head, cols, stride_ks, seqlen, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            s = tl.where(_visible(rows, cols, seqlen, window, doc, CAUSAL, WINDOWED, DOCUMENTS), s, float("-inf"))
+            s = tl.where(_visible(rows, cols, seqlen, window, doc_row, CAUSAL, WINDOWED, DOCUMENTS), s,
+                         float("-inf"))
         # Without a window or documents every row sees a key in each call's first block, so m
         # is finite from then on and exp2(m_i - m_new) never meets -inf - -inf; with one, a row
         # that has seen no key yet shifts by 0 (its p and alpha are then exp2(-inf) = 0).
@@ -187,15 +185,15 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    doc = _doc_starts(DOC, b, rows, seqlen, DOCUMENTS)
-    lo, mid, split, end = _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL, WINDOWED, DOCUMENTS,
+    doc_row = ptr_add(DOC, b, seqlen)
+    lo, mid, split, end = _query_block_kv_ranges(start_m, doc_row, seqlen, window, CAUSAL, WINDOWED, DOCUMENTS,
                                                  BLOCK_M, BLOCK_N)
     if DOCUMENTS:
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc, lo, mid, seqlen,
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc_row, lo, mid, seqlen,
                                    qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc, mid, split, seqlen,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc_row, mid, split, seqlen,
                                qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, False, HEAD_DIM, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc, split, end, seqlen,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_head, v_head, sks, svs, rows, doc_row, split, end, seqlen,
                                qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
     # A row may see no key (past the end with a window; of another document in a block context
     # parallelism hands): output 0 and lse -inf, not 0/0.
@@ -216,7 +214,7 @@ def _bwd_delta_kernel(OUT, DO, DELTA, seqlen, n_heads, sob, soh, sos, sdb, sdh, 
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, stride_qs, stride_dos, cols,
+def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, doc_row, bh, stride_qs, stride_dos, cols,
                 lo, hi, seqlen, qk_scale, window, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed form: this program owns keys `cols`, so it builds S^T [keys, queries].
@@ -227,8 +225,14 @@ def _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, stride_qs
         lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
         if MASK:  # causal diagonal block, the window's edge, or a document's start
-            doc = _doc_starts(DOC, b, rows, seqlen, DOCUMENTS)
-            visible = tl.trans(_visible(rows, cols, seqlen, window, doc, CAUSAL, WINDOWED, DOCUMENTS))
+            if CAUSAL:
+                visible = rows[None, :] >= cols[:, None]
+            else:
+                visible = rows[None, :] >= 0
+            if WINDOWED:
+                visible = visible & (rows[None, :] - cols[:, None] <= window)
+            if DOCUMENTS:
+                visible = visible & (cols[:, None] >= _doc_starts(doc_row, rows, seqlen)[None, :])
             s_t = tl.where(visible, s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -270,6 +274,7 @@ def _bwd_dkdv_kernel(
         unmasked_lo = tl.minimum(start_n + BLOCK_N + window, seqlen)
         unmasked_hi = unmasked_lo
     diagonal_hi, stop = unmasked_lo, unmasked_hi
+    doc_row = ptr_add(DOC, b, seqlen)
     if DOCUMENTS:
         key_end = ptr_add(KEY_END, b, seqlen)
         stop = tl.minimum(stop, tl.load(key_end + tl.minimum(start_n + BLOCK_N, seqlen) - 1))
@@ -280,14 +285,14 @@ def _bwd_dkdv_kernel(
         q_head, do_head = _head(Q, b, h, sqb, sqh), _head(DO, b, h, sdob, sdoh)
         bh = b * n_heads + h
         if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, sqs, sdos, cols,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, doc_row, bh, sqs, sdos, cols,
                                  start_n, diagonal_hi, seqlen, qk_scale, window, True, CAUSAL, WINDOWED,
                                  DOCUMENTS, HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, sqs, sdos, cols,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, doc_row, bh, sqs, sdos, cols,
                              unmasked_lo, unmasked_hi, seqlen, qk_scale, window, False, CAUSAL, WINDOWED,
                              DOCUMENTS, HEAD_DIM, BLOCK_M)
         if DOCUMENTS:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, DOC, b, bh, sqs, sdos, cols,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, LSE, DELTA, doc_row, bh, sqs, sdos, cols,
                                  unmasked_hi, stop, seqlen, qk_scale, window, True, CAUSAL, WINDOWED,
                                  DOCUMENTS, HEAD_DIM, BLOCK_M)
     _store_rows(_head(DK, b, kvh, sdkb, sdkh), cols, sdks, seqlen, dk * sm_scale, HEAD_DIM)
@@ -295,7 +300,7 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows, doc, lo, hi, seqlen,
+def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows, doc_row, lo, hi, seqlen,
               qk_scale, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOCUMENTS: tl.constexpr,
               MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -304,7 +309,8 @@ def _dq_inner(dq, q, do, lse, delta, k_head, v_head, stride_ks, stride_vs, rows,
         v = _load_rows(v_head, cols, stride_vs, seqlen, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            s = tl.where(_visible(rows, cols, seqlen, window, doc, CAUSAL, WINDOWED, DOCUMENTS), s, float("-inf"))
+            s = tl.where(_visible(rows, cols, seqlen, window, doc_row, CAUSAL, WINDOWED, DOCUMENTS), s,
+                         float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -325,14 +331,14 @@ def _bwd_dq_kernel(
     lse, delta = _row_stats(LSE, DELTA, bh, rows, seqlen)
     k_head, v_head = _head(K, b, h // group, skb, skh), _head(V, b, h // group, svb, svh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    doc = _doc_starts(DOC, b, rows, seqlen, DOCUMENTS)
-    lo, mid, split, end = _query_block_kv_ranges(start_m, rows, doc, seqlen, window, CAUSAL, WINDOWED, DOCUMENTS,
+    doc_row = ptr_add(DOC, b, seqlen)
+    lo, mid, split, end = _query_block_kv_ranges(start_m, doc_row, seqlen, window, CAUSAL, WINDOWED, DOCUMENTS,
                                                  BLOCK_M, BLOCK_N)
     if DOCUMENTS:
-        dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc, lo, mid, seqlen,
+        dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc_row, lo, mid, seqlen,
                        qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc, mid, split, seqlen,
+    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc_row, mid, split, seqlen,
                    qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, False, HEAD_DIM, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc, split, end, seqlen,
+    dq = _dq_inner(dq, q, do, lse, delta, k_head, v_head, sks, svs, rows, doc_row, split, end, seqlen,
                    qk_scale, window, CAUSAL, WINDOWED, DOCUMENTS, True, HEAD_DIM, BLOCK_N)
     _store_rows(_head(DQ, b, h, sdqb, sdqh), rows, sdqs, seqlen, dq * sm_scale, HEAD_DIM)

@@ -39,19 +39,25 @@ _GPU_CONFIGS = {
     128: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=32, BLOCK_N=32, num_warps=8),
           dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)),
 }
+# Document masking's dK/dV walk three query ranges (diagonal, unmasked, a document's start): at
+# head dim 64 its 4 warps spill; 8 warps on the same tiles do not (tests/test_kernels_compile.py).
+_GPU_DOCUMENTS_DKDV = {64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8)}
 # fp32 on a GPU (TF32 dots) is a correctness path: tiles small enough for shared memory.
 _GPU_FP32_CONFIG = (dict(BLOCK_M=64, BLOCK_N=32, num_warps=4), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4),
                     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4))
 
 
-def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, ...]:
+def _configs(head_dim: int, dtype: torch.dtype, device: torch.device, documents: bool = False) -> tuple[dict, ...]:
     """Fixed launch configs, no autotuning, so that the interpreter runs the very code a GPU
     runs; there it gets 16 x 16 tiles so that short test sequences still span several."""
     if device.type != "cuda":
         return (dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),) * 3
     if dtype == torch.float32:
         return tuple(dict(c, num_stages=2) for c in _GPU_FP32_CONFIG)
-    return tuple(dict(c, num_stages=3) for c in _GPU_CONFIGS[max(head_dim, 64)])
+    fwd, dkdv, dq = _GPU_CONFIGS[max(head_dim, 64)]
+    if documents:
+        dkdv = _GPU_DOCUMENTS_DKDV.get(max(head_dim, 64), dkdv)
+    return tuple(dict(c, num_stages=3) for c in (fwd, dkdv, dq))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -114,10 +120,10 @@ def _triton_backward(q, k, v, o, lse, do, causal: bool, softmax_scale: float, wi
     batch, n_heads, seqlen, head_dim = q.shape
     n_kv_heads = k.shape[1]
     group = n_heads // n_kv_heads
-    _, dkdv, dqc = _configs(head_dim, q.dtype, q.device)
-    qk_scale = softmax_scale * LOG2E
     window, windowed = _window_args(causal, window)
     doc, documents = _doc_args(q, doc_start)
+    _, dkdv, dqc = _configs(head_dim, q.dtype, q.device, documents)
+    qk_scale = softmax_scale * LOG2E
     key_end = _key_ends(doc) if documents else doc
     delta = torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(seqlen, DELTA_BLOCK), batch * n_heads)](
