@@ -191,6 +191,13 @@ def test_muon_resumes_bit_identically_and_reshards(world2) -> None:
     assert on_one_device == pytest.approx(resumed, rel=1e-5)
 
 
+def test_resuming_with_the_other_optimizer_is_refused(tmp_path) -> None:
+    adam = muon_config(optimizer="adam")
+    train(adam, 1, None, str(tmp_path))
+    with pytest.raises(ConfigError, match="holds --optimizer adam state but this run has --optimizer muon"):
+        train(muon_config(), 1, str(tmp_path))
+
+
 # --- flags -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
