@@ -69,7 +69,8 @@ def adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: TrainCon
                              foreach=False)
 
 
-def muon(tensors: list[MainParam], cfg: TrainConfig, orthogonalized) -> Muon:
+def muon(tensors: list[MainParam], cfg: TrainConfig,
+         orthogonalized: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]) -> Muon:
     """--optimizer muon: Muon over the matrices (optimizer/muon.py's uses_muon), AdamW over the rest
     in adamw's two weight-decay groups."""
     settings = MuonSettings(cfg.muon_momentum, cfg.muon_use_nesterov, cfg.muon_num_ns_steps,
@@ -111,7 +112,8 @@ class LocalOptimizer:
         self._build(cfg, experts)
 
     def _build(self, cfg: TrainConfig, experts: bool) -> None:
-        """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler;
+        """AdamW (or --optimizer muon: Muon and AdamW) over the main tensors, grouped by their
+        parameter's rank; the --fp16 loss scaler;
         the groups the experts' norm sums over (None: the model has no experts, on any rank)."""
         self.expert_norm_groups = self.expert_groups if experts else None
         if cfg.optimizer == "muon":
