@@ -113,8 +113,8 @@ class LocalOptimizer:
 
     def _build(self, cfg: TrainConfig, experts: bool) -> None:
         """AdamW (or --optimizer muon: Muon and AdamW) over the main tensors, grouped by their
-        parameter's rank; the --fp16 loss scaler;
-        the groups the experts' norm sums over (None: the model has no experts, on any rank)."""
+        parameter's rank; the --fp16 loss scaler; the groups the experts' norm sums over (None: the
+        model has no experts, on any rank)."""
         self.expert_norm_groups = self.expert_groups if experts else None
         if cfg.optimizer == "muon":
             self.optimizer = muon(self.tensors, cfg, self._orthogonalized)
