@@ -27,7 +27,8 @@ from helpers.commands import ROOT
 
 DOCUMENTS = ["README.md", "docs/data.md", "docs/checkpoints.md", "docs/metrics.md", "docs/parallelism.md",
              "docs/moe.md", "docs/mtp.md", "docs/planner.md", "docs/multinode.md", "docs/kernels.md",
-             "docs/precision.md", "docs/testing.md", "BENCHMARKS.md", "examples/README.md"]
+             "docs/precision.md", "docs/testing.md", "docs/optimizers.md", "BENCHMARKS.md",
+             "examples/README.md"]
 SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").glob("*.sh"))
 
 # Tools that need a GPU: run with --help (the tool imports and parses on CPU), each with why.

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from helpers.checkpoint_steps import train, train_jobs
 from helpers.parity import assert_parity, full_grads, merge_ranks, run_steps, setup_rank
@@ -20,6 +21,7 @@ from megatron_lite.config import MUON_COEFFICIENTS, ConfigError
 from megatron_lite.config.layout import Layout
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.planner.flops import newton_schulz_flops
 from megatron_lite.training.arguments import parse_args
 from megatron_lite.training.loop import rank_microbatches, train_step
 
@@ -153,6 +155,23 @@ def test_single_device_update_equals_plain_muon(settings: dict) -> None:
         torch.testing.assert_close(weight, plain[name], rtol=0, atol=2e-6, msg=name)
 
 
+def test_newton_schulz_flops_are_the_planners() -> None:
+    """torch's FLOP counter around one Muon step (the matmuls are Newton-Schulz's alone) counts
+    what planner/flops.py's formula says, with and without the QKV split, on dense and MoE layers."""
+    for config in (muon_config(), muon_config(experts=True, muon_split_qkv=False, muon_num_ns_steps=3)):
+        model = setup_rank(config)
+        batches = rank_microbatches(RandomTokens(VOCAB, config.model.seq_length), 0, config, torch.device("cpu"))
+        step = model.optimizer.step
+        counter = FlopCounterMode(display=False)
+
+        def counted_step() -> None:
+            with counter:
+                step()
+        model.optimizer.step = counted_step
+        train_step(model, batches, 1, config, torch.device("cpu"))
+        assert counter.get_total_flops() == newton_schulz_flops(config.model, config.train)
+
+
 # --- every layout against one device ----------------------------------------------------------
 
 @pytest.mark.parametrize("layout, experts", CASES, ids=[f"{layout.name}{'-moe' * e}" for layout, e in CASES])
@@ -170,6 +189,13 @@ def test_muon_resumes_bit_identically_and_reshards(world2) -> None:
     assert first + resumed == straight
     on_one_device = train(muon_config(), 2, saved)
     assert on_one_device == pytest.approx(resumed, rel=1e-5)
+
+
+def test_resuming_with_the_other_optimizer_is_refused(tmp_path) -> None:
+    adam = muon_config(optimizer="adam")
+    train(adam, 1, None, str(tmp_path))
+    with pytest.raises(ConfigError, match="holds --optimizer adam state but this run has --optimizer muon"):
+        train(muon_config(), 1, str(tmp_path))
 
 
 # --- flags -----------------------------------------------------------------------------------

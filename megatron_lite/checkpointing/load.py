@@ -116,6 +116,14 @@ def _check_built_with(config: Config, saved: dict, where: Path) -> None:
                           f"{getattr(config.model, name)}; adopt the checkpoint's model arguments before building it")
 
 
+def _check_optimizer(config: Config, saved: dict, where: Path) -> None:
+    """Optimizer state loads into the optimizer that wrote it (AdamW's moments are not Muon's momentum)."""
+    optimizer = saved.get("train", {}).get("optimizer", "adam")  # checkpoints from before --optimizer: AdamW
+    if optimizer != config.train.optimizer:
+        raise ConfigError(f"checkpoint {where} holds --optimizer {optimizer} state but this run has --optimizer "
+                          f"{config.train.optimizer}; resume with --optimizer {optimizer}")
+
+
 def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int) -> Config:
     """Before the model is built: take from the checkpoint the model arguments the user left unset
     (Megatron's --use-checkpoint-args), refuse contradicting ones; the result is a new Config,
@@ -173,6 +181,7 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
             or not _same_layout(state["layout"], current_layout(config))):
         return _load_resharded(root, iteration, chunks, optimizer, config)
     _check_built_with(config, state["config"]["model"], path)
+    _check_optimizer(config, state["config"], path)
     for chunk, chunk_state in zip(chunks, state["model"]):
         chunk.load_state_dict(chunk_state)
     # The files hold fp32 weights; under --bf16 the model's are rounded, the main copies are not.
@@ -212,6 +221,7 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
         parallel_state.print_rank_0(f"> loading weights from {where} (--no-load-optim): iteration {full.iteration} "
                                     "with a fresh optimizer")
     else:
+        _check_optimizer(config, full.config, where)
         parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with "
                                     f"{Layout.from_checkpoint(full.layout).name} "
                                     f"to {Layout.of(config.parallel).name}")

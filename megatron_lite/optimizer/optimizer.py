@@ -79,7 +79,9 @@ def param_groups(tensors: list[MainParam], cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(tensors: list[MainParam], cfg: TrainConfig, orthogonalized) -> torch.optim.Optimizer:
+def build_optimizer(tensors: list[MainParam], cfg: TrainConfig,
+                    orthogonalized: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+                    ) -> torch.optim.Optimizer:
     """AdamW, or with --optimizer muon Muon (AdamW inside it for what is not a hidden matrix), over
     param_groups. foreach=False keeps AdamW's update a plain per-tensor loop: identical results
     whatever the grouping or sharding of tensors, which the parity tests rely on."""
@@ -121,8 +123,9 @@ class LocalOptimizer:
         self._build(cfg, experts)
 
     def _build(self, cfg: TrainConfig, experts: bool) -> None:
-        """AdamW over the main tensors, grouped by their parameter's rank; the --fp16 loss scaler;
-        the groups the experts' norm sums over (None: the model has no experts, on any rank)."""
+        """AdamW (or --optimizer muon: Muon and AdamW) over the main tensors, grouped by their
+        parameter's rank; the --fp16 loss scaler; the groups the experts' norm sums over (None: the
+        model has no experts, on any rank)."""
         self.expert_norm_groups = self.expert_groups if experts else None
         self.optimizer = build_optimizer(self.tensors, cfg, self._orthogonalized)
         self.loss_scaler = build_loss_scaler(cfg)
