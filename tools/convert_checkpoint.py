@@ -25,16 +25,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.checkpointing import (  # noqa: E402
-    first_file,
     latest_iteration,
     load_checkpoint,
-    load_file,
     read_checkpoint,
+    read_common,
     save_checkpoint,
     saved_config,
 )
 from megatron_lite.checkpointing.reshard import load_weights  # noqa: E402
-from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
+from megatron_lite.config import CKPT_FORMATS, Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.hf.convert import TOKENIZER_FILES, from_hf_state, load_safetensors, save_safetensors, to_hf_state  # noqa: E402
 from megatron_lite.hf.families import ARCHITECTURES, hf_config, model_config_from_hf  # noqa: E402
@@ -70,8 +69,8 @@ def import_rank(hf_dir: str, out: str, config: Config) -> None:
 
 
 def _layout(config: Config, args: argparse.Namespace) -> Config:
-    """`config` at the target layout the flags give (validated whole); its world size is tp x pp x dp."""
-    return config.updated(parallel=dict(
+    """`config` at the target layout and format the flags give (validated whole); its world size is tp x pp x dp."""
+    return config.updated(train=dict(ckpt_format=args.ckpt_format), parallel=dict(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp if args.vpp > 1 else None, pipeline_schedule=None,
         data_parallel_size=args.dp, use_distributed_optimizer=args.use_distributed_optimizer,
@@ -79,10 +78,11 @@ def _layout(config: Config, args: argparse.Namespace) -> Config:
 
 
 def reshard(args: argparse.Namespace) -> None:
-    config = saved_config(load_file(first_file(args.load, _latest(args.load)))["config"])
+    config = saved_config(read_common(args.load, _latest(args.load))["config"])
     config = _layout(config, args)
     run_on_ranks(reshard_rank, args.tp * args.pp * args.dp, args.load, args.out, config)
-    print(f"resharded {args.load} to tp={args.tp} pp={args.pp} vpp={args.vpp} dp={args.dp} in {args.out}")
+    print(f"resharded {args.load} to tp={args.tp} pp={args.pp} vpp={args.vpp} dp={args.dp} in {args.out} "
+          f"({args.ckpt_format} format)")
 
 
 def to_hf(args: argparse.Namespace) -> None:
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tp", type=int, default=1)
         sub.add_argument("--pp", type=int, default=1)
         sub.add_argument("--vpp", type=int, default=1)
+        sub.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
+                         help="format of the checkpoint written to --out (pretrain_gpt.py's flag)")
     hf = commands.add_parser("to-hf")
     hf.add_argument("--load", required=True)
     hf.add_argument("--out", required=True)

@@ -22,6 +22,7 @@ from megatron_lite.checkpointing.paths import (
 )
 from megatron_lite.checkpointing.reshard import FullState, load_full_state, read_full_state
 from megatron_lite.checkpointing.save import current_layout
+from megatron_lite.checkpointing.torch_dist import COMMON, is_torch_dist, load_into, read_full
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.config.layout import Layout
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
@@ -34,11 +35,12 @@ def saved_config(config: dict) -> Config:
                   train=TrainConfig(**config["train"]))
 
 
-def load_file(path: Path) -> dict:
+def load_file(path: Path, mmap: bool = False) -> dict:
+    """A torch.save file of a checkpoint; with `mmap`, its tensors are read only where touched."""
     if not path.exists():
         raise ConfigError(f"checkpoint file {path} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated or foreign files surface as many exception types
         raise ConfigError(f"cannot read checkpoint {path}: {exc}") from exc
 
@@ -121,7 +123,7 @@ def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int
     (Megatron's --use-checkpoint-args), refuse contradicting ones; the result is a new Config,
     validated whole (an adopted --num-experts meets the parallel checks it would have met as a flag)."""
     where = checkpoint_dir(root, iteration)
-    adopted = check_model_args(config, load_file(first_file(root, iteration))["config"]["model"], where, adopt=True)
+    adopted = check_model_args(config, read_common(root, iteration)["config"]["model"], where, adopt=True)
     if adopted:
         told = [f"vocab size {value} (the tokenizer has {config.model.vocab_size} tokens)" if name == "vocab_size"
                 else f"--{name.replace('_', '-')}={value}" for name, value in adopted.items()]
@@ -129,8 +131,19 @@ def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int
     return config.updated(model=adopted)
 
 
+def read_common(root: str | Path, iteration: int) -> dict:
+    """What a checkpoint records besides tensors (iteration, config, layout...): torch_dist's
+    common.pt, or the torch format's first model file (its tensors mapped, not read)."""
+    where = checkpoint_dir(root, iteration)
+    if is_torch_dist(where):
+        return load_file(where / COMMON)
+    return load_file(first_file(root, iteration), mmap=True)
+
+
 def read_checkpoint(root: str | Path, iteration: int) -> FullState:
-    """Every file of a saved checkpoint, whatever its layout, as full tensors."""
+    """Every file of a saved checkpoint, whatever its layout and format, as full tensors."""
+    if is_torch_dist(checkpoint_dir(root, iteration)):
+        return read_full(checkpoint_dir(root, iteration), load_file)
     layout = load_file(first_file(root, iteration))["layout"]
     files = {}
     for tp_rank in range(layout["tp"]):
@@ -166,6 +179,8 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
         iteration = resolve_load(root)
         if iteration is None:
             return 0, 0
+    if is_torch_dist(checkpoint_dir(root, iteration)):
+        return _load_torch_dist(root, iteration, chunks, optimizer, config)
     path = rank_file(root, iteration)
     state = load_file(path) if path.exists() else None
     if state is None or state["finetune"] or not _same_layout(state["layout"], current_layout(config)):
@@ -199,23 +214,48 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
     where = checkpoint_dir(root, iteration)
     full = read_checkpoint(root, iteration)
     _check_built_with(config, full.config["model"], where)
-    if full.optimizer is None:
-        parallel_state.print_rank_0(f"> loading weights only from {where} (no optimizer state): training starts "
-                                    "at iteration 0 with a fresh optimizer")
-    else:
-        parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with "
-                                    f"{Layout.from_checkpoint(full.layout).name} "
-                                    f"to {Layout.of(config.parallel).name}")
+    _announce(where, full.layout, config, full.optimizer is None)
     load_full_state(full, chunks, optimizer)
     if full.optimizer is None:
         return 0, 0
     _load_loss_scaler(optimizer, full.loss_scaler)
-    # This rank's own RNG states where the saved layout has its (tp, pp) position (ZeRO-3 and
-    # ep > 1 resume through here), else the first rank's: a new layout draws new masks anyway.
-    grid = parallel_state.get_grid()
-    same = (full.layout["tp"], full.layout["pp"]) == (grid.size("tp"), grid.size("pp"))
-    _set_rng_state(full.rng[(grid.coord("tp"), grid.coord("pp")) if same else (0, 0)])
+    # ZeRO-3 and ep > 1 resume through here: each rank finds its own position's states.
+    _set_rng_state(full.rng[_rng_position(full.layout)])
     return full.iteration, full.consumed_samples
+
+
+def _announce(where: Path, saved: dict, config: Config, weights_only: bool) -> None:
+    if weights_only:
+        parallel_state.print_rank_0(f"> loading weights only from {where} (no optimizer state): training starts "
+                                    "at iteration 0 with a fresh optimizer")
+    else:
+        parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with {Layout.from_checkpoint(saved).name} "
+                                    f"to {Layout.of(config.parallel).name}")
+
+
+def _load_torch_dist(root: str | Path, iteration: int, chunks: list[nn.Module], optimizer,
+                     config: Config) -> tuple[int, int]:
+    """Each rank reads its own pieces, at the saved layout or any other (torch_dist.py)."""
+    where = checkpoint_dir(root, iteration)
+    common = load_file(where / COMMON)
+    _check_built_with(config, common["config"]["model"], where)
+    if common["finetune"] or Layout.from_checkpoint(common["layout"]).name != Layout.of(config.parallel).name:
+        _announce(where, common["layout"], config, common["finetune"])
+    rng = load_into(where, chunks, optimizer, config,
+                               None if common["finetune"] else _rng_position(common["layout"]))
+    if rng is None:
+        return 0, 0
+    _load_loss_scaler(optimizer, common["loss_scaler"])
+    _set_rng_state(rng)
+    return common["iteration"], common["consumed_samples"]
+
+
+def _rng_position(saved_layout: dict) -> tuple[int, int]:
+    """Whose RNG states this rank continues with: its own where the saved layout has its (tp, pp)
+    position, else the first rank's (a new layout draws new masks anyway)."""
+    grid = parallel_state.get_grid()
+    same = (saved_layout["tp"], saved_layout["pp"]) == (grid.size("tp"), grid.size("pp"))
+    return (grid.coord("tp"), grid.coord("pp")) if same else (0, 0)
 
 
 def _set_rng_state(rng: dict) -> None:

@@ -1,11 +1,12 @@
-"""Resharding: a checkpoint saved under one layout (tp, pp, vpp, dp, distributed optimizer on or
-off) loads under any other, weights and Adam state (exp_avg, exp_avg_sq, step) both.
+"""Resharding the torch format: a checkpoint saved under one layout (tp, pp, vpp, dp, distributed
+optimizer on or off) loads under any other, weights and Adam state (exp_avg, exp_avg_sq, step) both.
 
-Why not torch.distributed.checkpoint: it reshards tensors described as DTensor placements, and
-two of our shardings are not placements. The llama fc1 weight is strided (each tp rank holds
-its slice of the gate half and of the up half), and the distributed optimizer's Adam state is
-cut from flat buckets across parameter boundaries, padded per bucket. So each file records
-what is needed to undo its own sharding, and loading goes through full tensors:
+The torch format (Megatron's legacy one) stores each rank's shard as it is in memory: the
+llama fc1 weight strided (each tp rank holds its slice of the gate half and of the up half),
+the distributed optimizer's Adam state cut from flat buckets across parameter boundaries,
+padded per bucket. So each file records what is needed to undo its own sharding, and loading
+goes through full tensors (the torch_dist format, torch_dist.py, stores the full tensors'
+pieces instead, and needs none of this):
 
 - `tp_layout`: per parameter name, its partition dim (None: replicated), stride and unpadded
   vocab rows, so no model has to be built to know how to unshard;

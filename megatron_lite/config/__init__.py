@@ -31,12 +31,12 @@ from megatron_lite.config.parallel_config import (
     ParallelConfig,
     interleaved_microbatches_problem,
 )
-from megatron_lite.config.train_config import EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
+from megatron_lite.config.train_config import CKPT_FORMATS, EXIT_SIGNALS, LR_DECAY_STYLES, TrainConfig
 
-__all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "MOE_DISPATCHERS",
-           "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
-           "RECOMPUTE_MODULES", "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError",
-           "ModelConfig", "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
+__all__ = ["CKPT_FORMATS", "CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES",
+           "MOE_DISPATCHERS", "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "RECOMPUTE_GRANULARITIES",
+           "RECOMPUTE_METHODS", "RECOMPUTE_MODULES", "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config",
+           "ConfigError", "ModelConfig", "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
 
 
 @dataclass(frozen=True)

@@ -134,9 +134,11 @@ class LocalOptimizer:
 
     @torch.no_grad()
     def load_main_weights(self, weights: dict[nn.Parameter, torch.Tensor]) -> None:
-        """Set the main copies (and through them the model's weights) from fp32 local tensors."""
+        """Set the main copies (and through them the model's weights) from fp32 local tensors; a
+        parameter `weights` lacks keeps its main copy (a ZeRO-3 checkpoint load fills it in place)."""
         for t in self.tensors:
-            t.main.copy_(weights[t.param].flatten()[t.offset:t.offset + t.main.numel()].view_as(t.main))
+            if t.param in weights:
+                t.main.copy_(weights[t.param].flatten()[t.offset:t.offset + t.main.numel()].view_as(t.main))
         self._copy_main_to_model()
 
     def state_dict(self) -> dict:
