@@ -31,10 +31,11 @@ from megatron_lite.checkpointing.load import (
                                               read_common,
                                               resolve_load,
                                               saved_config,
+                                              saved_weights,
 )
 from megatron_lite.checkpointing.paths import MARKER, checkpoint_dir, first_file, latest_iteration
 from megatron_lite.checkpointing.save import CheckpointWriter, PendingSave, save_checkpoint, start_save
 
 __all__ = ["MARKER", "CheckpointWriter", "PendingSave", "adopt_checkpoint_model_args", "checkpoint_dir", "first_file",
            "latest_iteration", "load_checkpoint", "load_file", "read_checkpoint", "read_common", "resolve_load",
-           "save_checkpoint", "saved_config", "start_save"]
+           "save_checkpoint", "saved_config", "saved_weights", "start_save"]

@@ -3,6 +3,7 @@ was saved with, and the weights, Adam state and RNG state, resharded when the la
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,9 +21,16 @@ from megatron_lite.checkpointing.paths import (
     saved_iterations,
     shard_file,
 )
-from megatron_lite.checkpointing.reshard import FullState, load_full_state, read_full_state
+from megatron_lite.checkpointing.reshard import FullState, LegacyTensors, load_full_state, read_full_state
 from megatron_lite.checkpointing.save import current_layout
-from megatron_lite.checkpointing.torch_dist import COMMON, is_torch_dist, load_into, read_full
+from megatron_lite.checkpointing.torch_dist import (
+    COMMON,
+    SavedTensors,
+    is_torch_dist,
+    load_into,
+    read_full,
+    split_dims,
+)
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.config.layout import Layout
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
@@ -144,15 +152,28 @@ def read_checkpoint(root: str | Path, iteration: int) -> FullState:
     """Every file of a saved checkpoint, whatever its layout and format, as full tensors."""
     if is_torch_dist(checkpoint_dir(root, iteration)):
         return read_full(checkpoint_dir(root, iteration), load_file)
-    layout = load_file(first_file(root, iteration))["layout"]
+    layout = read_common(root, iteration)["layout"]
     files = {}
-    for tp_rank in range(layout["tp"]):
-        for pp_rank in range(layout["pp"]):
-            model_file = shard_file(root, iteration, tp_rank, pp_rank, layout["pp"])
-            dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"] * layout.get("cp", 1))]
-                        if layout["distributed_optimizer"] else [])
-            files[(tp_rank, pp_rank)] = [model_file, *dp_files]
+    for (tp_rank, pp_rank), model_file in _model_files(root, iteration, layout).items():
+        dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"] * layout.get("cp", 1))]
+                    if layout["distributed_optimizer"] else [])
+        files[(tp_rank, pp_rank)] = [model_file, *dp_files]
     return read_full_state(files, load_file)
+
+
+def _model_files(root: str | Path, iteration: int, layout: dict) -> dict[tuple[int, int], Path]:
+    """The torch format's model file of each (tp, pp) shard."""
+    return {(t, p): shard_file(root, iteration, t, p, layout["pp"]) for t in range(layout["tp"])
+            for p in range(layout["pp"])}
+
+
+def saved_weights(root: str | Path, iteration: int) -> Mapping[str, torch.Tensor]:
+    """A saved checkpoint's full weights by name, of any layout and format, each read only when asked
+    for (what an export streams: one tensor in memory at a time)."""
+    common, where = read_common(root, iteration), checkpoint_dir(root, iteration)
+    if is_torch_dist(where):
+        return SavedTensors(where, split_dims(common))
+    return LegacyTensors(_model_files(root, iteration, common["layout"]), load_file)
 
 
 def _same_layout(saved: dict, ours: dict) -> bool:

@@ -21,7 +21,7 @@ slices: simple, and fine for models whose full state fits in host memory.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +160,34 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
             optimizer[name]["step"] = by_rank[0]["step"]
     return FullState(model, optimizer, first["iteration"], first["consumed_samples"], rng, first["config"],
                      first["layout"], first.get("loss_scaler"))
+
+
+class LegacyTensors(Mapping):
+    """A torch-format checkpoint's full weights, each assembled from the tp files holding it when
+    asked for. The files are mapped (torch.load's mmap) and opened again for each tensor, so only
+    that tensor's bytes are read and none stay resident after."""
+
+    def __init__(self, files: dict[tuple[int, int], Path], load: Callable[..., dict]) -> None:
+        self.load, self.where, self.layouts = load, defaultdict(dict), {}
+        for (tp_rank, pp_rank), path in sorted(files.items()):
+            state = load(path, mmap=True)
+            self.layouts.update(state["tp_layout"])
+            for chunk, chunk_state in enumerate(state["model"]):
+                for name in chunk_state:
+                    self.where[name][tp_rank] = (path, chunk)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        pieces = {r: self.load(path, mmap=True)["model"][chunk][name] for r, (path, chunk) in self.where[name].items()}
+        return _assemble(pieces, self.layouts.get(name, REPLICATED_LAYOUT)).clone()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

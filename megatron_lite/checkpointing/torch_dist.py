@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import warnings
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -243,14 +244,34 @@ def load_into(directory: Path, model_chunks: list[nn.Module], optimizer, config:
     return _rng_state(rng, prefix)
 
 
-class SavedTensors:
-    """A torch_dist checkpoint's full tensors, each read when asked for (one process, no ranks)."""
+def split_dims(common: dict) -> dict[str, int]:
+    """From common.pt: the dim along which each parameter is split over tp (that joins gate and up)."""
+    return {name: layout["partition_dim"] or 0 for name, layout in common["tp_layout"].items()}
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+
+class SavedTensors(Mapping):
+    """A torch_dist checkpoint's full tensors, each read when asked for (one process, no ranks); as
+    a mapping, the model's weights by name."""
+
+    def __init__(self, directory: Path, dims: dict[str, int] | None = None) -> None:
+        """`dims`: the tp partition dim of each split (gate/up) tensor, which joins its halves."""
+        self.directory, self.dims = directory, dims or {}
         self.metadata = _saved(directory)
+        self.names = self.names_under("model/")
 
-    def keys(self, prefix: str) -> list[str]:
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get(f"model/{name}", self.dims.get(name, 0))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def names_under(self, prefix: str) -> list[str]:
         """The names under `prefix` (model/ or optimizer/exp_avg/ ...), the halves of a split tensor as one."""
         names = {k[len(prefix):] for k in self.metadata if k.startswith(prefix)}
         return sorted({n.rsplit("/", 1)[0] if n.endswith(tuple(f"/{h}" for h in HALVES)) else n for n in names})
@@ -270,16 +291,17 @@ class SavedTensors:
 
 def read_full(directory: Path, load) -> FullState:
     """Every tensor of a torch_dist checkpoint, full (for tools and tests on small models)."""
-    common, saved = load(directory / COMMON), SavedTensors(directory)
+    common = load(directory / COMMON)
+    saved = SavedTensors(directory, split_dims(common))
+    dims = saved.dims
     tensors = saved.read([k for k in saved.metadata if k.startswith("rng/")])
     positions = {k.split("/")[1] for k in tensors}
     rng = {tuple(int(i) for i in at.split("_")): _rng_state(tensors, f"rng/{at}/") for at in positions}
-    dims = {name: layout["partition_dim"] or 0 for name, layout in common["tp_layout"].items()}
-    model = {name: saved.get(f"model/{name}", dims.get(name, 0)) for name in saved.keys("model/")}
+    model = dict(saved)
     optimizer = None
     if not common["finetune"]:
         optimizer = {name: {k: saved.get(f"optimizer/{k}/{name}", dims.get(name, 0)) for k in MOMENTS}
-                     for name in saved.keys("optimizer/exp_avg/")}
+                     for name in saved.names_under("optimizer/exp_avg/")}
         for name in optimizer:
             optimizer[name]["step"] = saved.get(f"optimizer/step/{name}")
     return FullState(model, optimizer, common["iteration"], common["consumed_samples"], rng,
