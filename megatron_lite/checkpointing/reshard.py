@@ -21,7 +21,7 @@ slices: simple, and fine for models whose full state fits in host memory.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_object
 from megatron_lite.distributed.data_parallel import materialized
+from megatron_lite.lazy_tensors import LazyTensors
 from megatron_lite.optimizer.optimizer import MainParam
 from megatron_lite.placement import full_shape, is_expert, local_shard, placement, unshard
 
@@ -162,7 +163,7 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
                      first["layout"], first.get("loss_scaler"))
 
 
-class LegacyTensors(Mapping):
+class LegacyTensors(LazyTensors):
     """A torch-format checkpoint's full weights, each assembled from the tp files holding it when
     asked for. The files are mapped (torch.load's mmap) and opened again for each tensor, so only
     that tensor's bytes are read and none stay resident after."""
@@ -175,19 +176,12 @@ class LegacyTensors(Mapping):
             for chunk, chunk_state in enumerate(state["model"]):
                 for name in chunk_state:
                     self.where[name][tp_rank] = (path, chunk)
+        self.names = self.where
 
     def __getitem__(self, name: str) -> torch.Tensor:
         pieces = {r: self.load(path, mmap=True)["model"][chunk][name] for r, (path, chunk) in self.where[name].items()}
         return _assemble(pieces, self.layouts.get(name, REPLICATED_LAYOUT)).clone()
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.where
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.where)
-
-    def __len__(self) -> int:
-        return len(self.where)
 
 
 def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from megatron_lite.checkpointing.pieces import HALVES, LoadPlanner, Pieces, Read
 from megatron_lite.checkpointing.reshard import MOMENTS, FullState, _state_order, param_layout
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, materialized
+from megatron_lite.lazy_tensors import LazyTensors
 from megatron_lite.placement import counted_here, is_expert
 
 COMMON = "common.pt"
@@ -249,7 +249,7 @@ def split_dims(common: dict) -> dict[str, int]:
     return {name: layout["partition_dim"] or 0 for name, layout in common["tp_layout"].items()}
 
 
-class SavedTensors(Mapping):
+class SavedTensors(LazyTensors):
     """A torch_dist checkpoint's full tensors, each read when asked for (one process, no ranks); as
     a mapping, the model's weights by name."""
 
@@ -262,14 +262,6 @@ class SavedTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(f"model/{name}", self.dims.get(name, 0))
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def names_under(self, prefix: str) -> list[str]:
         """The names under `prefix` (model/ or optimizer/exp_avg/ ...), the halves of a split tensor as one."""

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_lite.config import ConfigError, ModelConfig
+from megatron_lite.lazy_tensors import LazyTensors
 
 MAX_SHARD_BYTES = 2 * 2**30  # above this, model.safetensors is split with an index, as save_pretrained does
 INDEX = "model.safetensors.index.json"
@@ -140,12 +141,12 @@ def to_hf_state(ours: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
     return dict(hf_tensors(ours, model))
 
 
-class FromHF(Mapping):
+class FromHF(LazyTensors):
     """Our full tensors, each made from HF tensors when asked for (`hf` may read each lazily)."""
 
     def __init__(self, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
         self.hf, self.model = hf, model
-        self.recipes = {r.ours: r for r in recipes(model)}
+        self.recipes = self.names = {r.ours: r for r in recipes(model)}
         missing = [name for r in self.recipes.values() for name in r.hf if self._hf_name(name) is None]
         if missing:
             raise ConfigError(f"the Hugging Face weights lack {missing[0]} ({len(missing)} tensors missing)")
@@ -167,14 +168,6 @@ class FromHF(Mapping):
         recipe = self.recipes[name]
         return recipe.from_hf([self.hf[self._hf_name(n)] for n in recipe.hf]).float().contiguous()
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.recipes
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.recipes)
-
-    def __len__(self) -> int:
-        return len(self.recipes)
 
 
 def from_hf_state(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -234,7 +227,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
     return writer.close()
 
 
-class SafetensorsFolder(Mapping):
+class SafetensorsFolder(LazyTensors):
     """A Hugging Face folder's weights, each tensor read from its file (safe_open) when asked for."""
 
     def __init__(self, folder: Path) -> None:
@@ -246,19 +239,12 @@ class SafetensorsFolder(Mapping):
                 self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
         else:
             raise ConfigError(f"{folder} has neither model.safetensors nor {INDEX}")
+        self.names = self.files
 
     def __getitem__(self, name: str) -> torch.Tensor:
         with safe_open(self.files[name], framework="pt") as f:
             return f.get_tensor(name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.files
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
 
 
 def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
