@@ -41,10 +41,16 @@ def our_logits(load: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens)
 
 
+def saved_format(family: str) -> str:
+    """Each format once: llama's checkpoints (trained and imported) are torch_dist, gpt2's torch."""
+    return {"llama": "torch_dist", "gpt2": "torch"}[family]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
-    run_on_ranks(train_jobs, 4, [(layout_config(f, Layout(tp=2, pp=2)), 2, None, str(root / f)) for f in FAMILIES])
+    run_on_ranks(train_jobs, 4, [(layout_config(f, Layout(tp=2, pp=2)).updated(train={"ckpt_format": saved_format(f)}),
+                                  2, None, str(root / f)) for f in FAMILIES])
     return root
 
 
@@ -68,7 +74,8 @@ def test_export_matches_transformers_and_import_round_trips(trained: Path, tmp_p
     # Two ranks: tp for llama, pp for gpt2 (whose last stage holds a copy of the tied embedding).
     tp, pp = ("2", "1") if family == "llama" else ("1", "2")
     assert convert_checkpoint.main(["from-hf", str(hf_dir), "--out", str(back), "--tp", tp, "--pp", pp,
-                                    "--make-vocab-size-divisible-by", "8"]) == 0
+                                    "--make-vocab-size-divisible-by", "8", "--ckpt-format", saved_format(family)]) == 0
+    assert (back / "iter_0000000" / "metadata.json").exists() == (family == "llama")
     torch.testing.assert_close(our_logits(back, tokens), ours, rtol=0, atol=1e-6)
     # pretrain accepts the import: iteration 0, fresh optimizer.
     config = layout_config(family).updated(train={"train_iters": 1, "load": str(back)})

@@ -7,15 +7,22 @@
   resharded online to tp2 x pp2 x vpp2 and to dp4 with the distributed optimizer, each training
   steps 4 and 5. Every step's loss equals the original layout's (to 1e-5 relative: only the
   order of float sums differs).
+- Both formats: the tp1 checkpoint is also converted offline to the torch format at tp2 x dp2
+  with the distributed optimizer and back to torch_dist at tp1; every conversion holds the same
+  tensors bit for bit, and the torch-format one trains steps 4 and 5 at tp2 x pp2 as well.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers.checkpoint_steps import layout_config, train, train_jobs
+from megatron_lite.checkpointing import read_checkpoint
+from megatron_lite.checkpointing.pieces import boxes
 from megatron_lite.config.layout import Layout
 from megatron_lite.distributed.spawn import run_on_ranks
 
@@ -42,7 +49,34 @@ def test_exact_resume_and_reshard_round_trip(tmp_path: Path, capsys) -> None:
     assert train(layout_config(), 1, saved, single)[0] == pytest.approx(straight[2], rel=1e-5)
     assert "> resharding checkpoint" in capsys.readouterr().out
     assert convert_checkpoint.main(["reshard", "--load", single, "--out", offline, "--tp", "4"]) == 0
+    legacy, back = str(tmp_path / "torch_tp2dp2"), str(tmp_path / "back_tp1")
+    assert convert_checkpoint.main(["reshard", "--load", single, "--out", legacy, "--tp", "2", "--dp", "2",
+                                    "--use-distributed-optimizer", "--ckpt-format", "torch"]) == 0
+    assert (Path(legacy) / "iter_0000003" / "mp_rank_01" / "distrib_optim_001.pt").exists()
+    assert convert_checkpoint.main(["reshard", "--load", legacy, "--out", back]) == 0
+    expected = read_checkpoint(single, 3)
+    for converted in (offline, legacy, back):
+        full = read_checkpoint(converted, 3)
+        assert full.model.keys() == expected.model.keys() and full.optimizer.keys() == expected.optimizer.keys()
+        assert all(torch.equal(full.model[k], expected.model[k]) for k in expected.model)
+        assert all(torch.equal(full.optimizer[k][m], expected.optimizer[k][m])
+                   for k in expected.optimizer for m in expected.optimizer[k])
     targets = [layout_config(layout=Layout(tp=4)), layout_config(layout=Layout(tp=2, pp=2, vpp=2)),
                layout_config(layout=Layout(dp=4, distopt=True))]
-    for losses in run_on_ranks(train_jobs, 4, [(c, 2, offline) for c in targets])[0]:
+    jobs = [(c, 2, offline) for c in targets] + [(layout_config(layout=Layout(tp=2, pp=2)), 2, legacy)]
+    for losses in run_on_ranks(train_jobs, 4, jobs)[0]:
         assert losses == pytest.approx(straight[3:], rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4)])
+def test_a_run_of_flat_elements_is_few_contiguous_boxes(shape: tuple[int, ...]) -> None:
+    """pieces.boxes: every run [lo, hi) of a row-major tensor is covered exactly, in order, by boxes
+    that are each contiguous (so each is a view of the run), at most 2 x dims + 1 of them."""
+    numel = math.prod(shape)
+    full = torch.arange(numel).view(shape)
+    for lo in range(numel):
+        for hi in range(lo + 1, numel + 1):
+            found = boxes(shape, lo, hi)
+            flat = [full[tuple(slice(o, o + s) for o, s in zip(at, sizes))].flatten() for at, sizes in found]
+            assert torch.equal(torch.cat(flat), torch.arange(lo, hi)) and len(found) <= 2 * len(shape) + 1
+            assert all(t[-1] - t[0] + 1 == t.numel() for t in flat)

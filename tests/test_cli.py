@@ -66,7 +66,7 @@ def test_torchrun_tensor_parallel_and_bad_layout_on_every_rank(tmp_path: Path) -
     assert "> layout: tp2-sp on world 2; tp groups [[0, 1]]" in result.stdout
     assert len([line for line in result.stdout.splitlines() if LOG_LINE.search(line)]) == 2  # rank 0 only
     assert (sorted(p.name for p in (tmp_path / "iter_0000004").iterdir())
-            == ["manifest.json", "mp_rank_00", "mp_rank_01"])
+            == [".metadata", "__0_0.distcp", "__1_0.distcp", "common.pt", "manifest.json", "metadata.json"])
     resume = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "0"]
     other_layout = run(TINY + resume + ["--load", str(tmp_path), "--log-dir", str(tmp_path / "resumed")], launcher)
     assert other_layout.returncode == 0, other_layout.stderr

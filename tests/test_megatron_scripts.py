@@ -21,9 +21,6 @@ from helpers.commands import ROOT, run_command
 from helpers.tokenizers import write_corpus
 from tools import preprocess_data, train_tokenizer
 
-# Flags that other open issues add (checkpoint format, document masking): stripped, with their
-# values, until they land. The lead removes this set once they are merged.
-FLAGS_OWNED_BY_OTHER_ISSUES = {"--ckpt-format": 1}
 # wandb is an optional package: its flags are stripped where it is not installed.
 WANDB_FLAGS = {"--wandb-project": 1, "--wandb-exp-name": 1, "--wandb-save-dir": 1}
 
@@ -206,9 +203,9 @@ def tiny_sizes(real: object, tiny: object) -> object:
 
 def expand(arrays: list[list[str]]) -> list[str]:
     """`${ARRAY[@]}` unquoted, as the scripts pass them: every element split at whitespace; then the
-    flags another issue or a missing optional package owns, with their values, left out."""
+    flags a missing optional package owns, with their values, left out."""
     words = [word for array in arrays for element in array for word in element.split()]
-    stripped = {**FLAGS_OWNED_BY_OTHER_ISSUES, **({} if importlib.util.find_spec("wandb") else WANDB_FLAGS)}
+    stripped = {} if importlib.util.find_spec("wandb") else WANDB_FLAGS
     kept, skip = [], 0
     for word in words:
         if skip:

@@ -18,6 +18,7 @@ import torch
 from helpers.parity import setup_rank
 from helpers.tiny import tiny_config
 from megatron_lite import parallel_state
+from megatron_lite.checkpointing import read_checkpoint
 from megatron_lite.comm import METER
 from megatron_lite.config.layout import Layout
 from megatron_lite.data.random_tokens import RandomTokens
@@ -87,9 +88,9 @@ def test_half_precision_resume_is_bit_exact(tmp_path, precision: str) -> None:
         train.update(initial_loss_scale=2.0**12, loss_scale_window=2)  # the scale moves during the run
     straight = pretrain(tiny_config(**train))["losses"]
     pretrain(tiny_config(**train, exit_interval=3, save=str(tmp_path)))
-    saved = torch.load(next(tmp_path.glob("iter_0000003/**/model_optim_rng.pt")), weights_only=False)
-    assert {t.dtype for t in saved["model"][0].values() if t.is_floating_point()} == {torch.float32}
-    assert (saved["loss_scaler"] is None) == (precision == "bf16")
+    saved = read_checkpoint(tmp_path, 3)
+    assert {t.dtype for t in saved.model.values() if t.is_floating_point()} == {torch.float32}
+    assert (saved.loss_scaler is None) == (precision == "bf16")
     resumed = pretrain(tiny_config(**train, load=str(tmp_path)))["losses"]
     assert resumed == straight[3:]
 

@@ -25,18 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_lite import parallel_state  # noqa: E402
 from megatron_lite.checkpointing import (  # noqa: E402
-    first_file,
     latest_iteration,
     load_checkpoint,
-    load_file,
-    read_checkpoint,
+    read_common,
     save_checkpoint,
     saved_config,
+    saved_weights,
 )
 from megatron_lite.checkpointing.reshard import load_weights  # noqa: E402
-from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
+from megatron_lite.config import CKPT_FORMATS, Config, ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from megatron_lite.distributed.spawn import run_on_ranks  # noqa: E402
-from megatron_lite.hf.convert import TOKENIZER_FILES, from_hf_state, load_safetensors, save_safetensors, to_hf_state  # noqa: E402
+from megatron_lite.hf.convert import TOKENIZER_FILES, FromHF, SafetensorsFolder, hf_tensors, save_safetensors  # noqa: E402
 from megatron_lite.hf.families import ARCHITECTURES, hf_config, model_config_from_hf  # noqa: E402
 from megatron_lite.hf.tokenizer import copy_tokenizer_files, export_tokenizer  # noqa: E402
 from megatron_lite.training.parallelize import build_chunks, parallelize  # noqa: E402
@@ -65,13 +64,14 @@ def import_rank(hf_dir: str, out: str, config: Config) -> None:
     par = config.parallel
     parallel_state.initialize_model_parallel(par)
     chunks = build_chunks(config)
-    load_weights(from_hf_state(load_safetensors(Path(hf_dir)), config.model), chunks)
+    # One HF tensor read at a time (safe_open), each made into our full tensor, of which the rank keeps its slice.
+    load_weights(FromHF(SafetensorsFolder(Path(hf_dir)), config.model), chunks)
     save_checkpoint(out, 0, 0, chunks, None, config)
 
 
 def _layout(config: Config, args: argparse.Namespace) -> Config:
-    """`config` at the target layout the flags give (validated whole); its world size is tp x pp x dp."""
-    return config.updated(parallel=dict(
+    """`config` at the target layout and format the flags give (validated whole); its world size is tp x pp x dp."""
+    return config.updated(train=dict(ckpt_format=args.ckpt_format), parallel=dict(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp if args.vpp > 1 else None, pipeline_schedule=None,
         data_parallel_size=args.dp, use_distributed_optimizer=args.use_distributed_optimizer,
@@ -79,24 +79,28 @@ def _layout(config: Config, args: argparse.Namespace) -> Config:
 
 
 def reshard(args: argparse.Namespace) -> None:
-    config = saved_config(load_file(first_file(args.load, _latest(args.load)))["config"])
+    config = saved_config(read_common(args.load, _latest(args.load))["config"])
     config = _layout(config, args)
     run_on_ranks(reshard_rank, args.tp * args.pp * args.dp, args.load, args.out, config)
-    print(f"resharded {args.load} to tp={args.tp} pp={args.pp} vpp={args.vpp} dp={args.dp} in {args.out}")
+    print(f"resharded {args.load} to tp={args.tp} pp={args.pp} vpp={args.vpp} dp={args.dp} in {args.out} "
+          f"({args.ckpt_format} format)")
 
 
 def to_hf(args: argparse.Namespace) -> None:
-    full = read_checkpoint(args.load, _latest(args.load))
-    model = ModelConfig(**full.config["model"])
+    iteration = _latest(args.load)
+    saved = read_common(args.load, iteration)
+    model = ModelConfig(**saved["config"]["model"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # First: it is quick and fails on a tokenizer that is gone or converts wrongly, before the weights.
-    token_ids, tokenizer_line = export_tokenizer(full.config["train"], model.vocab_size, out)
+    token_ids, tokenizer_line = export_tokenizer(saved["config"]["train"], model.vocab_size, out)
     # The families' config defaults name other vocabularies' ids (GPT-2's 50256), so generate would not stop on eod.
     config = {**hf_config(model), **token_ids}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    files = save_safetensors(to_hf_state(full.model, model), out, int(args.max_shard_size_gb * 2**30))
-    print(f"wrote {out}: config.json, {', '.join(files)} ({config['architectures'][0]}, iteration {full.iteration})")
+    # Streamed: one of our tensors read at a time, its HF tensors written into the shard being filled.
+    files = save_safetensors(hf_tensors(saved_weights(args.load, iteration), model), out,
+                             int(args.max_shard_size_gb * 2**30))
+    print(f"wrote {out}: config.json, {', '.join(files)} ({config['architectures'][0]}, iteration {iteration})")
     if model.mtp_depths:
         print(f"left out the {model.mtp_depths} multi-token prediction module(s) (mtp.layers.*): no Hugging Face "
               "family we export has them")
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tp", type=int, default=1)
         sub.add_argument("--pp", type=int, default=1)
         sub.add_argument("--vpp", type=int, default=1)
+        sub.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
+                         help="format of the checkpoint written to --out (pretrain_gpt.py's flag)")
     hf = commands.add_parser("to-hf")
     hf.add_argument("--load", required=True)
     hf.add_argument("--out", required=True)

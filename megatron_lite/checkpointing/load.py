@@ -3,6 +3,7 @@ was saved with, and the weights, Adam state and RNG state, resharded when the la
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,8 +21,16 @@ from megatron_lite.checkpointing.paths import (
     saved_iterations,
     shard_file,
 )
-from megatron_lite.checkpointing.reshard import FullState, load_full_state, read_full_state
+from megatron_lite.checkpointing.reshard import FullState, LegacyTensors, load_full_state, read_full_state
 from megatron_lite.checkpointing.save import current_layout
+from megatron_lite.checkpointing.torch_dist import (
+    COMMON,
+    SavedTensors,
+    is_torch_dist,
+    load_into,
+    read_full,
+    split_dims,
+)
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.config.layout import Layout
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
@@ -34,11 +43,12 @@ def saved_config(config: dict) -> Config:
                   train=TrainConfig(**config["train"]))
 
 
-def load_file(path: Path) -> dict:
+def load_file(path: Path, mmap: bool = False) -> dict:
+    """A torch.save file of a checkpoint; with `mmap`, its tensors are read only where touched."""
     if not path.exists():
         raise ConfigError(f"checkpoint file {path} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated or foreign files surface as many exception types
         raise ConfigError(f"cannot read checkpoint {path}: {exc}") from exc
 
@@ -129,7 +139,7 @@ def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int
     (Megatron's --use-checkpoint-args), refuse contradicting ones; the result is a new Config,
     validated whole (an adopted --num-experts meets the parallel checks it would have met as a flag)."""
     where = checkpoint_dir(root, iteration)
-    adopted = check_model_args(config, load_file(first_file(root, iteration))["config"]["model"], where, adopt=True)
+    adopted = check_model_args(config, read_common(root, iteration)["config"]["model"], where, adopt=True)
     if adopted:
         told = [f"vocab size {value} (the tokenizer has {config.model.vocab_size} tokens)" if name == "vocab_size"
                 else f"--{name.replace('_', '-')}={value}" for name, value in adopted.items()]
@@ -137,17 +147,41 @@ def adopt_checkpoint_model_args(config: Config, root: str | Path, iteration: int
     return config.updated(model=adopted)
 
 
+def read_common(root: str | Path, iteration: int) -> dict:
+    """What a checkpoint records besides tensors (iteration, config, layout...): torch_dist's
+    common.pt, or the torch format's first model file (its tensors mapped, not read)."""
+    where = checkpoint_dir(root, iteration)
+    if is_torch_dist(where):
+        return load_file(where / COMMON)
+    return load_file(first_file(root, iteration), mmap=True)
+
+
 def read_checkpoint(root: str | Path, iteration: int) -> FullState:
-    """Every file of a saved checkpoint, whatever its layout, as full tensors."""
-    layout = load_file(first_file(root, iteration))["layout"]
+    """Every file of a saved checkpoint, whatever its layout and format, as full tensors."""
+    if is_torch_dist(checkpoint_dir(root, iteration)):
+        return read_full(checkpoint_dir(root, iteration), load_file)
+    layout = read_common(root, iteration)["layout"]
     files = {}
-    for tp_rank in range(layout["tp"]):
-        for pp_rank in range(layout["pp"]):
-            model_file = shard_file(root, iteration, tp_rank, pp_rank, layout["pp"])
-            dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"] * layout.get("cp", 1))]
-                        if layout["distributed_optimizer"] else [])
-            files[(tp_rank, pp_rank)] = [model_file, *dp_files]
+    for (tp_rank, pp_rank), model_file in _model_files(root, iteration, layout).items():
+        dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"] * layout.get("cp", 1))]
+                    if layout["distributed_optimizer"] else [])
+        files[(tp_rank, pp_rank)] = [model_file, *dp_files]
     return read_full_state(files, load_file)
+
+
+def _model_files(root: str | Path, iteration: int, layout: dict) -> dict[tuple[int, int], Path]:
+    """The torch format's model file of each (tp, pp) shard."""
+    return {(t, p): shard_file(root, iteration, t, p, layout["pp"]) for t in range(layout["tp"])
+            for p in range(layout["pp"])}
+
+
+def saved_weights(root: str | Path, iteration: int) -> Mapping[str, torch.Tensor]:
+    """A saved checkpoint's full weights by name, of any layout and format, each read only when asked
+    for (what an export streams: one tensor in memory at a time)."""
+    common, where = read_common(root, iteration), checkpoint_dir(root, iteration)
+    if is_torch_dist(where):
+        return SavedTensors(where, split_dims(common))
+    return LegacyTensors(_model_files(root, iteration, common["layout"]), load_file)
 
 
 def _same_layout(saved: dict, ours: dict) -> bool:
@@ -174,6 +208,8 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
         iteration = resolve_load(root)
         if iteration is None:
             return 0, 0
+    if is_torch_dist(checkpoint_dir(root, iteration)):
+        return _load_torch_dist(root, iteration, chunks, optimizer, config)
     path = rank_file(root, iteration)
     state = load_file(path) if path.exists() else None
     cfg = config.train
@@ -212,34 +248,65 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
     where, cfg = checkpoint_dir(root, iteration), config.train
     full = read_checkpoint(root, iteration)
     _check_built_with(config, full.config["model"], where)
-    from_start = full.optimizer is None or cfg.finetune
+    from_start, fresh_optimizer = _announce(where, full.config, full.layout, config, full.optimizer is None)
+    if fresh_optimizer:
+        full = dataclasses.replace(full, optimizer=None)
+    load_full_state(full, chunks, optimizer)
+    if from_start:
+        return 0, 0
+    if not fresh_optimizer:
+        _load_loss_scaler(optimizer, full.loss_scaler)
+    if not cfg.no_load_rng:
+        _set_rng_state(full.rng[_rng_position(full.layout)])
+    return full.iteration, full.consumed_samples
+
+
+def _announce(where: Path, saved_config: dict, saved_layout: dict, config: Config,
+              weights_only: bool) -> tuple[bool, bool]:
+    """Say what is loaded from `where` and how, checking that optimizer state goes into the
+    optimizer that wrote it; returns (training starts at iteration 0: a weights-only checkpoint or
+    --finetune; the optimizer starts fresh: that or --no-load-optim)."""
+    cfg = config.train
+    from_start = weights_only or cfg.finetune
     if from_start:
         parallel_state.print_rank_0(f"> loading weights only from {where} "
                                     f"({'--finetune' if cfg.finetune else 'no optimizer state'}): training starts "
                                     "at iteration 0 with a fresh optimizer")
     elif cfg.no_load_optim:
-        parallel_state.print_rank_0(f"> loading weights from {where} (--no-load-optim): iteration {full.iteration} "
-                                    "with a fresh optimizer")
+        parallel_state.print_rank_0(f"> loading weights from {where} (--no-load-optim): its iteration, a fresh "
+                                    "optimizer")
     else:
-        _check_optimizer(config, full.config, where)
-        parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with "
-                                    f"{Layout.from_checkpoint(full.layout).name} "
-                                    f"to {Layout.of(config.parallel).name}")
-    if from_start or cfg.no_load_optim:
-        full = dataclasses.replace(full, optimizer=None)
-    load_full_state(full, chunks, optimizer)
+        _check_optimizer(config, saved_config, where)
+        saved, current = Layout.from_checkpoint(saved_layout).name, Layout.of(config.parallel).name
+        if saved != current:
+            parallel_state.print_rank_0(f"> resharding checkpoint {where} saved with {saved} to {current}")
+    return from_start, from_start or cfg.no_load_optim
+
+
+def _load_torch_dist(root: str | Path, iteration: int, chunks: list[nn.Module], optimizer,
+                     config: Config) -> tuple[int, int]:
+    """Each rank reads its own pieces, at the saved layout or any other (torch_dist.py)."""
+    where, cfg = checkpoint_dir(root, iteration), config.train
+    common = load_file(where / COMMON)
+    _check_built_with(config, common["config"]["model"], where)
+    from_start, fresh_optimizer = _announce(where, common["config"], common["layout"], config, common["finetune"])
+    rng_at = None if from_start or cfg.no_load_rng else _rng_position(common["layout"])
+    rng = load_into(where, chunks, optimizer, config, not fresh_optimizer, rng_at)
     if from_start:
         return 0, 0
-    if not cfg.no_load_optim:
-        _load_loss_scaler(optimizer, full.loss_scaler)
-    if cfg.no_load_rng:
-        return full.iteration, full.consumed_samples
-    # This rank's own RNG states where the saved layout has its (tp, pp) position (ZeRO-3 and
-    # ep > 1 resume through here), else the first rank's: a new layout draws new masks anyway.
+    if not fresh_optimizer:
+        _load_loss_scaler(optimizer, common["loss_scaler"])
+    if rng is not None:
+        _set_rng_state(rng)
+    return common["iteration"], common["consumed_samples"]
+
+
+def _rng_position(saved_layout: dict) -> tuple[int, int]:
+    """Whose RNG states this rank continues with: its own where the saved layout has its (tp, pp)
+    position, else the first rank's (a new layout draws new masks anyway)."""
     grid = parallel_state.get_grid()
-    same = (full.layout["tp"], full.layout["pp"]) == (grid.size("tp"), grid.size("pp"))
-    _set_rng_state(full.rng[(grid.coord("tp"), grid.coord("pp")) if same else (0, 0)])
-    return full.iteration, full.consumed_samples
+    same = (saved_layout["tp"], saved_layout["pp"]) == (grid.size("tp"), grid.size("pp"))
+    return (grid.coord("tp"), grid.coord("pp")) if same else (0, 0)
 
 
 def _set_rng_state(rng: dict) -> None:

@@ -1,12 +1,14 @@
-"""Resharding: a checkpoint saved under one layout (tp, pp, vpp, dp, distributed optimizer on or
-off) loads under any other, weights and optimizer state both (AdamW's exp_avg, exp_avg_sq and step; Muon's
-momentum_buffer and step: any elementwise state tensors an entry has, beside its step).
+"""Resharding the torch format: a checkpoint saved under one layout (tp, pp, vpp, dp, distributed
+optimizer on or off) loads under any other, weights and optimizer state both (AdamW's exp_avg,
+exp_avg_sq and step; Muon's momentum_buffer and step: any elementwise state tensors an entry has,
+beside its step).
 
-Why not torch.distributed.checkpoint: it reshards tensors described as DTensor placements, and
-two of our shardings are not placements. The llama fc1 weight is strided (each tp rank holds
-its slice of the gate half and of the up half), and the distributed optimizer's Adam state is
-cut from flat buckets across parameter boundaries, padded per bucket. So each file records
-what is needed to undo its own sharding, and loading goes through full tensors:
+The torch format (Megatron's legacy one) stores each rank's shard as it is in memory: the
+llama fc1 weight strided (each tp rank holds its slice of the gate half and of the up half),
+the distributed optimizer's Adam state cut from flat buckets across parameter boundaries,
+padded per bucket. So each file records what is needed to undo its own sharding, and loading
+goes through full tensors (the torch_dist format, torch_dist.py, stores the full tensors'
+pieces instead, and needs none of this):
 
 - `tp_layout`: per parameter name, its partition dim (None: replicated), stride and unpadded
   vocab rows, so no model has to be built to know how to unshard;
@@ -31,6 +33,7 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_object
 from megatron_lite.distributed.data_parallel import materialized
+from megatron_lite.lazy_tensors import LazyTensors
 from megatron_lite.optimizer.optimizer import MainParam
 from megatron_lite.placement import full_shape, is_expert, local_shard, placement, unshard
 
@@ -164,6 +167,27 @@ def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Pa
             optimizer[name]["step"] = by_rank[0]["step"]
     return FullState(model, optimizer, first["iteration"], first["consumed_samples"], rng, first["config"],
                      first["layout"], first.get("loss_scaler"))
+
+
+class LegacyTensors(LazyTensors):
+    """A torch-format checkpoint's full weights, each assembled from the tp files holding it when
+    asked for. The files are mapped (torch.load's mmap) and opened again for each tensor, so only
+    that tensor's bytes are read and none stay resident after."""
+
+    def __init__(self, files: dict[tuple[int, int], Path], load: Callable[..., dict]) -> None:
+        self.load, self.where, self.layouts = load, defaultdict(dict), {}
+        for (tp_rank, pp_rank), path in sorted(files.items()):
+            state = load(path, mmap=True)
+            self.layouts.update(state["tp_layout"])
+            for chunk, chunk_state in enumerate(state["model"]):
+                for name in chunk_state:
+                    self.where[name][tp_rank] = (path, chunk)
+        self.names = self.where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        pieces = {r: self.load(path, mmap=True)["model"][chunk][name] for r, (path, chunk) in self.where[name].items()}
+        return _assemble(pieces, self.layouts.get(name, REPLICATED_LAYOUT)).clone()
+
 
 
 def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

@@ -5,18 +5,21 @@ A crash or a failure at any point before the rename leaves the previous checkpoi
 marker as they were. A failure on any rank (a full disk, a permission) is agreed on by all
 ranks, which raise the same TrainingError together instead of waiting for each other.
 
-With --async-save the files are written by a background thread from a copy of the state taken
-at the step (so training can change the weights meanwhile); the collective part (agreeing,
-manifest, rename, marker) stays on the main thread, where collectives are issued in the same
-order on every rank: when the training loop sees that every rank has written, or before the
-next save, or before the run ends.
+With --async-save the files are written in the background from a copy of the state taken at
+the step (so training can change the weights meanwhile): by torch.distributed.checkpoint's
+async_save for torch_dist, by a thread for torch. The collective part (agreeing, manifest,
+rename, marker) stays on the main thread, where collectives are issued in the same order on
+every rank: when the training loop sees that every rank has written, or before the next save,
+or before the run ends.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from megatron_lite import comm, parallel_state
 from megatron_lite.checkpointing.manifest import file_entry, write_manifest
 from megatron_lite.checkpointing.paths import MARKER, checkpoint_dir, optimizer_file, rank_file, saved_iterations
 from megatron_lite.checkpointing.reshard import optimizer_checkpoint, tp_layout
+from megatron_lite.checkpointing.torch_dist import common_state, copied, rng_entries, save_state, start_write
 from megatron_lite.comm import all_reduce
 from megatron_lite.config import Config, TrainingError
 from megatron_lite.distributed.data_parallel import GRAD_GROUP
@@ -104,24 +108,23 @@ def _model_state(chunks: list[nn.Module], optimizer) -> list[dict[str, torch.Ten
 
 
 class PendingSave:
-    """One checkpoint on its way to disk (see the module docstring); finish() completes it."""
+    """One checkpoint on its way to disk (see the module docstring); finish() completes it.
+    `write` writes this rank's files into `tmp` (or waits for them) and returns them."""
 
-    def __init__(self, root: str | Path, iteration: int, files: list[tuple[Path, dict]], tmp: Path,
+    def __init__(self, root: str | Path, iteration: int, write: Callable[[], list[Path]], tmp: Path,
                  keep_last: int | None, background: bool) -> None:
         self.root, self.iteration, self.tmp, self.keep_last = Path(root), iteration, tmp, keep_last
         self.entries: dict[str, dict[str, int]] = {}
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._write, args=(files,), daemon=True) if background else None
+        self.thread = threading.Thread(target=self._write, args=(write,), daemon=True) if background else None
         if self.thread is None:
-            self._write(files)
+            self._write(write)
         else:
             self.thread.start()
 
-    def _write(self, files: list[tuple[Path, dict]]) -> None:
+    def _write(self, write: Callable[[], list[Path]]) -> None:
         try:
-            for path, payload in files:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(payload, path)
+            for path in write():
                 self.entries[path.relative_to(self.tmp).as_posix()] = file_entry(path)
         except Exception as exc:  # agreed on and raised on every rank by finish()
             self.error = f"{type(exc).__name__}: {exc}"
@@ -177,16 +180,28 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def start_save(root: str | Path, iteration: int, consumed_samples: int, chunks: list[nn.Module], optimizer,
                config: Config, background: bool = False) -> PendingSave:
-    """Begin writing iteration `iteration`'s checkpoint (in a background thread if `background`)."""
+    """Begin writing iteration `iteration`'s checkpoint in --ckpt-format (in the background if `background`)."""
     tmp = checkpoint_dir(root, iteration).with_name(checkpoint_dir(root, iteration).name + ".tmp")
     if parallel_state.get_grid().rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     comm.barrier()
-    files = _rank_files(tmp, iteration, consumed_samples, chunks, optimizer, config)
-    if background:
-        files = _copy(files)
-    return PendingSave(root, iteration, files, tmp, config.train.keep_last, background)
+    if config.train.ckpt_format == "torch_dist":
+        sharded = config.parallel.sharded_optimizer and optimizer is not None
+        state = {**save_state(chunks, optimizer, sharded), **rng_entries(rng_state())}
+        common = common_state(iteration, consumed_samples, chunks, optimizer, config, current_layout(config))
+        write = start_write(tmp, copied(state) if background else state, common, config, background)
+    else:
+        files = _rank_files(tmp, iteration, consumed_samples, chunks, optimizer, config)
+        write = functools.partial(_save_files, _copy(files) if background else files)
+    return PendingSave(root, iteration, write, tmp, config.train.keep_last, background)
+
+
+def _save_files(files: list[tuple[Path, dict]]) -> list[Path]:
+    for path, payload in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, path)
+    return [path for path, _ in files]
 
 
 def save_checkpoint(root: str | Path, iteration: int, consumed_samples: int, chunks: list[nn.Module],

@@ -32,6 +32,7 @@ from megatron_lite.config.parallel_config import (
     interleaved_microbatches_problem,
 )
 from megatron_lite.config.train_config import (
+    CKPT_FORMATS,
     EXIT_SIGNALS,
     LR_DECAY_STYLES,
     LR_WSD_DECAY_STYLES,
@@ -42,11 +43,11 @@ from megatron_lite.config.train_config import (
     TrainConfig,
 )
 
-__all__ = ["CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES", "LR_WSD_DECAY_STYLES",
-           "MOE_DISPATCHERS", "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "MUON_COEFFICIENTS", "MUON_SCALE_MODES",
-           "MUON_TP_MODES", "OPTIMIZERS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS", "RECOMPUTE_MODULES",
-           "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError", "ModelConfig",
-           "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
+__all__ = ["CKPT_FORMATS", "CP_COMM_TYPES", "DATA_PARALLEL_MODES", "EXIT_SIGNALS", "FAMILIES", "LR_DECAY_STYLES",
+           "LR_WSD_DECAY_STYLES", "MOE_DISPATCHERS", "MOE_LOAD_BALANCING", "MOE_SCORE_FUNCTIONS", "MUON_COEFFICIENTS",
+           "MUON_SCALE_MODES", "MUON_TP_MODES", "OPTIMIZERS", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS",
+           "RECOMPUTE_MODULES", "ROPE_SCALING_TYPES", "SCHEDULES", "SHARDING_STRATEGIES", "Config", "ConfigError",
+           "ModelConfig", "ParallelConfig", "TrainConfig", "TrainingError", "field_docs"]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ MUON_COEFFICIENTS = {
 }
 MUON_SCALE_MODES = ("spectral", "unit_rms_norm", "shape_scaling")
 MUON_TP_MODES = ("blockwise", "duplicated", "distributed")  # Megatron's; only duplicated runs here
+CKPT_FORMATS = ("torch_dist", "torch")  # Megatron's names; its zarr, torch_dcp and fsdp_dtensor are not ours
 EXIT_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name))
 
 
@@ -160,6 +161,10 @@ class TrainConfig:
     """Resume from iteration N of --load instead of the one its latest_checkpointed_iteration.txt names."""
     async_save: bool = False
     """Write checkpoints in the background while training goes on (the marker moves once every file is written)."""
+    ckpt_format: str = "torch_dist"
+    """How --save writes checkpoints: torch_dist (torch.distributed.checkpoint: every rank writes its pieces by global
+    offset, and any layout loads only its own) or torch (one torch.save file per model-parallel rank, Megatron's
+    legacy format). --load reads either."""
     exit_interval: int | None = None
     """Stop (saving first when --save is set) once the iteration is a multiple of N; the schedule still spans
     --train-iters."""
@@ -372,6 +377,8 @@ class TrainConfig:
             require(self.exit_interval > 0, f"--exit-interval={self.exit_interval} must be positive")
         if self.save_interval is not None:
             require(self.save_interval > 0, f"--save-interval={self.save_interval} must be positive")
+        require(self.ckpt_format in CKPT_FORMATS,
+                f"--ckpt-format={self.ckpt_format} is unknown; allowed: {', '.join(CKPT_FORMATS)}")
         if self.keep_last is not None:
             require(self.keep_last > 0, f"--keep-last={self.keep_last} must be positive")
         require(self.device in (None, "cpu", "cuda"), f"--device={self.device} is unknown; allowed: cpu, cuda")

@@ -19,12 +19,16 @@ never sees a tensor-parallel shard. What differs between the two sides:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megatron_lite.config import ConfigError, ModelConfig
+from megatron_lite.lazy_tensors import LazyTensors
 
 MAX_SHARD_BYTES = 2 * 2**30  # above this, model.safetensors is split with an index, as save_pretrained does
 INDEX = "model.safetensors.index.json"
@@ -94,84 +98,154 @@ def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelCon
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
-def to_hf_state(ours: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    hf = {hf_name: ours[name].t() if transposed else ours[name]
-          for name, (hf_name, transposed) in _renames(model).items()}
+@dataclass(frozen=True)
+class Recipe:
+    """One of our tensors and the HF tensors it is made of, both ways."""
+    ours: str
+    hf: tuple[str, ...]
+    to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+    from_hf: Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def recipes(model: ModelConfig) -> list[Recipe]:
+    """Every tensor of the model, in the order the export writes them."""
+    out = [Recipe(ours, (hf,), lambda t, tr=transposed: [t.t() if tr else t],
+                  lambda ts, tr=transposed: ts[0].t() if tr else ts[0])
+           for ours, (hf, transposed) in _renames(model).items()]
     for i in range(model.num_layers):
         attn = f"layers.{i}.self_attention.linear_qkv"
         if model.family == "llama":
             for kind in ("weight", "bias") if model.add_qkv_bias else ("weight",):
-                q, k, v = _split_qkv(ours[f"{attn}.{kind}"], model)
-                hf.update({f"model.layers.{i}.self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v))})
+                out.append(Recipe(f"{attn}.{kind}", tuple(f"model.layers.{i}.self_attn.{n}_proj.{kind}" for n in "qkv"),
+                                  lambda t: list(_split_qkv(t, model)), lambda ts: _join_qkv(*ts, model)))
             for ours_mlp, hf_mlp in _gated_mlps(model, i):
-                gate, up = ours[f"layers.{i}.{ours_mlp}.linear_fc1.weight"].chunk(2)
-                hf[f"model.layers.{i}.{hf_mlp}.gate_proj.weight"] = gate
-                hf[f"model.layers.{i}.{hf_mlp}.up_proj.weight"] = up
+                out.append(Recipe(f"layers.{i}.{ours_mlp}.linear_fc1.weight",
+                                  tuple(f"model.layers.{i}.{hf_mlp}.{n}_proj.weight" for n in ("gate", "up")),
+                                  lambda t: list(t.chunk(2)), torch.cat))
         else:
-            hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(_split_qkv(ours[f"{attn}.weight"], model)).t()
-            hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(_split_qkv(ours[f"{attn}.bias"], model))
-    return {name: t.contiguous() for name, t in hf.items()}
+            c_attn = f"transformer.h.{i}.attn.c_attn"
+            out.append(Recipe(f"{attn}.weight", (f"{c_attn}.weight",), lambda t: [torch.cat(_split_qkv(t, model)).t()],
+                              lambda ts: _join_qkv(*ts[0].t().chunk(3), model)))
+            out.append(Recipe(f"{attn}.bias", (f"{c_attn}.bias",), lambda t: [torch.cat(_split_qkv(t, model))],
+                              lambda ts: _join_qkv(*ts[0].chunk(3), model)))
+    return out
+
+
+def hf_tensors(ours: Mapping[str, torch.Tensor], model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors, one of ours read at a time (`ours` may read each when asked)."""
+    for recipe in recipes(model):
+        yield from zip(recipe.hf, (t.contiguous() for t in recipe.to_hf(ours[recipe.ours])))
+
+
+def to_hf_state(ours: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    return dict(hf_tensors(ours, model))
+
+
+class FromHF(LazyTensors):
+    """Our full tensors, each made from HF tensors when asked for (`hf` may read each lazily)."""
+
+    def __init__(self, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
+        self.hf, self.model = hf, model
+        self.recipes = self.names = {r.ours: r for r in recipes(model)}
+        missing = [name for r in self.recipes.values() for name in r.hf if self._hf_name(name) is None]
+        if missing:
+            raise ConfigError(f"the Hugging Face weights lack {missing[0]} ({len(missing)} tensors missing)")
+        embedding = self.recipes["word_embeddings.weight"].hf[0]
+        if model.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"],
+                                                                               hf[self._hf_name(embedding)]):
+            raise ConfigError(f"tie_word_embeddings is true but lm_head.weight differs from {embedding} (transformers "
+                              "unties them then); set tie_word_embeddings to false in config.json to import them "
+                              "untied")
+
+    def _hf_name(self, name: str) -> str | None:
+        """The folder's name of an HF tensor: checkpoints of GPT2Model (the hub's gpt2) lack the transformer. prefix."""
+        if name in self.hf:
+            return name
+        short = name.removeprefix("transformer.")
+        return short if self.model.family == "gpt2" and short in self.hf else None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        recipe = self.recipes[name]
+        return recipe.from_hf([self.hf[self._hf_name(n)] for n in recipe.hf]).float().contiguous()
+
 
 
 def from_hf_state(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    if model.family == "gpt2":  # checkpoints of GPT2Model (the hub's gpt2) lack the transformer. prefix
-        hf = {name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name: t
-              for name, t in hf.items()}
-    renames = _renames(model)
-    missing = [hf_name for hf_name, _ in renames.values() if hf_name not in hf]
-    if missing:
-        raise ConfigError(f"the Hugging Face weights lack {missing[0]} ({len(missing)} tensors missing)")
-    embedding = renames["word_embeddings.weight"][0]
-    if model.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], hf[embedding]):
-        raise ConfigError(f"tie_word_embeddings is true but lm_head.weight differs from {embedding} (transformers "
-                          "unties them then); set tie_word_embeddings to false in config.json to import them untied")
-    ours = {name: hf[hf_name].t() if transposed else hf[hf_name] for name, (hf_name, transposed) in renames.items()}
-    for i in range(model.num_layers):
-        attn = f"layers.{i}.self_attention.linear_qkv"
-        if model.family == "llama":
-            prefix = f"model.layers.{i}."
-            for kind in ("weight", "bias") if model.add_qkv_bias else ("weight",):
-                ours[f"{attn}.{kind}"] = _join_qkv(*(hf[f"{prefix}self_attn.{n}_proj.{kind}"] for n in "qkv"), model)
-            for ours_mlp, hf_mlp in _gated_mlps(model, i):
-                ours[f"layers.{i}.{ours_mlp}.linear_fc1.weight"] = torch.cat([hf[f"{prefix}{hf_mlp}.gate_proj.weight"],
-                                                                              hf[f"{prefix}{hf_mlp}.up_proj.weight"]])
-        else:
-            ours[f"{attn}.weight"] = _join_qkv(*hf[f"transformer.h.{i}.attn.c_attn.weight"].t().chunk(3), model)
-            ours[f"{attn}.bias"] = _join_qkv(*hf[f"transformer.h.{i}.attn.c_attn.bias"].chunk(3), model)
-    return {name: t.float().contiguous() for name, t in ours.items()}
+    return dict(FromHF(hf, model))
 
 
-def save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """model.safetensors, or model-0000i-of-0000n.safetensors plus the index when larger than max_shard_bytes."""
-    shards, size = [{}], 0
-    for name, tensor in state.items():
+class ShardWriter:
+    """Writes safetensors shards as tensors come, each up to max_shard_bytes (save_pretrained's
+    names: model.safetensors, or model-0000i-of-0000n.safetensors plus the index); holds one
+    shard at a time."""
+
+    def __init__(self, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+        self.out, self.max_bytes = out, max_shard_bytes
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.written: list[list[str]] = []  # each written shard's tensor names
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, out / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return [*names, INDEX]
+        if self.shard and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.shard[name] = tensor
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        save_file(self.shard, self._part(len(self.written)), metadata={"format": "pt"})
+        self.written.append(list(self.shard))
+        self.shard, self.size = {}, 0
+
+    def _part(self, i: int) -> Path:
+        return self.out / f"model-{i + 1:05d}.safetensors.part"  # renamed once the number of shards is known
+
+    def close(self) -> list[str]:
+        """Write the last shard, name the shards, write the index; the files written."""
+        self._flush()
+        if len(self.written) == 1:
+            self._part(0).replace(self.out / "model.safetensors")
+            return ["model.safetensors"]
+        names = [f"model-{i:05d}-of-{len(self.written):05d}.safetensors" for i in range(1, len(self.written) + 1)]
+        weight_map = {}
+        for i, (name, shard) in enumerate(zip(names, self.written)):
+            self._part(i).replace(self.out / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map},
+                                                 indent=2))
+        return [*names, INDEX]
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], out: Path,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors plus the index when larger than
+    max_shard_bytes, from a dict or a stream of (name, tensor)."""
+    writer = ShardWriter(out, max_shard_bytes)
+    for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        writer.add(name, tensor)
+    return writer.close()
+
+
+class SafetensorsFolder(LazyTensors):
+    """A Hugging Face folder's weights, each tensor read from its file (safe_open) when asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / INDEX
+        if index.exists():
+            self.files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        elif (folder / "model.safetensors").exists():
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+        else:
+            raise ConfigError(f"{folder} has neither model.safetensors nor {INDEX}")
+        self.names = self.files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
 
 
 def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / INDEX
-    if not index.exists():
-        if not (folder / "model.safetensors").exists():
-            raise ConfigError(f"{folder} has neither model.safetensors nor {INDEX}")
-        return load_file(folder / "model.safetensors")
-    state = {}
-    for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state.update(load_file(folder / name))
-    return state
-
+    return dict(SafetensorsFolder(folder))

@@ -59,6 +59,11 @@ def main_param(model: torch.Tensor, grad: torch.Tensor | None, param: nn.Paramet
     return MainParam(main, param, offset, model)
 
 
+# The state tensors shaped like a parameter that an optimizer entry may hold beside its step:
+# AdamW's two moments, Muon's momentum (which a checkpoint stores piece by piece).
+STATE_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
 def param_groups(tensors: list[MainParam], cfg: TrainConfig) -> list[dict]:
     """The optimizer's groups: under --optimizer muon first the matrices Muon updates
     (optimizer/muon.py's uses_muon); then AdamW's: weight decay for matrices, none for biases and
@@ -206,9 +211,11 @@ class LocalOptimizer:
 
     @torch.no_grad()
     def load_main_weights(self, weights: dict[nn.Parameter, torch.Tensor]) -> None:
-        """Set the main copies (and through them the model's weights) from fp32 local tensors."""
+        """Set the main copies (and through them the model's weights) from fp32 local tensors; a
+        parameter `weights` lacks keeps its main copy (a ZeRO-3 checkpoint load fills it in place)."""
         for t in self.tensors:
-            t.main.copy_(weights[t.param].flatten()[t.offset:t.offset + t.main.numel()].view_as(t.main))
+            if t.param in weights:
+                t.main.copy_(weights[t.param].flatten()[t.offset:t.offset + t.main.numel()].view_as(t.main))
         self._copy_main_to_model()
 
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ import types
 import typing
 
 from megatron_lite.config import (
+    CKPT_FORMATS,
     CP_COMM_TYPES,
     DATA_PARALLEL_MODES,
     FAMILIES,
@@ -116,7 +117,8 @@ _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "lr_wsd_decay
             "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
             "recompute_modules": RECOMPUTE_MODULES, "rope_scaling_type": ROPE_SCALING_TYPES,
             "optimizer": OPTIMIZERS, "muon_coefficient_type": tuple(MUON_COEFFICIENTS),
-            "muon_scale_mode": MUON_SCALE_MODES, "muon_tp_mode": MUON_TP_MODES}
+            "muon_scale_mode": MUON_SCALE_MODES, "muon_tp_mode": MUON_TP_MODES,
+            "ckpt_format": CKPT_FORMATS}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
                                   "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],

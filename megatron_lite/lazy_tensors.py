@@ -1,0 +1,26 @@
+"""A mapping of names to tensors, each read (or computed) only when asked for: what the checkpoint
+readers and the Hugging Face conversion stream through, one tensor in memory at a time."""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+
+import torch
+
+
+class LazyTensors(Mapping):
+    """Subclasses set `names` (the keys) and define __getitem__; membership, iteration and length
+    come from the names alone, never reading a tensor."""
+
+    names: Collection[str]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
