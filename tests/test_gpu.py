@@ -54,7 +54,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 RTOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}  # twice the epsilon: see the module docstring
 ELEMENTWISE = {"rope", "swiglu", "gelu", "cross_entropy"}
-AGAINST_TORCH_16BIT = {"flash_attention"}
+AGAINST_TORCH_16BIT = {"flash_attention", "flash_attention_documents"}
 # The kernel_bench_cases builders' arguments, GPU-sized and ragged where the GPU's blocks have edges.
 # A new op in OPS without a shape here fails at collection (KeyError), not silently untested.
 SHAPES = {
@@ -67,6 +67,8 @@ SHAPES = {
     "fused_linear_cross_entropy": [(1024, 1024, 32000)],
     # Causal, GQA 4:1 (Llama-3.2-1B's and Llama-3-8B's heads); 1000 is ragged in every tile size.
     "flash_attention": [(2, 32, 8, 1000, 64), (1, 32, 8, 1000, 128)],
+    # Five uneven documents per sample (--reset-attention-mask), their edges inside the tiles.
+    "flash_attention_documents": [(2, 32, 8, 1000, 64, 5)],
 }
 KERNEL_CASES = [pytest.param(op, shape, id=f"{op}-{'x'.join(map(str, shape))}") for op in OPS for shape in SHAPES[op]]
 
