@@ -3,8 +3,8 @@
 In-process: the model's objective and per-module losses against a plain computation written
 here (shifts, concatenation order, norms, the shared head, the weighting), their gradients
 too; --mtp-num-layers 0 is the model without the flag, bit for bit; bad flags are refused.
-Spawned (one spawn of two ranks): tp 2 + SP, pp 2 (untied and tied embedding), ZB-V, cp 2 and
-dp 2 with one module against one device in fp32 (lm and MTP losses, grads before clipping, grad
+Spawned (one spawn of two ranks): tp 2 + SP, pp 2 (untied and tied embedding), ZB-V, cp 2, dp 2
+and dp 2 with ZeRO-3 with one module against one device in fp32 (lm and MTP losses, grads before clipping, grad
 norms, weights; tolerances in tests/helpers/parity.py); a pp 2 checkpoint resumed there exactly
 and loaded at one device; its Hugging Face export and generation without the modules.
 """
@@ -45,7 +45,7 @@ TIED = {"untie_embeddings_and_output_weights": False}
 # ZB-V: the last stage's chunk (the modules, the embedding's second copy) on the first stage's rank.
 ZBV = (Layout(pp=2, vpp=2, schedule="zbv"), {"num_layers": 4})
 CASES = [(Layout(tp=2, sp=True), {}), (Layout(pp=2), {}), (Layout(pp=2), TIED), (Layout(cp=2), {}), (Layout(dp=2), {}),
-         ZBV]
+         (Layout(dp=2, zero=3), {}), ZBV]
 
 
 def mtp_config(layout: Layout = Layout(), **model):

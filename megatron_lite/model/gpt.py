@@ -97,10 +97,9 @@ class GPTModel(nn.Module):
         units += [ParamUnit(f"layer {number}", list(layer.parameters()), layer, layer)
                   for number, layer in self.layers.items()]
         if self.post_process:
-            output = self.word_embeddings.weight if self.config.tie_embeddings else self.output_layer.weight
             # The MTP modules run between the final norm and the end of the forward, with the embedding.
             mtp = [] if self.mtp is None else [*self.mtp.parameters(), self.word_embeddings.weight]
-            params = list(dict.fromkeys([*self.final_layernorm.parameters(), output, *mtp]))
+            params = list(dict.fromkeys([*self.final_layernorm.parameters(), self._output_weight(), *mtp]))
             units.append(ParamUnit("output", params, self.final_layernorm, self))
         return units
 

@@ -95,7 +95,8 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
         for param in chunk.parameters():  # not chunk.to(dtype): the RoPE tables stay fp32
             param.data = param.data.to(config.train.params_dtype)
         if config.train.compile:
-            for layer in chunk.layers.values():
+            mtp = chunk.mtp.layers if getattr(chunk, "mtp", None) is not None else []
+            for layer in [*chunk.layers.values(), *(module.transformer_layer for module in mtp)]:
                 layer.compile()
     experts = bool(config.model.num_experts)
     # Experts get buffers of their own, summed over the expert-data-parallel group.
