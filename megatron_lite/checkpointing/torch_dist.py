@@ -204,6 +204,11 @@ def _empty(saved: dict, key: str) -> torch.Tensor:
     return torch.empty(saved[key].size, dtype=saved[key].properties.dtype)
 
 
+def _holds(saved, key: str) -> bool:
+    """Whether the checkpoint has tensor `key`, whole or as fc1's gate and up halves."""
+    return key in saved or f"{key}/{HALVES[0]}" in saved
+
+
 def load_into(directory: Path, model_chunks: list[nn.Module], optimizer, config: Config, with_optimizer: bool,
               rng_at: tuple[int, int] | None) -> dict | None:
     """Fill the chunks' weights, the optimizer's main copies and, `with_optimizer`, its state with
@@ -227,7 +232,7 @@ def load_into(directory: Path, model_chunks: list[nn.Module], optimizer, config:
             name = names[t.param]
             if f"optimizer/step/{name}" not in saved:
                 continue
-            kinds = [k for k in STATE_TENSORS if f"optimizer/{k}/{name}" in saved]
+            kinds = [k for k in STATE_TENSORS if _holds(saved, f"optimizer/{k}/{name}")]
             moments[i] = {"step": torch.zeros(()), **{k: torch.zeros_like(t.main) for k in kinds}}
             for k in kinds:
                 collect(chunks(f"optimizer/{k}/{name}", t.param, t.offset, moments[i][k]), state)
@@ -294,7 +299,7 @@ def read_full(directory: Path, load) -> FullState:
     optimizer = None
     if not common["finetune"]:
         optimizer = {name: {k: saved.get(f"optimizer/{k}/{name}", dims.get(name, 0)) for k in STATE_TENSORS
-                            if f"optimizer/{k}/{name}" in saved.metadata}
+                            if _holds(saved.metadata, f"optimizer/{k}/{name}")}
                      for name in saved.names_under("optimizer/step/")}
         for name in optimizer:
             optimizer[name]["step"] = saved.get(f"optimizer/step/{name}")
