@@ -2,7 +2,7 @@
 against the rank's shard of that state.
 
     python tools/bench_state_memory.py                      # llama, hidden 1024, 12 and 24 layers, tp 2
-    python tools/bench_state_memory.py --layers 6 12        # smaller (a 24-layer reshard needs ~25 GB today)
+    python tools/bench_state_memory.py --layers 12 24 --hidden-size 512   # smaller, for a machine with less memory
 
 For each size, run as a user runs them (pretrain_gpt.py and tools/convert_checkpoint.py, so whatever
 checkpoint format is the default is what is measured), in a scratch directory:

@@ -24,7 +24,7 @@ import torch
 from megatron_lite.placement import full_shape, local_indices, placement
 
 _WORD = 1 << 32
-_CHUNK = 1 << 16  # elements drawn at once: the temporaries stay in cache, the per-op overhead small
+_CHUNK = 1 << 18  # elements drawn at once: temporaries of a few MB, and few enough ops that their overhead is small
 
 # Acklam's coefficients: the central region's numerator and denominator in r = (p - 1/2)^2, the
 # tails' in u = sqrt(-2 log p); highest power first, each denominator's constant term 1.
