@@ -159,18 +159,19 @@ def run_size(layers: int, args: argparse.Namespace, work: Path, baseline: int) -
 
 # What each step's growth compares with: the state its largest process must hold grows by this much.
 GROWTH_BASIS = {"start (1 step + save)": "training", "load tp 2 at tp 2 (+1 step)": "training",
-                "reshard tp 1 at tp 2 (+1 step)": "training", "to-hf --max-shard-size-gb 0.1": "weights",
+                "reshard tp 1 at tp 2 (+1 step)": "training", "to-hf --max-shard-size-gb 0.1": "model",
                 "from-hf --tp 2": "weights"}
 
 
 def print_growth(small: int, large: int, results: dict[int, dict]) -> None:
     a, b = results[small], results[large]
-    print(f"\ngrowth {small} -> {large} layers, per rank: peak growth / the rank's extra shard (weights + grads + "
-          f"Adam for training steps, weights for conversions; acceptance <= 1)")
+    print(f"\ngrowth {small} -> {large} layers, per rank: peak growth / the extra state it holds (a rank's weights + "
+          f"grads + Adam for training steps, the model's weights for to-hf, a rank's weights for from-hf; "
+          f"acceptance <= 1)")
     for name, basis in GROWTH_BASIS.items():
         extra = b["state"][basis] - a["state"][basis]
         grown = b[name].largest - a[name].largest
-        print(f"{name:32s} grew {grown / MIB:8,.0f} MiB, extra shard {extra / MIB:8,.0f} MiB: {grown / extra:.2f}")
+        print(f"{name:32s} grew {grown / MIB:8,.0f} MiB, extra state {extra / MIB:8,.0f} MiB: {grown / extra:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
