@@ -1,7 +1,7 @@
 """Where each parameter lives on the rank grid: one record per parameter, attached by the layer
 that creates it, and read by everything that treats parameters differently by where they live:
 gradient reduction (distributed/grad_sync.py), the global grad norm (optimizer/clip_grads.py),
-initialisation (model/gpt.py), and checkpoints and their resharding (checkpointing/reshard.py).
+initialisation (model/initialization.py), and checkpoints and their resharding (checkpointing/reshard.py).
 
 A parameter is either split over a grid axis (a `Shard`: the dimension cut, and a stride when
 the full dimension is several blocks each cut separately), or whole on every rank of that
@@ -132,6 +132,16 @@ def local_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     for s in placement(param).shards:
         full = shard(full, s.dim, s.stride, grid.index(s.axis), grid.size(s.axis))
     return full
+
+
+def local_indices(param: torch.Tensor) -> list[torch.Tensor]:
+    """Along each dimension, the indices in the full tensor of this rank's piece (what local_shard
+    keeps), on the CPU."""
+    grid = parallel_state.get_grid()
+    index = [torch.arange(n) for n in full_shape(param)]
+    for s in placement(param).shards:
+        index[s.dim] = shard(index[s.dim], 0, s.stride, grid.index(s.axis), grid.size(s.axis))
+    return index
 
 
 def gather_full(param: torch.Tensor, tensor: torch.Tensor | None = None) -> torch.Tensor:

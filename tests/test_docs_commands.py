@@ -5,8 +5,8 @@ their comments quote) and run in one scratch directory, in the documents' order,
 finds what an earlier one made (README trains checkpoints/tiny, which checkpoints.md converts).
 The test only adds an override: pretrain_gpt.py gets `--dry-run --world-size N` (N: torchrun's
 ranks), or `--train-iters 2` where a later command reads what it writes; a tool that needs a GPU
-gets `--help`. What needs a GPU, a download or something else that cannot run here is named in
-the tables below, with why, and is still checked as far as it can be."""
+or takes minutes gets `--help`. What needs a GPU, a download or something else that cannot run
+here is named in the tables below, with why, and is still checked as far as it can be."""
 from __future__ import annotations
 
 import importlib
@@ -38,6 +38,10 @@ GPU_TOOLS = {
     "tools/benchmark_training.py": "times training steps on a GPU",
     "tools/bench_context_parallel.py": "--device cuda",
     "tools/bench_moe.py": "--device cuda",
+}
+# Tools that take minutes on CPU: run with --help too, each with why.
+SLOW_TOOLS = {
+    "tools/bench_state_memory.py": "builds, trains, saves and converts models of 12 and 24 layers in a dozen processes",
 }
 # Commands that fetch from the Hugging Face Hub, by what they fetch: the test checks the code
 # compiles or the CLI exists, and puts a stand-in where the download would land.
@@ -177,7 +181,8 @@ def run_command(command: str, workdir: Path) -> str | None:
         code = _pretrain(words, 1)
     elif words[0] == "python" and words[1].startswith("tools/"):
         argv = [os.path.expandvars(w) for w in words[2:]]
-        code = _tool(words[1], ["--help"] if words[1] in GPU_TOOLS else argv + TOOL_OVERRIDES.get(words[1], []))
+        help_only = words[1] in GPU_TOOLS or words[1] in SLOW_TOOLS
+        code = _tool(words[1], ["--help"] if help_only else argv + TOOL_OVERRIDES.get(words[1], []))
     else:
         return f"no rule runs {words[0]!r}: add one, or name it in a table"
     return None if code == 0 else f"exit status {code}"

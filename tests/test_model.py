@@ -6,6 +6,7 @@ import torch
 
 from helpers.tiny import tiny_model
 from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.model.initialization import standard_normal
 from megatron_lite.planner.flops import flops_per_step
 
 
@@ -45,6 +46,21 @@ def test_init_is_by_name_and_scaled() -> None:
     qkv = a.layers["0"].self_attention.linear_qkv.weight.std().item()
     assert proj == pytest.approx(qkv / 4.0, rel=0.15)  # std / sqrt(2 * 8 layers)
     assert not torch.equal(a.layers["0"].mlp.linear_fc1.weight, a.layers["1"].mlp.linear_fc1.weight)
+
+
+def test_initial_values_are_standard_normal_and_a_function_of_position() -> None:
+    """The counter-based generator: normal moments, the same value at a position whichever slice
+    asks for it (what lets a rank draw only its shard), other keys other values, and positions
+    past 2^32 (a table larger than 4G elements) distinct from those below."""
+    index = torch.arange(1 << 18)
+    z = standard_normal(index, key=7)
+    assert abs(z.mean().item()) < 0.01 and z.std().item() == pytest.approx(1.0, abs=0.01)
+    assert (z ** 4).mean().item() == pytest.approx(3.0, abs=0.1)  # the normal's kurtosis
+    assert (z.abs() > 3).float().mean().item() == pytest.approx(0.0027, rel=0.2)  # both tails
+    assert torch.equal(standard_normal(index[12345:12399], 7), z[12345:12399])
+    assert torch.equal(standard_normal(index.view(512, 512)[::3, 5:77], 7), z.view(512, 512)[::3, 5:77])
+    assert not torch.equal(standard_normal(index[:64], 8), z[:64])
+    assert not torch.equal(standard_normal(index[:64] + (1 << 32), 7), z[:64])
 
 
 def test_causal() -> None:

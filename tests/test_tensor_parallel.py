@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.parity import RandomTokens, assert_parity, merge_ranks, run_steps
+from helpers.parity import RandomTokens, assert_parity, full_weights, merge_ranks, merge_tensors, run_steps, setup_rank
 from helpers.tiny import tiny_config
 from megatron_lite import parallel_state
 from megatron_lite.comm import METER
@@ -143,6 +143,17 @@ def check_saved_activations(sp: bool) -> int:
     return state["bytes"]
 
 
+# Initial weights at every kind of shard on two ranks: the fused fc1 and QKV split over tp, the
+# padded vocabulary over tp, the layers over pp, the experts over ep, the flat buffers over dp.
+MOE = dict(num_experts=4, moe_layer_freq=2)  # layer 0 dense, layer 1 a mixture of experts
+INIT_CASES = [("llama", MOE, Layout(tp=2, sp=True)), ("llama", MOE, Layout(pp=2)), ("llama", MOE, Layout(dp=2, ep=2)),
+              ("llama", MOE, Layout(dp=2, zero=3)), ("gpt2", {}, Layout(tp=2)), ("gpt2", {}, Layout(pp=2))]
+
+
+def init_config(family: str, model: dict, layout: Layout = Layout()):
+    return parity_config(family).updated(model=model, parallel=layout.fields())
+
+
 def tp_worker(tp: int) -> dict:
     parallel_state.initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp))
     # 3 pad ids, and 9: then the last rank's shard is padding only.
@@ -155,6 +166,8 @@ def tp_worker(tp: int) -> dict:
     if tp == 2:
         results["comm"] = {(f, sp): check_communication(f, sp) for f in FAMILIES for sp in (False, True)}
         results["saved"] = {sp: check_saved_activations(sp) for sp in (False, True)}
+        results["init"] = {(f, layout): full_weights(setup_rank(init_config(f, model, layout)))
+                           for f, model, layout in INIT_CASES}
     return results
 
 
@@ -215,6 +228,20 @@ def test_communication_volume_is_analytic(family: str) -> None:
     # On the wire (ring, 2 ranks: an all-reduce sends its volume once, an all-gather or a
     # reduce-scatter half of it) SP costs exactly the all-reduces it replaces, plus the norm-grad sync.
     assert sum(seq["wire"].values()) - sp_grads == pytest.approx(sum(plain["wire"].values()))
+
+
+@pytest.mark.parametrize("family, model, layout", INIT_CASES, ids=[f"{f}-{lay.name}" for f, _, lay in INIT_CASES])
+def test_every_layout_starts_from_the_single_device_weights(family: str, model: dict, layout: Layout) -> None:
+    """Each rank draws only its shard (model/initialization.py); the shards are exactly the
+    single-device tensors' slices, and vocabulary pad rows are zero."""
+    merged = merge_tensors([result["init"][(family, layout)] for result in spawned(2)])
+    single = full_weights(setup_rank(init_config(family, model)))
+    assert merged.keys() == single.keys()
+    for name, tensor in single.items():
+        if name.startswith(("word_embeddings", "output_layer")):  # padded per tp size
+            tensor, pad = tensor[:VOCAB], merged[name][VOCAB:]
+            assert pad.numel() and not pad.any(), name
+        assert torch.equal(merged[name][:len(tensor)], tensor), name
 
 
 def test_sequence_parallel_shrinks_norm_and_dropout_activations() -> None:

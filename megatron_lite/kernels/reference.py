@@ -172,13 +172,15 @@ def _replicated_sum(t: Tensor, reduce_sum: ReduceFn) -> Tensor:
     """Sum of t over the TP ranks, with the gradient flowing to the local t alone.
 
     Every rank ends up with the same loss, so each rank's shard receives exactly the
-    gradient of that one loss through its own terms: the straight-through form below.
+    gradient of that one loss through its own terms: the straight-through form below, whose
+    value is the sum bit for bit on every rank (t - t is exactly 0; `t + (total - t)` would
+    round differently on each rank, whose t differ).
     """
     if reduce_sum is None:
         return t
     total = t.detach().clone()
     reduce_sum(total)
-    return t + (total - t.detach())
+    return total + (t - t.detach())
 
 
 def cross_entropy_reference(logits: Tensor, target: Tensor, vocab_start_index: int = 0,

@@ -13,6 +13,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
+from megatron_lite.model.initialization import normal_shard_
 from megatron_lite.model.kv_cache import InferenceParams
 from megatron_lite.model.mtp import MultiTokenPrediction
 from megatron_lite.model.norms import build_norm
@@ -20,7 +21,7 @@ from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_tables
 from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.param_unit import ParamUnit
-from megatron_lite.placement import full_shape, local_shard, place, placement, with_partial_grads
+from megatron_lite.placement import place, placement, with_partial_grads
 from megatron_lite.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -102,6 +103,21 @@ class GPTModel(nn.Module):
             params = list(dict.fromkeys([*self.final_layernorm.parameters(), self._output_weight(), *mtp]))
             units.append(ParamUnit("output", params, self.final_layernorm, self))
         return units
+
+    def materialize(self, device: torch.device) -> None:
+        """Storage on `device` for a model built on the meta device (parallelize builds it so, then
+        init_weights draws each rank's shard): every parameter uninitialised (the same attributes:
+        its placement), the RoPE tables computed, the other buffers (MoE routers' statistics and
+        expert bias) at zero, as they start."""
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                fresh = nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+                fresh.__dict__.update(param.__dict__)
+                setattr(module, name, fresh)
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, torch.zeros_like(buffer, device=device))
+        if self.config.family == "llama":
+            self.rotary_cos, self.rotary_sin = (t.to(device) for t in rotary_tables(self.config))
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens)
@@ -199,14 +215,15 @@ def _is_output_projection(name: str) -> bool:
 
 
 def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
-    """Megatron-style init, drawn per parameter from a generator seeded by its name.
+    """Megatron-style init, each parameter drawn by a generator keyed by the seed and its name.
 
     Normal(0, std) for weights, std/sqrt(2*num_layers) for the projections that write into
     the residual stream (the GPT-2 paper's scaled init), zero biases, unit norm weights.
-    Each rank draws the full tensor and keeps its shard (Megatron's CPU initialisation), and
-    seeding by name rather than by construction order makes the values independent of which
-    layers or shard a rank builds: every parallel layout starts from the single-device weights.
-    Vocabulary pad rows start at zero; they are never looked up nor scored, so they stay zero.
+    Each rank draws only its shard's values, each the full tensor's value at that position
+    (model/initialization.py); with the key by name rather than by construction order, the
+    values do not depend on which layers or shard a rank builds: every parallel layout starts
+    from the single-device weights. Vocabulary pad rows start at zero; they are never looked up
+    nor scored, so they stay zero.
     """
     scaled_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
     with torch.no_grad():
@@ -216,10 +233,5 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
             elif "layernorm" in name or name.endswith(("enorm.weight", "hnorm.weight")):  # norms (MTP's too)
                 param.fill_(1.0)
             else:
-                gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
                 std = scaled_std if _is_output_projection(name) else config.init_method_std
-                shape = full_shape(param)
-                full = torch.zeros(shape)
-                rows = placement(param).unpadded_rows or shape[0]
-                full[:rows] = torch.empty((rows, *shape[1:])).normal_(0.0, std, generator=gen)
-                param.copy_(local_shard(full, param))
+                normal_shard_(param, zlib.crc32(f"{seed}:{name}".encode()), std)

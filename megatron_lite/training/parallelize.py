@@ -4,9 +4,10 @@
                  model's layer classes with this rank's tensor-parallel shard and a placement
                  on every parameter (pipeline_parallel/partition.py, model/, placement.py),
                  computing with the ops chosen once for the model (context parallelism's
-                 attention among them)
-  2. weights     the single-device initial values, each rank keeping its shard
-  3. device      moved to this rank's device, weights cast to bf16/fp16 under --bf16/--fp16
+                 attention among them); on the meta device: shapes and placements, no storage
+  2. weights     storage on this rank's device, and there this rank's shard of the single-device
+                 initial values drawn, never a full tensor (model/initialization.py)
+  3. device      weights cast to bf16/fp16 under --bf16/--fp16
                  (Megatron's mixed precision: fp32 main copies live in the optimizer), and with
                  --compile each transformer layer compiled (the unit torchtitan compiles: the
                  pipeline split and the tensor-parallel mappings between layers stay eager)
@@ -88,10 +89,11 @@ def expert_grad_divisor(par: ParallelConfig) -> int:
 def parallelize(config: Config, device: torch.device) -> TrainingModel:
     """Steps 1 to 5 for this rank (the grid must be initialised)."""
     par = config.parallel
-    chunks = build_chunks(config)
+    with torch.device("meta"):  # no storage until each rank's shard is drawn, on its device
+        chunks = build_chunks(config)
     for chunk in chunks:
+        chunk.materialize(device)
         init_weights(chunk, config.model, config.train.seed)
-        chunk.to(device)
         for param in chunk.parameters():  # not chunk.to(dtype): the RoPE tables stay fp32
             param.data = param.data.to(config.train.params_dtype)
         if config.train.compile:

@@ -97,11 +97,17 @@ def run_steps(config: Config, steps: int) -> dict:
         losses.append(step.loss)
         mtp_losses.extend(step.mtp or [])
         norms.append(step.grad_norm)
+    return {"losses": losses, "mtp_losses": mtp_losses, "grad_norms": norms, "grads": grads,
+            "weights": full_weights(model)}
+
+
+def full_weights(model: TrainingModel) -> dict[str, torch.Tensor]:
+    """Every parameter this rank holds, as a full tensor (gathered over tp, and under ZeRO-3 from
+    the dp shards), keyed by its global name."""
     model.optimizer.finish_param_gather()  # --overlap-param-gather leaves the last gather in flight
     main = model.optimizer.main_weights()  # ZeRO-3 holds only shards: the full values come from here
-    weights = {n: gather_full(p, p if materialized(p) else main[p].to(p.dtype))
-               for chunk in model.chunks for n, p in chunk.named_parameters()}
-    return {"losses": losses, "mtp_losses": mtp_losses, "grad_norms": norms, "grads": grads, "weights": weights}
+    return {n: gather_full(p, p if materialized(p) else main[p].to(p.dtype))
+            for chunk in model.chunks for n, p in chunk.named_parameters()}
 
 
 def _gathered_grads(buf) -> dict:
