@@ -248,7 +248,8 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
     where, cfg = checkpoint_dir(root, iteration), config.train
     full = read_checkpoint(root, iteration)
     _check_built_with(config, full.config["model"], where)
-    from_start, fresh_optimizer = _announce(where, full.config, full.layout, config, full.optimizer is None)
+    from_start, fresh_optimizer = _announce(where, full.iteration, full.config, full.layout, config,
+                                            full.optimizer is None)
     if fresh_optimizer:
         full = dataclasses.replace(full, optimizer=None)
     load_full_state(full, chunks, optimizer)
@@ -261,9 +262,9 @@ def _load_resharded(root: str | Path, iteration: int, chunks: list[nn.Module], o
     return full.iteration, full.consumed_samples
 
 
-def _announce(where: Path, saved_config: dict, saved_layout: dict, config: Config,
+def _announce(where: Path, iteration: int, saved_config: dict, saved_layout: dict, config: Config,
               weights_only: bool) -> tuple[bool, bool]:
-    """Say what is loaded from `where` and how, checking that optimizer state goes into the
+    """Say what is loaded from `where` (saved at `iteration`) and how, checking that optimizer state goes into the
     optimizer that wrote it; returns (training starts at iteration 0: a weights-only checkpoint or
     --finetune; the optimizer starts fresh: that or --no-load-optim)."""
     cfg = config.train
@@ -273,8 +274,8 @@ def _announce(where: Path, saved_config: dict, saved_layout: dict, config: Confi
                                     f"({'--finetune' if cfg.finetune else 'no optimizer state'}): training starts "
                                     "at iteration 0 with a fresh optimizer")
     elif cfg.no_load_optim:
-        parallel_state.print_rank_0(f"> loading weights from {where} (--no-load-optim): its iteration, a fresh "
-                                    "optimizer")
+        parallel_state.print_rank_0(f"> loading weights from {where} (--no-load-optim): iteration {iteration} "
+                                    "with a fresh optimizer")
     else:
         _check_optimizer(config, saved_config, where)
         saved, current = Layout.from_checkpoint(saved_layout).name, Layout.of(config.parallel).name
@@ -289,7 +290,8 @@ def _load_torch_dist(root: str | Path, iteration: int, chunks: list[nn.Module], 
     where, cfg = checkpoint_dir(root, iteration), config.train
     common = load_file(where / COMMON)
     _check_built_with(config, common["config"]["model"], where)
-    from_start, fresh_optimizer = _announce(where, common["config"], common["layout"], config, common["finetune"])
+    from_start, fresh_optimizer = _announce(where, common["iteration"], common["config"], common["layout"], config,
+                                            common["finetune"])
     rng_at = None if from_start or cfg.no_load_rng else _rng_position(common["layout"])
     rng = load_into(where, chunks, optimizer, config, not fresh_optimizer, rng_at)
     if from_start:
