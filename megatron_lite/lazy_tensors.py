@@ -7,14 +7,11 @@ from collections.abc import Collection, Iterator, Mapping
 import torch
 
 
-class LazyTensors(Mapping):
+class LazyTensors(Mapping[str, torch.Tensor]):
     """Subclasses set `names` (the keys) and define __getitem__; membership, iteration and length
     come from the names alone, never reading a tensor."""
 
-    names: Collection[str]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+    names: Collection[str]  # __getitem__ stays Mapping's abstract method: each subclass reads its own way
 
     def __contains__(self, name: object) -> bool:
         return name in self.names
