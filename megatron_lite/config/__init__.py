@@ -20,9 +20,9 @@ from megatron_lite.config.model_config import (
     RECOMPUTE_GRANULARITIES,
     RECOMPUTE_METHODS,
     RECOMPUTE_MODULES,
-    ROPE_SCALING_TYPES,
     ModelConfig,
 )
+from megatron_lite.config.optimizer_checks import MUON_COEFFICIENTS, MUON_SCALE_MODES, MUON_TP_MODES, OPTIMIZERS
 from megatron_lite.config.parallel_config import (
     CP_COMM_TYPES,
     DATA_PARALLEL_MODES,
@@ -31,15 +31,11 @@ from megatron_lite.config.parallel_config import (
     ParallelConfig,
     interleaved_microbatches_problem,
 )
+from megatron_lite.config.rope_scaling import ROPE_SCALING_TYPES
+from megatron_lite.config.schedule import LR_DECAY_STYLES, LR_WSD_DECAY_STYLES
 from megatron_lite.config.train_config import (
     CKPT_FORMATS,
     EXIT_SIGNALS,
-    LR_DECAY_STYLES,
-    LR_WSD_DECAY_STYLES,
-    MUON_COEFFICIENTS,
-    MUON_SCALE_MODES,
-    MUON_TP_MODES,
-    OPTIMIZERS,
     TrainConfig,
 )
 

@@ -12,20 +12,10 @@ from pathlib import Path
 import torch
 
 from megatron_lite.config.checks import ConfigError, flag, require, require_null_vocab, require_positive
+from megatron_lite.config.optimizer_checks import OptimizerChecks
 from megatron_lite.config.packages import require_packages
+from megatron_lite.config.schedule import BatchSchedule
 
-LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
-LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
-OPTIMIZERS = ("adam", "muon")
-# Newton-Schulz coefficients (a, b, c) per step, cycled over --muon-num-ns-steps (optimizer/muon.py).
-# "simple": Keller Jordan's Muon, one triple every step; "quintic": the per-step set Megatron-Core defaults to.
-MUON_COEFFICIENTS = {
-    "quintic": ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-                (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)),
-    "simple": ((3.4445, -4.7750, 2.0315),),
-}
-MUON_SCALE_MODES = ("spectral", "unit_rms_norm", "shape_scaling")
-MUON_TP_MODES = ("blockwise", "duplicated", "distributed")  # Megatron's; only duplicated runs here
 CKPT_FORMATS = ("torch_dist", "torch")  # Megatron's names; its zarr, torch_dcp and fsdp_dtensor are not ours
 EXIT_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name))
 
@@ -46,7 +36,7 @@ def _require_writable_dir(name: str, path: str | None) -> None:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(BatchSchedule, OptimizerChecks):
     micro_batch_size: int = 8
     """Samples per forward/backward pass on one rank."""
     global_batch_size: int = 16
@@ -246,32 +236,6 @@ class TrainConfig:
         if self.lr_warmup_iters is None and self.train_samples is None and self.lr_warmup_fraction is None:
             object.__setattr__(self, "lr_warmup_iters", 20)
 
-    def batch_size_at(self, consumed_samples: int) -> int:
-        """The global batch of the step that starts after `consumed_samples`: --rampup-batch-size's
-        START, grown by INCREMENT each time another SAMPLES / ((global - START) / INCREMENT) samples
-        are consumed, --global-batch-size once more than SAMPLES are (Megatron's ramp)."""
-        if self.rampup_batch_size is None or consumed_samples > self.rampup_batch_size[2]:
-            return self.global_batch_size
-        start, increment, samples = self.rampup_batch_size
-        per_increment = samples / ((self.global_batch_size - start) // increment)
-        return start + int(consumed_samples / per_increment) * increment
-
-    @property
-    def global_batch_sizes(self) -> list[int]:
-        """Every global batch the run steps with: the ramp's, then --global-batch-size."""
-        ramp = self.rampup_batch_size
-        return [*(range(ramp[0], self.global_batch_size, ramp[1]) if ramp else ()), self.global_batch_size]
-
-    def iterations_for(self, samples: int) -> int:
-        """Steps that --train-samples takes: the ramp's steps, then whole global batches (Megatron's count,
-        which may end a little short of `samples`)."""
-        steps, consumed = 0, 0
-        if self.rampup_batch_size is not None:
-            while consumed <= self.rampup_batch_size[2] and consumed <= samples:
-                consumed += self.batch_size_at(consumed)
-                steps += 1
-        return steps + (samples - consumed) // self.global_batch_size
-
     @property
     def params_dtype(self) -> torch.dtype:
         """The dtype of the model's weights and of what flows between its stages."""
@@ -280,72 +244,6 @@ class TrainConfig:
     def num_microbatches(self, data_parallel_size: int = 1, global_batch_size: int | None = None) -> int:
         """Microbatches per step on each rank, of --global-batch-size or of a ramp's `global_batch_size`."""
         return (global_batch_size or self.global_batch_size) // (self.micro_batch_size * data_parallel_size)
-
-    def _validate_schedule(self, data_parallel_size: int) -> None:
-        """The lr schedule's and the batch ramp's flags (Megatron's rules: -iters flags with an
-        iteration-based run, -samples flags with --train-samples)."""
-        for name in ("train_samples", "lr_warmup_samples", "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters",
-                     "lr_wsd_decay_samples", "lr_warmup_iters"):
-            value = getattr(self, name)
-            require(value is None or value >= (0 if "warmup" in name else 1),
-                    f"{flag(name)}={value} must be {'>= 0' if 'warmup' in name else 'positive'}")
-        unit = "iters" if self.train_samples is None else "samples"
-        other = "samples" if unit == "iters" else "iters"
-        wrong = [name for name in (f"lr_warmup_{other}", f"lr_decay_{other}", f"lr_wsd_decay_{other}")
-                 if getattr(self, name) is not None]
-        require(not wrong, f"{flag(wrong[0])} goes with "
-                           f"{'--train-samples' if other == 'samples' else '--train-iters'}; "
-                           f"this run counts {unit}: use {flag(wrong[0]).replace(other, unit)}" if wrong else "")
-        if self.lr_warmup_fraction is not None:
-            require(0 <= self.lr_warmup_fraction <= 1,
-                    f"--lr-warmup-fraction={self.lr_warmup_fraction} must be between 0 and 1")
-            require(self.lr_warmup_iters is None and self.lr_warmup_samples is None,
-                    f"--lr-warmup-fraction and --lr-warmup-{unit} exclude each other; choose one")
-        require(self.lr_decay_style in LR_DECAY_STYLES,
-                f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
-        require(self.lr_wsd_decay_style in LR_WSD_DECAY_STYLES,
-                f"--lr-wsd-decay-style={self.lr_wsd_decay_style} is unknown; allowed: {', '.join(LR_WSD_DECAY_STYLES)}")
-        anneal = getattr(self, f"lr_wsd_decay_{unit}")
-        if self.lr_decay_style == "WSD":
-            decay = (self.lr_decay_iters or self.train_iters) if unit == "iters" else (
-                self.lr_decay_samples or self.train_samples)
-            require(anneal is not None and anneal <= decay,
-                    f"--lr-decay-style=WSD needs --lr-wsd-decay-{unit} (the anneal), at most the decay's {decay}")
-        for name in ("decoupled_lr", "decoupled_min_lr"):
-            require(getattr(self, name) is None or getattr(self, name) >= 0, f"{flag(name)} must be >= 0")
-        require(self.decoupled_min_lr is None or self.decoupled_lr is not None,
-                "--decoupled-min-lr needs --decoupled-lr")
-        if self.rampup_batch_size is not None:
-            self._validate_rampup(data_parallel_size)
-
-    def _validate_rampup(self, data_parallel_size: int) -> None:
-        ramp = self.rampup_batch_size
-        require(len(ramp) == 3 and ramp[0] > 0 and ramp[1] > 0 and ramp[2] >= 0,
-                f"--rampup-batch-size={' '.join(map(str, ramp))} must be START INCREMENT SAMPLES "
-                "(START, INCREMENT > 0)")
-        start, increment, _ = ramp
-        require(start < self.global_batch_size and (self.global_batch_size - start) % increment == 0,
-                f"--rampup-batch-size: START={start} must be below --global-batch-size={self.global_batch_size} and "
-                f"their difference a multiple of INCREMENT={increment}")
-        per_step = self.micro_batch_size * data_parallel_size
-        bad = [size for size in self.global_batch_sizes if size % per_step]
-        require(not bad, f"--rampup-batch-size: global batch {bad[0] if bad else 0} of the ramp is not divisible by "
-                         f"--micro-batch-size={self.micro_batch_size} x data-parallel size {data_parallel_size} = "
-                         f"{per_step}")
-
-    def _validate_muon(self) -> None:
-        require(self.optimizer in OPTIMIZERS,
-                f"--optimizer={self.optimizer} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-        require(0 <= self.muon_momentum < 1, f"--muon-momentum={self.muon_momentum} must be in [0, 1)")
-        require(self.muon_num_ns_steps >= 1, f"--muon-num-ns-steps={self.muon_num_ns_steps} must be at least 1")
-        require(self.muon_extra_scale_factor > 0,
-                f"--muon-extra-scale-factor={self.muon_extra_scale_factor} must be positive")
-        require(self.muon_tp_mode == "duplicated",
-                f"--muon-tp-mode={self.muon_tp_mode} is not implemented; allowed: duplicated (each tensor-parallel "
-                "matrix is gathered and orthogonalised whole)")
-        require(not (self.optimizer == "muon" and self.optimizer_cpu_offload),
-                "--optimizer muon with --optimizer-cpu-offload is not supported (Muon gathers its updates where the "
-                "model is); drop one of them")
 
     def validate(self, data_parallel_size: int = 1) -> None:
         require_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval",
