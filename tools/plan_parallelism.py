@@ -110,8 +110,9 @@ def _print_rows(rows: list[dict]) -> None:
 def _print_validation(rows: list[dict], worst: dict[str, float]) -> None:
     print("calibration (megatron_lite/planner/calibration.py; docs/planner.md: sources, fitted and held-out rows):")
     for name, cal in CALIBRATIONS.items():
-        print(f"  {name:12s} matmul ceiling {cal.matmul_ceiling:.3f} x GEMM fraction {cal.gemm_fraction:.2f}, "
+        print(f"  {name:12s} matmul ceiling {cal.matmul_ceiling:.3f} x GEMM fraction {cal.gemm_fraction:.3f}, "
               f"attention {cal.attention:.2f}, NVLink {cal.nvlink:.2f}, network {cal.network:.2f}, "
+              f"HBM {cal.memory:.3f}, {1e6 * cal.kernel_overhead:.1f} us/kernel, "
               f"eager traffic {cal.eager_traffic:.1f}x, clock {cal.clock:.2f}")
     for r in rows:
         layout = f"tp{r['tp']} pp{r['pp']} dp{r['dp']} {r['sharding']}"

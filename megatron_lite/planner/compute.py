@@ -1,7 +1,8 @@
 """How long a pipeline stage computes one microbatch, forward and backward, and the optimizer
 step: each GEMM at the efficiency its shape reaches, attention at a flash kernel's measured
-efficiency, the memory-bound ops at HBM bandwidth (the numbers: planner/calibration.py; what
-differs between training codes: planner/software.py).
+efficiency, the memory-bound ops at the HBM bandwidth a streaming kernel reaches, and a fixed
+cost per kernel a layer runs (the numbers: planner/calibration.py; what differs between training
+codes: planner/software.py).
 
 Per layer and token (h hidden, a/g query/kv heads of width d, f the MLP width, t = tp, t_s = tp
 under sequence parallelism else 1), forward:
@@ -21,7 +22,18 @@ under sequence parallelism else 1), forward:
   Backward moves about twice the forward's bytes. Eager elementwise ops move eager_traffic
   times this fused minimum; the loss, when the logits are materialised (no fused linear +
   cross-entropy), writes and reads them forward and backward.
-Recomputation replays the forward of what it recomputes: full, whole layers; selective, its
+Kernels per layer, forward (each costs the calibration's kernel_overhead besides its work): the
+GEMMs (4: fused QKV, output projection, fc1, fc2; 7 where q, k, v, gate and up are linears of
+their own; a mixture of experts: the router, each local expert's and the shared expert's), the
+attention kernel and the copy of its output into the projection's layout (Megatron-LM 2021's
+unfused attention: two batched GEMMs, the masked softmax, the dropout), and the elementwise ops,
+one kernel each when fused (two norms, the activation, RoPE of q and k, two residual adds), or as eager
+PyTorch runs them: an RMSNorm 8 (upcast, square, mean, add eps, rsqrt, scale, downcast, weight),
+a LayerNorm 1 (one native kernel), SwiGLU 2 (silu, multiply), GeLU 1, RoPE 5 per tensor of q and
+k (negate, concatenate, two multiplies, add), the adds 1 each. Backward runs two kernels per
+forward kernel (a GEMM's input and weight gradients; an elementwise op's gradient and its
+reduction or cast).
+Recomputation replays the forward (time and kernels) of what it recomputes: full, whole layers; selective, its
 modules (core_attn: the attention kernel; mlp: the MLP's GEMMs and activation; layernorm: the
 norms), or under torchtitan's op policy every second matmul and every memory-bound op but
 attention's (software.py). The optimizer reads each parameter it updates (fp32 main weight, grad, two moments,
@@ -43,6 +55,10 @@ from megatron_lite.planner.memory import RankCoords, logits_kept, optimizer_elem
 from megatron_lite.planner.software import Software
 
 FLASH_BACKWARD = 2.5  # a flash backward's matmul work over its forward's (it recomputes the scores)
+BACKWARD_KERNELS = 2  # kernels a backward runs per forward kernel (module docstring)
+# Elementwise kernels per forward (module docstring): fused, one per op; eager, as PyTorch runs them.
+FUSED_KERNELS = {"rmsnorm": 1, "layernorm": 1, "swiglu": 1, "gelu": 1, "rope": 1, "add": 1}
+EAGER_KERNELS = {"rmsnorm": 8, "layernorm": 1, "swiglu": 2, "gelu": 1, "rope": 10, "add": 1}
 
 
 @dataclass(frozen=True)
@@ -52,15 +68,21 @@ class StageCompute:
     backward_s: float  # recomputation's replayed forward included
     optimizer_s: float
     layers: int  # transformer layers the stage runs per microbatch (ZeRO-3 gathers them one by one)
-    parts: dict[str, float]  # forward_s + backward_s by kind: gemm, attention, memory, recompute
+    parts: dict[str, float]  # forward_s + backward_s by kind: gemm, attention, memory, recompute, kernels
+    kernels: float  # kernels the stage's layers run per microbatch, forward and backward
 
 
 @dataclass
 class _Parts:
-    """Forward seconds of one layer's parts: GEMMs, attention kernel, memory-bound ops."""
+    """One layer's forward by part: GEMMs, attention kernel, memory-bound ops; in seconds, or in
+    kernels (_Cost.kernels), so that recomputation replays both alike."""
     gemm: dict[str, float]
     attention: float
     memory: dict[str, float]
+
+    @property
+    def forward(self) -> float:
+        return self.gemm["attention"] + self.gemm["mlp"] + self.attention + sum(self.memory.values())
 
 
 class _Cost:
@@ -90,7 +112,7 @@ class _Cost:
     def memory(self, elements_per_token: float, eager: bool = True) -> float:
         """Forward seconds of memory-bound ops moving `elements_per_token` elements per token."""
         factor = self.cal.eager_traffic if eager and not self.fused else 1.0
-        return factor * self.tokens * elements_per_token * self.nbytes / self.gpu.hbm_bandwidth
+        return factor * self.tokens * elements_per_token * self.nbytes / self.cal.hbm_bandwidth(self.gpu)
 
     def mlp(self, ffn: float, tokens: float, gate: int) -> float:
         h = self.config.model.hidden_size
@@ -133,17 +155,38 @@ class _Cost:
                   "attention": attention_io}
         return _Parts(gemm, attention, memory)
 
+    def kernels(self, moe: bool) -> _Parts:
+        """A layer's kernels per forward, by part (module docstring)."""
+        model, par = self.config.model, self.config.parallel
+        llama = model.family == "llama"
+        separate = self.software.separate_projections and llama
+        attention_gemms, mlp_gemms = (4, 3) if separate else (2, 2)
+        gemm = {"attention": attention_gemms}
+        if moe:
+            local = model.num_experts / par.expert_model_parallel_size
+            gemm["mlp"] = 1 + (local + bool(model.moe_shared_expert_intermediate_size)) * mlp_gemms
+        else:
+            gemm["mlp"] = mlp_gemms
+        gemm["every_other"] = (attention_gemms + mlp_gemms) // 2 if llama and not moe else 0
+        each = FUSED_KERNELS if self.fused else EAGER_KERNELS
+        flash = self.software.attention == "flash"
+        memory = {"layernorm": 2 * each["rmsnorm" if llama else "layernorm"],
+                  "mlp": each["swiglu" if llama else "gelu"],
+                  "other": 2 * each["add"] + (each["rope"] if llama else 0),
+                  "attention": 1 if flash else 0}
+        return _Parts(gemm, 1 if flash else 4, memory)
+
 
 def _backward_factor(software: Software) -> float:
     return FLASH_BACKWARD if software.attention == "flash" else 2.0
 
 
 def _replayed(config: Config, software: Software, parts: _Parts, layers: int) -> float:
-    """Forward seconds recomputation replays on `layers` layers of one kind."""
+    """What recomputation replays on `layers` layers of one kind: forward seconds, or kernels."""
     model = config.model
     if model.recompute_granularity == "full":
-        one = parts.gemm["attention"] + parts.gemm["mlp"] + parts.attention + sum(parts.memory.values())
-        return one * (layers if model.recompute_method == "uniform" else min(model.recompute_num_layers, layers))
+        replayed = layers if model.recompute_method == "uniform" else min(model.recompute_num_layers, layers)
+        return parts.forward * replayed
     if model.recompute_granularity == "selective" and software.selective == "every_other_matmul":
         return layers * (parts.gemm["every_other"] + sum(parts.memory.values()) - parts.memory["attention"])
     modules = model.selective_recompute
@@ -187,19 +230,21 @@ def stage_compute(config: Config, gpu: GPU, calibration: Calibration, software: 
     # The stage's layers by kind, mixtures of experts first: how many of each (MoE or not, its window).
     counts = Counter(sorted(((model.is_moe_layer(n), model.layer_window(n)) for n in numbers + mtp_numbers),
                             key=lambda kind: not kind[0]))
-    kinds = [(cost.layer(moe, window), count) for (moe, window), count in counts.items()]
-    gemm = sum(n * (p.gemm["attention"] + p.gemm["mlp"]) for p, n in kinds)
-    attention = sum(n * p.attention for p, n in kinds)
-    memory = sum(n * sum(p.memory.values()) for p, n in kinds)
-    replay = sum(_replayed(config, software, p, n) for p, n in kinds)
+    kinds = [(cost.layer(moe, window), cost.kernels(moe), count) for (moe, window), count in counts.items()]
+    gemm = sum(n * (p.gemm["attention"] + p.gemm["mlp"]) for p, _, n in kinds)
+    attention = sum(n * p.attention for p, _, n in kinds)
+    memory = sum(n * sum(p.memory.values()) for p, _, n in kinds)
+    replay = sum(_replayed(config, software, p, n) for p, _, n in kinds)
+    forward_kernels = sum(n * k.forward for _, k, n in kinds)
+    kernels = (1 + BACKWARD_KERNELS) * forward_kernels + sum(_replayed(config, software, k, n) for _, k, n in kinds)
     head = (1 + depths) * cost.gemm(cost.tokens, model.hidden_size, model.padded_vocab_size(cost.tp) / cost.tp)
     head += depths * cost.gemm(cost.tokens, 2 * model.hidden_size, model.hidden_size / cost.tp)
     # Materialised logits are written and read forward and again backward (whole step: not x 3).
     loss = 0.0 if cost.fused_loss else (1 + depths) * cost.memory(4 * model.padded_vocab_size(cost.tp) / cost.tp)
     parts = {"gemm": 3 * (gemm + head), "attention": (1 + _backward_factor(software)) * attention,
-             "memory": 3 * memory + loss, "recompute": replay}
-    forward = gemm + attention + memory + head
+             "memory": 3 * memory + loss, "recompute": replay, "kernels": kernels * calibration.kernel_overhead}
+    forward = gemm + attention + memory + head + forward_kernels * calibration.kernel_overhead
     return StageCompute(forward_s=forward, backward_s=sum(parts.values()) - forward,
-                        optimizer_s=_optimizer_bytes(config, pp_rank) / gpu.hbm_bandwidth
+                        optimizer_s=_optimizer_bytes(config, pp_rank) / calibration.hbm_bandwidth(gpu)
                         + _newton_schulz_seconds(cost, config, numbers + mtp_numbers), layers=len(numbers),
-                        parts=parts)
+                        parts=parts, kernels=kernels)

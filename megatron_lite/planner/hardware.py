@@ -38,7 +38,7 @@ GPUS = {
     # a fitted calibration (planner/calibration.py: hopper-500w).
     "H100-HBM2E": GPU("H100 SXM 96GB HBM2e 500W", 989.0, 96, 2.4e12, 450e9, 4e-6, 50e9, 8e-6, "hopper",
                       "hopper-500w"),
-    "H200": GPU("H200 SXM", 989.0, 141, 4.8e12, 450e9, 4e-6, 50e9, 8e-6, "hopper"),
+    "H200": GPU("H200 SXM", 989.0, 141, 4.8e12, 450e9, 4e-6, 50e9, 8e-6, "hopper", "hopper-h200"),
     "B200": GPU("B200", 2250.0, 180, 8.0e12, 900e9, 3e-6, 50e9, 8e-6, "blackwell"),
 }
 # Dense bf16 peaks by a fragment of the name torch reports (the first match wins): a run's MFU.

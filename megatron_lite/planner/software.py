@@ -29,6 +29,9 @@ class Software:
     ours are posted and waited for within each schedule step."""
     pp_sends_split_over_tp: bool = False
     """Megatron-LM 2021's scatter-gather: a pipeline send carries 1/tp of the activation."""
+    separate_projections: bool = False
+    """q, k, v and the MLP's gate and up as linears of their own (each its own GEMM kernel), as
+    torchtitan's and picotron's Llama write them; ours and Megatron's fuse QKV and gate with up."""
     selective: str = "modules"
     """What selective recomputation replays: "modules", ours (--recompute-modules, default core
     attention); "every_other_matmul", torchtitan's op policy (every second matmul of a layer's
@@ -42,10 +45,11 @@ MEGATRON_2021 = Software("Megatron-LM (2021)", attention="unfused", fused_elemen
                          pp_sends_split_over_tp=True)
 MEGATRON_CORE = Software("Megatron-Core", fused_elementwise=True, fused_loss=False, tp_comm_overlap=True,
                          pp_overlap=True)
-TORCHTITAN = Software("torchtitan", fused_elementwise=False, fused_loss=False, selective="every_other_matmul")
+TORCHTITAN = Software("torchtitan", fused_elementwise=False, fused_loss=False, separate_projections=True,
+                      selective="every_other_matmul")
 # torch.compile of each transformer block fuses its elementwise ops.
 TORCHTITAN_COMPILED = Software("torchtitan + torch.compile", fused_elementwise=True, fused_loss=False,
-                               selective="every_other_matmul")
+                               separate_projections=True, selective="every_other_matmul")
 # picotron's norms (flash-attn's Triton RMSNorm), RoPE (flash-attn's) and attention are fused
 # kernels; only its SwiGLU runs as two eager ops (picotron/model.py).
-PICOTRON = Software("picotron", fused_elementwise=True, fused_loss=False)
+PICOTRON = Software("picotron", fused_elementwise=True, fused_loss=False, separate_projections=True)

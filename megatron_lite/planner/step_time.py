@@ -2,7 +2,8 @@
 
 compute   the busiest pipeline stage's forward and backward per microbatch and the optimizer
           step (planner/compute.py: GEMMs at the efficiency their shape reaches, attention at a
-          flash kernel's, the memory-bound ops' bytes; the numbers in planner/calibration.py).
+          flash kernel's, the memory-bound ops' bytes at the HBM bandwidth reached, a fixed cost
+          per kernel; the numbers in planner/calibration.py).
           The slowest stage (the last: it also computes the logits) sets the pace.
 comm      alpha-beta per collective: T = steps·alpha + wire bytes / bandwidth, ring wire bytes
           (comm.ring_wire_bytes) of the traffic formula (planner/traffic.py), on NVLink when
@@ -42,7 +43,7 @@ class StepEstimate:
     memory: dict[str, float]  # bytes per part on the busiest rank
     traffic: dict[str, float]  # wire bytes per group per step, per rank
     compute_s: float
-    compute_parts: dict[str, float]  # compute_s by kind: gemm, attention, memory, recompute, optimizer
+    compute_parts: dict[str, float]  # compute_s by kind: gemm, attention, memory, recompute, kernels, optimizer
     bubble_s: float
     comm_s: dict[str, float]  # per group, on the wire
     exposed_comm_s: float
