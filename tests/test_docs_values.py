@@ -122,13 +122,16 @@ class Statement:
         return f"{self.where}: {self.flag} {self.value!r}"
 
 
+def _blank(match: re.Match) -> str:
+    return re.sub(r"[^\n]", " ", match.group(0))
+
+
 def prose(path: str) -> str:
-    """The document with its code blocks and the generated flags table blanked (offsets and line
-    numbers kept) and its lines joined, so a statement may wrap."""
+    """The document with its code blocks and the generated flags table blanked, offsets and line
+    numbers kept (the scans join its lines, so that a statement may wrap)."""
     text = (ROOT / path).read_text()
-    blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))  # noqa: E731
-    text = re.sub(r"^```.*?^```", blank, text, flags=re.S | re.M)
-    text = re.sub(r"<!-- flags -->.*?<!-- /flags -->", blank, text, flags=re.S)
+    text = re.sub(r"^```.*?^```", _blank, text, flags=re.S | re.M)
+    text = re.sub(r"<!-- flags -->.*?<!-- /flags -->", _blank, text, flags=re.S)
     return text
 
 
