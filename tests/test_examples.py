@@ -1,5 +1,6 @@
 """Every script in examples/ runs, in a reduced form: the same script, its flags overridden to a
-tiny model on 2 CPU ranks; and the layouts the recipes name are still the planner's first choice."""
+tiny model on 2 CPU ranks; each recipe as written passes a dry run at its own size; and the layouts
+the recipes name are still the planner's first choice."""
 from __future__ import annotations
 
 import json
@@ -49,16 +50,22 @@ def _stub(folder: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+def _slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """An allocation on this host: srun starts the command it is given, scontrol names localhost."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _stub(bin_dir, "scontrol", '[[ "$1 $2 $3" == "show hostnames localhost" ]] && echo localhost\n')
+    _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')  # its options, then the command
+    env = _env(SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT), **extra)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
 def test_slurm_script_on_a_one_node_allocation(tmp_path: Path) -> None:
     """The sbatch script as Slurm runs it on one node: srun starts the script's torchrun once, and
     the rendezvous is at the host scontrol names first."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _stub(bin_dir, "scontrol", '[[ "$1 $2 $3" == "show hostnames localhost" ]] && echo localhost\n')
-    _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')  # its options, then the command
-    env = _env(SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT),
-               GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), CHECKPOINT_DIR=str(tmp_path / "ckpt"))
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env = _slurm_env(tmp_path, SLURM_NNODES="1", GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()),
+                     CHECKPOINT_DIR=str(tmp_path / "ckpt"))
     # The script's layout over 2 ranks: its pipeline of 4 stages becomes 2, context parallelism off.
     result = run_command(["bash", str(EXAMPLES / "slurm_pretrain_gpt.sh"), *TINY, "--cp", "1", "--pp", "2",
                           "--num-layers", "4"], env=env, timeout=180)
@@ -92,6 +99,23 @@ def test_recipes_use_the_planners_first_layout(capsys: pytest.CaptureFixture, sc
                    "--cp 4 --pp 4 --vpp 2 --pipeline-schedule zbv --use-distributed-optimizer \\\n"
                    "    --micro-batch-size 4 --global-batch-size 512"}
     assert spelled[layout] in text
+
+
+@pytest.mark.parametrize("script, world", [("llama_1b_8gpu.sh", 8), ("slurm_pretrain_gpt.sh", 16)])
+def test_recipes_as_written_pass_a_dry_run(tmp_path: Path, script: str, world: int) -> None:
+    """Each recipe's own flags (preset, batch sizes, layout, bf16) at its own size, 8 GPUs or 2 nodes
+    of 8, are a run pretrain_gpt.py accepts: torchrun is a stand-in that dry-runs the command it is
+    given for the world its --nnodes and --nproc-per-node make."""
+    env = _slurm_env(tmp_path, SLURM_NNODES="2", PRECISION="bf16", CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    _stub(tmp_path / "bin", "torchrun", "nodes=1; nproc=1\n"
+          'while [[ "$1" == --* ]]; do\n'
+          '  case "$1" in --nnodes) nodes=$2; shift 2;; --nproc-per-node) nproc=$2; shift 2;;\n'
+          "    --standalone) shift;; *) shift 2;; esac\n"
+          "done\n"
+          f'exec {sys.executable} "$@" --dry-run --world-size $((nodes * nproc))\n')
+    result = run_command(["bash", str(EXAMPLES / script)], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"> dry run: the configuration is valid for world size {world};" in result.stdout
 
 
 def test_strategy_comparison_on_cpu_ranks() -> None:
