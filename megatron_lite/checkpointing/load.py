@@ -21,7 +21,7 @@ from megatron_lite.checkpointing.paths import (
     saved_iterations,
     shard_file,
 )
-from megatron_lite.checkpointing.reshard import FullState, LegacyTensors, load_full_state, read_full_state
+from megatron_lite.checkpointing.reshard import FullState, LegacyTensors, load_full_state, read_legacy_state
 from megatron_lite.checkpointing.save import current_layout
 from megatron_lite.checkpointing.torch_dist import (
     COMMON,
@@ -157,7 +157,8 @@ def read_common(root: str | Path, iteration: int) -> dict:
 
 
 def read_checkpoint(root: str | Path, iteration: int) -> FullState:
-    """Every file of a saved checkpoint, whatever its layout and format, as full tensors."""
+    """A saved checkpoint, whatever its layout and format, as full tensors (the torch format's read
+    one parameter at a time, when asked for)."""
     if is_torch_dist(checkpoint_dir(root, iteration)):
         return read_full(checkpoint_dir(root, iteration), load_file)
     layout = read_common(root, iteration)["layout"]
@@ -166,7 +167,7 @@ def read_checkpoint(root: str | Path, iteration: int) -> FullState:
         dp_files = ([optimizer_file(model_file, d) for d in range(layout["dp"] * layout.get("cp", 1))]
                     if layout["distributed_optimizer"] else [])
         files[(tp_rank, pp_rank)] = [model_file, *dp_files]
-    return read_full_state(files, load_file)
+    return read_legacy_state(files, load_file)
 
 
 def _model_files(root: str | Path, iteration: int, layout: dict) -> dict[tuple[int, int], Path]:
@@ -211,11 +212,14 @@ def load_checkpoint(root: str | Path, chunks: list[nn.Module], optimizer, config
     if is_torch_dist(checkpoint_dir(root, iteration)):
         return _load_torch_dist(root, iteration, chunks, optimizer, config)
     path = rank_file(root, iteration)
-    state = load_file(path) if path.exists() else None
+    # Mapped: when the layouts differ this file is only looked at, and reading it whole would cost
+    # rank 0 (whose file name a tp 1 checkpoint also has) the saved model and its Adam state.
+    state = load_file(path, mmap=True) if path.exists() else None
     cfg = config.train
     if (state is None or state["finetune"] or cfg.finetune or cfg.no_load_optim
             or not _same_layout(state["layout"], current_layout(config))):
         return _load_resharded(root, iteration, chunks, optimizer, config)
+    state = load_file(path)  # read, not mapped: mapped pages read once more would count twice until freed
     _check_built_with(config, state["config"]["model"], path)
     _check_optimizer(config, state["config"], path)
     for chunk, chunk_state in zip(chunks, state["model"]):

@@ -23,7 +23,7 @@ slices: simple, and fine for models whose full state fits in host memory.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +43,8 @@ REPLICATED_LAYOUT = {"partition_dim": None, "partition_stride": 1, "unpadded_row
 @dataclass
 class FullState:
     """A checkpoint independent of any layout: full, unpadded tensors keyed by global parameter name."""
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, dict[str, torch.Tensor]] | None  # name -> step and state tensors; None: weights only
+    model: Mapping[str, torch.Tensor]
+    optimizer: Mapping[str, dict[str, torch.Tensor]] | None  # name -> step and state tensors; None: weights only
     iteration: int
     consumed_samples: int
     rng: dict  # the RNG states of each (tp rank, pp rank) of the saved layout
@@ -106,22 +106,6 @@ def _moments(entry: dict) -> list[str]:
     return [key for key in entry if key != "step"]
 
 
-def _gather_moments(moments: dict, optimizer_state: dict, index: list, local_shapes: dict, tp_rank: int,
-                    layouts: dict) -> None:
-    """Scatter one file's optimizer entries into flat per-(name, tp rank) buffers. A parameter
-    not split over tp has one buffer that every tp rank's files fill: an expert's Adam state
-    is sharded over edp, which may take tp ranks, so a tp rank's files alone need not cover it."""
-    for i, (name, lo, hi) in enumerate(index):
-        entry = optimizer_state["state"].get(i)
-        if entry is None:  # saved before the first step: no state yet
-            continue
-        key = tp_rank if layouts[name]["partition_dim"] is not None else 0
-        flat = moments[name].setdefault(key, {k: torch.zeros(local_shapes[name].numel()) for k in _moments(entry)})
-        for moment in _moments(entry):
-            flat[moment][lo:hi] = entry[moment].flatten()
-        flat["step"] = entry["step"]
-
-
 def _assemble(by_rank: dict[int, torch.Tensor], layout: dict) -> torch.Tensor:
     """The full unpadded tensor from every tp rank's piece."""
     dim = layout["partition_dim"]
@@ -131,42 +115,19 @@ def _assemble(by_rank: dict[int, torch.Tensor], layout: dict) -> torch.Tensor:
     return full if rows is None else full[:rows]
 
 
-def read_full_state(files: dict[tuple[int, int], list[Path]], load: Callable[[Path], dict]) -> FullState:
-    """Assemble a FullState from every file of a saved layout.
+def read_legacy_state(files: dict[tuple[int, int], list[Path]], load: Callable[..., dict]) -> FullState:
+    """A torch-format checkpoint as a FullState whose weights and optimizer state are assembled one
+    parameter at a time, when asked for (so resharding it costs a rank one full tensor, not the model).
 
-    `files[(tp_rank, pp_rank)]` is that shard's model file followed by its distrib_optim
-    files (if any); `load(path)` reads one file (and names it in any error).
+    `files[(tp_rank, pp_rank)]` is that shard's model file followed by its distrib_optim files (if
+    any); `load(path, mmap=...)` reads one file (and names it in any error).
     """
-    weights: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    moments: dict[str, dict[int, dict]] = defaultdict(dict)
-    layouts: dict[str, dict] = {}
-    first, rng = None, {}
-    for (tp_rank, pp_rank), paths in sorted(files.items()):
-        state = load(paths[0])
-        first = state if first is None else first
-        rng[(tp_rank, pp_rank)] = state["rng"]
-        layouts.update(state["tp_layout"])
-        local_shapes = {}
-        for chunk_state in state["model"]:
-            for name, tensor in chunk_state.items():
-                weights[name][tp_rank] = tensor
-                local_shapes[name] = tensor.shape
-        optimizer_files = [state] if len(paths) == 1 else [load(p) for p in paths[1:]]
-        for opt in optimizer_files:
-            if opt["optimizer"] is not None:
-                _gather_moments(moments, opt["optimizer"], opt["optimizer_index"], local_shapes, tp_rank, layouts)
-    # Persistent buffers (an MoE router's expert bias) are in the state dicts too, replicated.
-    model = {name: _assemble(by_rank, layouts.get(name, REPLICATED_LAYOUT)) for name, by_rank in weights.items()}
-    optimizer = None
-    if moments:
-        optimizer = {}
-        for name, by_rank in moments.items():
-            shape = weights[name][0].shape
-            optimizer[name] = {k: _assemble({r: m[k].view(shape) for r, m in by_rank.items()}, layouts[name])
-                               for k in _moments(by_rank[0])}
-            optimizer[name]["step"] = by_rank[0]["step"]
-    return FullState(model, optimizer, first["iteration"], first["consumed_samples"], rng, first["config"],
-                     first["layout"], first.get("loss_scaler"))
+    first = load(files[min(files)][0], mmap=True)
+    rng = {at: load(paths[0], mmap=True)["rng"] for at, paths in files.items()}
+    weights = LegacyTensors({at: paths[0] for at, paths in files.items()}, load)
+    moments = LegacyMoments(files, weights, load)
+    return FullState(weights, moments if moments.names else None, first["iteration"], first["consumed_samples"],
+                     rng, first["config"], first["layout"], first.get("loss_scaler"))
 
 
 class LegacyTensors(LazyTensors):
@@ -176,18 +137,59 @@ class LegacyTensors(LazyTensors):
 
     def __init__(self, files: dict[tuple[int, int], Path], load: Callable[..., dict]) -> None:
         self.load, self.where, self.layouts = load, defaultdict(dict), {}
+        self.local_shapes: dict[tuple[str, int], torch.Size] = {}  # (name, tp rank) -> that rank's piece's shape
         for (tp_rank, pp_rank), path in sorted(files.items()):
             state = load(path, mmap=True)
             self.layouts.update(state["tp_layout"])
             for chunk, chunk_state in enumerate(state["model"]):
-                for name in chunk_state:
+                for name, tensor in chunk_state.items():
                     self.where[name][tp_rank] = (path, chunk)
+                    self.local_shapes[name, tp_rank] = tensor.shape
         self.names = self.where
+
+    def layout(self, name: str) -> dict:
+        """How `name` is split over tp (persistent buffers have no entry: replicated)."""
+        return self.layouts.get(name, REPLICATED_LAYOUT)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         pieces = {r: self.load(path, mmap=True)["model"][chunk][name] for r, (path, chunk) in self.where[name].items()}
-        return _assemble(pieces, self.layouts.get(name, REPLICATED_LAYOUT)).clone()
+        return _assemble(pieces, self.layout(name)).clone()
 
+
+class LegacyMoments(LazyTensors):
+    """A torch-format checkpoint's optimizer state by parameter name: the step and each state tensor,
+    full and unpadded, assembled when asked for from the ranges of it that the files hold (each file
+    mapped and opened again per parameter, as LegacyTensors does)."""
+
+    def __init__(self, files: dict[tuple[int, int], list[Path]], weights: LegacyTensors,
+                 load: Callable[..., dict]) -> None:
+        self.load, self.weights = load, weights
+        self.ranges: dict[str, list[tuple[int, Path, int, int, int]]] = defaultdict(list)
+        for (tp_rank, _), paths in sorted(files.items()):
+            for path in paths[1:] or paths[:1]:  # the distrib_optim files, else the model file itself
+                saved = load(path, mmap=True)
+                if saved["optimizer"] is None:
+                    continue
+                for i, (name, lo, hi) in enumerate(saved["optimizer_index"]):
+                    if i in saved["optimizer"]["state"]:  # no entry before the first step
+                        self.ranges[name].append((tp_rank, path, i, lo, hi))
+        self.names = self.ranges
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        """A parameter not split over tp has one buffer that every tp rank's files fill: an expert's
+        Adam state is sharded over edp, which may take tp ranks, so one tp rank's files need not cover it."""
+        layout, flat, step = self.weights.layout(name), {}, None
+        for tp_rank, path, i, lo, hi in self.ranges[name]:
+            entry = self.load(path, mmap=True)["optimizer"]["state"][i]
+            key = tp_rank if layout["partition_dim"] is not None else 0
+            numel = self.weights.local_shapes[name, tp_rank].numel()
+            buffers = flat.setdefault(key, {k: torch.zeros(numel) for k in _moments(entry)})
+            for moment, buffer in buffers.items():
+                buffer[lo:hi] = entry[moment].flatten()
+            step = entry["step"].clone()
+        moments = {k: _assemble({r: b[k].view(self.weights.local_shapes[name, r]) for r, b in flat.items()}, layout)
+                   for k in _moments(flat[min(flat)])}
+        return {**moments, "step": step}
 
 
 def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
@@ -195,7 +197,7 @@ def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     shape = full_shape(param)
     if full.shape[0] != shape[0]:
         full = torch.cat([full, full.new_zeros(shape[0] - full.shape[0], *full.shape[1:])])
-    return local_shard(full, param)
+    return local_shard(full, param).clone()  # a copy: a view would keep the whole tensor alive
 
 
 def load_weights(model: dict[str, torch.Tensor], chunks: list[nn.Module], optimizer=None) -> None:
@@ -221,9 +223,10 @@ def load_full_state(full: FullState, chunks: list[nn.Module], optimizer) -> None
     load_weights(full.model, chunks, optimizer)
     if full.optimizer is None:
         return
-    state = {}
+    state, saved, last = {}, None, None
     for i, (t, (name, lo, hi)) in enumerate(zip(_state_order(optimizer), optimizer_index(optimizer, chunks))):
-        saved = full.optimizer[name]
+        if name != last:  # a lazy state assembles a parameter's tensors once, however many ranges it has here
+            saved, last = full.optimizer[name], name
         state[i] = {"step": saved["step"].clone(),
                     **{k: _local(saved[k], t.param).flatten()[lo:hi].view_as(t.main).clone() for k in _moments(saved)}}
     state_dict = optimizer.state_dict()
