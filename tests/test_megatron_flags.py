@@ -3,7 +3,9 @@ ramp, per-token loss, decoupled lr, the logged norms, loading options, mock data
 no-effect and FP8 flags."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +13,10 @@ import torch
 from helpers.tiny import TINY_FLAGS, tiny_config, tiny_model
 from megatron_lite.config import ConfigError, TrainConfig
 from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.model.kv_cache import InferenceParams
+from megatron_lite.model.norms import build_norm, is_norm_weight
+from megatron_lite.model.ops import select_ops
+from megatron_lite.model.rope import apply_rope, rotary_tables
 from megatron_lite.optimizer.lr_schedule import learning_rate, set_learning_rate
 from megatron_lite.optimizer.optimizer import LocalOptimizer
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
@@ -143,7 +149,7 @@ def test_no_load_optim_no_load_rng_and_finetune(tmp_path, capsys) -> None:
 def test_restating_no_effect_and_fp8_flags(capsys) -> None:
     config = parse_args(["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
                          "--disable-bias-linear", "--group-query-attention", "--no-position-embedding",
-                         "--apply-layernorm-1p", "--rotary-percent", "1.0", "--use-mcore-models",
+                         "--use-mcore-models",
                          "--attention-backend", "auto", "--overlap-grad-reduce", "--manual-gc", "--split", "'99,1,0'",
                          "--data-cache-path", "/tmp/cache"])
     assert config.model.family == "llama" and config.train.split == "99,1,0"
@@ -157,7 +163,7 @@ def test_restating_no_effect_and_fp8_flags(capsys) -> None:
                                                       "LayerNorm; llama: --swiglu)",
         ("--model", "tiny-gpt2", "--disable-bias-linear"): "--disable-bias-linear name the llama family, but the "
                                                            "model is gpt2",
-        ("--rotary-percent", "0.5"): "--rotary-percent=0.5: only 1.0 is computed here",
+        ("--family", "gpt2", "--rotary-percent", "0.5"): "--rotary-percent=0.5 is for the llama family",
         ("--fp8-format", "hybrid", "--fp8-amax-history-len", "1024"): "--fp8-format: FP8 training is not "
                                                                       "implemented here",
         ("--train-iters", "5", "--train-samples", "50"): "--train-iters and --train-samples exclude each other",
@@ -169,3 +175,107 @@ def test_restating_no_effect_and_fp8_flags(capsys) -> None:
     for flags, message in refused.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_args(list(flags))
+
+
+def _loss_and_grads(model: GPTModel, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layernorm_1p_is_the_plain_model_with_norm_weights_one_plus_w(family: str) -> None:
+    """--apply-layernorm-1p stores each norm's weight w zero-centred (initialised at 0) and scales by 1 + w: the
+    same loss and grads as the model without it whose norm weights are 1 + w, every norm (q/k norms too)."""
+    plain_config = tiny_model(family, qk_layernorm=family == "llama")
+    centred_config = dataclasses.replace(plain_config, apply_layernorm_1p=True)
+    centred, plain = GPTModel(centred_config), GPTModel(plain_config)
+    init_weights(centred, centred_config, seed=0)
+    norms = [name for name, _ in centred.named_parameters() if is_norm_weight(name)]
+    assert len(norms) == (9 if family == "llama" else 5)
+    assert all(not centred.get_parameter(name).any() for name in norms)  # Megatron's zero-centred init
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in norms:  # off the init, so that 1 + w is not all ones
+            centred.get_parameter(name).add_(0.1 * torch.randn(centred.get_parameter(name).shape, generator=gen))
+        plain.load_state_dict({name: t + 1 if name in norms else t for name, t in centred.state_dict().items()})
+    tokens = torch.randint(0, plain_config.vocab_size, (2, plain_config.seq_length + 1), generator=gen)
+    (loss_1p, grads_1p), (loss, grads) = _loss_and_grads(centred, tokens), _loss_and_grads(plain, tokens)
+    torch.testing.assert_close(loss_1p, loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_1p[name], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.usefixtures("force_triton")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layernorm_1p_through_the_triton_norm_kernels(family: str) -> None:
+    """The fused norm (residual add and norm in one kernel) of a zero-centred norm equals the plain one's with
+    weight 1 + w: outputs and the grads of x, the residual and w."""
+    ops = select_ops(True)
+    results = []
+    for zero_centered in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        norm = build_norm(tiny_model(family, apply_layernorm_1p=zero_centered), ops)
+        with torch.no_grad():
+            norm.weight.copy_(0.1 * torch.randn(32, generator=gen) + (0.0 if zero_centered else 1.0))
+        x, residual = (torch.randn(2, 8, 32, generator=gen).requires_grad_() for _ in range(2))
+        y, h = norm(x, residual)
+        torch.autograd.backward((y, h), (torch.randn(2, 8, 32, generator=gen), torch.randn(2, 8, 32, generator=gen)))
+        results.append((y, h, x.grad, residual.grad, norm.weight.grad))
+    for centred, plain in zip(*results):
+        torch.testing.assert_close(centred, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_without_layernorm_1p_norm_weights_start_at_one() -> None:
+    config = tiny_model("gpt2")
+    model = GPTModel(config)
+    init_weights(model, config, seed=0)
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if is_norm_weight(n))
+
+
+def _rope_by_hand(x: torch.Tensor, percent: float, base: float) -> torch.Tensor:
+    """Megatron's partial RoPE on x [b, s, h, d] written out: the first int(d * percent) channels rotated in the
+    rotate-half convention with that width's frequencies, the rest as they are."""
+    rot = int(x.shape[-1] * percent)
+    inv_freq = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    angles = torch.outer(torch.arange(x.shape[1], dtype=torch.float64), inv_freq)
+    cos, sin = (torch.cat([f(angles)] * 2, -1)[None, :, None, :] for f in (torch.cos, torch.sin))
+    x_rot, x_pass = x[..., :rot].double(), x[..., rot:]
+    half = rot // 2
+    rotated = x_rot * cos + torch.cat((-x_rot[..., half:], x_rot[..., :half]), -1) * sin
+    return torch.cat((rotated.to(x.dtype), x_pass), -1)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_rotary_percent_rotates_the_first_channels_of_each_head_only(kernels: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rotary-percent 0.5 on 16-wide heads: channels 0-7 rotated as an 8-wide head, 8-15 unchanged (the torch
+    reference and the Triton kernel); a model with it still trains, and a generation's KV cache (positions from
+    the offset) computes what one forward does."""
+    if kernels == "triton":
+        monkeypatch.setenv("MEGATRON_LITE_TRITON", "1")
+    config = tiny_model("llama", hidden_size=64, rotary_percent=0.5)
+    assert config.head_dim == 16 and config.rotary_dim == 8
+    cos, sin = rotary_tables(config)
+    assert cos.shape == (config.context_length, 4)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 16, 4, 16, generator=gen), torch.randn(2, 16, 2, 16, generator=gen)
+    ops = select_ops(kernels == "triton")
+    q_out, k_out = apply_rope(ops.apply_rotary, q, k, cos[:16], sin[:16])
+    for out, x in ((q_out, q), (k_out, k)):
+        torch.testing.assert_close(out, _rope_by_hand(x, 0.5, config.rotary_base), rtol=1e-5, atol=1e-6)
+        assert torch.equal(out[..., 8:], x[..., 8:])
+    if kernels == "reference":
+        model = GPTModel(config).eval()
+        init_weights(model, config, seed=0)
+        tokens = torch.randint(0, config.vocab_size, (2, 12), generator=gen)
+        with torch.no_grad():
+            whole = model(tokens)
+            cache, parts = InferenceParams(2, 12), []
+            for piece in tokens.split([5, 4, 3], dim=1):
+                parts.append(model(piece, inference_params=cache))
+                cache.sequence_len_offset += piece.shape[1]
+        torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=re.escape("--rotary-percent=0.1 must be in (0, 1] and rotate an even, "
+                                                    "non-zero number of channels (head dim 16 x 0.1 = 1)")):
+        tiny_model("llama", hidden_size=64, rotary_percent=0.1).validate()

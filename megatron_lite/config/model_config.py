@@ -53,8 +53,15 @@ class ModelConfig(RopeScalingChecks):
     """Pad the vocabulary to a multiple of this (times tp) so the embedding shards evenly."""
     norm_epsilon: float = 1e-5
     """Epsilon of the layer norms."""
+    apply_layernorm_1p: bool = False
+    """Zero-centred norm weights (Megatron's): every norm stores gamma - 1, initialised at 0, and scales by 1 + weight
+    (checkpoints hold the stored value; Hugging Face export writes gamma). Norm weights carry no weight decay, so the
+    same model trains the same steps; what changes is the stored value's precision near gamma = 1."""
     rotary_base: float = 10000.0
     """RoPE base frequency (llama family)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head RoPE rotates (Megatron's): the first int(head dim * fraction) channels, in the
+    rotate-half convention over those channels with frequencies of that width; the others pass through unrotated."""
     rope_scaling_type: str = "none"
     """RoPE scaling for a context longer than the pretraining one (llama family), Hugging Face's rope_type: linear
     (every frequency divided by the factor), llama3 (Llama 3.1's: long wavelengths divided by the factor, short ones
@@ -216,6 +223,11 @@ class ModelConfig(RopeScalingChecks):
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
+    def rotary_dim(self) -> int:
+        """The channels of each head RoPE rotates (Megatron's int(kv_channels * rotary_percent))."""
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
     def context_length(self) -> int:
         """The most positions the model can look at: its position table (gpt2) or rotary table (llama)."""
         return max(self.seq_length, self.max_position_embeddings)
@@ -342,6 +354,11 @@ class ModelConfig(RopeScalingChecks):
         if self.family == "llama":
             require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (--kv-channels or hidden/heads) must be "
                     "even for RoPE")
+        require(0.0 < self.rotary_percent <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+                f"--rotary-percent={self.rotary_percent} must be in (0, 1] and rotate an even, non-zero number of "
+                f"channels (head dim {self.head_dim} x {self.rotary_percent} = {self.rotary_dim})")
+        require(self.rotary_percent == 1.0 or self.family == "llama",
+                f"--rotary-percent={self.rotary_percent} is for the llama family (RoPE); gpt2 has learned positions")
         if self.family == "gpt2":
             require(self.seq_length <= self.max_position_embeddings,
                     f"--seq-length={self.seq_length} exceeds the gpt2 position table "

@@ -43,6 +43,9 @@ def hf_family(model: ModelConfig) -> str:
             if bad:
                 raise ConfigError(f"GPT2LMHeadModel cannot represent {why}, which this gpt2-family model has")
         return "gpt2"
+    if model.rotary_percent != 1.0:
+        raise ConfigError(f"--rotary-percent={model.rotary_percent}: no Hugging Face family here represents partial "
+                          "RoPE (the Llama, Mistral, Qwen and Mixtral families rotate the whole head)")
     if model.add_qkv_bias and model.qk_layernorm:
         raise ConfigError("no Hugging Face family has q/k/v biases and q/k norms together")
     some_layers_only = len(set(model.layer_windows)) > 1

@@ -68,8 +68,6 @@ RESTATING: dict[str, dict] = {
     "--no-position-embedding": _ON,
     "--disable-bias-linear": _ON,
     "--group-query-attention": _ON,
-    "--apply-layernorm-1p": _ON,
-    "--rotary-percent": dict(type=float, metavar="FRACTION"),
 }
 RESTATING_HELP = {
     "--swiglu": "SwiGLU MLP: the llama family's.",
@@ -78,9 +76,6 @@ RESTATING_HELP = {
     "--no-position-embedding": "No learned position table: the llama family (RoPE).",
     "--disable-bias-linear": "No biases on the linear layers: the llama family (biases only with --add-qkv-bias).",
     "--group-query-attention": "Grouped-query attention; the groups are --num-query-groups, in either family.",
-    "--apply-layernorm-1p": "Norm weights stored minus one: the same model and the same steps here, where norm weights "
-                            "carry no weight decay.",
-    "--rotary-percent": "Fraction of each head RoPE rotates; only 1.0 (the whole head) is computed here.",
 }
 FAMILY_OF_SWITCH = {"--swiglu": "llama", "--no-position-embedding": "llama", "--disable-bias-linear": "llama"}
 
@@ -137,9 +132,6 @@ def megatron_settings(given: dict) -> MegatronSettings:
                           f"({', '.join(fp8)}) and train in --bf16")
     no_effect = [flag for flag in NO_EFFECT if given.pop(_dest(flag), None) is not None]
     values = {flag: given.pop(_dest(flag)) for flag in RESTATING if _dest(flag) in given}
-    percent = values.pop("--rotary-percent", 1.0)
-    if percent != 1.0:
-        raise ConfigError(f"--rotary-percent={percent}: only 1.0 is computed here (RoPE over the whole head)")
     said = {f"{flag} {value}": FAMILY_OF_VALUE[value] for flag, value in values.items() if isinstance(value, str)}
     said.update({flag: FAMILY_OF_SWITCH[flag] for flag in values if flag in FAMILY_OF_SWITCH})
     families = sorted(set(said.values()))
