@@ -14,6 +14,7 @@ from helpers.tiny import TINY_FLAGS, tiny_config, tiny_model
 from megatron_lite.config import ConfigError, TrainConfig
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.kv_cache import InferenceParams
+from megatron_lite.model.moe import Router
 from megatron_lite.model.norms import build_norm, is_norm_weight
 from megatron_lite.model.ops import select_ops
 from megatron_lite.model.rope import apply_rope, rotary_tables
@@ -279,3 +280,67 @@ def test_rotary_percent_rotates_the_first_channels_of_each_head_only(kernels: st
     with pytest.raises(ConfigError, match=re.escape("--rotary-percent=0.1 must be in (0, 1] and rotate an even, "
                                                     "non-zero number of channels (head dim 16 x 0.1 = 1)")):
         tiny_model("llama", hidden_size=64, rotary_percent=0.1).validate()
+
+
+def test_group_limited_routing_and_scaled_weights_as_deepseek_v3_routes() -> None:
+    """8 experts in 4 groups, top-4 within the 2 groups whose best 2 scores (sigmoid plus the expert bias) sum
+    highest; weights the chosen sigmoid scores normalised, times --moe-router-topk-scaling-factor 2.5."""
+    config = tiny_model("llama", num_experts=8, moe_router_topk=4, moe_router_score_function="sigmoid",
+                        moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+                        moe_router_topk_scaling_factor=2.5)
+    router = Router(config, sequence_parallel=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
+        router.expert_bias.copy_(0.1 * torch.randn(8, generator=gen))
+    x = torch.randn(2, 8, config.hidden_size, generator=gen)
+    weights, experts, _ = router(x)
+    scores = (x.flatten(0, 1) @ router.weight.T).sigmoid()
+    for token, (row, chosen) in enumerate(zip(scores, experts)):
+        biased = (row + router.expert_bias).view(4, 2)
+        best_groups = biased.sum(-1).topk(2).indices  # each group's best 2 of its 2 experts: their sum
+        allowed = torch.cat([torch.arange(2 * g, 2 * g + 2) for g in best_groups.tolist()])
+        expected = allowed[(row + router.expert_bias)[allowed].topk(4).indices]
+        assert sorted(chosen.tolist()) == sorted(expected.tolist()), token
+        torch.testing.assert_close(weights[token], 2.5 * row[chosen] / row[chosen].sum())
+    with pytest.raises(ConfigError, match="--moe-router-num-groups and --moe-router-group-topk go together"):
+        dataclasses.replace(config, moe_router_group_topk=None).validate()
+
+
+def test_moe_layer_freq_list_and_lr_warmup_init() -> None:
+    """--moe-layer-freq as DeepSeek-V3's recipe writes it (a quoted list expression): the first layer dense, the
+    rest MoE; --lr-warmup-init is where the linear warmup starts."""
+    config = parse_args(["--num-layers", "4", "--num-experts", "4", "--moe-layer-freq", "'([0]*1+[1]*3)'",
+                         "--lr-warmup-init", "0.1", "--lr", "1.0", "--lr-warmup-iters", "4", "--train-iters", "10"])
+    assert config.model.moe_layer_freq == [0, 1, 1, 1]
+    model = GPTModel(config.model)
+    assert [type(layer.mlp).__name__ for layer in model.layers.values()] == ["MLP", "MoELayer", "MoELayer", "MoELayer"]
+    assert [learning_rate(i, config.train) for i in (1, 2, 4)] == pytest.approx([0.325, 0.55, 1.0])
+    assert learning_rate(2, tiny_config().train) == learning_rate(2, dataclasses.replace(tiny_config().train,
+                                                                                           lr_warmup_init=0.0))
+    with pytest.raises(ConfigError, match=re.escape("--moe-layer-freq=[0, 1] must give each of the --num-layers=4 "
+                                                    "layers 1 (MoE) or 0 (dense)")):
+        parse_args(["--num-layers", "4", "--num-experts", "4", "--moe-layer-freq", "[0,1]"])
+
+
+def test_megatron_switches_neutral_values_and_refused_features(capsys) -> None:
+    config = parse_args(["--use-rope-scaling", "--recompute-activations", "--num-experts", "4",
+                         "--moe-token-dispatcher-type", "flex", "--softmax-type", "vanilla", "--moe-router-fusion",
+                         "--expert-tensor-parallel-size", "1", "--use-rotary-position-embeddings"])
+    model = config.model
+    assert (model.rope_scaling_type, model.rope_scaling_factor, model.rope_scaling_original_max_position_embeddings,
+            model.recompute_granularity, model.moe_token_dispatcher_type) == ("llama3", 8.0, 8192, "selective",
+                                                                              "alltoall")
+    assert ("accepted, no effect here: --moe-router-fusion, --softmax-type, --expert-tensor-parallel-size, "
+            "--moe-token-dispatcher-type flex (alltoall here)") in capsys.readouterr().out
+    refused = {
+        ("--softmax-type", "learnable", "--quick-geglu"): "--quick-geglu: gpt-oss's clamped GeGLU is not implemented "
+                                                         "here; the MLP is SwiGLU (llama) or GELU (gpt2); drop "
+                                                         "--quick-geglu (also not implemented: --softmax-type)",
+        ("--expert-tensor-parallel-size", "2"): "--expert-tensor-parallel-size: experts are not split over tp here",
+        ("--use-rope-scaling", "--rope-scaling-type", "yarn"): "--use-rope-scaling means --rope-scaling-type llama3, "
+                                                               "but it is yarn; drop one",
+    }
+    for flags, message in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_args(list(flags))

@@ -133,8 +133,10 @@ class ModelConfig(RopeScalingChecks):
     """Experts each token is routed to."""
     moe_ffn_hidden_size: int | None = None
     """Width of each expert's MLP (default: --ffn-hidden-size)."""
-    moe_layer_freq: int = 1
-    """Every N-th layer is a mixture of experts (layers N-1, 2N-1, ...), the others dense; 1: all of them."""
+    moe_layer_freq: int | list[int] = 1
+    """Every N-th layer is a mixture of experts (layers N-1, 2N-1, ...), the others dense; 1: all of them. Or, as
+    Megatron takes it, a list expression giving each layer 1 (MoE) or 0 (dense), such as ([0]*3+[1]*58)
+    (DeepSeek-V3's three dense layers first)."""
     moe_shared_expert_intermediate_size: int | None = None
     """Width of a shared expert every token passes through besides its routed ones (default: none)."""
     moe_shared_expert_gate: bool = False
@@ -143,6 +145,13 @@ class ModelConfig(RopeScalingChecks):
     """Router scores: softmax over the experts, or sigmoid per expert."""
     moe_router_pre_softmax: bool = False
     """softmax: weights are the softmax over all experts (unnormalised top-k), not over the chosen k."""
+    moe_router_topk_scaling_factor: float | None = None
+    """The chosen experts' weights are multiplied by this (DeepSeek-V3's 2.5 with sigmoid scores); default: 1."""
+    moe_router_num_groups: int | None = None
+    """Group-limited routing (DeepSeek's device-limited routing): the experts form this many equal groups, and each
+    token picks its experts within the --moe-router-group-topk groups whose best topk/group-topk scores sum highest."""
+    moe_router_group_topk: int | None = None
+    """With --moe-router-num-groups: the groups each token routes within."""
     moe_router_load_balancing_type: str = "aux_loss"
     """aux_loss (Switch/GShard, over the microbatch), seq_aux_loss (per sequence), or none."""
     moe_aux_loss_coeff: float = 0.0
@@ -189,8 +198,11 @@ class ModelConfig(RopeScalingChecks):
 
     def is_moe_layer(self, number: int) -> bool:
         """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1,
-        ...)."""
-        return bool(self.num_experts) and (number + 1) % self.moe_layer_freq == 0
+        ..., or the list's entry)."""
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            return bool(self.num_experts) and freq[number] == 1
+        return bool(self.num_experts) and (number + 1) % freq == 0
 
     def layer_window(self, number: int) -> int | None:
         """The window of layer `number` (0-based, global), None for the whole causal context: --window-size on the
@@ -246,7 +258,16 @@ class ModelConfig(RopeScalingChecks):
         return -(-self.vocab_size // multiple) * multiple
 
     def _validate_moe(self) -> None:
-        require_positive(self, "num_experts", "moe_router_topk", "moe_layer_freq")
+        require_positive(self, "num_experts", "moe_router_topk")
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            require(len(freq) == self.num_layers and set(freq) <= {0, 1}, f"--moe-layer-freq={freq} must give each of "
+                    f"the --num-layers={self.num_layers} layers 1 (MoE) or 0 (dense)")
+            require(not self.mtp_depths, "--mtp-num-layers with a --moe-layer-freq list is not supported (the list "
+                    "names no MTP layer); give an integer frequency")
+        else:
+            require_positive(self, "moe_layer_freq")
+        self._validate_router_groups()
         require(self.moe_router_topk <= self.num_experts,
                 f"--moe-router-topk={self.moe_router_topk} exceeds --num-experts={self.num_experts}")
         require(self.moe_router_score_function in MOE_SCORE_FUNCTIONS,
@@ -274,6 +295,22 @@ class ModelConfig(RopeScalingChecks):
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if getattr(self, name) is not None:
                 require_positive(self, name)
+
+    def _validate_router_groups(self) -> None:
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if self.moe_router_topk_scaling_factor is not None:
+            require_positive(self, "moe_router_topk_scaling_factor")
+        require((groups is None) == (group_topk is None),
+                "--moe-router-num-groups and --moe-router-group-topk go together")
+        if groups is None:
+            return
+        require_positive(self, "moe_router_num_groups", "moe_router_group_topk")
+        per_group = self.num_experts // groups
+        require(self.num_experts % groups == 0 and group_topk <= groups and self.moe_router_topk % group_topk == 0
+                and self.moe_router_topk // group_topk <= per_group,
+                f"--moe-router-num-groups={groups} must divide --num-experts={self.num_experts}, and "
+                f"--moe-router-group-topk={group_topk} be at most the groups and divide --moe-router-topk="
+                f"{self.moe_router_topk} into at most {per_group} experts per group")
 
     @property
     def selective_recompute(self) -> tuple[str, ...]:

@@ -58,6 +58,8 @@ class TrainConfig(BatchSchedule, OptimizerChecks):
     """With --train-samples: samples of linear warmup (default 0)."""
     lr_warmup_fraction: float | None = None
     """Warmup as this fraction of the decay (--lr-decay-iters or --lr-decay-samples), instead of a length."""
+    lr_warmup_init: float = 0.0
+    """The lr the linear warmup starts from (Megatron's), rising to --lr (the --decoupled-lr groups' too)."""
     lr_decay_iters: int | None = None
     """Steps over which the lr decays to --min-lr (default: --train-iters)."""
     lr_decay_samples: int | None = None

@@ -61,6 +61,9 @@ def hf_family(model: ModelConfig) -> str:
     refusals = [
         (model.moe_router_score_function != "softmax", "sigmoid router scores (they are softmax in every family)"),
         (model.moe_router_enable_expert_bias, "an expert bias"),
+        (model.moe_router_num_groups is not None, "group-limited routing"),
+        (model.moe_router_topk_scaling_factor not in (None, 1.0), "scaled top-k weights"),
+        (isinstance(model.moe_layer_freq, list), "a --moe-layer-freq list (decoder_sparse_step is a frequency)"),
         (model.moe_expert_capacity_factor is not None, "a capacity factor (the families are dropless)"),
         (family == "qwen2_moe" and not model.moe_shared_expert_gate,
          "a shared expert without a gate (Qwen2-MoE's is gated: --moe-shared-expert-gate)"),

@@ -53,6 +53,60 @@ NO_EFFECT: dict[str, tuple[dict, str]] = {
     "--timing-log-level": (_INT, "one step time is measured and logged"),
     "--use-cpu-initialization": (_ON, "each rank initialises its own shard on its device"),
     "--distributed-backend": (_TEXT, "NCCL on GPUs, gloo on CPUs, chosen by the device"),
+    "--moe-router-fusion": (_ON, "the router is plain torch ops"),
+    "--moe-shared-expert-overlap": (_ON, "the shared expert runs in the layer's order, not overlapped with dispatch"),
+    "--moe-use-legacy-grouped-gemm": (_ON, "experts run one after another; no grouped GEMM kernel"),
+    "--moe-enable-deepep": (_ON, "tokens move by plain all-to-all (--moe-token-dispatcher-type)"),
+    "--delay-wgrad-compute": (_ON, "weight grads are computed in the backward"),
+    "--overlap-moe-expert-parallel-comm": (_ON, "the expert all-to-alls are not overlapped with other microbatches"),
+    "--cross-entropy-fusion-impl": (_TEXT, "the loss is the fused vocab-parallel cross entropy already"),
+    "--no-async-tensor-model-parallel-allreduce": (_ON, "tp all-reduces run in the order autograd calls them"),
+    "--tp-comm-overlap": (_ON, "tp communication is not overlapped with GEMMs"),
+    "--apply-query-key-layer-scaling": (_ON, "attention scores are computed in fp32 (the scaling only guards fp16)"),
+    "--export-force-local-attention": (_ON, "there is one attention implementation"),
+    "--enable-experimental": (_ON, "nothing here is behind an experimental switch"),
+    "--logging-level": (_INT, "the log is the iteration lines and start-up messages"),
+    "--tensorboard-queue-size": (_INT, "TensorBoard events are written at each log interval"),
+    "--log-batch-size-to-tensorboard": (_ON, "the global batch size is in every log line and metrics record"),
+    "--auto-detect-ckpt-format": (_ON, "--load's format (torch or torch_dist) is always detected"),
+    "--dist-ckpt-strictness": (_TEXT, "loading is strict: a checkpoint's tensors must match the model's"),
+}
+
+# Megatron flags for features not implemented here: accepted by the parser so that a script stops with this one
+# line, before any work, instead of argparse's "unrecognized arguments". Flag -> (options, why, the value that
+# asks for nothing: given with it, the flag has no effect; _ANY when every value asks for the feature).
+_ANY = object()
+_MLA = ("DeepSeek's multi-latent attention (MLA) is not implemented here; attention is grouped-query "
+        "(--num-query-groups, --kv-channels)")
+_MLA_YARN = ("MLA's YaRN settings; YaRN here is --rope-scaling-type yarn with --rope-scaling-factor, "
+             "--rope-scaling-mscale and --rope-scaling-mscale-all-dim")
+_GPT_OSS = "gpt-oss's clamped GeGLU is not implemented here; the MLP is SwiGLU (llama) or GELU (gpt2)"
+_FLOAT = dict(type=float, metavar="X")
+REFUSED: dict[str, tuple[dict, str, object]] = {
+    "--multi-latent-attention": (_ON, _MLA, _ANY),
+    "--q-lora-rank": (_INT, _MLA, _ANY),
+    "--kv-lora-rank": (_INT, _MLA, _ANY),
+    "--qk-head-dim": (_INT, _MLA, _ANY),
+    "--qk-pos-emb-head-dim": (_INT, _MLA, _ANY),
+    "--v-head-dim": (_INT, _MLA, _ANY),
+    "--rotary-scaling-factor": (_FLOAT, _MLA_YARN, _ANY),
+    "--mscale": (_FLOAT, _MLA_YARN, _ANY),
+    "--mscale-all-dim": (_FLOAT, _MLA_YARN, _ANY),
+    "--rope-type": (dict(choices=("rope", "yarn")), _MLA_YARN, "rope"),
+    "--quick-geglu": (_ON, _GPT_OSS, _ANY),
+    "--glu-linear-offset": (_FLOAT, _GPT_OSS, 0.0),
+    "--activation-func-clamp-value": (_FLOAT, _GPT_OSS, _ANY),
+    "--enable-gpt-oss": (_ON, "gpt-oss (attention sinks, clamped GeGLU, biases) is not implemented here", _ANY),
+    "--softmax-type": (dict(choices=("vanilla", "off-by-one", "learnable")),
+                       "attention sinks (an off-by-one or learnable softmax offset) are not implemented here",
+                       "vanilla"),
+    "--expert-tensor-parallel-size": (_INT, "experts are not split over tp here (expert tp is 1); tp ranks may hold "
+                                            "different experts through --expert-model-parallel-size", 1),
+    "--rotary-interleaved": (_ON, "RoPE rotates the two halves of each head (the Hugging Face convention), not "
+                                  "interleaved pairs", _ANY),
+    "--no-yarn-correction-range-round-to-int": (_ON, "YaRN's ramp bounds are rounded outwards here (transformers' "
+                                                     "truncate)", _ANY),
+    "--no-save-optim": (_ON, "checkpoints always hold the optimizer state here", _ANY),
 }
 
 # Flags that say what our families already are: given ones must agree with each other and with
@@ -68,6 +122,7 @@ RESTATING: dict[str, dict] = {
     "--no-position-embedding": _ON,
     "--disable-bias-linear": _ON,
     "--group-query-attention": _ON,
+    "--use-rotary-position-embeddings": _ON,
 }
 RESTATING_HELP = {
     "--swiglu": "SwiGLU MLP: the llama family's.",
@@ -76,8 +131,22 @@ RESTATING_HELP = {
     "--no-position-embedding": "No learned position table: the llama family (RoPE).",
     "--disable-bias-linear": "No biases on the linear layers: the llama family (biases only with --add-qkv-bias).",
     "--group-query-attention": "Grouped-query attention; the groups are --num-query-groups, in either family.",
+    "--use-rotary-position-embeddings": "RoPE (Megatron's older spelling of --position-embedding-type rope): the llama "
+                                        "family.",
 }
-FAMILY_OF_SWITCH = {"--swiglu": "llama", "--no-position-embedding": "llama", "--disable-bias-linear": "llama"}
+FAMILY_OF_SWITCH = {"--swiglu": "llama", "--no-position-embedding": "llama", "--disable-bias-linear": "llama",
+                    "--use-rotary-position-embeddings": "llama"}
+
+# Megatron switches that set fields of ours: flag -> (the fields it sets, where not given otherwise; the first must
+# not be given otherwise with another value), its help.
+SETTING: dict[str, tuple[dict, str]] = {
+    "--use-rope-scaling": (dict(rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                                rope_scaling_original_max_position_embeddings=8192),
+                           "Llama 3.1's RoPE scaling: --rope-scaling-type llama3, with Megatron's factor 8 (or "
+                           "--rope-scaling-factor) over an original context of 8192."),
+    "--recompute-activations": (dict(recompute_granularity="selective"),
+                                "Selective recomputation of the attention core: --recompute-granularity selective."),
+}
 
 FP8_FLAGS: dict[str, dict] = {
     "--fp8-format": _TEXT, "--fp8-recipe": _TEXT, "--fp8-margin": _INT, "--fp8-interval": _INT,
@@ -92,15 +161,23 @@ def _dest(flag: str) -> str:
 
 
 _GROUPS = (("Megatron model-shape flags (restating a family)", RESTATING),
+           ("Megatron switches that set our fields", {flag: _ON for flag in SETTING}),
            ("Megatron flags accepted with no effect here", {flag: options for flag, (options, _) in NO_EFFECT.items()}),
+           ("Megatron flags of features not implemented here (refused)",
+            {flag: options for flag, (options, _, _) in REFUSED.items()}),
            ("Megatron FP8 flags (refused: no FP8 here)", FP8_FLAGS))
 
 
 def _help(flag: str) -> str:
     if flag in RESTATING_HELP:
         return RESTATING_HELP[flag]
+    if flag in SETTING:
+        return SETTING[flag][1]
     if flag in NO_EFFECT:
         return f"No effect here: {NO_EFFECT[flag][1]}."
+    if flag in REFUSED:
+        _, why, neutral = REFUSED[flag]
+        return f"Refused: {why}." + ("" if neutral is _ANY else f" Accepted as {neutral} (no effect).")
     return "Refused: FP8 training is not implemented."
 
 
@@ -126,11 +203,27 @@ class MegatronSettings(NamedTuple):
 def megatron_settings(given: dict) -> MegatronSettings:
     """Pops the three groups' values from the parsed flags. Raises ConfigError, one line, for FP8,
     for restating flags that disagree, and for a shape no family computes."""
+    refused = [flag for flag, (_, _, neutral) in REFUSED.items()
+               if _dest(flag) in given and (neutral is _ANY or given[_dest(flag)] != neutral)]
+    if refused:
+        also = [flag for flag in refused[1:] if REFUSED[flag][1] != REFUSED[refused[0]][1]]
+        raise ConfigError(f"{refused[0]}: {REFUSED[refused[0]][1]}; drop "
+                          f"{', '.join(flag for flag in refused if REFUSED[flag][1] == REFUSED[refused[0]][1])}"
+                          + (f" (also not implemented: {', '.join(also)})" if also else ""))
+    neutral = [flag for flag in REFUSED if given.pop(_dest(flag), None) is not None]
+    for flag, (fields, _) in SETTING.items():
+        if given.pop(_dest(flag), None) is None:
+            continue
+        (name, value), *defaults = fields.items()
+        if given.setdefault(name, value) != value:
+            raise ConfigError(f"{flag} means --{name.replace('_', '-')} {value}, but it is {given[name]}; drop one")
+        for name, value in defaults:
+            given.setdefault(name, value)
     fp8 = [flag for flag in FP8_FLAGS if _dest(flag) in given]
     if fp8:
         raise ConfigError(f"{fp8[0]}: FP8 training is not implemented here; drop the FP8 flags "
                           f"({', '.join(fp8)}) and train in --bf16")
-    no_effect = [flag for flag in NO_EFFECT if given.pop(_dest(flag), None) is not None]
+    no_effect = [flag for flag in NO_EFFECT if given.pop(_dest(flag), None) is not None] + neutral
     values = {flag: given.pop(_dest(flag)) for flag in RESTATING if _dest(flag) in given}
     said = {f"{flag} {value}": FAMILY_OF_VALUE[value] for flag, value in values.items() if isinstance(value, str)}
     said.update({flag: FAMILY_OF_SWITCH[flag] for flag in values if flag in FAMILY_OF_SWITCH})
