@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers.tiny import TINY_FLAGS, tiny_config, tiny_model
+from megatron_lite.checkpointing import read_checkpoint
 from megatron_lite.config import ConfigError, TrainConfig
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.kv_cache import InferenceParams
@@ -344,3 +345,16 @@ def test_megatron_switches_neutral_values_and_refused_features(capsys) -> None:
     for flags, message in refused.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_args(list(flags))
+
+
+def test_layernorm_1p_checkpoints_hold_the_zero_centred_weights_and_resume_with_them(tmp_path) -> None:
+    """The checkpoint stores w (near 0 after two steps); the resume computes the straight run's step 3, and one
+    that says the weights are plain gammas is refused in one line."""
+    centred = {"apply_layernorm_1p": True}
+    straight = pretrain(tiny_config(model=centred, save=str(tmp_path), save_interval=2))
+    norms = {name: t for name, t in read_checkpoint(tmp_path, 2).model.items() if is_norm_weight(name)}
+    assert norms and max(float(t.abs().max()) for t in norms.values()) < 0.05
+    resumed = pretrain(tiny_config(model=centred, load=str(tmp_path), ckpt_step=2))
+    assert resumed["losses"] == [straight["losses"][2]]
+    with pytest.raises(ConfigError, match="--apply-layernorm-1p=False contradicts checkpoint"):
+        pretrain(tiny_config(load=str(tmp_path), ckpt_step=2))
