@@ -1,6 +1,7 @@
 """Megatron-LM flags that are not fields of our config: switches with no effect on our code path,
-model-shape flags that restate what a family is, and the FP8 flags we refuse. A Megatron launch
-script runs unchanged; the start-up log names once what it accepted without effect.
+model-shape flags that restate what a family is, switches that set fields of ours, and the flags of
+features we do not have (FP8 among them), refused in one line. A Megatron launch script runs unchanged
+or stops with that line; the start-up log names once what it accepted without effect.
 """
 from __future__ import annotations
 
@@ -197,16 +198,25 @@ class MegatronSettings(NamedTuple):
     no_effect: list[str]  # the no-effect flags given, for the start-up log
 
 
-def megatron_settings(given: dict) -> MegatronSettings:
-    """Pops the three groups' values from the parsed flags. Raises ConfigError, one line, for FP8,
-    for restating flags that disagree, and for a shape no family computes."""
+def _refuse_missing_features(given: dict) -> None:
+    """ConfigError naming the first REFUSED flag given with a value that asks for its feature, what is missing, the
+    flags of the same feature to drop, and the other missing features given."""
     refused = [flag for flag, (_, _, neutral) in REFUSED.items()
                if _dest(flag) in given and (neutral is _ANY or given[_dest(flag)] != neutral)]
-    if refused:
-        also = [flag for flag in refused[1:] if REFUSED[flag][1] != REFUSED[refused[0]][1]]
-        raise ConfigError(f"{refused[0]}: {REFUSED[refused[0]][1]}; drop "
-                          f"{', '.join(flag for flag in refused if REFUSED[flag][1] == REFUSED[refused[0]][1])}"
-                          + (f" (also not implemented: {', '.join(also)})" if also else ""))
+    if not refused:
+        return
+    why = REFUSED[refused[0]][1]
+    same = [flag for flag in refused if REFUSED[flag][1] == why]
+    others = [flag for flag in refused if REFUSED[flag][1] != why]
+    raise ConfigError(f"{refused[0]}: {why}; drop {', '.join(same)}"
+                      + (f" (also not implemented: {', '.join(others)})" if others else ""))
+
+
+def megatron_settings(given: dict) -> MegatronSettings:
+    """Pops the groups' values from the parsed flags, setting the fields the SETTING switches set. Raises
+    ConfigError, one line, for a feature not implemented, for FP8, for restating flags that disagree, for a switch
+    contradicting a flag, and for a shape no family computes."""
+    _refuse_missing_features(given)
     neutral = [flag for flag in REFUSED if given.pop(_dest(flag), None) is not None]
     for flag, (fields, _) in SETTING.items():
         if given.pop(_dest(flag), None) is None:
