@@ -6,6 +6,7 @@ or stops with that line; the start-up log names once what it accepted without ef
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import NamedTuple
 
 from megatron_lite.config import ConfigError
@@ -76,8 +77,9 @@ NO_EFFECT: dict[str, tuple[dict, str]] = {
 _ANY = object()
 _MLA = ("DeepSeek's multi-latent attention (MLA) is not implemented here; attention is grouped-query "
         "(--num-query-groups, --kv-channels)")
-_MLA_YARN = ("MLA's YaRN settings; YaRN here is --rope-scaling-type yarn with --rope-scaling-factor, "
-             "--rope-scaling-mscale and --rope-scaling-mscale-all-dim")
+_YARN = ("Megatron's YaRN flags (MLA's, and --position-embedding-type yarn's) are not read here; YaRN here is "
+         "--rope-scaling-type yarn with --rope-scaling-factor, --rope-scaling-original-max-position-embeddings, "
+         "--rope-scaling-beta-fast/-slow and --rope-scaling-mscale/-mscale-all-dim")
 _GPT_OSS = "gpt-oss's clamped GeGLU is not implemented here; the MLP is SwiGLU (llama) or GELU (gpt2)"
 _FLOAT = dict(type=float, metavar="X")
 REFUSED: dict[str, tuple[dict, str, object]] = {
@@ -87,10 +89,13 @@ REFUSED: dict[str, tuple[dict, str, object]] = {
     "--qk-head-dim": (_INT, _MLA, _ANY),
     "--qk-pos-emb-head-dim": (_INT, _MLA, _ANY),
     "--v-head-dim": (_INT, _MLA, _ANY),
-    "--rotary-scaling-factor": (_FLOAT, _MLA_YARN, _ANY),
-    "--mscale": (_FLOAT, _MLA_YARN, _ANY),
-    "--mscale-all-dim": (_FLOAT, _MLA_YARN, _ANY),
-    "--rope-type": (dict(choices=("rope", "yarn")), _MLA_YARN, "rope"),
+    "--rotary-scaling-factor": (_FLOAT, _YARN, _ANY),
+    "--mscale": (_FLOAT, _YARN, _ANY),
+    "--mscale-all-dim": (_FLOAT, _YARN, _ANY),
+    "--rope-type": (dict(choices=("rope", "yarn")), _YARN, "rope"),
+    "--yarn-original-max-position-embeddings": (_INT, _YARN, _ANY),
+    "--yarn-beta-fast": (_FLOAT, _YARN, _ANY),
+    "--yarn-beta-slow": (_FLOAT, _YARN, _ANY),
     "--quick-geglu": (_ON, _GPT_OSS, _ANY),
     "--glu-linear-offset": (_FLOAT, _GPT_OSS, 0.0),
     "--activation-func-clamp-value": (_FLOAT, _GPT_OSS, _ANY),
@@ -116,7 +121,7 @@ FAMILY_OF_VALUE: dict[str, str] = {"LayerNorm": "gpt2", "RMSNorm": "llama", "lea
 RESTATING: dict[str, dict] = {
     "--swiglu": _ON,
     "--normalization": dict(choices=("LayerNorm", "RMSNorm")),
-    "--position-embedding-type": dict(choices=("learned_absolute", "rope")),
+    "--position-embedding-type": dict(choices=("learned_absolute", "rope", "yarn")),
     "--no-position-embedding": _ON,
     "--disable-bias-linear": _ON,
     "--group-query-attention": _ON,
@@ -125,7 +130,8 @@ RESTATING: dict[str, dict] = {
 RESTATING_HELP = {
     "--swiglu": "SwiGLU MLP: the llama family's.",
     "--normalization": "LayerNorm (the gpt2 family's) or RMSNorm (the llama family's).",
-    "--position-embedding-type": "learned_absolute (the gpt2 family's) or rope (the llama family's).",
+    "--position-embedding-type": "learned_absolute (the gpt2 family's) or rope (the llama family's); yarn is refused "
+                                 "(see --rope-scaling-type yarn).",
     "--no-position-embedding": "No learned position table: the llama family (RoPE).",
     "--disable-bias-linear": "No biases on the linear layers: the llama family (biases only with --add-qkv-bias).",
     "--group-query-attention": "Grouped-query attention; the groups are --num-query-groups, in either family.",
@@ -135,14 +141,20 @@ RESTATING_HELP = {
 FAMILY_OF_SWITCH = {"--swiglu": "llama", "--no-position-embedding": "llama", "--disable-bias-linear": "llama",
                     "--use-rotary-position-embeddings": "llama"}
 
-# Megatron switches that set fields of ours: flag -> (the fields it sets, where not given otherwise; the first must
-# not be given otherwise with another value), its help.
-SETTING: dict[str, tuple[dict, str]] = {
-    "--use-rope-scaling": (dict(rope_scaling_type="llama3", rope_scaling_factor=8.0,
-                                rope_scaling_original_max_position_embeddings=8192),
+# Megatron flags that set fields of ours: flag -> (its argparse options, the fields a value sets where not given
+# otherwise (the first must not be given otherwise with another value; none: the value asks for nothing and the
+# flag has no effect), its help).
+SETTING: dict[str, tuple[dict, Callable[[object], dict], str]] = {
+    "--use-rope-scaling": (_ON, lambda _: dict(rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                                               rope_scaling_original_max_position_embeddings=8192),
                            "Llama 3.1's RoPE scaling: --rope-scaling-type llama3, with Megatron's factor 8 (or "
                            "--rope-scaling-factor) over an original context of 8192."),
-    "--recompute-activations": (dict(recompute_granularity="selective"),
+    "--rotary-seq-len-interpolation-factor": (
+        dict(type=float, metavar="FACTOR"),
+        lambda factor: {} if factor == 1 else dict(rope_scaling_type="linear", rope_scaling_factor=factor),
+        "Positions divided by FACTOR (position interpolation): --rope-scaling-type linear --rope-scaling-factor "
+        "FACTOR; 1 has no effect."),
+    "--recompute-activations": (_ON, lambda _: dict(recompute_granularity="selective"),
                                 "Selective recomputation of the attention core: --recompute-granularity selective."),
 }
 
@@ -159,7 +171,7 @@ def _dest(flag: str) -> str:
 
 
 _GROUPS = (("Megatron model-shape flags (restating a family)", RESTATING),
-           ("Megatron switches that set our fields", {flag: _ON for flag in SETTING}),
+           ("Megatron flags that set our fields", {flag: options for flag, (options, _, _) in SETTING.items()}),
            ("Megatron flags accepted with no effect here", {flag: options for flag, (options, _) in NO_EFFECT.items()}),
            ("Megatron flags of features not implemented here (refused)",
             {flag: options for flag, (options, _, _) in REFUSED.items()}),
@@ -170,7 +182,7 @@ def _help(flag: str) -> str:
     if flag in RESTATING_HELP:
         return RESTATING_HELP[flag]
     if flag in SETTING:
-        return SETTING[flag][1]
+        return SETTING[flag][2]
     if flag in NO_EFFECT:
         return f"No effect here: {NO_EFFECT[flag][1]}."
     if flag in REFUSED:
@@ -218,8 +230,12 @@ def megatron_settings(given: dict) -> MegatronSettings:
     contradicting a flag, and for a shape no family computes."""
     _refuse_missing_features(given)
     neutral = [flag for flag in REFUSED if given.pop(_dest(flag), None) is not None]
-    for flag, (fields, _) in SETTING.items():
-        if given.pop(_dest(flag), None) is None:
+    for flag, (_, fields_of, _) in SETTING.items():
+        if _dest(flag) not in given:
+            continue
+        fields = fields_of(given.pop(_dest(flag)))
+        if not fields:
+            neutral.append(flag)
             continue
         (name, value), *defaults = fields.items()
         if given.setdefault(name, value) != value:
@@ -232,6 +248,8 @@ def megatron_settings(given: dict) -> MegatronSettings:
                           f"({', '.join(fp8)}) and train in --bf16")
     no_effect = [flag for flag in NO_EFFECT if given.pop(_dest(flag), None) is not None] + neutral
     values = {flag: given.pop(_dest(flag)) for flag in RESTATING if _dest(flag) in given}
+    if values.get("--position-embedding-type") == "yarn":
+        raise ConfigError(f"--position-embedding-type yarn: {_YARN}; give --position-embedding-type rope with them")
     said = {f"{flag} {value}": FAMILY_OF_VALUE[value] for flag, value in values.items() if isinstance(value, str)}
     said.update({flag: FAMILY_OF_SWITCH[flag] for flag in values if flag in FAMILY_OF_SWITCH})
     families = sorted(set(said.values()))
