@@ -334,6 +334,8 @@ def test_megatron_switches_neutral_values_and_refused_features(capsys) -> None:
                                                                               "alltoall")
     assert ("accepted, no effect here: --moe-router-fusion, --softmax-type, --expert-tensor-parallel-size, "
             "--moe-token-dispatcher-type flex (alltoall here)") in capsys.readouterr().out
+    interpolated = parse_args(["--rotary-seq-len-interpolation-factor", "4"]).model
+    assert (interpolated.rope_scaling_type, interpolated.rope_scaling_factor) == ("linear", 4.0)
     refused = {
         ("--softmax-type", "learnable", "--quick-geglu"): "--quick-geglu: gpt-oss's clamped GeGLU is not implemented "
                                                          "here; the MLP is SwiGLU (llama) or GELU (gpt2); drop "
@@ -341,6 +343,7 @@ def test_megatron_switches_neutral_values_and_refused_features(capsys) -> None:
         ("--expert-tensor-parallel-size", "2"): "--expert-tensor-parallel-size: experts are not split over tp here",
         ("--use-rope-scaling", "--rope-scaling-type", "yarn"): "--use-rope-scaling means --rope-scaling-type llama3, "
                                                                "but it is yarn; drop one",
+        ("--position-embedding-type", "yarn"): "--position-embedding-type yarn: Megatron's YaRN flags",
     }
     for flags, message in refused.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
