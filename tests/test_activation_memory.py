@@ -30,14 +30,14 @@ SETTINGS = {  # name: model fields
 CASES = list(itertools.product(("llama", "gpt2"), SETTINGS))
 
 
-def model_config(family: str, setting: str):
+def model_config(family: str, setting: str, **model):
     return tiny_model(family, num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192,
-                      seq_length=32, **SETTINGS[setting])
+                      seq_length=32, **SETTINGS[setting], **model)
 
 
-def saved_bytes(family: str, setting: str, sequence_parallel: bool = False) -> int:
+def saved_bytes(family: str, setting: str, sequence_parallel: bool = False, **model) -> int:
     """Bytes of the tensors the layers keep for backward in one training forward of a microbatch."""
-    config = model_config(family, setting)
+    config = model_config(family, setting, **model)
     model = GPTModel(config, sequence_parallel)
     init_weights(model, config, seed=0)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -86,6 +86,13 @@ def test_formula_is_what_the_layers_save_at_tp2_with_sp(family: str, setting: st
     expected = stage_bytes(model_config(family, setting), 4, MICRO_BATCH, tp=2, sequence_parallel=True)
     for rank in spawned():
         assert rank[(family, setting)] == pytest.approx(expected, rel=0.05)
+
+
+def test_partial_rope_keeps_tables_of_the_rotated_channels_only() -> None:
+    """--rotary-percent 0.5: the RoPE tables the formula counts are half as wide, as the layers keep them."""
+    expected = stage_bytes(model_config("llama", "none", rotary_percent=0.5), 4, MICRO_BATCH)
+    assert saved_bytes("llama", "none", rotary_percent=0.5) == expected < stage_bytes(model_config("llama", "none"),
+                                                                                         4, MICRO_BATCH)
 
 
 def test_recomputation_saves_what_it_should() -> None:

@@ -142,6 +142,38 @@ def test_dense_llama_variants_map_to_their_hf_family(architecture: str, model: d
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
 
 
+def test_layernorm_1p_exports_gamma_and_imports_it_back() -> None:
+    """A zero-centred model (--apply-layernorm-1p) writes HF's plain gamma = 1 + w: Qwen3 (q/k norms too) computes
+    our logits; read back into the zero-centred model each norm weight is w again, and the plain import computes
+    the same logits. Partial RoPE has no HF family: refused in one line."""
+    config = tiny_model("llama", qk_layernorm=True, kv_channels=16, apply_layernorm_1p=True)
+    ours = _perturbed(config)
+    state = {name: t[:config.vocab_size] if name in ("word_embeddings.weight", "output_layer.weight") else t
+             for name, t in ours.state_dict().items()}
+    exported = to_hf_state(state, config)
+    torch.testing.assert_close(exported["model.norm.weight"], state["final_layernorm.weight"] + 1)
+    hf_json = hf_config(config)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_json)).eval()
+    hf.load_state_dict(exported, strict=True)
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(tokens)
+        torch.testing.assert_close(hf(tokens).logits, expected, rtol=0, atol=1e-4)
+    again = from_hf_state(exported, config)
+    for name, tensor in state.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=1e-7)
+    plain = model_config_from_hf(hf_json, config.make_vocab_size_divisible_by)
+    assert not plain.apply_layernorm_1p
+    imported = GPTModel(plain).eval()
+    imported.load_state_dict({**from_hf_state(exported, plain), **{
+        name: ours.state_dict()[name] for name in ("word_embeddings.weight", "output_layer.weight")}})
+    with torch.no_grad():
+        torch.testing.assert_close(imported(tokens), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match=re.escape("--rotary-percent=0.5: no Hugging Face family here represents "
+                                                    "partial RoPE")):
+        hf_config(dataclasses.replace(config, rotary_percent=0.5))
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"attention_bias": True}, "attention_bias=True is not supported"),
     ({"model_type": "gemma"}, "model_type=gemma is not supported; allowed: llama, mistral, qwen2"),

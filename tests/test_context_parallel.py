@@ -51,6 +51,8 @@ LAYOUTS = [Layout.parse(name) for name in (
 # attend fully), so each attention must take its own layer's window.
 WINDOW = dict(window_size=5, window_attn_skip_freq=2)
 WINDOWED = [Layout.parse(name) for name in ("cp2", "cp2-allgather", "cp2-a2a")]
+# --rotary-percent 0.5: RoPE on the first half of each head, at each rank's zigzag positions.
+PARTIAL_ROPE = dict(rotary_percent=0.5)
 
 
 def cp_config(family: str, layout: Layout = Layout(), steps: int = STEPS, windowed: bool = False):
@@ -120,6 +122,7 @@ def cp_worker(world: int) -> dict:
                             for c in ("p2p", "allgather", "a2a")}
         results["window"] = {layout: run_steps(cp_config("llama", layout, windowed=True), STEPS)
                              for layout in WINDOWED}
+        results["partial_rope"] = run_steps(cp_config("llama", Layout(cp=2)).updated(model=PARTIAL_ROPE), STEPS)
     if world == 4:
         parallel_state.initialize_model_parallel(ParallelConfig(context_parallel_size=4))
         results["work"] = attention_work(4)
@@ -152,6 +155,12 @@ def test_sliding_window_context_parallel_matches_single_device(layout: Layout) -
     assert_parity(windowed, merge_ranks([r["window"][layout] for r in ranks]), VOCAB)
     # The window changes the model: its losses are not the full causal context's.
     assert windowed["losses"] != pytest.approx(reference("llama")["losses"], rel=1e-4)
+
+
+def test_partial_rope_context_parallel_matches_single_device() -> None:
+    partial = run_steps(cp_config("llama").updated(model=PARTIAL_ROPE), STEPS)
+    assert_parity(partial, merge_ranks([r["partial_rope"] for r in spawned(2)]), VOCAB)
+    assert partial["losses"] != reference("llama")["losses"]  # a different model
 
 
 @pytest.mark.parametrize("comm_type", ["p2p", "allgather", "a2a"])

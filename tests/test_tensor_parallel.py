@@ -150,6 +150,12 @@ INIT_CASES = [("llama", MOE, Layout(tp=2, sp=True)), ("llama", MOE, Layout(pp=2)
               ("llama", MOE, Layout(dp=2, zero=3)), ("gpt2", {}, Layout(tp=2)), ("gpt2", {}, Layout(pp=2))]
 
 
+# Megatron's model flags under tp 2 with SP, against one device: zero-centred norms (the q/k norms'
+# too) and RoPE on half of each head.
+VARIANTS = {"llama-1p-rotary-half": ("llama", dict(apply_layernorm_1p=True, rotary_percent=0.5, qk_layernorm=True)),
+            "gpt2-1p": ("gpt2", dict(apply_layernorm_1p=True))}
+
+
 def init_config(family: str, model: dict, layout: Layout = Layout()):
     return parity_config(family).updated(model=model, parallel=layout.fields())
 
@@ -168,6 +174,8 @@ def tp_worker(tp: int) -> dict:
         results["saved"] = {sp: check_saved_activations(sp) for sp in (False, True)}
         results["init"] = {(f, layout): full_weights(setup_rank(init_config(f, model, layout)))
                            for f, model, layout in INIT_CASES}
+        results["variants"] = {name: run_steps(init_config(f, model, Layout(tp=2, sp=True)), 6)
+                               for name, (f, model) in VARIANTS.items()}
     return results
 
 
@@ -207,6 +215,13 @@ def test_training_matches_single_device(tp: int, family: str, sp: bool, clip: fl
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tensor_and_data_parallel_match_single_device(family: str) -> None:
     assert_parity(reference(family), merge_ranks([result["tp2_dp2"][family] for result in spawned(4)]), VOCAB)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_megatron_model_flags_at_tp2_match_single_device(variant: str) -> None:
+    family, model = VARIANTS[variant]
+    merged = merge_ranks([result["variants"][variant] for result in spawned(2)])
+    assert_parity(run_steps(init_config(family, model), 6), merged, VOCAB)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -127,3 +127,27 @@ def test_bad_writer_flags(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         parse_args(TINY_FLAGS + flags)
     assert str(error.value) == message
+
+
+def test_megatron_logging_flags_and_worker_processes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--log-throughput adds Megatron's throughput field to the log line; --log-timers-to-tensorboard writes the
+    step's phases under Megatron's timer tags; --num-workers 2 reads the samples in worker processes, through a
+    batch ramp, and trains on the same batches (the same losses, bit for bit) as reading them in process."""
+    ramp = ["--micro-batch-size", "1", "--global-batch-size", "4", "--rampup-batch-size", "2", "2", "4",
+            "--train-samples", "14", "--log-interval", "1", "--eval-interval", "0"]
+    flags = [*TINY_FLAGS, *ramp, "--log-dir", str(tmp_path / "plain")]
+    assert pretrain_gpt.main(flags) == 0
+    plain = capsys.readouterr().out
+    assert pretrain_gpt.main([*TINY_FLAGS, *ramp, "--log-dir", str(tmp_path / "megatron"), "--log-throughput",
+                              "--log-timers-to-tensorboard", "--num-workers", "2",
+                              "--tensorboard-dir", str(tmp_path / "tb")]) == 0
+    logged = capsys.readouterr().out
+    lines = [line for line in logged.splitlines() if line.startswith(" iteration")]
+    assert len(lines) == 4 and all(" | throughput per GPU (TFLOP/s/GPU): " in line for line in lines)
+    assert "throughput per GPU" not in plain and "accepted, no effect here" not in logged
+    train, plain_train = _records(tmp_path / "megatron", "train"), _records(tmp_path / "plain", "train")
+    assert [train[i]["lm_loss"] for i in train] == [plain_train[i]["lm_loss"] for i in plain_train]
+    events = _events(tmp_path / "tb")
+    for tag in ("batch-generator-time", "forward-backward-time", "optimizer-time"):
+        assert events[tag] == {i: pytest.approx(train[i]["timers"][tag]) for i in train} and \
+            all(seconds > 0 for seconds in events[tag].values()), tag

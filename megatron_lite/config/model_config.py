@@ -53,8 +53,15 @@ class ModelConfig(RopeScalingChecks):
     """Pad the vocabulary to a multiple of this (times tp) so the embedding shards evenly."""
     norm_epsilon: float = 1e-5
     """Epsilon of the layer norms."""
+    apply_layernorm_1p: bool = False
+    """Zero-centred norm weights (Megatron's): every norm stores gamma - 1, initialised at 0, and scales by 1 + weight
+    (checkpoints hold the stored value; Hugging Face export writes gamma). Norm weights carry no weight decay, so the
+    same model trains the same steps; what changes is the stored value's precision near gamma = 1."""
     rotary_base: float = 10000.0
     """RoPE base frequency (llama family)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head RoPE rotates (Megatron's): the first int(head dim * fraction) channels, in the
+    rotate-half convention over those channels with frequencies of that width; the others pass through unrotated."""
     rope_scaling_type: str = "none"
     """RoPE scaling for a context longer than the pretraining one (llama family), Hugging Face's rope_type: linear
     (every frequency divided by the factor), llama3 (Llama 3.1's: long wavelengths divided by the factor, short ones
@@ -126,8 +133,10 @@ class ModelConfig(RopeScalingChecks):
     """Experts each token is routed to."""
     moe_ffn_hidden_size: int | None = None
     """Width of each expert's MLP (default: --ffn-hidden-size)."""
-    moe_layer_freq: int = 1
-    """Every N-th layer is a mixture of experts (layers N-1, 2N-1, ...), the others dense; 1: all of them."""
+    moe_layer_freq: int | list[int] = 1
+    """Every N-th layer is a mixture of experts (layers N-1, 2N-1, ...), the others dense; 1: all of them. Or, as
+    Megatron takes it, a list expression giving each layer 1 (MoE) or 0 (dense), such as ([0]*3+[1]*58)
+    (DeepSeek-V3's three dense layers first)."""
     moe_shared_expert_intermediate_size: int | None = None
     """Width of a shared expert every token passes through besides its routed ones (default: none)."""
     moe_shared_expert_gate: bool = False
@@ -136,6 +145,13 @@ class ModelConfig(RopeScalingChecks):
     """Router scores: softmax over the experts, or sigmoid per expert."""
     moe_router_pre_softmax: bool = False
     """softmax: weights are the softmax over all experts (unnormalised top-k), not over the chosen k."""
+    moe_router_topk_scaling_factor: float | None = None
+    """The chosen experts' weights are multiplied by this (DeepSeek-V3's 2.5 with sigmoid scores); default: 1."""
+    moe_router_num_groups: int | None = None
+    """Group-limited routing (DeepSeek's device-limited routing): the experts form this many equal groups, and each
+    token picks its experts within the --moe-router-group-topk groups whose best topk/group-topk scores sum highest."""
+    moe_router_group_topk: int | None = None
+    """With --moe-router-num-groups: the groups each token routes within."""
     moe_router_load_balancing_type: str = "aux_loss"
     """aux_loss (Switch/GShard, over the microbatch), seq_aux_loss (per sequence), or none."""
     moe_aux_loss_coeff: float = 0.0
@@ -182,8 +198,11 @@ class ModelConfig(RopeScalingChecks):
 
     def is_moe_layer(self, number: int) -> bool:
         """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1,
-        ...)."""
-        return bool(self.num_experts) and (number + 1) % self.moe_layer_freq == 0
+        ..., or the list's entry)."""
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            return bool(self.num_experts) and freq[number] == 1
+        return bool(self.num_experts) and (number + 1) % freq == 0
 
     def layer_window(self, number: int) -> int | None:
         """The window of layer `number` (0-based, global), None for the whole causal context: --window-size on the
@@ -216,6 +235,11 @@ class ModelConfig(RopeScalingChecks):
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
+    def rotary_dim(self) -> int:
+        """The channels of each head RoPE rotates (Megatron's int(kv_channels * rotary_percent))."""
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
     def context_length(self) -> int:
         """The most positions the model can look at: its position table (gpt2) or rotary table (llama)."""
         return max(self.seq_length, self.max_position_embeddings)
@@ -234,7 +258,16 @@ class ModelConfig(RopeScalingChecks):
         return -(-self.vocab_size // multiple) * multiple
 
     def _validate_moe(self) -> None:
-        require_positive(self, "num_experts", "moe_router_topk", "moe_layer_freq")
+        require_positive(self, "num_experts", "moe_router_topk")
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            require(len(freq) == self.num_layers and set(freq) <= {0, 1}, f"--moe-layer-freq={freq} must give each of "
+                    f"the --num-layers={self.num_layers} layers 1 (MoE) or 0 (dense)")
+            require(not self.mtp_depths, "--mtp-num-layers with a --moe-layer-freq list is not supported (the list "
+                    "names no MTP layer); give an integer frequency")
+        else:
+            require_positive(self, "moe_layer_freq")
+        self._validate_router_groups()
         require(self.moe_router_topk <= self.num_experts,
                 f"--moe-router-topk={self.moe_router_topk} exceeds --num-experts={self.num_experts}")
         require(self.moe_router_score_function in MOE_SCORE_FUNCTIONS,
@@ -262,6 +295,22 @@ class ModelConfig(RopeScalingChecks):
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if getattr(self, name) is not None:
                 require_positive(self, name)
+
+    def _validate_router_groups(self) -> None:
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if self.moe_router_topk_scaling_factor is not None:
+            require_positive(self, "moe_router_topk_scaling_factor")
+        require((groups is None) == (group_topk is None),
+                "--moe-router-num-groups and --moe-router-group-topk go together")
+        if groups is None:
+            return
+        require_positive(self, "moe_router_num_groups", "moe_router_group_topk")
+        per_group = self.num_experts // groups
+        require(self.num_experts % groups == 0 and group_topk <= groups and self.moe_router_topk % group_topk == 0
+                and self.moe_router_topk // group_topk <= per_group,
+                f"--moe-router-num-groups={groups} must divide --num-experts={self.num_experts}, and "
+                f"--moe-router-group-topk={group_topk} be at most the groups and divide --moe-router-topk="
+                f"{self.moe_router_topk} into at most {per_group} experts per group")
 
     @property
     def selective_recompute(self) -> tuple[str, ...]:
@@ -342,6 +391,11 @@ class ModelConfig(RopeScalingChecks):
         if self.family == "llama":
             require(self.head_dim % 2 == 0, f"head dim {self.head_dim} (--kv-channels or hidden/heads) must be "
                     "even for RoPE")
+        require(0.0 < self.rotary_percent <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+                f"--rotary-percent={self.rotary_percent} must be in (0, 1] and rotate an even, non-zero number of "
+                f"channels (head dim {self.head_dim} x {self.rotary_percent} = {self.rotary_dim})")
+        require(self.rotary_percent == 1.0 or self.family == "llama",
+                f"--rotary-percent={self.rotary_percent} is for the llama family (RoPE); gpt2 has learned positions")
         if self.family == "gpt2":
             require(self.seq_length <= self.max_position_embeddings,
                     f"--seq-length={self.seq_length} exceeds the gpt2 position table "

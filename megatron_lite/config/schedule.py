@@ -60,6 +60,7 @@ class BatchSchedule:
                     f"--lr-warmup-fraction={self.lr_warmup_fraction} must be between 0 and 1")
             require(self.lr_warmup_iters is None and self.lr_warmup_samples is None,
                     f"--lr-warmup-fraction and --lr-warmup-{unit} exclude each other; choose one")
+        require(self.lr_warmup_init >= 0, f"--lr-warmup-init={self.lr_warmup_init} must be >= 0")
         require(self.lr_decay_style in LR_DECAY_STYLES,
                 f"--lr-decay-style={self.lr_decay_style} is unknown; allowed: {', '.join(LR_DECAY_STYLES)}")
         require(self.lr_wsd_decay_style in LR_WSD_DECAY_STYLES,

@@ -58,6 +58,8 @@ class TrainConfig(BatchSchedule, OptimizerChecks):
     """With --train-samples: samples of linear warmup (default 0)."""
     lr_warmup_fraction: float | None = None
     """Warmup as this fraction of the decay (--lr-decay-iters or --lr-decay-samples), instead of a length."""
+    lr_warmup_init: float = 0.0
+    """The lr the linear warmup starts from (Megatron's), rising to --lr (the --decoupled-lr groups' too)."""
     lr_decay_iters: int | None = None
     """Steps over which the lr decays to --min-lr (default: --train-iters)."""
     lr_decay_samples: int | None = None
@@ -174,6 +176,13 @@ class TrainConfig(BatchSchedule, OptimizerChecks):
     """Log the L2 norm of all weights (params-norm)."""
     log_num_zeros_in_grad: bool = False
     """Log how many gradient entries are exactly zero, before clipping (num-zeros)."""
+    log_throughput: bool = False
+    """Add Megatron's "throughput per GPU (TFLOP/s/GPU): X |" after the step time in the log line (the TFLOP/s/GPU
+    field further on, and the throughput tag, are there in any case)."""
+    log_timers_to_tensorboard: bool = False
+    """Send the step's phases to TensorBoard and wandb, seconds per step averaged over the log interval, under
+    Megatron's timer tags: batch-generator-time (reading the microbatches), forward-backward-time (all microbatches'
+    forward and backward, the grad reduction included), optimizer-time (clipping and the optimizer step)."""
     log_dir: str | None = None
     """Where metrics.jsonl is appended (default: the --save directory, else none)."""
     tensorboard_dir: str | None = None
@@ -212,6 +221,10 @@ class TrainConfig(BatchSchedule, OptimizerChecks):
     data_cache_dir: str | None = None
     """Where the built-in corpus and the sample indices are cached (default: ~/.cache/megatron_lite or
     $MEGATRON_LITE_CACHE, and cache/ beside --data-path)."""
+    num_workers: int = 0
+    """Worker processes of a torch DataLoader reading the coming microbatches' training samples ahead of the step
+    (Megatron's; its default is 2); 0: read in the training process, which memory-mapped samples make cheap. The
+    batches are the same either way."""
     tokenizer_type: str = "ByteTokenizer"
     """Tokenizer the data was preprocessed with: ByteTokenizer (needs no file), SentencePieceTokenizer,
     Llama2Tokenizer (a SentencePiece .model, BOS before each document), HuggingFaceTokenizer, GPT2BPETokenizer
@@ -249,6 +262,7 @@ class TrainConfig(BatchSchedule, OptimizerChecks):
         require_positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval",
                          "tensorboard_log_interval")
         require(self.eval_iters >= 0, f"--eval-iters={self.eval_iters} must be >= 0 (0: no evaluation)")
+        require(self.num_workers >= 0, f"--num-workers={self.num_workers} must be >= 0 (0: read in process)")
         self._validate_schedule(data_parallel_size)
         per_step = self.micro_batch_size * data_parallel_size
         if self.global_batch_size % per_step:

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.lazy_tensors import LazyTensors
+from megatron_lite.model.norms import is_norm_weight
 
 MAX_SHARD_BYTES = 2 * 2**30  # above this, model.safetensors is split with an index, as save_pretrained does
 INDEX = "model.safetensors.index.json"
@@ -107,11 +108,17 @@ class Recipe:
     from_hf: Callable[[list[torch.Tensor]], torch.Tensor]
 
 
+def _plain(ours: str, hf: str, transposed: bool, model: ModelConfig) -> Recipe:
+    """A tensor that maps one to one: transposed or not; a zero-centred norm weight (--apply-layernorm-1p)
+    is HF's gamma minus one."""
+    if model.apply_layernorm_1p and is_norm_weight(ours):
+        return Recipe(ours, (hf,), lambda t: [(t.float() + 1.0).to(t.dtype)], lambda ts: ts[0].float() - 1.0)
+    return Recipe(ours, (hf,), lambda t: [t.t() if transposed else t], lambda ts: ts[0].t() if transposed else ts[0])
+
+
 def recipes(model: ModelConfig) -> list[Recipe]:
     """Every tensor of the model, in the order the export writes them."""
-    out = [Recipe(ours, (hf,), lambda t, tr=transposed: [t.t() if tr else t],
-                  lambda ts, tr=transposed: ts[0].t() if tr else ts[0])
-           for ours, (hf, transposed) in _renames(model).items()]
+    out = [_plain(ours, hf, transposed, model) for ours, (hf, transposed) in _renames(model).items()]
     for i in range(model.num_layers):
         attn = f"layers.{i}.self_attention.linear_qkv"
         if model.family == "llama":

@@ -43,6 +43,9 @@ def hf_family(model: ModelConfig) -> str:
             if bad:
                 raise ConfigError(f"GPT2LMHeadModel cannot represent {why}, which this gpt2-family model has")
         return "gpt2"
+    if model.rotary_percent != 1.0:
+        raise ConfigError(f"--rotary-percent={model.rotary_percent}: no Hugging Face family here represents partial "
+                          "RoPE (the Llama, Mistral, Qwen and Mixtral families rotate the whole head)")
     if model.add_qkv_bias and model.qk_layernorm:
         raise ConfigError("no Hugging Face family has q/k/v biases and q/k norms together")
     some_layers_only = len(set(model.layer_windows)) > 1
@@ -58,6 +61,9 @@ def hf_family(model: ModelConfig) -> str:
     refusals = [
         (model.moe_router_score_function != "softmax", "sigmoid router scores (they are softmax in every family)"),
         (model.moe_router_enable_expert_bias, "an expert bias"),
+        (model.moe_router_num_groups is not None, "group-limited routing"),
+        (model.moe_router_topk_scaling_factor not in (None, 1.0), "scaled top-k weights"),
+        (isinstance(model.moe_layer_freq, list), "a --moe-layer-freq list (decoder_sparse_step is a frequency)"),
         (model.moe_expert_capacity_factor is not None, "a capacity factor (the families are dropless)"),
         (family == "qwen2_moe" and not model.moe_shared_expert_gate,
          "a shared expert without a gate (Qwen2-MoE's is gated: --moe-shared-expert-gate)"),

@@ -16,7 +16,7 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.model.initialization import normal_shard_
 from megatron_lite.model.kv_cache import InferenceParams
 from megatron_lite.model.mtp import MultiTokenPrediction
-from megatron_lite.model.norms import build_norm
+from megatron_lite.model.norms import build_norm, is_norm_weight
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.model.rope import rotary_tables
 from megatron_lite.model.transformer import TransformerLayer
@@ -218,7 +218,7 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
     """Megatron-style init, each parameter drawn by a generator keyed by the seed and its name.
 
     Normal(0, std) for weights, std/sqrt(2*num_layers) for the projections that write into
-    the residual stream (the GPT-2 paper's scaled init), zero biases, unit norm weights.
+    the residual stream (the GPT-2 paper's scaled init), zero biases, unit norm gammas.
     Each rank draws only its shard's values, each the full tensor's value at that position
     (model/initialization.py); with the key by name rather than by construction order, the
     values do not depend on which layers or shard a rank builds: every parallel layout starts
@@ -230,8 +230,8 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.zero_()
-            elif "layernorm" in name or name.endswith(("enorm.weight", "hnorm.weight")):  # norms (MTP's too)
-                param.fill_(1.0)
+            elif is_norm_weight(name):  # gamma 1, stored as 0 when zero-centred
+                param.fill_(0.0 if config.apply_layernorm_1p else 1.0)
             else:
                 std = scaled_std if _is_output_projection(name) else config.init_method_std
                 normal_shard_(param, zlib.crc32(f"{seed}:{name}".encode()), std)

@@ -83,8 +83,12 @@ class Router(nn.Module):
         cfg = self.config
         logits = F.linear(x.float(), self.weight.float())  # [b, s, E]
         scores = logits.softmax(-1) if cfg.moe_router_score_function == "softmax" else logits.sigmoid()
-        choice = scores if not cfg.moe_router_enable_expert_bias else scores + self.expert_bias
-        experts = choice.topk(cfg.moe_router_topk, dim=-1).indices
+        # Groups are ranked by sums of the values the top k is taken on: Megatron takes it on the logits when the
+        # weights are the softmax over the chosen k (the same experts without groups: softmax keeps the order).
+        ranked = logits if cfg.moe_router_num_groups and cfg.moe_router_score_function == "softmax" and not \
+            cfg.moe_router_pre_softmax else scores
+        choice = ranked if not cfg.moe_router_enable_expert_bias else ranked + self.expert_bias
+        experts = self._choose(choice)
         if cfg.moe_router_score_function == "sigmoid":
             weights = scores.gather(-1, experts)
             weights = weights / weights.sum(-1, keepdim=True) if cfg.moe_router_topk > 1 else weights
@@ -92,12 +96,27 @@ class Router(nn.Module):
             weights = scores.gather(-1, experts)
         else:
             weights = logits.gather(-1, experts).softmax(-1)
+        if cfg.moe_router_topk_scaling_factor is not None:
+            weights = weights * cfg.moe_router_topk_scaling_factor
         counts = torch.zeros_like(scores).scatter_(-1, experts, 1.0)  # [b, s, E] 0/1
         aux = self._balancing_loss(logits, scores, counts)
         if self.training and not replaying():  # evaluation and recomputation do not count
             self.tokens_per_expert += counts.detach().sum((0, 1))
             self.microbatches += 1
         return weights.flatten(0, 1), experts.flatten(0, 1), aux
+
+    def _choose(self, choice: Tensor) -> Tensor:
+        """The top k experts of each token by `choice` [b, s, E]; with group-limited routing only within the
+        group-topk groups whose best topk/group-topk choices sum highest (Megatron's and DeepSeek's rule)."""
+        cfg = self.config
+        if cfg.moe_router_num_groups is None:
+            return choice.topk(cfg.moe_router_topk, dim=-1).indices
+        by_group = choice.unflatten(-1, (cfg.moe_router_num_groups, -1))  # [b, s, groups, E/groups]
+        group_scores = by_group.topk(cfg.moe_router_topk // cfg.moe_router_group_topk, dim=-1).values.sum(-1)
+        groups = group_scores.topk(cfg.moe_router_group_topk, dim=-1).indices
+        kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, groups, True)
+        masked = by_group.masked_fill(~kept[..., None], float("-inf")).flatten(-2)
+        return masked.topk(cfg.moe_router_topk, dim=-1).indices
 
     def _balancing_loss(self, logits: Tensor, scores: Tensor, counts: Tensor) -> Tensor:
         """This rank's share of coeff * E/(k T^2) sum_i c_i sum_t p_ti (per sequence for

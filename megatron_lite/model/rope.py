@@ -7,10 +7,14 @@ The two halves of each head are rotated as pairs (x[i], x[i + d/2]); using that 
 RoPE scaling (--rope-scaling-type) changes each pair's frequency, and yarn also scales cos and
 sin, as transformers' rope types of the same names do (modeling_rope_utils): a checkpoint of
 Llama 3.1 or a YaRN-extended Qwen computes here what it computes there.
+
+With --rotary-percent below 1 (Megatron's partial RoPE) only each head's first rotary_dim
+channels are rotated, as a head of that width (its pairs, its frequencies); the rest pass through.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -18,7 +22,7 @@ from megatron_lite.config.model_config import ModelConfig
 
 
 def rotary_tables(model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's angles, each [context_length, head_dim // 2] in fp32,
+    """cos and sin of every position's angles, each [context_length, rotary_dim // 2] in fp32,
     times the attention factor (1 but for yarn). fp64 until then, so long contexts keep their
     angles exact."""
     inv_freq, attention_factor = inverse_frequencies(model)
@@ -27,8 +31,8 @@ def rotary_tables(model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def inverse_frequencies(model: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Each pair's angle per position (fp64, [head_dim // 2]) and the factor cos and sin are scaled by."""
-    dim = model.head_dim
+    """Each pair's angle per position (fp64, [rotary_dim // 2]) and the factor cos and sin are scaled by."""
+    dim = model.rotary_dim
     inv_freq = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     kind, factor = model.rope_scaling_type, model.rope_scaling_factor
     if kind == "none":
@@ -46,12 +50,23 @@ def inverse_frequencies(model: ModelConfig) -> tuple[torch.Tensor, float]:
     return _yarn_frequencies(model, inv_freq), _yarn_attention_factor(model)
 
 
+def apply_rope(apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, k: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [b, s, nq, d] and k [b, s, nk, d] rotated by `apply_rotary` (an `Ops.apply_rotary`) on their first
+    2 * cos.shape[-1] channels (the tables' width says how many), the others unchanged."""
+    rotated = 2 * cos.shape[-1]
+    if rotated == q.shape[-1]:
+        return apply_rotary(q, k, cos, sin)
+    q_rot, k_rot = apply_rotary(q[..., :rotated], k[..., :rotated], cos, sin)
+    return torch.cat((q_rot, q[..., rotated:]), dim=-1), torch.cat((k_rot, k[..., rotated:]), dim=-1)
+
+
 def _yarn_frequencies(model: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
     """YaRN's split: pairs that turn more than beta_fast times within the original context keep
     their frequency, those that turn fewer than beta_slow times are divided by the factor, and a
     linear ramp over the pair index runs between the two (bounds rounded outwards, as transformers'
     default truncate=True)."""
-    dim, base = model.head_dim, model.rotary_base
+    dim, base = model.rotary_dim, model.rotary_base
     original = model.rope_scaling_original_max_position_embeddings
 
     def pair_turning(times: float) -> float:

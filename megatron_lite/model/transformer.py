@@ -19,6 +19,7 @@ from megatron_lite.model.kv_cache import InferenceParams
 from megatron_lite.model.moe import MoELayer
 from megatron_lite.model.norms import build_norm
 from megatron_lite.model.ops import Ops
+from megatron_lite.model.rope import apply_rope
 from megatron_lite.optimizer.muon import mark_row_blocks
 from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
-            q, k = self.ops.apply_rotary(q, k, *rotary)
+            q, k = apply_rope(self.ops.apply_rotary, q, k, *rotary)
         if "core_attn" in self.recompute:
             # What the replay keeps are its inputs: q, k and v of their own, not views that
             # would keep the whole fused QKV output alive.

@@ -44,8 +44,8 @@ def learning_rate(iteration: int, cfg: TrainConfig, consumed_samples: int | None
     """lr for optimizer step `iteration` (1-based), from `peak` (default --lr) to `floor` (default --min-lr).
 
     The schedule is read at the samples consumed through this step (default: iteration global
-    batches; fewer under --rampup-batch-size): linear warmup reaches the peak at the warmup's
-    end, the decay runs until its end and holds the floor after it.
+    batches; fewer under --rampup-batch-size): linear warmup from --lr-warmup-init reaches the peak at the
+    warmup's end, the decay runs until its end and holds the floor after it.
     """
     peak = cfg.lr if peak is None else peak
     floor = cfg.min_lr if floor is None else floor
@@ -53,7 +53,7 @@ def learning_rate(iteration: int, cfg: TrainConfig, consumed_samples: int | None
     samples = iteration * cfg.global_batch_size if consumed_samples is None else consumed_samples
     steps = samples / unit  # an iteration-based run without ramp-up: exactly `iteration`
     if warmup > 0 and steps <= warmup:
-        return peak * steps / warmup
+        return cfg.lr_warmup_init + (peak - cfg.lr_warmup_init) * steps / warmup
     if cfg.lr_decay_style == "constant":
         return peak
     if cfg.lr_decay_style == "inverse-square-root":

@@ -97,7 +97,7 @@ def stage_bytes(model: ModelConfig, layers: int, micro_batch: int, tp: int = 1, 
         return math.ceil(layers / (model.recompute_num_layers or 1)) * layer_input
     replayed = min(model.recompute_num_layers, layers) if model.recompute_granularity == "full" else 0
     tables = micro_batch if per_sample_positions else 1
-    rope = BYTES * tables * model.seq_length * model.head_dim if model.family == "llama" else 0
+    rope = BYTES * tables * model.seq_length * model.rotary_dim if model.family == "llama" else 0
     return replayed * layer_input + (layers - replayed) * kept + (rope if layers > replayed else 0)
 
 

@@ -112,7 +112,8 @@ _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "lr_wsd_decay
             "device": ("cpu", "cuda"),
             "pipeline_schedule": SCHEDULES, "cp_comm_type": CP_COMM_TYPES, "tokenizer_type": tuple(TOKENIZERS),
             "moe_router_score_function": MOE_SCORE_FUNCTIONS, "moe_router_load_balancing_type": MOE_LOAD_BALANCING,
-            "moe_token_dispatcher_type": MOE_DISPATCHERS, "data_parallel_sharding_strategy": SHARDING_STRATEGIES,
+            "moe_token_dispatcher_type": (*MOE_DISPATCHERS, "flex"),
+            "data_parallel_sharding_strategy": SHARDING_STRATEGIES,
             "data_parallel_mode": DATA_PARALLEL_MODES,
             "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
             "recompute_modules": RECOMPUTE_MODULES, "rope_scaling_type": ROPE_SCALING_TYPES,
@@ -157,8 +158,9 @@ def _window_pair(text: str) -> int | None:
 
 
 def _layer_pattern(text: str) -> int | list[int]:
-    """--window-attn-skip-freq as Megatron takes it: an integer, or a list expression such as [1,1,1,0]*3 or
-    ([1]*5+[0])*4, evaluated here without eval: list literals of integers joined by + and *."""
+    """--window-attn-skip-freq and --moe-layer-freq as Megatron takes them: an integer, or a list expression such
+    as [1,1,1,0]*3 or ([1]*5+[0])*4 (quotes a bash array kept around it dropped), evaluated here without eval: list
+    literals of integers joined by + and *."""
     def value(node: ast.AST) -> int | list:
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
@@ -170,7 +172,7 @@ def _layer_pattern(text: str) -> int | list[int]:
         raise ValueError(node)
 
     try:
-        pattern = value(ast.parse(text.strip(), mode="eval").body)
+        pattern = value(ast.parse(text.strip().strip("'\""), mode="eval").body)
     except (SyntaxError, TypeError, ValueError):
         pattern = None
     if not isinstance(pattern, int) and not (isinstance(pattern, list)
@@ -182,7 +184,7 @@ def _layer_pattern(text: str) -> int | list[int]:
 
 # Fields whose flag is not a plain value of the field's type: Megatron's spellings, read into the field.
 # --split as Megatron's Llama scripts pass it, quotes and all ("--split '99,1,0'" in a bash array).
-_PARSERS = {"window_size": _window_pair, "window_attn_skip_freq": _layer_pattern,
+_PARSERS = {"window_size": _window_pair, "window_attn_skip_freq": _layer_pattern, "moe_layer_freq": _layer_pattern,
             "split": lambda text: text.strip("'\"")}
 # A `bool | None` field whose None is a per-family default gets, besides its flag (which writes
 # True), one that writes False: Megatron only unties, and our llama family is untied by default.
@@ -354,8 +356,9 @@ def _config(given: dict, world_size: int) -> Config:
 
 def _megatron_conventions(given: dict, preset: dict) -> list[str]:
     """Megatron's flags that are not one field each, read into `given`: the family restating flags
-    name, the tokenizer that --vocab-file implies, --train-samples in place of --train-iters; the
-    no-effect flags given are returned, for the start-up log."""
+    name, the fields Megatron's switches set, the tokenizer that --vocab-file implies, --train-samples in place
+    of --train-iters, the flex dispatcher as alltoall; the no-effect flags given are returned, for the start-up
+    log."""
     settings = megatron_settings(given)
     if settings.family is not None:
         family = given.get("family", preset.get("family"))
@@ -363,11 +366,15 @@ def _megatron_conventions(given: dict, preset: dict) -> list[str]:
             raise ConfigError(f"{settings.said_by} name the {settings.family} family, but the model is {family} "
                               "(--family or --model); drop one or make them agree")
         given["family"] = settings.family
+    no_effect = settings.no_effect
+    if given.get("moe_token_dispatcher_type") == "flex":  # Megatron's DeepEP/HybridEP backend: all-to-all here
+        given["moe_token_dispatcher_type"] = "alltoall"
+        no_effect = [*no_effect, "--moe-token-dispatcher-type flex (alltoall here)"]
     if "train_samples" in given and "train_iters" in given:
         raise ConfigError("--train-iters and --train-samples exclude each other; choose one")
     if "tokenizer_type" not in given and ("vocab_file" in given or "merge_file" in given):
         given["tokenizer_type"] = "GPT2BPETokenizer"  # what Megatron's GPT scripts that name no type use
-    return settings.no_effect
+    return no_effect
 
 
 def flags_markdown() -> str:

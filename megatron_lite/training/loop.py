@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -24,7 +24,7 @@ from megatron_lite.config import Config, ConfigError, TrainingError
 from megatron_lite.context_parallel.zigzag import split_for_context_parallel
 from megatron_lite.data import build_training_data
 from megatron_lite.data.documents import DocumentMasking
-from megatron_lite.data.loader import global_batch
+from megatron_lite.data.loader import PrefetchedSamples, global_batch, microbatch_indices, read_samples
 from megatron_lite.distributed.grad_sync import average_across_data_parallel, reduce_partial_grads
 from megatron_lite.model.moe import finish_moe_step
 from megatron_lite.model.mtp import add_mtp_targets
@@ -43,6 +43,7 @@ from megatron_lite.training.metrics import MetricsLogger, peak_memory_gb
 from megatron_lite.training.parallelize import TrainingModel, parallelize
 from megatron_lite.training.report import print_run
 from megatron_lite.training.step_statistics import step_statistics
+from megatron_lite.training.step_timers import StepTimers, timed
 
 
 def set_seed(seed: int, device: torch.device = torch.device("cpu")) -> None:
@@ -136,17 +137,20 @@ class StepResult(NamedTuple):
 
 def train_step(model: TrainingModel, microbatches, iteration: int, config: Config, device: torch.device,
                trace: Trace | None = None, inspect_grads: Callable[[TrainingModel], None] | None = None,
-               consumed_samples: int | None = None, global_batch_size: int | None = None) -> StepResult:
+               consumed_samples: int | None = None, global_batch_size: int | None = None,
+               timers: StepTimers | None = None) -> StepResult:
     """One optimizer step.
 
     `inspect_grads(model)`, if given, runs once the grads are reduced and before they are clipped
     (the parity tests compare them there with one device's). `consumed_samples`: the samples read
     through this step, for the lr schedule, and `global_batch_size` this step's batch (both
-    default to a constant --global-batch-size).
+    default to a constant --global-batch-size). `timers`: the forward-backward and optimizer phases are
+    timed into it (--log-timers-to-tensorboard).
     """
     cfg, scaler = config.train, model.optimizer.loss_scaler
-    runner = forward_backward(model, microbatches, config, device, trace, 1.0 if scaler is None else scaler.scale,
-                              global_batch_size)
+    with timed(timers, "forward-backward"):
+        runner = forward_backward(model, microbatches, config, device, trace,
+                                  1.0 if scaler is None else scaler.scale, global_batch_size)
     if scaler is not None:
         for buf in model.grad_buffers:
             buf.grad_data.mul_(1.0 / scaler.scale)
@@ -157,17 +161,18 @@ def train_step(model: TrainingModel, microbatches, iteration: int, config: Confi
     mtp = last_stage_loss(runner.mtp_losses, (depths,)) if depths else None
     moe = finish_moe_step(model.chunks) if config.model.num_experts else None
     stats = step_statistics(model.optimizer, cfg, before_step=True)
-    grad_norm = model.optimizer.clip_grads(cfg.clip_grad)
-    # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
-    skipped = scaler is not None and not math.isfinite(grad_norm)
-    if scaler is not None:
-        scaler.update(found_inf=skipped)
-    if cfg.check_for_nan_in_loss_and_grad:
-        check_finite(iteration, loss, 0.0 if skipped else grad_norm)
-    lr = learning_rate(iteration, cfg, consumed_samples)
-    if not skipped:
-        set_learning_rate(model.optimizer, iteration, cfg, consumed_samples)
-        model.optimizer.step()
+    with timed(timers, "optimizer"):
+        grad_norm = model.optimizer.clip_grads(cfg.clip_grad)
+        # The norm is summed over every rank's grads, so every rank sees the same overflow verdict.
+        skipped = scaler is not None and not math.isfinite(grad_norm)
+        if scaler is not None:
+            scaler.update(found_inf=skipped)
+        if cfg.check_for_nan_in_loss_and_grad:
+            check_finite(iteration, loss, 0.0 if skipped else grad_norm)
+        lr = learning_rate(iteration, cfg, consumed_samples)
+        if not skipped:
+            set_learning_rate(model.optimizer, iteration, cfg, consumed_samples)
+            model.optimizer.step()
     stats.update(step_statistics(model.optimizer, cfg, before_step=False))
     return StepResult(loss, grad_norm, lr, skipped, moe, mtp, stats or None)
 
@@ -186,15 +191,34 @@ def check_finite(iteration: int, loss: float, grad_norm: float) -> None:
 
 
 def rank_microbatches(dataset, consumed: int, config: Config, device: torch.device,
-                      documents: DocumentMasking | None = None, global_batch_size: int | None = None):
+                      documents: DocumentMasking | None = None, global_batch_size: int | None = None,
+                      read=read_samples):
     """This rank's microbatches of the global batch starting at `consumed` (of `global_batch_size`
     samples, default --global-batch-size): its data-parallel replica's samples (with `documents`'
     masks), and of each sample the tokens its context-parallel rank holds (with multi-token
-    prediction, what its modules read and predict, cut from the whole sequences first)."""
+    prediction, what its modules read and predict, cut from the whole sequences first). `read`: how
+    samples are read (read_samples, or the training run's PrefetchedSamples)."""
     cfg, grid, depths = config.train, parallel_state.get_grid(), config.model.mtp_depths
     batches = global_batch(dataset, consumed, cfg.micro_batch_size, global_batch_size or cfg.global_batch_size,
-                           device, grid.coord("dp"), grid.size("dp"), documents)
+                           device, grid.coord("dp"), grid.size("dp"), documents, read)
     return (split_for_context_parallel(add_mtp_targets(batch, depths) if depths else batch) for batch in batches)
+
+
+def sample_reader(dataset, consumed: int, iteration: int, config: Config):
+    """How the training loop from `iteration` steps done and `consumed` samples read reads its samples: in process,
+    or with --num-workers by worker processes, in the order of this rank's microbatches of every step to come."""
+    cfg, grid = config.train, parallel_state.get_grid()
+    if not cfg.num_workers:
+        return read_samples
+
+    def schedule() -> Iterator[list[int]]:
+        samples = consumed
+        for _ in range(iteration, cfg.train_iters):
+            size = cfg.batch_size_at(samples)
+            yield from microbatch_indices(samples, cfg.micro_batch_size, size, grid.coord("dp"), grid.size("dp"))
+            samples += size
+
+    return PrefetchedSamples(dataset, schedule(), cfg.num_workers)
 
 
 def document_keys(batches: list[dict[str, torch.Tensor]]) -> float | None:
@@ -244,7 +268,7 @@ def pretrain(config: Config) -> dict:
 
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=grid.rank == 0,
                            writers=open_writers(config) if grid.rank == 0 else (),
-                           writer_interval=cfg.tensorboard_log_interval)
+                           writer_interval=cfg.tensorboard_log_interval, log_throughput=cfg.log_throughput)
     print_rank_0(f"> data: {data_description}")
     print_run(config, model, grid, device)
     for destination in logger.destinations():
@@ -271,6 +295,8 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
     """The loop of pretrain, from `iteration` steps done and `consumed` samples read."""
     cfg = config.train
     world = parallel_state.get_grid().world_size
+    read = sample_reader(train_ds, consumed, iteration, config)
+    timers = StepTimers(device) if cfg.log_timers_to_tensorboard else None
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     losses, valid_loss = [], None
     # Only train steps are timed: evaluation and checkpointing do not inflate the step time.
@@ -280,13 +306,14 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
         iteration += 1
         start = time.perf_counter()
         batch_size = cfg.batch_size_at(consumed)  # --rampup-batch-size's, else --global-batch-size
-        batches = list(rank_microbatches(train_ds, consumed, config, device, documents, batch_size))
+        with timed(timers, "batch-generator"):
+            batches = list(rank_microbatches(train_ds, consumed, config, device, documents, batch_size, read))
         keys = document_keys(batches)
         interval_flops += flops_per_step(config.model, batch_size, keys)
         METER.reset()  # what the meter holds after the loop is the last step's traffic
         loss, grad_norm, lr, step_skipped, moe, mtp, stats = train_step(model, batches, iteration, config, device,
                                                                         consumed_samples=consumed + batch_size,
-                                                                        global_batch_size=batch_size)
+                                                                        global_batch_size=batch_size, timers=timers)
         last_traffic = dict(METER.bytes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -312,7 +339,8 @@ def _train(config: Config, model: TrainingModel, train_ds, valid_ds, iteration: 
                 "skipped_iterations": skipped, **(moe or {}), **(stats or {}),
                 **({"mtp_losses": np.mean(interval_mtp, axis=0).tolist()} if interval_mtp else {}),
                 "tokens_per_s": batch_size * config.model.seq_length / seconds, "tflops_per_gpu": tflops,
-                "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device)})
+                "mfu": None if peak is None else tflops / peak, "peak_memory_gb": peak_memory_gb(device),
+                **({} if timers is None else {"timers": timers.per_step(len(interval_losses))})})
             interval_seconds, interval_flops, skipped = 0.0, 0.0, 0
             interval_losses, interval_mtp, interval_norms = [], [], []
         evaluate_now = cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters)

@@ -44,6 +44,7 @@ def train_scalars(record: dict) -> dict[str, float]:
     (mfu without a known peak, the MoE fields of a dense model) are left out."""
     scalars = {tag: float(record[key]) for key, tag in TRAIN_TAGS.items() if record.get(key) is not None}
     scalars["iteration-time"] = record["elapsed_ms"] / 1e3  # seconds, as Megatron logs it
+    scalars.update(record.get("timers", {}))  # --log-timers-to-tensorboard: Megatron's "<phase>-time", seconds
     for depth, loss in enumerate(record.get("mtp_losses", ()), 1):
         scalars[f"mtp_{depth} loss"] = float(loss)
     # One scalar per expert rather than a histogram: a histogram hides which expert starves.

@@ -28,8 +28,8 @@ class MetricsLogger:
     `writer_interval` (--tensorboard-log-interval), and every validation record."""
 
     def __init__(self, log_dir: str | None, enabled: bool = True, writers: Sequence[ScalarWriter] = (),
-                 writer_interval: int = 1) -> None:
-        self.enabled = enabled
+                 writer_interval: int = 1, log_throughput: bool = False) -> None:
+        self.enabled, self.log_throughput = enabled, log_throughput
         self.path = Path(log_dir) / "metrics.jsonl" if log_dir and enabled else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,13 +58,18 @@ class MetricsLogger:
         tokens_per_s, tflops_per_gpu, mfu (None without a known peak), peak_memory_gb; with mixture-of-
         experts layers load_balancing_loss, expert_load_max_over_mean and tokens_per_expert (the
         last step's routed tokens per expert of each MoE layer on this stage); num_zeros and params_norm
-        under --log-num-zeros-in-grad and --log-params-norm (the interval's last step's)."""
+        under --log-num-zeros-in-grad and --log-params-norm (the interval's last step's); timers under
+        --log-timers-to-tensorboard ({"<phase>-time": seconds per step}, step_timers.py)."""
         if not self.enabled:
             return
         mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"
+        # --log-throughput: Megatron's own field, where its log parsers look for it.
+        throughput = (f" throughput per GPU (TFLOP/s/GPU): {record['tflops_per_gpu']:.1f} |" if self.log_throughput
+                      else "")
         print(f" iteration {record['iteration']:8d}/{record['train_iters']:8d} |"
               f" consumed samples: {record['consumed_samples']:12d} |"
               f" elapsed time per iteration (ms): {record['elapsed_ms']:.1f} |"
+              + throughput +
               f" learning rate: {record['lr']:.6E} |"
               f" global batch size: {record['global_batch_size']:5d} |"
               f" lm loss: {record['lm_loss']:.6E} |"
