@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from megatron_lite.config.checks import ConfigError, TrainingError, require
 from megatron_lite.config.model_config import (
     FAMILIES,
-    MOE_DISPATCHERS,
-    MOE_LOAD_BALANCING,
-    MOE_SCORE_FUNCTIONS,
     RECOMPUTE_GRANULARITIES,
     RECOMPUTE_METHODS,
     RECOMPUTE_MODULES,
     ModelConfig,
 )
+from megatron_lite.config.moe_checks import MOE_DISPATCHERS, MOE_LOAD_BALANCING, MOE_SCORE_FUNCTIONS
 from megatron_lite.config.optimizer_checks import MUON_COEFFICIENTS, MUON_SCALE_MODES, MUON_TP_MODES, OPTIMIZERS
 from megatron_lite.config.parallel_config import (
     CP_COMM_TYPES,
