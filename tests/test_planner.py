@@ -55,7 +55,7 @@ MATRIX = [
     ("pp2-dp2", "llama", {"untie_embeddings_and_output_weights": False}, {}),  # tied: an embedding group
     ("tp2-pp2-sp", "llama", {"mtp_num_layers": 1}, {}),  # multi-token prediction: an embedding group too
     ("cp2-dp2", "llama", {"mtp_num_layers": 2}, {}),
-    ("pp2-vpp2-dp2-zbv", "gpt2", {}, {}),
+    ("pp2-vpp2-dp2-zbv", "gpt2", {}, {"global_batch_size": 16}),  # ZB-V fills its V with 2 x pp - 1
     ("dp4-ps", "llama", {}, {}),
     ("tp2-dp2-ps", "gpt2", {}, {"bf16": True}),
     ("cp2-dp2", "llama", SELECTIVE, {}),
@@ -75,7 +75,8 @@ def matrix_config(name: str, family: str, model: dict, train: dict) -> Config:
     layout = Layout.parse(name)
     return Config(model=tiny_model(family, num_layers=4, fused_kernels=False, **model),
                   parallel=layout.apply(ParallelConfig()),
-                  train=TrainConfig(micro_batch_size=2, global_batch_size=16, train_iters=2, device="cpu", **train))
+                  train=TrainConfig(**{"micro_batch_size": 2, "global_batch_size": 8, "train_iters": 2, "device": "cpu",
+                                     **train}))
 
 
 def measure(config: Config) -> dict:
