@@ -2,7 +2,8 @@
 readers and the Hugging Face conversion stream through, one tensor in memory at a time."""
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from abc import abstractmethod
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 
@@ -21,3 +22,14 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+class IndexedTensors(LazyTensors):
+    """LazyTensors that can also read part of a tensor without the rest: a rank's shard, whose
+    positions along each dim placement.local_indices gives (checkpointing/reshard.py's load_weights
+    asks for it so)."""
+
+    @abstractmethod
+    def select(self, name: str, index: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The tensor's elements at the positions index[d] along each dim d (ascending), i.e.
+        `self[name][numpy.ix_(*index)]`, reading no more of it than that."""

@@ -71,8 +71,9 @@ def test_export_matches_transformers_and_import_round_trips(trained: Path, tmp_p
         theirs = hf(tokens).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
-    # Two ranks: tp for llama, pp for gpt2 (whose last stage holds a copy of the tied embedding).
-    tp, pp = ("2", "1") if family == "llama" else ("1", "2")
+    # tp for llama; tp x pp for gpt2 (each rank reads its slices of the transposed Conv1D weights and
+    # of c_attn's [q; k; v], and the last stage holds a copy of the tied embedding).
+    tp, pp = ("2", "1") if family == "llama" else ("2", "2")
     assert convert_checkpoint.main(["from-hf", str(hf_dir), "--out", str(back), "--tp", tp, "--pp", pp,
                                     "--make-vocab-size-divisible-by", "8", "--ckpt-format", saved_format(family)]) == 0
     assert (back / "iter_0000000" / "metadata.json").exists() == (family == "llama")

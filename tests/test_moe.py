@@ -236,7 +236,8 @@ def test_moe_resume_is_bit_exact_with_the_expert_bias(tmp_path) -> None:
                                                  ("Qwen3MoeForCausalLM", QWEN3_MOE)])
 def test_hf_moe_export_matches_transformers_and_import_round_trips(tmp_path, architecture: str, model: dict) -> None:
     """A trained tiny llama MoE exports as its Hugging Face family with our logits (fp32, 1e-4),
-    and importing the export and exporting it again gives the same tensors bit for bit."""
+    and importing the export at tp 2 (each rank reads its slices of the stacked experts) and
+    exporting it again gives the same tensors bit for bit."""
     ours, hf_dir, back, again = (tmp_path / name for name in ("ours", "hf", "back", "again"))
     config = tiny_config(train_iters=2, save=str(ours), model={**MOE, "num_layers": 2, **model})
     pretrain(config)
@@ -248,7 +249,7 @@ def test_hf_moe_export_matches_transformers_and_import_round_trips(tmp_path, arc
     tokens = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model.eval()(tokens), rtol=0, atol=1e-4)
-    assert convert_checkpoint.main(["from-hf", str(hf_dir), "--out", str(back),
+    assert convert_checkpoint.main(["from-hf", str(hf_dir), "--out", str(back), "--tp", "2",
                                     "--make-vocab-size-divisible-by", "8"]) == 0
     assert convert_checkpoint.main(["to-hf", "--load", str(back), "--out", str(again)]) == 0
     first, second = load_safetensors(hf_dir), load_safetensors(again)

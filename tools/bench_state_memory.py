@@ -19,7 +19,9 @@ command's tree (torchrun and its ranks, a tool and the ranks it spawns); the ker
 the processes the command reaped (wait4) is a floor under it, for growth after the last poll. A
 step's "peak per rank" is its largest process, a rank (launchers hold no model state). The baseline
 is a bare `import torch, megatron_lite, transformers`. The state a rank should be near comes from the
-planner (megatron_lite/planner/memory.py): its weights, and weights + grads + Adam moments.
+planner (megatron_lite/planner/memory.py): its weights, and weights + grads + Adam moments. A
+training step's peak also holds the step's activations, which grow with the layers as well: the
+growth lines print the planner's estimate of them beside the state's.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_lite.planner.memory import state_memory  # noqa: E402
+from megatron_lite.planner.memory import activation_memory, state_memory  # noqa: E402
 from megatron_lite.training.arguments import parse_args  # noqa: E402
 
 TP = 2
@@ -113,10 +115,13 @@ def model_flags(layers: int, hidden: int, seq: int) -> list[str]:
 
 
 def shards(flags: list[str]) -> dict[str, int]:
-    """Bytes a rank at tp 2 holds (weights; with grads and Adam) and the whole model's weights."""
-    rank = state_memory(parse_args([*flags, "--tp", str(TP)], world_size=TP))
+    """Bytes a rank at tp 2 holds (weights; with grads and Adam; a step's activations, estimated)
+    and the whole model's weights."""
+    config = parse_args([*flags, "--tp", str(TP)], world_size=TP)
+    rank = state_memory(config)
     whole = state_memory(parse_args(flags, world_size=1))
-    return {"weights": rank["weights"], "training": sum(rank.values()), "model": whole["weights"]}
+    return {"weights": rank["weights"], "training": sum(rank.values()), "model": whole["weights"],
+            "activations": activation_memory(config)}
 
 
 def run_size(layers: int, args: argparse.Namespace, work: Path, baseline: int) -> dict[str, Peak]:
@@ -171,7 +176,12 @@ def print_growth(small: int, large: int, results: dict[int, dict]) -> None:
     for name, basis in GROWTH_BASIS.items():
         extra = b["state"][basis] - a["state"][basis]
         grown = b[name].largest - a[name].largest
-        print(f"{name:32s} grew {grown / MIB:8,.0f} MiB, extra state {extra / MIB:8,.0f} MiB: {grown / extra:.2f}")
+        line = f"{name:32s} grew {grown / MIB:8,.0f} MiB, extra state {extra / MIB:8,.0f} MiB: {grown / extra:.2f}"
+        if basis == "training":
+            activations = b["state"]["activations"] - a["state"]["activations"]
+            line += (f"; with the step's extra activations (planner: {activations / MIB:,.0f} MiB): "
+                     f"{grown / (extra + activations):.2f}")
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,7 @@ def import_rank(hf_dir: str, out: str, config: Config) -> None:
     par = config.parallel
     parallel_state.initialize_model_parallel(par)
     chunks = build_chunks(config)
-    # One HF tensor read at a time (safe_open), each made into our full tensor, of which the rank keeps its slice.
+    # One of our tensors at a time, this rank's slice of it only, read from the slices of its HF tensors (safe_open).
     load_weights(FromHF(SafetensorsFolder(Path(hf_dir)), config.model), chunks)
     save_checkpoint(out, 0, 0, chunks, None, config)
 

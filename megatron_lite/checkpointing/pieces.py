@@ -103,12 +103,13 @@ def chunks(name: str, param: nn.Parameter, offset: int, tensor: torch.Tensor
            ) -> list[tuple[str, tuple[int, ...], tuple[int, ...], torch.Tensor]]:
     """(key, full shape, global offsets, view of `tensor`) of each box of the full tensors that
     `tensor`, the flattened local shard's elements from `offset` on, holds (see module docstring)."""
-    flat, local = tensor.reshape(-1), tuple(param.shape)
+    flat, local, tensor_parts = tensor.reshape(-1), tuple(param.shape), parts(name, param)
     out = []
-    for offsets, sizes in boxes(local, offset, offset + flat.numel()):
+    for offsets, sizes in _leading_rows(boxes(local, offset, offset + flat.numel()),
+                                        any(part.dim > 0 for part in tensor_parts)):
         start = sum(o * math.prod(local[i + 1:]) for i, o in enumerate(offsets)) - offset
         view = flat[start:start + math.prod(sizes)].view(sizes)
-        for part in parts(name, param):
+        for part in tensor_parts:
             lo = max(offsets[part.dim], part.lo) if offsets else 0
             hi = min(offsets[part.dim] + sizes[part.dim], part.hi) if offsets else 1
             if lo >= hi:
@@ -124,6 +125,27 @@ def chunks(name: str, param: nn.Parameter, offset: int, tensor: torch.Tensor
                 piece = piece.narrow(0, 0, part.shape[0] - at[0])
             out.append((part.key, part.shape, tuple(at), piece))
     return out
+
+
+def _leading_rows(found: list[tuple[tuple[int, ...], tuple[int, ...]]], split: bool
+                  ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The boxes, each cut into its rows of dim 0 when `split`: a block cut along a later dim (an
+    expert's [gate; up]) is then contiguous in each, so it is written without a copy (SavePlanner)."""
+    if not split:
+        return found
+    return [((offsets[0] + i, *offsets[1:]), (1, *sizes[1:])) for offsets, sizes in found for i in range(sizes[0])]
+
+
+def _exact(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor over a storage of its own bytes, sharing its memory. DCP copies a
+    tensor whose storage holds more (torch.save would write all of it: a view's whole base) and
+    keeps every copy until the rank's file is written, which for the fc1 halves' views would be
+    a second copy of nearly half the rank's state."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    start = tensor.storage_offset() * tensor.element_size()
+    storage = tensor.untyped_storage()[start:start + tensor.nbytes]  # a slice of a storage is a view of it
+    return torch.empty(0, dtype=tensor.dtype).set_(storage, 0, tensor.shape, tensor.stride())
 
 
 class Pieces:
@@ -166,7 +188,7 @@ class SavePlanner(DefaultSavePlanner):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
     def lookup_object(self, index: MetadataIndex) -> torch.Tensor:
-        return _lookup(self.state_dict, index)
+        return _exact(_lookup(self.state_dict, index))
 
 
 class LoadPlanner(DefaultLoadPlanner):

@@ -33,9 +33,9 @@ from torch import nn
 from megatron_lite import parallel_state
 from megatron_lite.comm import all_gather_object
 from megatron_lite.distributed.data_parallel import materialized
-from megatron_lite.lazy_tensors import LazyTensors
+from megatron_lite.lazy_tensors import IndexedTensors, LazyTensors
 from megatron_lite.optimizer.optimizer import MainParam
-from megatron_lite.placement import full_shape, is_expert, local_shard, placement, unshard
+from megatron_lite.placement import full_shape, is_expert, local_indices, local_shard, placement, unshard
 
 REPLICATED_LAYOUT = {"partition_dim": None, "partition_stride": 1, "unpadded_rows": None}
 
@@ -200,15 +200,32 @@ def _local(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     return local_shard(full, param).clone()  # a copy: a view would keep the whole tensor alive
 
 
+def _read_local(model: dict[str, torch.Tensor], name: str, param: nn.Parameter) -> torch.Tensor:
+    """_local of model[name], read alone when `model` can (IndexedTensors: the full tensor is never made)."""
+    if not isinstance(model, IndexedTensors):
+        return _local(model[name], param)
+    index = local_indices(param)
+    rows = placement(param).unpadded_rows
+    real = index[0] if rows is None else index[0][index[0] < rows]  # the padding rows are the last ones
+    piece = model.select(name, [real, *index[1:]])
+    padding = len(index[0]) - len(real)
+    return torch.cat([piece, piece.new_zeros(padding, *piece.shape[1:])]) if padding else piece
+
+
 def load_weights(model: dict[str, torch.Tensor], chunks: list[nn.Module], optimizer=None) -> None:
     """Copy this rank's slices of full unpadded weights, keyed by global name, into the chunks
     (and the persistent buffers `model` has) and, given the optimizer, their unrounded values
-    into its fp32 main copies."""
-    weights = {param: _local(model[name], param) for chunk in chunks for name, param in chunk.named_parameters()}
+    into its fp32 main copies. Each slice is copied as it is read: without an optimizer no more
+    than one is held beside the model."""
+    weights = {}
     with torch.no_grad():
-        for param, weight in weights.items():
-            if materialized(param):  # a ZeRO-3 parameter gets its shard through the optimizer
-                param.copy_(weight)
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                weight = _read_local(model, name, param)
+                if materialized(param):  # a ZeRO-3 parameter gets its shard through the optimizer
+                    param.copy_(weight)
+                if optimizer is not None:
+                    weights[param] = weight
         for chunk in chunks:
             for name, buffer in chunk.named_buffers():
                 if name in model:

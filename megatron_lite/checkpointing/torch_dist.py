@@ -219,7 +219,10 @@ def load_into(directory: Path, model_chunks: list[nn.Module], optimizer, config:
     prefix = None if rng_at is None else f"rng/{rng_at[0]}_{rng_at[1]}/"
     rng = {k: _empty(saved, k) for k in saved if prefix is not None and k.startswith(prefix)}
     state.update(rng)
-    weights = {p: torch.zeros(p.shape) for p in names if materialized(p)}
+    # The files hold fp32 (main) weights: an fp32 parameter is read into in place, any other (--bf16,
+    # --fp16) through an fp32 copy. Zeros first: what no file holds (vocabulary padding rows) loads as zeros.
+    weights = {p: p.detach().zero_() if p.dtype == torch.float32 else torch.zeros(p.shape)
+               for p in names if materialized(p)}
     for param, tensor in weights.items():
         collect(chunks(f"model/{names[param]}", param, 0, tensor), state)
     for t in optimizer.tensors if optimizer is not None else ():
@@ -240,7 +243,8 @@ def load_into(directory: Path, model_chunks: list[nn.Module], optimizer, config:
     _load(directory, state, io_group(config))
     with torch.no_grad():
         for param, tensor in weights.items():
-            param.copy_(tensor)
+            if tensor.dtype != param.dtype:
+                param.copy_(tensor)
     if optimizer is not None:
         optimizer.load_main_weights(weights)
     if with_optimizer:

@@ -2,7 +2,8 @@
 (which family, and its config.json: families.py; the tokenizer: tokenizer.py).
 
 Works on full, unpadded tensors keyed by our global names (reshard.FullState.model), so it
-never sees a tensor-parallel shard. What differs between the two sides:
+never sees a tensor-parallel shard (FromHF.select reads whichever positions of a full tensor a
+rank asks for). What differs between the two sides:
 - Llama, Qwen2, Qwen3: our fused QKV weight (and Qwen2's bias) is laid out group by group (per
   query group its q heads, then k, then v) where HF has separate q_proj/k_proj/v_proj; our fc1
   is [gate; up] where HF has gate_proj and up_proj; our q/k_layernorm are Qwen3's q/k_norm.
@@ -19,7 +20,7 @@ never sees a tensor-parallel shard. What differs between the two sides:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_lite.config import ConfigError, ModelConfig
-from megatron_lite.lazy_tensors import LazyTensors
+from megatron_lite.lazy_tensors import IndexedTensors, LazyTensors
 from megatron_lite.model.norms import is_norm_weight
 
 MAX_SHARD_BYTES = 2 * 2**30  # above this, model.safetensors is split with an index, as save_pretrained does
@@ -101,11 +102,14 @@ def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelCon
 
 @dataclass(frozen=True)
 class Recipe:
-    """One of our tensors and the HF tensors it is made of, both ways."""
+    """One of our tensors and the HF tensors it is made of, both ways. from_hf only reorders and
+    joins the HF tensors' rows (each transposed first when `transposed`: our dim 0 is its dim 1),
+    so given each HF tensor's row numbers it says where each of our rows comes from (FromHF.select)."""
     ours: str
     hf: tuple[str, ...]
     to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
     from_hf: Callable[[list[torch.Tensor]], torch.Tensor]
+    transposed: bool = False
 
 
 def _plain(ours: str, hf: str, transposed: bool, model: ModelConfig) -> Recipe:
@@ -113,7 +117,8 @@ def _plain(ours: str, hf: str, transposed: bool, model: ModelConfig) -> Recipe:
     is HF's gamma minus one."""
     if model.apply_layernorm_1p and is_norm_weight(ours):
         return Recipe(ours, (hf,), lambda t: [(t.float() + 1.0).to(t.dtype)], lambda ts: ts[0].float() - 1.0)
-    return Recipe(ours, (hf,), lambda t: [t.t() if transposed else t], lambda ts: ts[0].t() if transposed else ts[0])
+    return Recipe(ours, (hf,), lambda t: [t.t() if transposed else t], lambda ts: ts[0].t() if transposed else ts[0],
+                  transposed)
 
 
 def recipes(model: ModelConfig) -> list[Recipe]:
@@ -132,7 +137,7 @@ def recipes(model: ModelConfig) -> list[Recipe]:
         else:
             c_attn = f"transformer.h.{i}.attn.c_attn"
             out.append(Recipe(f"{attn}.weight", (f"{c_attn}.weight",), lambda t: [torch.cat(_split_qkv(t, model)).t()],
-                              lambda ts: _join_qkv(*ts[0].t().chunk(3), model)))
+                              lambda ts: _join_qkv(*ts[0].t().chunk(3), model), transposed=True))
             out.append(Recipe(f"{attn}.bias", (f"{c_attn}.bias",), lambda t: [torch.cat(_split_qkv(t, model))],
                               lambda ts: _join_qkv(*ts[0].chunk(3), model)))
     return out
@@ -148,8 +153,28 @@ def to_hf_state(ours: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
     return dict(hf_tensors(ours, model))
 
 
-class FromHF(LazyTensors):
-    """Our full tensors, each made from HF tensors when asked for (`hf` may read each lazily)."""
+_PART = 2**40  # FromHF.select numbers row r of a recipe's HF tensor p as p * _PART + r
+
+
+def _runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """[first, last + 1) of each run of consecutive values in `positions`, in order."""
+    breaks = (torch.nonzero(positions.diff() != 1).flatten() + 1).tolist()
+    return [(int(positions[lo]), int(positions[hi - 1]) + 1) for lo, hi in zip([0, *breaks], [*breaks, len(positions)])]
+
+
+def _boxes(read: Callable[[tuple[tuple[int, int], ...]], torch.Tensor], runs: list[list[tuple[int, int]]],
+           chosen: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
+    """The tensor made of `read(box)` for every box that takes one run per dim, joined dim by dim."""
+    if len(chosen) == len(runs):
+        return read(chosen)
+    blocks = [_boxes(read, runs, (*chosen, run)) for run in runs[len(chosen)]]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=len(chosen))
+
+
+class FromHF(IndexedTensors):
+    """Our full tensors, each made from HF tensors when asked for (`hf` may read each lazily), or
+    any rank's slice of one, read from the slices of the HF tensors it is made of (`select`: from a
+    SafetensorsFolder, the bytes of those slices only)."""
 
     def __init__(self, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
         self.hf, self.model = hf, model
@@ -158,8 +183,8 @@ class FromHF(LazyTensors):
         if missing:
             raise ConfigError(f"the Hugging Face weights lack {missing[0]} ({len(missing)} tensors missing)")
         embedding = self.recipes["word_embeddings.weight"].hf[0]
-        if model.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"],
-                                                                               hf[self._hf_name(embedding)]):
+        if model.tie_embeddings and "lm_head.weight" in hf and not self._equal("lm_head.weight",
+                                                                               self._hf_name(embedding)):
             raise ConfigError(f"tie_word_embeddings is true but lm_head.weight differs from {embedding} (transformers "
                               "unties them then); set tie_word_embeddings to false in config.json to import them "
                               "untied")
@@ -171,10 +196,44 @@ class FromHF(LazyTensors):
         short = name.removeprefix("transformer.")
         return short if self.model.family == "gpt2" and short in self.hf else None
 
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.hf.shape(name) if isinstance(self.hf, SafetensorsFolder) else self.hf[name].shape)
+
+    def _box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        return self.hf.box(name, box) if isinstance(self.hf, SafetensorsFolder) else self.hf[name][box]
+
+    def _equal(self, a: str, b: str) -> bool:
+        """Whether two HF tables are equal, compared a block of rows at a time."""
+        shape = self._shape(a)
+        if shape != self._shape(b):
+            return False
+        step = max(1, 2**24 // max(1, shape[1] if len(shape) > 1 else 1))  # 64 MiB of fp32 rows
+        return all(torch.equal(self._box(a, (slice(lo, lo + step),)), self._box(b, (slice(lo, lo + step),)))
+                   for lo in range(0, shape[0], step))
+
     def __getitem__(self, name: str) -> torch.Tensor:
         recipe = self.recipes[name]
         return recipe.from_hf([self.hf[self._hf_name(n)] for n in recipe.hf]).float().contiguous()
 
+    def select(self, name: str, index: Sequence[torch.Tensor]) -> torch.Tensor:
+        recipe = self.recipes[name]
+        parts = [self._hf_name(n) for n in recipe.hf]
+        if any(len(i) == 0 for i in index):
+            return torch.zeros([len(i) for i in index])
+        # Where each of our rows comes from: the recipe applied to its HF tensors' row numbers.
+        row_dim = 1 if recipe.transposed else 0
+        origin = recipe.from_hf([p * _PART + torch.arange(self._shape(n)[row_dim]) for p, n in enumerate(parts)])
+
+        def read(box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+            (lo, hi), rest = box[0], [slice(*run) for run in box[1:]]
+            part, rows = divmod(lo, _PART)
+            rows = slice(rows, rows + hi - lo)
+            if recipe.transposed:  # 2-D: our [rows, columns] is its [columns, rows]
+                return self._box(parts[part], (*rest, rows)).t()
+            return self._box(parts[part], (rows, *rest))
+
+        runs = [_runs(origin[index[0]]), *(_runs(i) for i in index[1:])]
+        return _boxes(read, runs).float().contiguous()
 
 
 def from_hf_state(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -252,6 +311,14 @@ class SafetensorsFolder(LazyTensors):
         with safe_open(self.files[name], framework="pt") as f:
             return f.get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_slice(name).get_shape()
+
+    def box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        """The tensor's box (a slice per leading dim), only its bytes read from the file."""
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_slice(name)[box]
 
 
 def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
