@@ -28,6 +28,18 @@ SETTINGS = {  # name: model fields
     "full-block-2": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2},
 }
 CASES = list(itertools.product(("llama", "gpt2"), SETTINGS))
+# Multi-latent attention (llama): name -> (setting, model fields). Its latents, their norms, the duplicated
+# down-projections' and the gathered up-projections' inputs, q, k and v padded to one width.
+MLA = {"multi_latent_attention": True, "num_query_groups": 4, "q_lora_rank": 16, "kv_lora_rank": 8, "qk_head_dim": 8,
+       "qk_pos_emb_head_dim": 4, "v_head_dim": 6, "qk_layernorm": True}
+UP_PROJ = {"recompute_granularity": "selective", "recompute_modules": ["mla_up_proj"]}
+MLA_CASES = {
+    "mla": ("none", MLA),
+    "mla-direct-queries": ("core_attn", {**MLA, "q_lora_rank": None, "qk_layernorm": False}),
+    "mla-wide-values": ("selective-all", {**MLA, "v_head_dim": 14}),  # q and k padded, not v
+    "mla-up-proj": ("none", {**MLA, **UP_PROJ}),
+    "mla-up-proj-direct-queries": ("none", {**MLA, **UP_PROJ, "q_lora_rank": None, "qk_layernorm": False}),
+}
 
 
 def model_config(family: str, setting: str, **model):
@@ -67,7 +79,8 @@ def saved_bytes(family: str, setting: str, sequence_parallel: bool = False, **mo
 
 def tp_worker() -> dict:
     parallel_state.initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
-    return {case: saved_bytes(*case, sequence_parallel=True) for case in CASES}
+    return {**{case: saved_bytes(*case, sequence_parallel=True) for case in CASES},
+            **{name: saved_bytes("llama", setting, True, **model) for name, (setting, model) in MLA_CASES.items()}}
 
 
 @functools.cache
@@ -86,6 +99,17 @@ def test_formula_is_what_the_layers_save_at_tp2_with_sp(family: str, setting: st
     expected = stage_bytes(model_config(family, setting), 4, MICRO_BATCH, tp=2, sequence_parallel=True)
     for rank in spawned():
         assert rank[(family, setting)] == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("name", MLA_CASES)
+def test_multi_latent_attention_formula_is_exact(name: str) -> None:
+    """Tensor by tensor, on one device and at tp 2 + SP (the down-projections and latent norms on this
+    rank's tokens, the up-projections' inputs gathered unless mla_up_proj replays the gathers)."""
+    setting, model = MLA_CASES[name]
+    config = model_config("llama", setting, **model)
+    assert saved_bytes("llama", setting, **model) == stage_bytes(config, 4, MICRO_BATCH)
+    for rank in spawned():
+        assert rank[name] == stage_bytes(config, 4, MICRO_BATCH, tp=2, sequence_parallel=True)
 
 
 def test_partial_rope_keeps_tables_of_the_rotated_channels_only() -> None:

@@ -324,6 +324,25 @@ def test_moe_layer_freq_list_and_lr_warmup_init() -> None:
         parse_args(["--num-layers", "4", "--num-experts", "4", "--moe-layer-freq", "[0,1]"])
 
 
+def test_no_save_optim_writes_no_optimizer_state_and_resumes_with_no_load_optim(tmp_path, capsys) -> None:
+    """The checkpoint holds the weights (fp32 main ones), the iteration and RNG, not the moments; a plain --load of it
+    stops in one line saying which flags resume it; --no-load-optim resumes at its iteration with the weights the
+    straight run had (its next loss is that run's with a fresh optimizer, as for a full checkpoint)."""
+    pretrain(tiny_config(train_iters=2, save=str(tmp_path / "full"), save_interval=2))
+    pretrain(tiny_config(train_iters=2, save=str(tmp_path / "lean"), save_interval=2, no_save_optim=True))
+    lean = {p.name: p.stat().st_size for p in (tmp_path / "lean" / "iter_0000002").iterdir()}
+    full = {p.name: p.stat().st_size for p in (tmp_path / "full" / "iter_0000002").iterdir()}
+    assert sum(lean.values()) < sum(full.values()) / 2  # Adam's two moments are twice the weights
+    with pytest.raises(ConfigError, match=r"saved with --no-save-optim: it holds no optimizer state; resume from it "
+                                          r"with --no-load-optim \(iteration 2, a fresh optimizer\) or --finetune"):
+        pretrain(tiny_config(train_iters=3, load=str(tmp_path / "lean")))
+    from_full = pretrain(tiny_config(train_iters=3, load=str(tmp_path / "full"), no_load_optim=True))
+    from_lean = pretrain(tiny_config(train_iters=3, load=str(tmp_path / "lean"), no_load_optim=True))
+    assert from_lean["iteration"] == 3 and from_lean["losses"] == from_full["losses"]
+    with pytest.raises(ConfigError, match="--no-save-optim needs --ckpt-format torch_dist"):
+        tiny_config(no_save_optim=True, ckpt_format="torch")
+
+
 def test_megatron_switches_neutral_values_and_refused_features(capsys) -> None:
     config = parse_args(["--use-rope-scaling", "--recompute-activations", "--num-experts", "4",
                          "--moe-token-dispatcher-type", "flex", "--softmax-type", "vanilla", "--moe-router-fusion",

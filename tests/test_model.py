@@ -7,7 +7,8 @@ import torch
 from helpers.tiny import tiny_model
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.initialization import standard_normal
-from megatron_lite.planner.flops import flops_per_step
+from megatron_lite.planner.flops import flops_per_step, muon_matrices
+from megatron_lite.planner.parameters import count_parameters
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -86,3 +87,21 @@ def test_model_flops_of_a_sliding_window_count_the_keys_each_query_sees() -> Non
     assert flops_per_step(tiny_model(seq_length=64, window_size=100), 2) == flops_per_step(full, 2)
     one_layer = flops_per_step(tiny_model(seq_length=64, window_size=15, window_attn_skip_freq=[0, 1]), 2)
     assert flops_per_step(full, 2) - one_layer == pytest.approx(12.0 * 2 * s * h * (s - 16))
+
+
+@pytest.mark.parametrize("q_lora_rank, qk_layernorm", [(16, True), (None, False)])
+def test_multi_latent_attention_parameters_and_flops_by_hand(q_lora_rank: int | None, qk_layernorm: bool) -> None:
+    """The planner counts the model's parameters and Muon's matrices (each MLA weight whole); its model FLOPs
+    count MLA's projections, the scores over the query/key width (qk + pos channels) and the weighted sum over
+    the value width: the model's math, not the padded width attention runs at."""
+    config = tiny_model(num_layers=1, num_query_groups=4, ffn_hidden_size=64, vocab_size=256,
+                        make_vocab_size_divisible_by=1, multi_latent_attention=True, q_lora_rank=q_lora_rank,
+                        kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6, qk_layernorm=qk_layernorm)
+    model = GPTModel(config)
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+    weights = [p for name, p in model.named_parameters() if "self_attention" in name and p.ndim == 2]
+    assert muon_matrices(config)[:-3] == [tuple(p.shape) for p in weights]  # then the MLP's gate, up and fc2
+    b, s, h, heads, f, vocab = 2, 16, 32, 4, 64, 256
+    per_token_fwd = (2 * sum(p.numel() for p in weights) + 2 * s * heads * (8 + 4) + 2 * s * heads * 6
+                     + 3 * 2 * h * f + 2 * h * vocab)
+    assert flops_per_step(config, b) == pytest.approx(3 * b * s * per_token_fwd, rel=1e-12)

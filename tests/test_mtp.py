@@ -33,7 +33,8 @@ from megatron_lite.model.fused_ops import lm_loss as fused_lm_loss
 from megatron_lite.model.gpt import GPTModel, init_weights
 from megatron_lite.model.mtp import add_mtp_targets, mtp_loss_weights
 from megatron_lite.model.ops import TORCH_OPS
-from megatron_lite.pipeline_parallel.model_runner import microbatch_loss
+from megatron_lite.pipeline_parallel.model_runner import ModelRunner, microbatch_loss
+from megatron_lite.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron_lite.training.arguments import parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -118,6 +119,35 @@ def test_zero_layers_is_the_model_without_the_flag() -> None:
 def test_bad_mtp_flags_are_refused(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_args(TINY_FLAGS + flags, world_size=1)
+
+
+def test_per_token_loss_divides_every_module_by_the_lm_tokens() -> None:
+    """--calculate-per-token-loss with modules (Megatron's): the objective is (lm loss sum + f/N x each module's loss
+    sum) / the global batch's unmasked lm tokens, over microbatches with unequal masks; its grads are that sum's."""
+    depths, factor = 2, 0.3
+    config = mtp_config(mtp_num_layers=depths, mtp_loss_scaling_factor=factor).model
+    parallel_state.initialize_model_parallel(ParallelConfig())
+    sample = torch.randint(0, config.vocab_size, (4, config.seq_length + 1), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(4, config.seq_length)
+    mask[0, 5:] = 0
+    batches = [add_mtp_targets({"tokens": sample[i:i + 2, :-1], "labels": sample[i:i + 2, 1:],
+                                "loss_mask": mask[i:i + 2]}, depths) for i in (0, 2)]
+    model = GPTModel(config, ops=TORCH_OPS)
+    init_weights(model, config, seed=5)
+    runner = ModelRunner([model], batches, 2, (), torch.device("cpu"), per_token_loss=True)
+    forward_backward_no_pipelining(runner, 2)
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    weights = mtp_loss_weights(config, torch.device("cpu"))
+    total = sum((model(b["tokens"], b["labels"], mtp_tokens=b["mtp_tokens"], mtp_labels=b["mtp_labels"])
+                 * torch.cat([b["loss_mask"].unsqueeze(-1), b["mtp_loss_mask"]], dim=-1)).sum((0, 1)) for b in batches)
+    objective = (total * weights).sum() / mask.sum()
+    objective.backward()
+    objective = objective.detach()
+    reported = sum(runner.losses) / 2 + factor / depths * sum(sum(m) for m in runner.mtp_losses) / 2
+    assert float(reported) == pytest.approx(objective.item(), rel=1e-6)
+    for a, p in zip(ours, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
 
 
 def mtp_worker(saved: str) -> dict:

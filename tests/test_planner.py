@@ -31,13 +31,18 @@ from megatron_lite.training.report import memory_parts
 FULL = {"recompute_granularity": "full", "recompute_method": "uniform"}
 MOE = {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32}
 SELECTIVE = {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}
+# Multi-latent attention's widths (left out of the test ids): values narrower than the query/key heads.
+MLA_SHAPE = {"num_query_groups": 4, "kv_lora_rank": 8, "qk_head_dim": 8, "qk_pos_emb_head_dim": 4, "v_head_dim": 6}
+MLA = {"multi_latent_attention": True, **MLA_SHAPE}
 # (layout name, family, model overrides, train overrides): every parallelism, sharding and
 # schedule, both families (gpt2: tied embeddings, biases, LayerNorm), recomputation, bf16, the
-# parameter server, mixture of experts (ep over dp, tp and with pp; shared expert; balancing losses).
+# parameter server, mixture of experts (ep over dp, tp and with pp; shared expert; balancing losses),
+# multi-latent attention (its latents gathered under SP, duplicated down-projections, padded heads).
 MATRIX = [
     ("single", "llama", {}, {}),
     ("single", "gpt2", FULL, {}),
     ("single", "llama", {"mtp_num_layers": 2}, {}),  # multi-token prediction: its layers, norms and logits
+    ("single", "llama", {**MLA, "q_lora_rank": 16, "qk_layernorm": True}, {}),
     ("dp4", "llama", {}, {}),
     ("dp4-distopt", "gpt2", {}, {}),
     ("dp4-distopt", "llama", {}, {"bf16": True}),
@@ -67,6 +72,10 @@ MATRIX = [
     ("pp2-dp2-ep2-distopt", "llama", MOE, {}),
     ("tp2-dp2-ep4-sp", "llama", {**MOE, "moe_shared_expert_intermediate_size": 32}, {}),
     ("tp2-dp2-ep2", "llama", {**MOE, "moe_aux_loss_coeff": 0.01, "moe_router_load_balancing_type": "seq_aux_loss"}, {}),
+    ("tp2-dp2-sp", "llama", {**MLA, "q_lora_rank": 16, "qk_layernorm": True, "recompute_granularity": "selective",
+                             "recompute_modules": ["mla_up_proj", "mlp"]}, {}),
+    ("tp2-pp2", "llama", {**MLA, "mtp_num_layers": 1}, {}),  # queries projected directly, no latent norms
+    ("tp2-cp2-a2a", "llama", {**MLA, "v_head_dim": 14, "qk_layernorm": True}, {}),  # values wider: q, k padded
 ]
 EXCHANGE = ("all_to_all", "ep")  # MoE: what a rank receives depends on the router
 
@@ -101,7 +110,7 @@ def measure(config: Config) -> dict:
 
 
 CASES = [case for case in MATRIX if case[0] != "single"]  # every one on 4 ranks
-IDS = [f"{name}-{family}" + "".join(f"-{k}" for k in {**model, **train} if k != "recompute_method")
+IDS = [f"{name}-{family}" + "".join(f"-{k}" for k in {**model, **train} if k not in ("recompute_method", *MLA_SHAPE))
        for name, family, model, train in CASES]
 
 

@@ -123,3 +123,20 @@ def test_last_bucket_waits_and_interleaving_hides_more() -> None:
         assert 0 < est.exposed_comm_s - others < est.comm_s["dp-cp"]
         waits.append(est.exposed_comm_s - others)
     assert waits[1] < waits[0] / 2
+
+
+def test_multi_latent_attention_runs_its_kernel_at_the_padded_width() -> None:
+    """MLA's attention kernel takes q, k and v at one width, the wider of its query/key heads (qk + pos channels)
+    and its value heads: it takes as long as standard attention's at that head width (MFU counts the narrower
+    values' math only: planner/flops.py), while its low-rank projections are cheaper GEMMs than a full QKV's."""
+    shape = dict(family="llama", num_layers=4, hidden_size=2048, num_attention_heads=16, num_query_groups=16,
+                 ffn_hidden_size=8192, seq_length=4096, max_position_embeddings=4096, vocab_size=32000)
+    mla = ModelConfig(**shape, multi_latent_attention=True, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64,
+                      v_head_dim=128, qk_layernorm=True)
+    standard = ModelConfig(**shape, kv_channels=mla.attention_padded_head_dim)
+    parts = [stage_compute(Config(model=model, parallel=ParallelConfig(tensor_model_parallel_size=2,
+                                                                       sequence_parallel=True),
+                                  train=TrainConfig(micro_batch_size=1, global_batch_size=8, bf16=True)),
+                           GPUS["H100"], calibration(GPUS["H100"]), THIS_CODE).parts for model in (mla, standard)]
+    assert parts[0]["attention"] == parts[1]["attention"]
+    assert parts[0]["gemm"] < parts[1]["gemm"]

@@ -26,7 +26,8 @@ from megatron_lite.config.layout import Layout
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.param_sharding import ShardedParams
 from megatron_lite.distributed.spawn import run_on_ranks
-from megatron_lite.model.transformer import Attention, TransformerLayer
+from megatron_lite.model.attention import Attention
+from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.tensor_parallel.random import replaying
 from megatron_lite.training.arguments import parse_args
 from megatron_lite.training.loop import rank_microbatches, train_step

@@ -7,6 +7,7 @@ Three spawns (2, 4 and 8 ranks) run the parity cases; parity tolerances: tests/h
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -215,13 +216,22 @@ def test_sharded_checkpoints_resume_exactly_and_load_across_strategies(tmp_path)
 @pytest.mark.parametrize("flags, message", [
     (["--data-parallel-sharding-strategy", "no_shard", "--use-distributed-optimizer"],
      "no_shard contradicts --use-distributed-optimizer"),
-    (["--data-parallel-sharding-strategy", "optim_grads_params", "--overlap-param-gather"],
-     "--overlap-param-gather is for optim and optim_grads"),
     (["--data-parallel-sharding-strategy", "optim_grads_params", "--compile"], "--compile with"),
 ])
 def test_bad_sharding_flags_are_refused(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_args(flags)
+
+
+def test_overlap_param_gather_is_what_zero3_does_anyway(capsys) -> None:
+    """Megatron-FSDP scripts give --overlap-param-gather with optim_grads_params: accepted, with no effect, said once;
+    a Config built in code with both is still refused (it names a combination that is not run)."""
+    config = parse_args(["--data-parallel-sharding-strategy", "optim_grads_params", "--overlap-param-gather"],
+                        world_size=2)
+    assert (config.parallel.sharding, config.parallel.overlap_param_gather) == ("optim_grads_params", False)
+    assert "accepted, no effect here: --overlap-param-gather (optim_grads_params gathers" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--overlap-param-gather is for optim and optim_grads"):
+        dataclasses.replace(config.parallel, overlap_param_gather=True).validate()
 
 
 def test_sharding_strategy_implies_the_distributed_optimizer() -> None:

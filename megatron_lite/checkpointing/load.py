@@ -294,6 +294,9 @@ def _load_torch_dist(root: str | Path, iteration: int, chunks: list[nn.Module], 
     where, cfg = checkpoint_dir(root, iteration), config.train
     common = load_file(where / COMMON)
     _check_built_with(config, common["config"]["model"], where)
+    if not common.get("optimizer_state", True) and not (common["finetune"] or cfg.no_load_optim or cfg.finetune):
+        raise ConfigError(f"{where} was saved with --no-save-optim: it holds no optimizer state; resume from it with "
+                          f"--no-load-optim (iteration {common['iteration']}, a fresh optimizer) or --finetune")
     from_start, fresh_optimizer = _announce(where, common["iteration"], common["config"], common["layout"], config,
                                             common["finetune"])
     rng_at = None if from_start or cfg.no_load_rng else _rng_position(common["layout"])

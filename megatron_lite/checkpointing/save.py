@@ -188,7 +188,7 @@ def start_save(root: str | Path, iteration: int, consumed_samples: int, chunks: 
     comm.barrier()
     if config.train.ckpt_format == "torch_dist":
         sharded = config.parallel.sharded_optimizer and optimizer is not None
-        state = {**save_state(chunks, optimizer, sharded), **rng_entries(rng_state())}
+        state = {**save_state(chunks, optimizer, sharded, not config.train.no_save_optim), **rng_entries(rng_state())}
         common = common_state(iteration, consumed_samples, chunks, optimizer, config, current_layout(config))
         write = start_write(tmp, copied(state) if background else state, common, config, background)
     else:

@@ -82,8 +82,9 @@ def _buffers(model_chunks: list[nn.Module]) -> dict[str, torch.Tensor]:
             if name not in dict(chunk.named_parameters())}
 
 
-def save_state(model_chunks: list[nn.Module], optimizer, sharded: bool) -> dict:
-    """This rank's DCP state dict (see the module docstring). optimizer=None: weights only."""
+def save_state(model_chunks: list[nn.Module], optimizer, sharded: bool, moments: bool = True) -> dict:
+    """This rank's DCP state dict (see the module docstring). optimizer=None: weights only; moments=False
+    (--no-save-optim): the optimizer's fp32 main weights but not its state."""
     grid, names = parallel_state.get_grid(), _names(model_chunks)
 
     def writes(param: nn.Parameter) -> bool:  # the first holder of each piece writes it
@@ -98,7 +99,7 @@ def save_state(model_chunks: list[nn.Module], optimizer, sharded: bool) -> dict:
     for param, offset, tensor in weights:
         if writes(param):
             collect(chunks(f"model/{names[param]}", param, offset, tensor), state)
-    if optimizer is not None:
+    if optimizer is not None and moments:
         saved = optimizer.state_dict()["state"]
         for i, t in enumerate(_state_order(optimizer)):
             if i in saved and writes(t.param):  # no entry before the first step
@@ -122,12 +123,14 @@ def copied(state: dict) -> dict:
 
 def common_state(iteration: int, consumed_samples: int, model_chunks: list[nn.Module], optimizer, config: Config,
                  layout: dict) -> dict | None:
+    # "optimizer_state": False under --no-save-optim; a checkpoint from before the key holds it unless finetune.
     """common.pt's contents, on rank 0 (None elsewhere), with every parameter's tp layout gathered (collective)."""
     layouts = comm.all_gather_object({name: param_layout(p) for p, name in _names(model_chunks).items()})
     if parallel_state.get_grid().rank != 0:
         return None
     scaler = None if optimizer is None or optimizer.loss_scaler is None else optimizer.loss_scaler.state_dict()
     return {"iteration": iteration, "consumed_samples": consumed_samples, "finetune": optimizer is None,
+            "optimizer_state": optimizer is not None and not config.train.no_save_optim,
             "layout": layout, "config": dataclasses.asdict(config), "loss_scaler": scaler,
             "tp_layout": {k: v for mine in layouts for k, v in mine.items()}}
 

@@ -79,9 +79,6 @@ class Config:
                 "--compile with --data-parallel-sharding-strategy=optim_grads_params is not supported (the "
                 "parameters are gathered and freed around each layer, outside what a compiled layer may assume)")
         self._validate_parameter_server()
-        require(not (self.train.calculate_per_token_loss and self.model.mtp_depths),
-                "--calculate-per-token-loss with --mtp-num-layers is not supported (each module's loss is a mean "
-                "over its own tokens); drop one of them")
         require(self.parallel.schedule not in ("zb-h1", "zbv") or self.parallel.sharding in ("no_shard", "optim"),
                 f"--pipeline-schedule={self.parallel.schedule} with "
                 f"--data-parallel-sharding-strategy={self.parallel.sharding} is not "

@@ -8,17 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_lite.config.checks import flag, require, require_positive
+from megatron_lite.config.mla_checks import MLAChecks
 from megatron_lite.config.moe_checks import MoEChecks
 from megatron_lite.config.rope_scaling import RopeScalingChecks
 
 FAMILIES = ("llama", "gpt2")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "mla_up_proj")
 
 
 @dataclass(frozen=True)
-class ModelConfig(MoEChecks, RopeScalingChecks):
+class ModelConfig(MLAChecks, MoEChecks, RopeScalingChecks):
     family: str = "llama"
     """Architecture family: llama (RMSNorm, RoPE, SwiGLU, GQA, untied head unless tied) or gpt2 (LayerNorm, learned
     positions, GELU, tied embeddings)."""
@@ -36,6 +37,22 @@ class ModelConfig(MoEChecks, RopeScalingChecks):
     """Biases on the query, key and value projections only (Qwen2), llama family; gpt2 has every bias anyway."""
     qk_layernorm: bool = False
     """Normalise each query and key head (the family's norm over the head dim) before RoPE (Qwen3, OLMo2)."""
+    multi_latent_attention: bool = False
+    """DeepSeek-V2/V3's multi-latent attention (MLA), llama family: each layer compresses the hidden state into a
+    --kv-lora-rank latent (and, with --q-lora-rank, a query latent) and up-projects every head's key and value (and
+    query) from it; a query or key head is --qk-head-dim channels without position and --qk-pos-emb-head-dim rotated
+    ones (the key's rotated part shared by all heads), a value head --v-head-dim. --qk-layernorm normalises the two
+    latents. Megatron's --rotary-scaling-factor, --mscale and --mscale-all-dim give its YaRN."""
+    q_lora_rank: int | None = None
+    """MLA: width of the query latent (DeepSeek-V3: 1536); default: queries projected from the hidden state."""
+    kv_lora_rank: int = 32
+    """MLA: width of the latent keys and values are up-projected from (DeepSeek-V3: 512)."""
+    qk_head_dim: int = 128
+    """MLA: channels of each query and key head that carry no position."""
+    qk_pos_emb_head_dim: int = 64
+    """MLA: channels of each query and key head that RoPE rotates (the key's one per token, shared by all heads)."""
+    v_head_dim: int = 128
+    """MLA: width of each value head."""
     untie_embeddings_and_output_weights: bool | None = None
     """Give the output layer its own weight instead of the embedding table's; --tie-embeddings-and-output-weights
     shares it (Llama 3.2, Qwen2.5 small, SmolLM). Default: the family's, gpt2 tied, llama untied."""
@@ -123,8 +140,8 @@ class ModelConfig(MoEChecks, RopeScalingChecks):
     recompute_num_layers: int | None = None
     """With full: layers per group (uniform, default 1) or layers replayed per chunk (block)."""
     recompute_modules: list[str] | None = None
-    """With selective: which parts of each layer to
-    replay, any of core_attn, mlp, layernorm, moe (default: core_attn)."""
+    """With selective: which parts of each layer to replay, any of core_attn, mlp, layernorm, moe, mla_up_proj (MLA's
+    up-projections and RoPE) (default: core_attn)."""
     num_experts: int | None = None
     """Experts of each mixture-of-experts layer (default: none, every layer dense)."""
     moe_router_topk: int = 2
@@ -142,7 +159,8 @@ class ModelConfig(MoEChecks, RopeScalingChecks):
     moe_router_score_function: str = "softmax"
     """Router scores: softmax over the experts, or sigmoid per expert."""
     moe_router_pre_softmax: bool = False
-    """softmax: weights are the softmax over all experts (unnormalised top-k), not over the chosen k."""
+    """softmax: weights are the softmax over all experts (unnormalised top-k), not over the chosen k. Sigmoid scores
+    ignore it, as Megatron's do (DeepSeek-V3's recipe gives both)."""
     moe_router_topk_scaling_factor: float | None = None
     """The chosen experts' weights are multiplied by this (DeepSeek-V3's 2.5 with sigmoid scores); default: 1."""
     moe_router_num_groups: int | None = None
@@ -161,6 +179,9 @@ class ModelConfig(MoEChecks, RopeScalingChecks):
     step towards balanced load."""
     moe_router_bias_update_rate: float = 1e-3
     """Step of the expert bias per optimizer step, towards the mean load."""
+    moe_router_force_load_balancing: bool = False
+    """Benchmarking only (Megatron's): route by standard normal logits instead of the router's, so that expert loads
+    are even on average whatever the weights; the router's gradient passes straight through."""
     moe_expert_capacity_factor: float | None = None
     """Tokens each expert takes at most, as a multiple of an even share (default: dropless)."""
     moe_pad_expert_input_to_capacity: bool = False
@@ -218,11 +239,22 @@ class ModelConfig(MoEChecks, RopeScalingChecks):
 
     @property
     def head_dim(self) -> int:
+        """Width of each query and key head (MLA: its unrotated and rotated channels together)."""
+        if self.multi_latent_attention:
+            return self.qk_head_dim + self.qk_pos_emb_head_dim
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
+    def value_head_dim(self) -> int:
+        """Width of each value head: the head dim, but MLA's --v-head-dim."""
+        return self.v_head_dim if self.multi_latent_attention else self.head_dim
+
+    @property
     def rotary_dim(self) -> int:
-        """The channels of each head RoPE rotates (Megatron's int(kv_channels * rotary_percent))."""
+        """The channels of each head RoPE rotates (Megatron's int(kv_channels * rotary_percent); MLA's
+        --qk-pos-emb-head-dim)."""
+        if self.multi_latent_attention:
+            return self.qk_pos_emb_head_dim
         return int(self.head_dim * self.rotary_percent)
 
     @property
@@ -269,6 +301,8 @@ class ModelConfig(MoEChecks, RopeScalingChecks):
                              f"allowed: {', '.join(RECOMPUTE_MODULES)}")
         require("moe" not in self.selective_recompute or self.num_experts,
                 "--recompute-modules moe needs --num-experts")
+        require("mla_up_proj" not in self.selective_recompute or self.multi_latent_attention,
+                "--recompute-modules mla_up_proj needs --multi-latent-attention")
 
     def _validate_window_pattern(self) -> None:
         freq = self.window_attn_skip_freq
@@ -302,7 +336,9 @@ class ModelConfig(MoEChecks, RopeScalingChecks):
         require_positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                          "ffn_hidden_size", "seq_length", "max_position_embeddings", "vocab_size",
                          "make_vocab_size_divisible_by", "norm_epsilon", "init_method_std")
-        if self.kv_channels is None:
+        if self.multi_latent_attention:
+            self._validate_mla()
+        elif self.kv_channels is None:
             require(self.hidden_size % self.num_attention_heads == 0,
                     f"--hidden-size={self.hidden_size} is not divisible by "
                     f"--num-attention-heads={self.num_attention_heads} (or set --kv-channels)")

@@ -18,10 +18,11 @@ class MoEChecks:
 
     def is_moe_layer(self, number: int) -> bool:
         """Whether layer `number` (0-based, global) is a mixture of experts (Megatron's freq: layers freq-1, 2*freq-1,
-        ..., or the list's entry)."""
+        ..., or the list's entry). A multi-token prediction layer (numbered after the list) is what the last layer is:
+        Megatron builds its spec from the decoder's last layer (DeepSeek-V3's MTP layer is MoE)."""
         freq = self.moe_layer_freq
         if isinstance(freq, list):
-            return bool(self.num_experts) and freq[number] == 1
+            return bool(self.num_experts) and freq[min(number, len(freq) - 1)] == 1
         return bool(self.num_experts) and (number + 1) % freq == 0
 
     def _validate_moe(self) -> None:
@@ -30,8 +31,6 @@ class MoEChecks:
         if isinstance(freq, list):
             require(len(freq) == self.num_layers and set(freq) <= {0, 1}, f"--moe-layer-freq={freq} must give each of "
                     f"the --num-layers={self.num_layers} layers 1 (MoE) or 0 (dense)")
-            require(not self.mtp_depths, "--mtp-num-layers with a --moe-layer-freq list is not supported (the list "
-                    "names no MTP layer); give an integer frequency")
         else:
             require_positive(self, "moe_layer_freq")
         self._validate_router_groups()
@@ -46,8 +45,6 @@ class MoEChecks:
         require(self.moe_token_dispatcher_type in MOE_DISPATCHERS,
                 f"--moe-token-dispatcher-type={self.moe_token_dispatcher_type} is unknown; allowed: "
                 f"{', '.join(MOE_DISPATCHERS)}")
-        require(self.moe_router_score_function == "softmax" or not self.moe_router_pre_softmax,
-                "--moe-router-pre-softmax needs --moe-router-score-function softmax")
         require(self.moe_aux_loss_coeff >= 0 and (self.moe_z_loss_coeff or 0) >= 0,
                 f"--moe-aux-loss-coeff={self.moe_aux_loss_coeff} and --moe-z-loss-coeff={self.moe_z_loss_coeff} "
                 "must be >= 0")

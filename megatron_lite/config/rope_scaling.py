@@ -50,7 +50,10 @@ class RopeScalingChecks:
                 raise ConfigError(f"{flag(given)} is for --rope-scaling-type yarn")
             return
         for name in YARN_ONLY:
-            if getattr(self, name) is not None:
+            value = getattr(self, name)
+            if name in ("rope_scaling_mscale", "rope_scaling_mscale_all_dim"):  # 0: the term is 1 (Megatron's default)
+                require(value is None or value >= 0, f"{flag(name)}={value} must be >= 0")
+            elif value is not None:
                 require_positive(self, name)
         require((self.rope_scaling_mscale is None) == (self.rope_scaling_mscale_all_dim is None),
                 "--rope-scaling-mscale and --rope-scaling-mscale-all-dim go together")

@@ -16,7 +16,7 @@ from megatron_lite.config.optimizer_checks import OptimizerChecks
 from megatron_lite.config.packages import require_packages
 from megatron_lite.config.schedule import BatchSchedule
 
-CKPT_FORMATS = ("torch_dist", "torch")  # Megatron's names; its zarr, torch_dcp and fsdp_dtensor are not ours
+CKPT_FORMATS = ("torch_dist", "torch")  # Megatron's names (its fsdp_dtensor is read as torch_dist); zarr, torch_dcp not
 EXIT_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name))
 
 
@@ -143,6 +143,9 @@ class TrainConfig(BatchSchedule, OptimizerChecks):
     """Directory to resume from (its latest checkpoint; saved under any layout, it is resharded to this one)."""
     keep_last: int | None = None
     """Keep only the K most recent checkpoints in --save, deleting older iter_ directories (default: keep all)."""
+    no_save_optim: bool = False
+    """--save: the weights, iteration and RNG state only, no optimizer state (--ckpt-format torch_dist); a run resumes
+    from such a checkpoint with --no-load-optim or --finetune."""
     no_load_optim: bool = False
     """--load: take the weights only, not the optimizer state (the optimizer starts fresh)."""
     no_load_rng: bool = False
@@ -291,6 +294,8 @@ class TrainConfig(BatchSchedule, OptimizerChecks):
             require(self.save_interval > 0, f"--save-interval={self.save_interval} must be positive")
         require(self.ckpt_format in CKPT_FORMATS,
                 f"--ckpt-format={self.ckpt_format} is unknown; allowed: {', '.join(CKPT_FORMATS)}")
+        require(not self.no_save_optim or self.ckpt_format == "torch_dist",
+                "--no-save-optim needs --ckpt-format torch_dist (the torch format always holds the optimizer state)")
         if self.keep_last is not None:
             require(self.keep_last > 0, f"--keep-last={self.keep_last} must be positive")
         require(self.device in (None, "cpu", "cuda"), f"--device={self.device} is unknown; allowed: cpu, cuda")

@@ -32,6 +32,9 @@ ROPE_FIELDS = {"default": (), "linear": ("factor",),
 
 def hf_family(model: ModelConfig) -> str:
     """The model_type of the HF family that computes what `model` does; ConfigError if none."""
+    if model.multi_latent_attention:
+        raise ConfigError("no Hugging Face family here represents multi-latent attention (DeepSeek-V3's "
+                          "DeepseekV3ForCausalLM is not mapped yet)")
     if model.family == "gpt2":
         for bad, why in ((model.num_experts, "experts"), (model.qk_layernorm, "q/k norms"),
                          (_sliding_window(model) is not None, "a sliding window"),

@@ -82,6 +82,10 @@ class Router(nn.Module):
         """x [b, s, h] -> (weights [b*s, k], experts [b*s, k], the balancing loss to differentiate)."""
         cfg = self.config
         logits = F.linear(x.float(), self.weight.float())  # [b, s, E]
+        if cfg.moe_router_force_load_balancing:
+            # Benchmarking only (Megatron's): standard normal logits route each token, so every expert gets an even
+            # share on average; the gradient passes through to the real logits (straight-through).
+            logits = logits + (torch.randn_like(logits) - logits).detach()
         scores = logits.softmax(-1) if cfg.moe_router_score_function == "softmax" else logits.sigmoid()
         # Groups are ranked by sums of the values the top k is taken on: Megatron takes it on the logits when the
         # weights are the softmax over the chosen k (the same experts without groups: softmax keeps the order).

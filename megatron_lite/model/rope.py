@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_lite.config.mla_checks import yarn_mscale
 from megatron_lite.config.model_config import ModelConfig
 
 
@@ -85,10 +86,6 @@ def _yarn_attention_factor(model: ModelConfig) -> float:
     if model.rope_scaling_attention_factor is not None:
         return model.rope_scaling_attention_factor
     factor = model.rope_scaling_factor
-
-    def mscale(weight: float) -> float:
-        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
-
     if model.rope_scaling_mscale is not None:  # validation: mscale_all_dim is set too
-        return mscale(model.rope_scaling_mscale) / mscale(model.rope_scaling_mscale_all_dim)
-    return mscale(1.0)
+        return yarn_mscale(factor, model.rope_scaling_mscale) / yarn_mscale(factor, model.rope_scaling_mscale_all_dim)
+    return yarn_mscale(factor, 1.0)

@@ -40,13 +40,15 @@ def microbatch_loss(per_token: torch.Tensor, loss_mask: torch.Tensor,
     what is differentiated is their sum weighted by `weights` (model/mtp.py's mtp_loss_weights).
     --calculate-per-token-loss gives `token_weight` (see per_token_weight): the loss sum times it,
     in place of the mean, makes the step's objective the sum over the global batch's unmasked
-    tokens divided by their number.
+    tokens divided by their number. With multi-token prediction each module's loss sum is divided by
+    that same number, the lm loss's tokens (Megatron's), before the weighting.
     """
     total, count = (per_token * loss_mask).sum((0, 1)), loss_mask.sum((0, 1))
     cp = parallel_state.get_grid().size("cp")
     if token_weight is not None:
         reported = all_reduce(total.detach().clone(), group="cp") * (token_weight / cp)
-        return total * token_weight, reported
+        objective = total * token_weight
+        return (objective if weights is None else (objective * weights).sum()), reported
     if cp == 1:
         loss = total / count
         objective, mean = loss, loss.detach()
@@ -115,7 +117,8 @@ class ModelRunner:
         if model.post_process:
             if mtp:
                 masks = torch.cat([batch["loss_mask"].unsqueeze(-1), batch["mtp_loss_mask"]], dim=-1)
-                objective, losses = microbatch_loss(output, masks, mtp_loss_weights(model.config, output.device))
+                objective, losses = microbatch_loss(output, masks, mtp_loss_weights(model.config, output.device),
+                                                    self.token_weight)
                 loss = losses[0]
                 self.mtp_losses.append(losses[1:])
             else:

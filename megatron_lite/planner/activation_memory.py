@@ -27,8 +27,14 @@ Recomputation replaces the terms of what it replays by the inputs it keeps:
   core_attn  q, k, v and the output: (2·a·d + 2·g·d)/t instead of attention's term
   mlp        the MLP's input, h/t_s, instead of the fc1 input's h and the MLP's term
 Context parallelism (on s/cp tokens per rank) and q/k norms (llama) change the attention
-term: see layer_bytes. Outside the layers: embedding_bytes (first stage), head_bytes (last,
-with the multi-token prediction modules).
+term: see layer_bytes. Multi-latent attention (model/mla.py) keeps q, k and v at the padded width
+D (ModelConfig.attention_padded_head_dim), the output, its log-sum-exp and the output projection's
+input (v wide where it is a copy): 4·a·D + a (+ a·v) per token over t, core_attn 3·a·D + a·v; in
+place of the QKV input's h, its latents' terms (_mla_inputs: the down-projections' input on this
+rank's tokens, the latent norms', the up-projections' gathered inputs). mla_up_proj recomputation
+keeps the up-projections' inputs of this rank's tokens only (its replay gathers them again).
+Outside the layers: embedding_bytes (first stage), head_bytes (last, with the multi-token
+prediction modules).
 Document masking (--reset-attention-mask) computes fewer score blocks but keeps nothing more in
 a layer: the flash kernel keeps only the microbatch's [b, s] document starts, shared by every
 layer (the FLOPs and the attention time do shrink: planner/flops.py, planner/compute.py).
@@ -67,7 +73,16 @@ def layer_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_para
     recompute = model.selective_recompute
     llama = model.family == "llama"
     norm = (2 * h + 1 if llama else h + 2) if "layernorm" not in recompute else h
-    if "core_attn" in recompute:
+    inputs = h  # the QKV linear's input
+    if model.multi_latent_attention:
+        inputs = _mla_inputs(model, ts)
+        wide, v = model.attention_padded_head_dim, model.value_head_dim
+        # q, k and v at the padded width (tensors of their own), the output and its log-sum-exp, and the output
+        # projection's input: each head's v channels, a copy where the padding is cut off or the output is
+        # head-major (context parallelism, as above), else a view of the output.
+        attention = (3 * a * wide + a * v if "core_attn" in recompute else
+                     4 * a * wide + a + (a * v if v < wide or cp_comm else 0))
+    elif "core_attn" in recompute:
         attention = 2 * a * d + 2 * g * d
     elif cp_comm in ("p2p", "allgather"):
         attention = ((4 * a + 3 * g) if llama else (3 * a + 2 * g)) * d + a
@@ -75,14 +90,32 @@ def layer_bytes(model: ModelConfig, micro_batch: int, tp: int = 1, sequence_para
         attention = 5 * a * d + a
     else:
         attention = (4 if llama else 6) * a * d + a
-    if model.qk_layernorm:
+    if model.qk_layernorm and not model.multi_latent_attention:  # MLA's norms are its latents' (_mla_inputs)
         # The q and k RMSNorms' inputs and 1/rms, and the normalised q (RoPE's input; k's is kept
         # as k already): (2a + g)·d + a + g. (Models with q/k norms are of the llama family.)
         attention += (2 * a + g) * d + a + g
     attention = attention / tp + (4 if cp_comm == "a2a" and "core_attn" not in recompute else 0)
     mlp = h / ts if "mlp" in recompute else h + (4 if llama else 2) * f / tp
-    per_token = 2 * norm / ts + h + attention + mlp
+    per_token = 2 * norm / ts + inputs + attention + mlp
     return BYTES * model.seq_length * micro_batch * per_token
+
+
+def _mla_inputs(model: ModelConfig, ts: int) -> float:
+    """Elements per token multi-latent attention keeps before its heads (model/mla.py): the down-projections'
+    input (this rank's tokens; linear_q_proj's, without --q-lora-rank, gathered under SP), the latent norms'
+    input, 1/rms and normalised latent, and the up-projections' inputs: the latents, gathered under SP, where
+    mla_up_proj recomputation keeps this rank's instead (its replay gathers them again). The kv down-projection's
+    output [latent; rotated key] is kept whole wherever a view of it is: by its norm, or by an up-projection or
+    the replay reading this rank's tokens."""
+    h, rq, kv, pos = model.hidden_size, model.q_lora_rank, model.kv_lora_rank, model.qk_pos_emb_head_dim
+    norm = model.qk_layernorm
+    up = ts if "mla_up_proj" in model.selective_recompute else 1  # the up-projections' inputs: tokens / up
+    kept = h / ts + (h if rq is None and up < ts else 0)
+    if rq is not None:
+        kept += ((2 * rq + 1) / ts if norm else 0) + rq / up
+    if norm:
+        return kept + (kv + pos + kv + 1) / ts + kv / up
+    return kept + ((kv + pos) / ts if up == ts else kv)
 
 
 def stage_bytes(model: ModelConfig, layers: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False,

@@ -22,6 +22,12 @@ under sequence parallelism else 1), forward:
   Backward moves about twice the forward's bytes. Eager elementwise ops move eager_traffic
   times this fused minimum; the loss, when the logits are materialised (no fused linear +
   cross-entropy), writes and reads them forward and backward.
+Multi-latent attention (model/mla.py) has its own GEMMs (planner/parameters.py: mla_linears; the
+duplicated down-projections on this rank's tokens under SP), its attention kernel runs at the padded
+width (the wider of the query/key and value heads, zero channels included: what runs, where MFU
+counts the model's math, planner/flops.py), RoPE turns the rotated channels only, the latent norms
+add their bytes, and q, k and v are assembled at the padded width (copies; mla_up_proj
+recomputation replays the up-projections, RoPE and that assembly).
 Kernels per layer, forward (each costs the calibration's kernel_overhead besides its work): the
 GEMMs (4: fused QKV, output projection, fc1, fc2; 7 where q, k, v, gate and up are linears of
 their own; a mixture of experts: the router, each local expert's and the shared expert's), the
@@ -52,6 +58,7 @@ from megatron_lite.planner.calibration import Calibration
 from megatron_lite.planner.flops import muon_matrices, newton_schulz_gemms
 from megatron_lite.planner.hardware import GPU
 from megatron_lite.planner.memory import RankCoords, logits_kept, optimizer_elements
+from megatron_lite.planner.parameters import mla_linears
 from megatron_lite.planner.software import Software
 
 FLASH_BACKWARD = 2.5  # a flash backward's matmul work over its forward's (it recomputes the scores)
@@ -59,6 +66,9 @@ BACKWARD_KERNELS = 2  # kernels a backward runs per forward kernel (module docst
 # Elementwise kernels per forward (module docstring): fused, one per op; eager, as PyTorch runs them.
 FUSED_KERNELS = {"rmsnorm": 1, "layernorm": 1, "swiglu": 1, "gelu": 1, "rope": 1, "add": 1}
 EAGER_KERNELS = {"rmsnorm": 8, "layernorm": 1, "swiglu": 2, "gelu": 1, "rope": 10, "add": 1}
+# Multi-latent attention's copies that assemble q, k and v (model/mla.py: _up_project): the rotated parts made
+# contiguous (2), the concatenations (2), the query scale, the padding of q, k and v (3).
+MLA_ASSEMBLY_KERNELS = 8
 
 
 @dataclass(frozen=True)
@@ -126,11 +136,15 @@ class _Cost:
         llama = model.family == "llama"
         gate = 2 if llama else 1
         m = self.tokens
-        gemm = {"attention": self.gemm(m, h, (a + 2 * g) * d / t) + self.gemm(m, a * d / t, h)}
-        # The second, fourth and sixth matmul of a llama layer's forward (separate q, k, v, out,
-        # gate, up, down projections): k, out and up, which torchtitan's op policy replays.
-        gemm["every_other"] = (self.gemm(m, h, g * d / t) + self.gemm(m, a * d / t, h)
-                               + self.gemm(m, h, f / t)) if llama and not moe else 0.0
+        if model.multi_latent_attention:
+            gemm = self._mla_gemms(moe)
+            d = model.attention_padded_head_dim  # the kernel's width, zero channels included
+        else:
+            gemm = {"attention": self.gemm(m, h, (a + 2 * g) * d / t) + self.gemm(m, a * d / t, h)}
+            # The second, fourth and sixth matmul of a llama layer's forward (separate q, k, v, out,
+            # gate, up, down projections): k, out and up, which torchtitan's op policy replays.
+            gemm["every_other"] = (self.gemm(m, h, g * d / t) + self.gemm(m, a * d / t, h)
+                                   + self.gemm(m, h, f / t)) if llama and not moe else 0.0
         if moe:
             experts, k, ep = model.num_experts, model.moe_router_topk, self.config.parallel.expert_model_parallel_size
             # Balanced routing: each of the E/ep local experts computes m·k·ep/E tokens.
@@ -153,7 +167,30 @@ class _Cost:
                   "mlp": self.memory((3 if llama else 2) * width),
                   "other": self.memory(2 * 3 * h / self.tp_s + (2 * (a + g) * d / t if llama else 0)),
                   "attention": attention_io}
+        if model.multi_latent_attention:
+            # RoPE turns only the rotated channels (each query head's and the one shared key's), in and out; the
+            # latent norms read and write their latents on this rank's tokens; q, k and v are then assembled at
+            # the padded width (concatenated, scaled, padded: written and read once more).
+            pos, latents = model.qk_pos_emb_head_dim, sum(w.norm for w in mla_linears(model))
+            memory["other"] = self.memory(2 * 3 * h / self.tp_s + 2 * latents / self.tp_s)
+            memory["mla_up_proj"] = self.memory(2 * (a / t + 1) * pos + 2 * 3 * a * d / t)
         return _Parts(gemm, attention, memory)
+
+    def _mla_gemms(self, moe: bool) -> dict[str, float]:
+        """Multi-latent attention's GEMMs by part: all of them (the down-projections on this rank's tokens under
+        SP, duplicated on every tp rank), the up-projections (what mla_up_proj recomputation replays), and every
+        second matmul of the layer's forward, the MLP's separate gate, up and down after them (torchtitan's op
+        policy; dense layers)."""
+        model, t, m = self.config.model, self.tp, self.tokens
+        h, f = model.hidden_size, model.ffn_hidden_size
+        shapes = []
+        for w in mla_linears(model):
+            rows, cols = w.local_shape(t)
+            shapes.append((m / self.tp_s if w.duplicated else m, cols, rows))
+        times = [self.gemm(*shape) for shape in shapes]
+        up = [time for time, w in zip(times, mla_linears(model)) if w.split == "column"]
+        layer = times + [self.gemm(m, h, f / t), self.gemm(m, h, f / t), self.gemm(m, f / t, h)]
+        return {"attention": sum(times), "mla_up_proj": sum(up), "every_other": 0.0 if moe else sum(layer[1::2])}
 
     def kernels(self, moe: bool) -> _Parts:
         """A layer's kernels per forward, by part (module docstring)."""
@@ -162,18 +199,23 @@ class _Cost:
         separate = self.software.separate_projections and llama
         attention_gemms, mlp_gemms = (4, 3) if separate else (2, 2)
         gemm = {"attention": attention_gemms}
+        if model.multi_latent_attention:  # its projections are linears of their own, the up-projections two
+            gemm = {"attention": len(mla_linears(model)), "mla_up_proj": 2}
         if moe:
             local = model.num_experts / par.expert_model_parallel_size
             gemm["mlp"] = 1 + (local + bool(model.moe_shared_expert_intermediate_size)) * mlp_gemms
         else:
             gemm["mlp"] = mlp_gemms
-        gemm["every_other"] = (attention_gemms + mlp_gemms) // 2 if llama and not moe else 0
+        gemm["every_other"] = (gemm["attention"] + mlp_gemms) // 2 if llama and not moe else 0
         each = FUSED_KERNELS if self.fused else EAGER_KERNELS
         flash = self.software.attention == "flash"
         memory = {"layernorm": 2 * each["rmsnorm" if llama else "layernorm"],
                   "mlp": each["swiglu" if llama else "gelu"],
                   "other": 2 * each["add"] + (each["rope"] if llama else 0),
                   "attention": 1 if flash else 0}
+        if model.multi_latent_attention:  # the latent norms; RoPE and the assembly of q, k and v in the up-projection
+            memory["other"] = 2 * each["add"] + sum(bool(w.norm) for w in mla_linears(model)) * each["rmsnorm"]
+            memory["mla_up_proj"] = each["rope"] + MLA_ASSEMBLY_KERNELS
         return _Parts(gemm, 1 if flash else 4, memory)
 
 
@@ -193,6 +235,8 @@ def _replayed(config: Config, software: Software, parts: _Parts, layers: int) ->
     one = (parts.attention + parts.memory["attention"] if "core_attn" in modules else 0.0)
     one += parts.gemm["mlp"] + parts.memory["mlp"] if "mlp" in modules else 0.0
     one += parts.memory["layernorm"] if "layernorm" in modules else 0.0
+    if "mla_up_proj" in modules:  # only with multi-latent attention, whose parts have these keys
+        one += parts.gemm["mla_up_proj"] + parts.memory["mla_up_proj"]
     return layers * one
 
 

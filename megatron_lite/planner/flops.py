@@ -16,6 +16,13 @@ for documents of L_d tokens, stands for s: `document_keys`, which the training l
 each step's batch and the planner takes as a stated mean document length), the MLP, and the
 logits. For
 g = n and f = 4h it is the classic 72*B*s*L*h^2*(1 + s/(6h) + V/(12*L*h)).
+Multi-latent attention (--multi-latent-attention) replaces the attention term by its matmuls
+counted whole: its projections' (planner/parameters.py: mla_linears) and per key the scores over
+the query/key width (qk + pos channels) and the weighted sum over the value width, s * n * (d_qk +
+d_v) multiply-adds per token. The kernel runs the weighted sum at the padded width (the wider of the
+two, ModelConfig.attention_padded_head_dim), but its zero channels are no model work: MFU counts
+the model's math, as Megatron-LM's MLA formula does; the step-time estimate counts what runs
+(planner/compute.py).
 Activation recomputation is not counted: MFU measures useful model work only. On a mixture-of-
 experts layer the MLP term counts the active parameters only: k routed experts of width
 f_moe and the shared expert, plus the router (E/2h) and the shared expert's gate (1/2h), so MFU
@@ -33,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from megatron_lite.config import ModelConfig, TrainConfig
+from megatron_lite.planner.parameters import mla_linears
 
 
 def flops_per_step(config: ModelConfig, global_batch_size: int, document_keys: float | None = None) -> float:
@@ -50,10 +58,17 @@ def flops_per_step(config: ModelConfig, global_batch_size: int, document_keys: f
         # The router (one h x E matmul) and the shared expert's gate (h x 1).
         moe = active / h * gate + (config.num_experts + config.moe_shared_expert_gate) / (2 * h)
 
+    # Multi-latent attention's projections: multiply-adds per token (module docstring).
+    mla_projections = sum(w.rows * w.cols for w in mla_linears(config)) if config.multi_latent_attention else 0
+
     def layer(number: int) -> float:
         window = config.layer_window(number)
         keys = full if window is None else min(full, window + 1)
-        attention = (1 + config.num_query_groups / config.num_attention_heads + keys / h) * heads_width
+        if config.multi_latent_attention:
+            per_key = config.num_attention_heads * (config.head_dim + config.value_head_dim)  # scores, weighted sum
+            attention = (mla_projections + keys * per_key) / (2 * h * h)
+        else:
+            attention = (1 + config.num_query_groups / config.num_attention_heads + keys / h) * heads_width
         return attention + (moe if config.is_moe_layer(number) else dense)
 
     # Each multi-token prediction module: its layer (numbered after the model's), its 2h -> h
@@ -68,11 +83,15 @@ def muon_matrices(config: ModelConfig, split_qkv: bool = True,
                   layers: Iterable[int] | None = None) -> list[tuple[int, int]]:
     """The full (rows, cols) of every logical matrix Muon orthogonalises in `layers` (default: the
     whole model, multi-token prediction modules included): query, key and value apart (or the
-    fused QKV), the output projection, SwiGLU's gate and up apart, fc2; on a mixture-of-experts
-    layer the router, each expert's and the shared expert's; an MTP module's 2h -> h projection."""
+    fused QKV) and the output projection, or multi-latent attention's weights; SwiGLU's gate and
+    up apart, fc2; on a mixture-of-experts layer the router, each expert's and the shared
+    expert's; an MTP module's 2h -> h projection."""
     h, d = config.hidden_size, config.head_dim
     heads, groups = config.num_attention_heads * d, config.num_query_groups * d
     qkv = [(heads, h), (groups, h), (groups, h)] if split_qkv else [(heads + 2 * groups, h)]
+    # Multi-latent attention's weights are matrices of their own, each orthogonalised whole.
+    attention = ([(w.rows, w.cols) for w in mla_linears(config)] if config.multi_latent_attention
+                 else qkv + [(h, heads)])
     gated = config.family == "llama"
 
     def mlp(ffn: int) -> list[tuple[int, int]]:
@@ -80,7 +99,7 @@ def muon_matrices(config: ModelConfig, split_qkv: bool = True,
     out = []
     for number in range(config.num_layers + config.mtp_depths) if layers is None else layers:
         # A multi-token prediction module (numbered after the model's layers) adds its 2h -> h projection.
-        out += qkv + [(h, heads)] + ([(h, 2 * h)] if number >= config.num_layers else [])
+        out += attention + ([(h, 2 * h)] if number >= config.num_layers else [])
         if config.is_moe_layer(number):
             out += [(config.num_experts, h)] + mlp(config.expert_ffn_hidden_size) * config.num_experts
             out += mlp(config.moe_shared_expert_intermediate_size) if config.moe_shared_expert_intermediate_size else []

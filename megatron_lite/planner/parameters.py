@@ -33,19 +33,69 @@ def _norm(model: ModelConfig, size: int, partial: bool, unit: int) -> list[Param
     return [ParamSpec(size, partial, unit=unit)] * count
 
 
+@dataclass(frozen=True)
+class MLALinear:
+    """One weight of a multi-latent attention layer (model/mla.py), whole: rows (output features) x cols
+    (input features), how tp holds it, and the width of the latent norm on its output (0: none)."""
+    rows: int
+    cols: int
+    split: str  # "column" (its rows over tp), "row" (its columns) or "duplicated" (whole on every tp rank)
+    norm: int = 0
+
+    @property
+    def duplicated(self) -> bool:
+        return self.split == "duplicated"
+
+    def local_shape(self, tp: int) -> tuple[int, int]:
+        """(rows, cols) on one tp rank."""
+        return (self.rows // tp if self.split == "column" else self.rows,
+                self.cols // tp if self.split == "row" else self.cols)
+
+
+def mla_linears(model: ModelConfig) -> list[MLALinear]:
+    """Multi-latent attention's weights in parameters() order: the query path (down-projection, its latent's norm
+    and up-projection, or one projection without --q-lora-rank), the key/value path (its down-projection also
+    makes the rotated key part, which its latent norm leaves out), the output projection. The one place of their
+    shapes: parameters, FLOPs, compute time and traffic all read them from here."""
+    h, a, kv, pos = model.hidden_size, model.num_attention_heads, model.kv_lora_rank, model.qk_pos_emb_head_dim
+    rq, qk, v = model.q_lora_rank, model.qk_head_dim + pos, model.v_head_dim
+    norm = model.qk_layernorm  # --qk-layernorm normalises the two latents
+    query = ([MLALinear(a * qk, h, "column")] if rq is None else
+             [MLALinear(rq, h, "duplicated", rq if norm else 0), MLALinear(a * qk, rq, "column")])
+    return [*query, MLALinear(kv + pos, h, "duplicated", kv if norm else 0),
+            MLALinear(a * (model.qk_head_dim + v), kv, "column"), MLALinear(h, a * v, "row")]
+
+
+def _mla_params(model: ModelConfig, tp: int, sp: bool, unit: int) -> list[ParamSpec]:
+    """Multi-latent attention's tensors on a tp rank. The duplicated down-projections and the latent norms see
+    this rank's tokens under SP, so their grads are partial over tp there (as the layer norms')."""
+    out: list[ParamSpec] = []
+    for linear in mla_linears(model):
+        rows, cols = linear.local_shape(tp)
+        out.append(ParamSpec(rows * cols, linear.duplicated and sp, unit=unit, matrix=True,
+                             tp_split=not linear.duplicated))
+        if linear.norm:
+            out += _norm(model, linear.norm, sp, unit)
+    return out
+
+
 def layer_params(model: ModelConfig, number: int, tp: int, ep: int, sp: bool, unit: int) -> list[ParamSpec]:
     """One transformer layer's tensors on a tp rank (and ep rank, for its experts)."""
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     gpt2 = model.family == "gpt2"
-    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
-    out = [*_norm(model, h, sp, unit), ParamSpec(qkv * h // tp, unit=unit, matrix=True, tp_split=True)]
-    if gpt2 or model.add_qkv_bias:
-        out.append(ParamSpec(qkv // tp, unit=unit))
-    out.append(ParamSpec(h * model.num_attention_heads * d // tp, unit=unit, matrix=True, tp_split=True))
-    if gpt2:
-        out.append(ParamSpec(h, sp, unit=unit))  # row-parallel bias: replicated, partial under SP
-    if model.qk_layernorm:
-        out += _norm(model, d, tp > 1, unit) + _norm(model, d, tp > 1, unit)
+    out = _norm(model, h, sp, unit)
+    if model.multi_latent_attention:
+        out += _mla_params(model, tp, sp, unit)
+    else:
+        qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
+        out.append(ParamSpec(qkv * h // tp, unit=unit, matrix=True, tp_split=True))
+        if gpt2 or model.add_qkv_bias:
+            out.append(ParamSpec(qkv // tp, unit=unit))
+        out.append(ParamSpec(h * model.num_attention_heads * d // tp, unit=unit, matrix=True, tp_split=True))
+        if gpt2:
+            out.append(ParamSpec(h, sp, unit=unit))  # row-parallel bias: replicated, partial under SP
+        if model.qk_layernorm:
+            out += _norm(model, d, tp > 1, unit) + _norm(model, d, tp > 1, unit)
     out += _norm(model, h, sp, unit)
     if model.is_moe_layer(number):
         out.append(ParamSpec(model.num_experts * h, sp, unit=unit, matrix=True))  # router

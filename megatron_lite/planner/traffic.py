@@ -10,7 +10,12 @@ the activations' bytes per element, A = b·(s/cp)·h·a is one activation. Per m
   forward and the output layer's input grad; with SP the same places all-gather and
   reduce-scatter A instead (4 + 4 per layer). Recomputed modules repeat their forward's.
   The vocab-parallel loss all-reduces 3 fp32 numbers per token (max, sum of exp, target logit).
-- cp: ring attention sends K and V (K = b·(s/cp)·(g/tp)·d·a for g query groups of width d)
+  Multi-latent attention enters the tp region with what its up-projections read instead of the
+  hidden state: its latents (q_lora_rank and kv_lora_rank wide, or h for linear_q_proj) and the
+  shared rotated key (qk_pos_emb_head_dim), gathered under SP (their grads reduce-scattered), or
+  their grads all-reduced; its down-projections run on this rank's tokens, outside the region.
+- cp: ring attention sends K and V (K = b·(s/cp)·(g/tp)·d·a for g query groups of width d,
+  multi-latent attention's padded width)
   to the next rank cp-1 times forward, again backward, and each block's dK, dV home; all-gather
   gathers K, V forward and backward and reduce-scatters dK, dV; Ulysses all-to-alls q, k, v
   and the output, and their grads. The loss sum and token count (2 fp32) over cp.
@@ -34,24 +39,37 @@ from __future__ import annotations
 from collections import defaultdict
 
 from megatron_lite.comm import ring_wire_bytes
-from megatron_lite.config import Config
+from megatron_lite.config import Config, ModelConfig
 from megatron_lite.distributed.parameter_server import step_bytes
 from megatron_lite.pipeline_parallel.partition import chunk_layers, stage_ends, virtual_stage
 from megatron_lite.planner.memory import RankCoords, grad_buffers, rank_params
+from megatron_lite.planner.parameters import mla_linears
 from megatron_lite.planner.schedule import num_microbatches
 
 Traffic = dict[tuple[str, str], float]
 
 
+def _attention_entry(model: ModelConfig) -> int:
+    """Elements per token a layer's attention all-gathers entering the tp region under SP (and whose
+    grads it reduces): linear_qkv's input, the hidden state; multi-latent attention's up-projections'
+    inputs instead (its latents, or the hidden state for linear_q_proj) and the shared rotated key."""
+    if not model.multi_latent_attention:
+        return model.hidden_size
+    return sum(w.cols for w in mla_linears(model) if w.split == "column") + model.qk_pos_emb_head_dim
+
+
 def _replayed(config: Config, layers: int) -> tuple[int, int, int]:
-    """(all-gathers under SP, reductions: all-reduces or under SP reduce-scatters, cp attention
-    passes) that recomputation repeats per microbatch on `layers` layers of a chunk.
+    """(elements per token all-gathered under SP, elements per token reduced: all-reduced or under SP
+    reduce-scattered, cp attention passes) that recomputation repeats per microbatch on `layers`
+    layers of a chunk.
 
     A replay runs forward only as far as the last tensor backward needs (torch's non-reentrant
     checkpoint stops there), so the reduction after a replayed group's last fc2 never reruns:
-    a group of n layers repeats 2n gathers (QKV and fc1 inputs), 2n - 1 reductions and n
-    attentions; the MLP alone repeats its input's gather; core attention only itself."""
+    a group of n layers repeats n attention entries and n fc1 inputs' gathers, 2n - 1 reductions
+    and n attentions; the MLP alone repeats its input's gather; core attention only itself;
+    mla_up_proj its attention entry (RoPE, after the rotated key's gather, keeps its tables)."""
     model = config.model
+    h = model.hidden_size
     if model.recompute_granularity == "full":
         if model.recompute_method == "uniform":
             n = model.recompute_num_layers or 1
@@ -59,9 +77,10 @@ def _replayed(config: Config, layers: int) -> tuple[int, int, int]:
         else:
             groups = [1] * min(model.recompute_num_layers, layers)
         replayed = sum(groups)
-        return 2 * replayed, 2 * replayed - len(groups), replayed
+        return replayed * (_attention_entry(model) + h), (2 * replayed - len(groups)) * h, replayed
     modules = model.selective_recompute
-    return layers * ("mlp" in modules), 0, layers * ("core_attn" in modules)
+    entry = _attention_entry(model) if "mla_up_proj" in modules else 0
+    return layers * (h * ("mlp" in modules) + entry), 0, layers * ("core_attn" in modules)
 
 
 def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
@@ -77,8 +96,11 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
     first, last = 0 in stages, pp * vpp - 1 in stages
     layers = model.num_layers // pp
     per_chunk = model.num_layers // (pp * vpp)
-    act = b * s * h * abytes
+    token = b * s * abytes  # bytes of one element per token
+    act = token * h
     gathers, reductions, cp_replay = (vpp * x for x in _replayed(config, per_chunk))
+    # Multi-latent attention enters the tp region with its latents, not the hidden state (_attention_entry).
+    entries = m * layers * (_attention_entry(model) - h) * token
     numbers = [n for c in range(vpp) for n in chunk_layers(model.num_layers, pp, vpp, rank.pp, c, par.v_shape)]
     moe_layers = sum(model.is_moe_layer(n) for n in numbers)
     # A mixture-of-experts layer's experts are not split over tp: only its shared expert's linears
@@ -88,12 +110,12 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
     if tp > 1:
         passes = m * (tp_linears + first + last)
         if sp:
-            out[("all_gather", "tp")] += passes * act + m * gathers * act
-            out[("reduce_scatter", "tp")] += passes * act + m * reductions * act
+            out[("all_gather", "tp")] += passes * act + entries + m * gathers * token
+            out[("reduce_scatter", "tp")] += passes * act + entries + m * reductions * token
         else:
-            out[("all_reduce", "tp")] += passes * act + m * reductions * act
+            out[("all_reduce", "tp")] += passes * act + entries + m * reductions * token
         if depths:
-            _mtp_tensor_parallel(config, m * act, out)
+            _mtp_tensor_parallel(config, m * token, out)
         if last:
             out[("all_reduce", "tp")] += m * 3 * 4 * b * s * (1 + depths)
         partial_tp = sum(p.numel for chunk in rank_params(config, rank.pp) for p in chunk
@@ -101,7 +123,7 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
         if partial_tp:
             out[("all_reduce", "tp")] += 4 * partial_tp
     if cp > 1:
-        d, g = model.head_dim, model.num_query_groups // tp
+        d, g = model.attention_padded_head_dim, model.num_query_groups // tp  # MLA: q, k, v padded to one width
         k = b * s * g * d * abytes
         q = b * s * (model.num_attention_heads // tp) * d * abytes
         passes, replays = m * (layers + depths), m * cp_replay
@@ -144,21 +166,23 @@ def step_traffic(config: Config, rank: RankCoords = RankCoords()) -> Traffic:
     return dict(out)
 
 
-def _mtp_tensor_parallel(config: Config, act: float, out: Traffic) -> None:
-    """The tp collectives of the multi-token prediction modules, `act` one activation over the
-    step's microbatches. Each module has the embedding's reduction, its transformer layer's linears
-    and the head's, as the model has, and around eh_proj: its input [embedding; hidden] (2 act)
-    gathered (SP) or its grad all-reduced, the output's slices all-gathered to the whole width,
-    and under SP the grad of its scatter back to this rank's tokens all-gathered."""
+def _mtp_tensor_parallel(config: Config, token: float, out: Traffic) -> None:
+    """The tp collectives of the multi-token prediction modules, `token` one element per token over
+    the step's microbatches (act, one activation: h of them). Each module has the embedding's
+    reduction, its transformer layer's linears (its attention's entry: _attention_entry) and the
+    head's, as the model has, and around eh_proj: its input [embedding; hidden] (2 act) gathered
+    (SP) or its grad all-reduced, the output's slices all-gathered to the whole width, and under SP
+    the grad of its scatter back to this rank's tokens all-gathered."""
     model, sp = config.model, config.parallel.sequence_parallel
+    act, entry = model.hidden_size * token, (_attention_entry(model) - model.hidden_size) * token
     for k in range(model.mtp_depths):
         moe_only = model.is_moe_layer(model.num_layers + k) and not model.moe_shared_expert_intermediate_size
         places = (4 - 2 * moe_only) + 2  # the layer's linears, the embedding and the head
         if sp:
-            out[("all_gather", "tp")] += (places + 2 + 1 + 1) * act
-            out[("reduce_scatter", "tp")] += (places + 2) * act
+            out[("all_gather", "tp")] += (places + 2 + 1 + 1) * act + entry
+            out[("reduce_scatter", "tp")] += (places + 2) * act + entry
         else:
-            out[("all_reduce", "tp")] += (places + 2) * act
+            out[("all_reduce", "tp")] += (places + 2) * act + entry
             out[("all_gather", "tp")] += act
 
 

@@ -96,6 +96,20 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class DuplicatedLinear(nn.Module):
+    """y = x W^T with the whole W on every tp rank (Megatron's "duplicated" linear): a projection too
+    narrow to split, such as multi-latent attention's down-projections. Under SP each rank projects
+    its own tokens, so its grad is a partial sum over tp; otherwise every rank computes the same grad."""
+
+    def __init__(self, in_features: int, out_features: int, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        place(self.weight, Placement(partial_grads=("tp",) if sequence_parallel else ()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; each rank looks up the tokens it owns and
     the partial results are summed (or reduce-scattered along the sequence under SP)."""

@@ -131,3 +131,9 @@ def checkpoint(function: Callable, *args: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # inside a compiled layer: torch.compile replays its own RNG draws
         return torch_checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
     return torch_checkpoint(function, *args, use_reentrant=False, context_fn=contexts, preserve_rng_state=True)
+
+
+def checkpointed(function: Callable, recompute: bool) -> Callable:
+    """`function`, or with `recompute` the same computed without keeping its intermediates
+    (selective recomputation: backward replays it)."""
+    return (lambda *args: checkpoint(function, *args)) if recompute else function

@@ -119,7 +119,7 @@ _CHOICES = {"family": FAMILIES, "lr_decay_style": LR_DECAY_STYLES, "lr_wsd_decay
             "recompute_modules": RECOMPUTE_MODULES, "rope_scaling_type": ROPE_SCALING_TYPES,
             "optimizer": OPTIMIZERS, "muon_coefficient_type": tuple(MUON_COEFFICIENTS),
             "muon_scale_mode": MUON_SCALE_MODES, "muon_tp_mode": MUON_TP_MODES,
-            "ckpt_format": CKPT_FORMATS}
+            "ckpt_format": (*CKPT_FORMATS, "fsdp_dtensor")}
 # Megatron's names where ours would differ, and the short aliases Megatron users type.
 _ALIASES: dict[str, list[str]] = {"tensor_model_parallel_size": ["--tp"], "sequence_parallel": ["--sp"],
                                   "context_parallel_size": ["--cp"], "expert_model_parallel_size": ["--ep"],
@@ -357,8 +357,8 @@ def _config(given: dict, world_size: int) -> Config:
 def _megatron_conventions(given: dict, preset: dict) -> list[str]:
     """Megatron's flags that are not one field each, read into `given`: the family restating flags
     name, the fields Megatron's switches set, the tokenizer that --vocab-file implies, --train-samples in place
-    of --train-iters, the flex dispatcher as alltoall; the no-effect flags given are returned, for the start-up
-    log."""
+    of --train-iters, the flex dispatcher as alltoall, fsdp_dtensor checkpoints as torch_dist, ZeRO-3's overlap;
+    the no-effect flags given are returned, for the start-up log."""
     settings = megatron_settings(given)
     if settings.family is not None:
         family = given.get("family", preset.get("family"))
@@ -370,6 +370,14 @@ def _megatron_conventions(given: dict, preset: dict) -> list[str]:
     if given.get("moe_token_dispatcher_type") == "flex":  # Megatron's DeepEP/HybridEP backend: all-to-all here
         given["moe_token_dispatcher_type"] = "alltoall"
         no_effect = [*no_effect, "--moe-token-dispatcher-type flex (alltoall here)"]
+    zero3 = given.get("data_parallel_sharding_strategy") == "optim_grads_params"
+    if zero3 and given.pop("overlap_param_gather", False):
+        # Megatron-FSDP scripts give both: ZeRO-3 prefetches the next layer's parameters in any case.
+        no_effect = [*no_effect, "--overlap-param-gather (optim_grads_params gathers the next layer's parameters in "
+                                 "the background anyway)"]
+    if given.get("ckpt_format") == "fsdp_dtensor":  # Megatron-FSDP's DTensor checkpoint: DCP, as torch_dist is
+        given["ckpt_format"] = "torch_dist"
+        no_effect = [*no_effect, "--ckpt-format fsdp_dtensor (torch_dist here)"]
     if "train_samples" in given and "train_iters" in given:
         raise ConfigError("--train-iters and --train-samples exclude each other; choose one")
     if "tokenizer_type" not in given and ("vocab_file" in given or "merge_file" in given):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from megatron_lite.config import ConfigError
+from megatron_lite.config.checks import require
 
 _ON = dict(action="store_true")
 _INT = dict(type=int, metavar="N")
@@ -56,6 +57,15 @@ NO_EFFECT: dict[str, tuple[dict, str]] = {
     "--moe-shared-expert-overlap": (_ON, "the shared expert runs in the layer's order, not overlapped with dispatch"),
     "--moe-use-legacy-grouped-gemm": (_ON, "experts run one after another; no grouped GEMM kernel"),
     "--moe-enable-deepep": (_ON, "tokens move by plain all-to-all (--moe-token-dispatcher-type)"),
+    "--moe-flex-dispatcher-backend": (_TEXT, "tokens move by plain all-to-all (--moe-token-dispatcher-type)"),
+    "--use-megatron-fsdp": (_ON, "fully sharded data parallelism is --data-parallel-sharding-strategy (ZeRO-1/2/3 on "
+                                 "our buckets), with or without this switch"),
+    "--init-model-with-meta-device": (_ON, "the model is always built on the meta device and each rank draws its "
+                                           "shard"),
+    "--fsdp-double-buffer": (_ON, "ZeRO-3 gathers into buffers it frees after each layer; no double buffering"),
+    "--use-nccl-ub": (_ON, "no NCCL user buffers: collectives use torch.distributed's"),
+    "--megatron-fsdp-grad-comm-dtype": (_TEXT, "grads are accumulated and reduced in fp32 always"),
+    "--megatron-fsdp-main-grads-dtype": (_TEXT, "grads are accumulated and reduced in fp32 always"),
     "--delay-wgrad-compute": (_ON, "weight grads are computed in the backward"),
     "--overlap-moe-expert-parallel-comm": (_ON, "the expert all-to-alls are not overlapped with other microbatches"),
     "--cross-entropy-fusion-impl": (_TEXT, "the loss is the fused vocab-parallel cross entropy already"),
@@ -75,24 +85,13 @@ NO_EFFECT: dict[str, tuple[dict, str]] = {
 # line, before any work, instead of argparse's "unrecognized arguments". Flag -> (options, why, the value that
 # asks for nothing: given with it, the flag has no effect; _ANY when every value asks for the feature).
 _ANY = object()
-_MLA = ("DeepSeek's multi-latent attention (MLA) is not implemented here; attention is grouped-query "
-        "(--num-query-groups, --kv-channels)")
-_YARN = ("Megatron's YaRN flags (MLA's, and --position-embedding-type yarn's) are not read here; YaRN here is "
-         "--rope-scaling-type yarn with --rope-scaling-factor, --rope-scaling-original-max-position-embeddings, "
-         "--rope-scaling-beta-fast/-slow and --rope-scaling-mscale/-mscale-all-dim")
+_YARN = ("Megatron's YaRN flags for other attention than MLA (--position-embedding-type yarn's) are not read here; "
+         "YaRN here is --rope-scaling-type yarn with --rope-scaling-factor, "
+         "--rope-scaling-original-max-position-embeddings, --rope-scaling-beta-fast/-slow and "
+         "--rope-scaling-mscale/-mscale-all-dim")
 _GPT_OSS = "gpt-oss's clamped GeGLU is not implemented here; the MLP is SwiGLU (llama) or GELU (gpt2)"
 _FLOAT = dict(type=float, metavar="X")
 REFUSED: dict[str, tuple[dict, str, object]] = {
-    "--multi-latent-attention": (_ON, _MLA, _ANY),
-    "--q-lora-rank": (_INT, _MLA, _ANY),
-    "--kv-lora-rank": (_INT, _MLA, _ANY),
-    "--qk-head-dim": (_INT, _MLA, _ANY),
-    "--qk-pos-emb-head-dim": (_INT, _MLA, _ANY),
-    "--v-head-dim": (_INT, _MLA, _ANY),
-    "--rotary-scaling-factor": (_FLOAT, _YARN, _ANY),
-    "--mscale": (_FLOAT, _YARN, _ANY),
-    "--mscale-all-dim": (_FLOAT, _YARN, _ANY),
-    "--rope-type": (dict(choices=("rope", "yarn")), _YARN, "rope"),
     "--yarn-original-max-position-embeddings": (_INT, _YARN, _ANY),
     "--yarn-beta-fast": (_FLOAT, _YARN, _ANY),
     "--yarn-beta-slow": (_FLOAT, _YARN, _ANY),
@@ -109,7 +108,6 @@ REFUSED: dict[str, tuple[dict, str, object]] = {
                                   "interleaved pairs", _ANY),
     "--no-yarn-correction-range-round-to-int": (_ON, "YaRN's ramp bounds are rounded outwards here (transformers' "
                                                      "truncate)", _ANY),
-    "--no-save-optim": (_ON, "checkpoints always hold the optimizer state here", _ANY),
 }
 
 # Flags that say what our families already are: given ones must agree with each other and with
@@ -158,6 +156,20 @@ SETTING: dict[str, tuple[dict, Callable[[object], dict], str]] = {
                                 "Selective recomputation of the attention core: --recompute-granularity selective."),
 }
 
+# Megatron's RoPE flags of multi-latent attention (MLATransformerConfig's rope_type, rotary_scaling_factor, mscale,
+# mscale_all_dim; its YaRN over an original context of 4096, betas 32 and 1): read into our --rope-scaling-* fields
+# with --multi-latent-attention. Flag -> (options, Megatron's default, help).
+MLA_ROPE: dict[str, tuple[dict, object, str]] = {
+    "--rope-type": (dict(choices=("rope", "yarn")), "yarn",
+                    "MLA's RoPE: yarn (Megatron's default for MLA; plain RoPE while --rotary-scaling-factor is 1) or "
+                    "rope."),
+    "--rotary-scaling-factor": (_FLOAT, 1.0, "MLA's YaRN factor: above 1, --rope-scaling-type yarn with this factor "
+                                             "over --rope-scaling-original-max-position-embeddings (default 4096)."),
+    "--mscale": (_FLOAT, 1.0, "MLA's YaRN: --rope-scaling-mscale (the numerator of cos and sin's factor)."),
+    "--mscale-all-dim": (_FLOAT, 0.0, "MLA's YaRN: --rope-scaling-mscale-all-dim (the denominator of cos and sin's "
+                                      "factor; the softmax scale is multiplied by its term squared)."),
+}
+
 FP8_FLAGS: dict[str, dict] = {
     "--fp8-format": _TEXT, "--fp8-recipe": _TEXT, "--fp8-margin": _INT, "--fp8-interval": _INT,
     "--fp8-amax-history-len": _INT, "--fp8-amax-compute-algo": _TEXT, "--fp8-param-gather": _ON,
@@ -172,6 +184,8 @@ def _dest(flag: str) -> str:
 
 _GROUPS = (("Megatron model-shape flags (restating a family)", RESTATING),
            ("Megatron flags that set our fields", {flag: options for flag, (options, _, _) in SETTING.items()}),
+           ("Megatron's multi-latent attention RoPE flags",
+            {flag: options for flag, (options, _, _) in MLA_ROPE.items()}),
            ("Megatron flags accepted with no effect here", {flag: options for flag, (options, _) in NO_EFFECT.items()}),
            ("Megatron flags of features not implemented here (refused)",
             {flag: options for flag, (options, _, _) in REFUSED.items()}),
@@ -183,6 +197,8 @@ def _help(flag: str) -> str:
         return RESTATING_HELP[flag]
     if flag in SETTING:
         return SETTING[flag][2]
+    if flag in MLA_ROPE:
+        return MLA_ROPE[flag][2]
     if flag in NO_EFFECT:
         return f"No effect here: {NO_EFFECT[flag][1]}."
     if flag in REFUSED:
@@ -224,6 +240,31 @@ def _refuse_missing_features(given: dict) -> None:
                       + (f" (also not implemented: {', '.join(others)})" if others else ""))
 
 
+def _mla_rope(given: dict) -> list[str]:
+    """Reads MLA_ROPE's flags into the --rope-scaling-* fields; returns those given that ask for nothing (plain RoPE).
+    Raises ConfigError for them without --multi-latent-attention, or against a --rope-scaling-type given."""
+    values = {flag: given.pop(_dest(flag)) for flag in MLA_ROPE if _dest(flag) in given}
+    if not values:
+        return []
+    if not given.get("multi_latent_attention"):
+        if values == {"--rope-type": "rope"}:
+            return ["--rope-type"]
+        raise ConfigError(f"{next(iter(values))}: {_YARN}; Megatron's --rope-type, --rotary-scaling-factor, --mscale "
+                          "and --mscale-all-dim are read with --multi-latent-attention")
+    rope_type, factor, mscale, mscale_all_dim = (values.get(flag, MLA_ROPE[flag][1]) for flag in MLA_ROPE)
+    if rope_type == "rope" or factor == 1.0:
+        require(factor == 1.0, f"--rotary-scaling-factor={factor} with --rope-type rope: plain RoPE has no factor "
+                               "here; drop one of them")
+        return list(values)
+    fields = dict(rope_scaling_type="yarn", rope_scaling_factor=factor, rope_scaling_mscale=mscale,
+                  rope_scaling_mscale_all_dim=mscale_all_dim)
+    for name, value in fields.items():
+        require(given.setdefault(name, value) == value, f"--rotary-scaling-factor {factor} with "
+                f"--multi-latent-attention means --{name.replace('_', '-')} {value}, but it is {given[name]}; drop one")
+    given.setdefault("rope_scaling_original_max_position_embeddings", 4096)  # MLATransformerConfig's
+    return []
+
+
 def megatron_settings(given: dict) -> MegatronSettings:
     """Pops the groups' values from the parsed flags, setting the fields the SETTING switches set. Raises
     ConfigError, one line, for a feature not implemented, for FP8, for restating flags that disagree, for a switch
@@ -242,6 +283,7 @@ def megatron_settings(given: dict) -> MegatronSettings:
             raise ConfigError(f"{flag} means --{name.replace('_', '-')} {value}, but it is {given[name]}; drop one")
         for name, value in defaults:
             given.setdefault(name, value)
+    neutral += _mla_rope(given)
     fp8 = [flag for flag in FP8_FLAGS if _dest(flag) in given]
     if fp8:
         raise ConfigError(f"{fp8[0]}: FP8 training is not implemented here; drop the FP8 flags "
