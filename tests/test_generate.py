@@ -22,11 +22,12 @@ import generate as generate_tool  # noqa: E402
 SHAPE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
          "--micro-batch-size", "8", "--global-batch-size", "8", "--lr", "1e-2", "--min-lr", "1e-3",
          "--log-interval", "50", "--eval-interval", "0",
-         # A seed after whose 150 steps both families continue the prompt with more than one byte
-         # (the weights are drawn per global position: model/initialization.py).
+         # Which of PROMPTS a family continues with more than one byte after 150 steps depends on the seed
+         # and on the CPU's rounding (varied_greedy takes the first that does).
          "--seed", "1"]
 # Python source: what the built-in corpus (the stdlib) is made of, so the model has an opinion.
 PROMPT = "def __init__(self"
+PROMPTS = (PROMPT, "import os\n", "    return self.", "class ", "# ")
 GREEDY = SamplingParams(greedy=True)
 EOD = 256  # the byte tokenizer's
 
@@ -51,11 +52,21 @@ def transformers_greedy(hf_dir: Path, prompt: list[int], max_new_tokens: int, eo
     return out[0, len(prompt):].tolist()
 
 
+def varied_greedy(hf_dir: Path) -> tuple[list[int], list[int]]:
+    """The first of PROMPTS that transformers continues with more than one distinct token, and that continuation.
+    A model this small often repeats one byte, and which prompt it does so after depends on the CPU's float
+    rounding over 150 steps (its matmul kernels); a comparison of one repeated token would check little."""
+    for text in PROMPTS:
+        prompt = list(text.encode())
+        expected = transformers_greedy(hf_dir, prompt, 40, EOD)
+        if len(set(expected)) > 1:
+            return prompt, expected
+    raise AssertionError(f"every prompt of {PROMPTS} is continued with one repeated token")
+
+
 def test_greedy_equals_transformers_from_every_layout(checkpoints: dict[str, Path]) -> None:
-    prompt = list(PROMPT.encode())
-    expected = transformers_greedy(checkpoints["hf"], prompt, 40, EOD)
-    # A model this small repeats itself, but not a single token (the cache test checks the logits).
-    assert len(expected) == 40 and len(set(expected)) > 1
+    prompt, expected = varied_greedy(checkpoints["hf"])
+    assert len(expected) == 40
     for name, path in checkpoints.items():
         model, _ = load_model(path)
         assert generate(model, prompt, 40, GREEDY, EOD) == expected, name

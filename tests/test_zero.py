@@ -29,9 +29,11 @@ from megatron_lite.config.layout import Layout
 from megatron_lite.data.random_tokens import RandomTokens
 from megatron_lite.distributed.data_parallel import GRAD_GROUP, DataParallelGrads
 from megatron_lite.distributed.spawn import run_on_ranks
+from megatron_lite.model import gpt as gpt_module
 from megatron_lite.model.gpt import GPTModel
 from megatron_lite.optimizer.optimizer import state_bytes
 from megatron_lite.pipeline_parallel.model_runner import ModelRunner
+from megatron_lite.training import parallelize as parallelize_module
 from megatron_lite.training.arguments import parse_args
 from megatron_lite.training.loop import rank_microbatches, train_step
 from megatron_lite.training.parallelize import parallelize
@@ -64,7 +66,15 @@ def one_step_accounting(strategy: str) -> dict:
     config = zero_config("llama", Layout(dp=2)).updated(parallel={"data_parallel_sharding_strategy": strategy},
                                                          train={"global_batch_size": 4})
     parallel_state.initialize_model_parallel(config.parallel)
-    model = parallelize(config, torch.device("cpu"))
+    drawn, draw = [0, 0], parallelize_module.init_range_
+
+    def counting_draw(out, param, *args):  # what init draws, and the most of any parameter at once
+        drawn[0], drawn[1] = drawn[0] + out.numel(), max(drawn[1], out.numel())
+        draw(out, param, *args)
+
+    with (mock.patch.object(parallelize_module, "init_range_", counting_draw),
+          mock.patch.object(gpt_module, "init_range_", counting_draw)):  # init_weights' (ZeRO-1 and 2)
+        model = parallelize(config, torch.device("cpu"))
     buffer = model.grad_buffers[0]
     gathered, peak, phase = [0], {"forward": 0, "backward": 0}, ["backward"]
     gather, free, forward = DataParallelGrads.gather_params, DataParallelGrads.free_params, ModelRunner.forward
@@ -100,7 +110,9 @@ def one_step_accounting(strategy: str) -> dict:
             "grads_bytes": buffer.grad_data.numel() * 4, "adam": state_bytes(model.optimizer.optimizer),
             "main": sum(t.main.numel() for t in model.optimizer.tensors), "peak": peak, "gathered_after": gathered[0],
             "freed": all(b.param_full.untyped_storage().nbytes() == 0 for b in buffer.buckets if b.shard_params),
-            "unit_bytes": unit_bytes, "backward_units": [u.backward_reads for u in units]}
+            "unit_bytes": unit_bytes, "backward_units": [u.backward_reads for u in units], "drawn": drawn,
+            "largest": max(p.numel() for p in model.chunks[0].parameters()),
+            "numel": sum(p.numel() for p in model.chunks[0].parameters())}
 
 
 def zero_worker(world: int) -> dict:
@@ -152,6 +164,18 @@ def test_each_strategy_allocates_the_bytes_of_its_formula() -> None:
             a = acc[strategy]
             assert (a["params_bytes"], a["grads_bytes"]) == (4 * a["size"] // weights, 4 * a["size"] // grads)
             assert a["adam"] == 8 * a["main"] and 0 <= 8 * a["size"] // dp - a["adam"] <= 8 * dp * a["buckets"]
+
+
+def test_zero3_draws_only_its_shard_of_the_initial_weights() -> None:
+    """Under ZeRO-3 a rank draws the initial values of the elements its buckets keep, nothing more: the two ranks'
+    draws add up to the model once, and no rank draws all of any parameter (ZeRO-1 draws the whole model on every
+    rank). That they are the single-device values is what the parity tests check."""
+    ranks = [rank["accounting"] for rank in spawned(2)]
+    for acc in ranks:
+        assert acc["optim"]["drawn"][0] == acc["optim"]["numel"]
+        assert acc["optim_grads_params"]["drawn"][0] <= acc["optim_grads_params"]["size"] // 2
+        assert acc["optim_grads_params"]["drawn"][1] < acc["optim_grads_params"]["largest"]
+    assert sum(acc["optim_grads_params"]["drawn"][0] for acc in ranks) == ranks[0]["optim"]["numel"]
 
 
 def test_zero3_holds_at_most_two_units_gathered_in_forward() -> None:

@@ -129,7 +129,8 @@ class DataParallelGrads:
                  deferred: Callable[[nn.Parameter], bool] = lambda p: False, overlap_param_gather: bool = False,
                  select: Callable[[nn.Parameter], bool] = lambda p: True, group: str = GRAD_GROUP,
                  divisor: int | None = None, shard_grads: bool = False, shard_params: bool = False,
-                 unit_of: Callable[[nn.Parameter], Hashable] | None = None, flat_params: bool = False) -> None:
+                 unit_of: Callable[[nn.Parameter], Hashable] | None = None, flat_params: bool = False,
+                 initialize: Callable[[nn.Parameter, torch.Tensor, int, int], None] | None = None) -> None:
         """The parameters of `module` that `select` picks, summed over `group` and divided by
         `divisor` (default: dp x cp). Dense parameters are replicated over dp and cp: one
         reduction over both (cp ranks hold partial grads of other tokens of the same samples,
@@ -140,7 +141,10 @@ class DataParallelGrads:
         `shard_params`: ZeRO-2 and ZeRO-3 (module docstring). `unit_of`: no bucket holds
         parameters of two units (ZeRO-3 gathers and frees whole buckets per unit). `flat_params`:
         the parameters are views of one flat buffer, `param_data`, as under `shard`, without
-        sharding anything (the parameter server sends and receives them as one message)."""
+        sharding anything (the parameter server sends and receives them as one message).
+        Parameters without storage yet (not `materialized`: ZeRO-3 builds its buffers so) get their values
+        from `initialize(param, out, lo, hi)`, which fills `out` with those of the parameter's flat elements
+        [lo, hi): a ZeRO-3 bucket draws only this rank's shard, so no rank ever holds a full parameter."""
         grid = parallel_state.get_grid()
         self.group, self.dp, self.dp_rank, self.shard = group, grid.size(group), grid.index(group), shard
         self.divisor = grid.size(GRAD_GROUP) if divisor is None else divisor
@@ -174,24 +178,41 @@ class DataParallelGrads:
         for bucket in self.buckets:
             if bucket.shard_params:
                 bucket.param_full = torch.zeros(bucket.size, dtype=dtype, device=device)
+            drawn = not all(materialized(p) for p in bucket.params)  # parallelize builds all or none so
             for p in bucket.params:
                 if self.param_data is not None:
-                    full = self.bucket_params(bucket) if not bucket.shard_params else bucket.param_full
-                    view = full[self.ranges[p][0] - bucket.start:self.ranges[p][1] - bucket.start]
-                    view.copy_(p.data.flatten())
-                    p.data = view.view_as(p)
+                    self._place(bucket, p, initialize)
                 if not bucket.shard_grads:
                     p.main_grad = self.grad_view(bucket, *self.ranges[p]).view_as(p)
                 p.register_post_accumulate_grad_hook(self._grad_ready)
             if bucket.shard_params:  # keep this rank's shard, free the rest
                 lo, hi = bucket.shard(self.dp_rank, self.dp)
-                self.bucket_params(bucket).copy_(bucket.param_full[lo - bucket.start:hi - bucket.start])
+                if not drawn:
+                    self.bucket_params(bucket).copy_(bucket.param_full[lo - bucket.start:hi - bucket.start])
                 bucket.param_full.untyped_storage().resize_(0)
         self.sync_on_backward = False
         self.overlap_param_gather = overlap_param_gather
         if overlap_param_gather:
             self._register_param_gather_waits(module)
         self.zero_grad()
+
+    def _place(self, bucket: Bucket, p: nn.Parameter, initialize) -> None:
+        """Put p's values where the buffer keeps them: all of them (a bucket it does not shard, or ZeRO-3's full
+        tensor, whose shard is copied out after), or, for a parameter without storage, only those of the
+        elements this rank keeps, drawn by `initialize`."""
+        lo, hi = self.ranges[p]
+        full = bucket.param_full if bucket.shard_params else self.bucket_params(bucket)
+        view = full[lo - bucket.start:hi - bucket.start]
+        if not materialized(p):
+            first = self._first_held(bucket, bucket.shard_params)
+            kept_lo, kept_hi = max(lo, first), min(hi, first + self.bucket_params(bucket).numel())
+            if kept_lo < kept_hi:
+                with torch.no_grad():
+                    initialize(p, self.bucket_params(bucket)[kept_lo - first:kept_hi - first], kept_lo - lo,
+                               kept_hi - lo)
+        else:
+            view.copy_(p.data.flatten())
+        p.data = view.view_as(p)
 
     def bucket_grads(self, bucket: Bucket) -> torch.Tensor:
         """The bucket's persistent grads in grad_data: this rank's shard (ZeRO-2/3), or all of it."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import ModelConfig
-from megatron_lite.model.initialization import normal_shard_
+from megatron_lite.model.initialization import normal_range_
 from megatron_lite.model.kv_cache import InferenceParams
 from megatron_lite.model.mtp import MultiTokenPrediction
 from megatron_lite.model.norms import build_norm, is_norm_weight
@@ -104,14 +104,18 @@ class GPTModel(nn.Module):
             units.append(ParamUnit("output", params, self.final_layernorm, self))
         return units
 
-    def materialize(self, device: torch.device) -> None:
+    def materialize(self, device: torch.device, dtype: torch.dtype | None = None, storage: bool = True) -> None:
         """Storage on `device` for a model built on the meta device (parallelize builds it so, then
         init_weights draws each rank's shard): every parameter uninitialised (the same attributes:
-        its placement), the RoPE tables computed, the other buffers (MoE routers' statistics and
-        expert bias) at zero, as they start."""
+        its placement; `dtype`: the parameters'), the RoPE tables computed, the other buffers (MoE
+        routers' statistics and expert bias) at zero, as they start. storage=False (ZeRO-3): the
+        parameters get their device and shape but no storage, which the grad buffers give them,
+        drawing only this rank's shard (distributed/data_parallel.py)."""
         for module in self.modules():
             for name, param in module.named_parameters(recurse=False):
-                fresh = nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+                fresh = nn.Parameter(torch.empty_like(param, device=device, dtype=dtype), param.requires_grad)
+                if not storage:
+                    fresh.untyped_storage().resize_(0)
                 fresh.__dict__.update(param.__dict__)
                 setattr(module, name, fresh)
             for name, buffer in module.named_buffers(recurse=False):
@@ -225,13 +229,20 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
     from the single-device weights. Vocabulary pad rows start at zero; they are never looked up
     nor scored, so they stay zero.
     """
-    scaled_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif is_norm_weight(name):  # gamma 1, stored as 0 when zero-centred
-                param.fill_(0.0 if config.apply_layernorm_1p else 1.0)
-            else:
-                std = scaled_std if _is_output_projection(name) else config.init_method_std
-                normal_shard_(param, zlib.crc32(f"{seed}:{name}".encode()), std)
+            init_range_(param.view(-1), param, name, config, seed, 0, param.numel())
+
+
+def init_range_(out: torch.Tensor, param: torch.Tensor, name: str, config: ModelConfig, seed: int, lo: int,
+                hi: int) -> None:
+    """Fill `out` with what init_weights gives the elements [lo, hi) of `param` (named `name`) flattened: ZeRO-3
+    draws its slice of each bucket so (distributed/data_parallel.py), from a parameter still on the meta device."""
+    if name.endswith("bias"):
+        out.zero_()
+    elif is_norm_weight(name):  # gamma 1, stored as 0 when zero-centred
+        out.fill_(0.0 if config.apply_layernorm_1p else 1.0)
+    else:
+        std = config.init_method_std / math.sqrt(2.0 * config.num_layers) if _is_output_projection(name) \
+            else config.init_method_std
+        normal_range_(out, param, zlib.crc32(f"{seed}:{name}".encode()), std, lo, hi)

@@ -91,21 +91,25 @@ def standard_normal(index: torch.Tensor, key: int) -> torch.Tensor:
     return z
 
 
-def normal_shard_(param: torch.Tensor, key: int, std: float) -> None:
-    """Fill `param`, this rank's shard (see its placement) of a full tensor, with that tensor's
-    Normal(0, std) values at the shard's positions; rows past the placement's unpadded_rows zero."""
+def normal_range_(out: torch.Tensor, param: torch.Tensor, key: int, std: float, lo: int, hi: int) -> None:
+    """Fill `out` (1-D, hi - lo elements) with the Normal(0, std) values of the full tensor at the positions of the
+    elements [lo, hi) of `param` flattened, this rank's shard of it (see its placement; `param` may be on the meta
+    device: ZeRO-3 draws only its slice of the shard, distributed/data_parallel.py); rows past the placement's
+    unpadded_rows zero."""
     index = local_indices(param)
     shape = full_shape(param)
+    device = out.device
     # Each local row (every dimension but the last) by its row number in the full tensor.
-    rows = torch.zeros(1, dtype=torch.int64, device=param.device)
+    rows = torch.zeros(1, dtype=torch.int64, device=device)
     for dim in range(param.dim() - 1):
-        rows = (rows[:, None] * shape[dim] + index[dim].to(param.device)[None, :]).flatten()
-    columns, width = index[-1].to(param.device), shape[-1]
-    flat = param.view(-1, columns.numel())
-    step = max(1, _CHUNK // columns.numel())
-    for start in range(0, rows.numel(), step):
-        positions = rows[start:start + step, None] * width + columns[None, :]
-        flat[start:start + step] = standard_normal(positions, key).mul_(std).to(param.dtype)
+        rows = (rows[:, None] * shape[dim] + index[dim].to(device)[None, :]).flatten()
+    columns, width = index[-1].to(device), shape[-1]
     real = placement(param).unpadded_rows
-    if real is not None:
-        param[index[0].to(param.device) >= real] = 0.0
+    for start in range(lo, hi, _CHUNK):
+        flat = torch.arange(start, min(start + _CHUNK, hi), device=device)
+        row, column = flat // columns.numel(), flat % columns.numel()
+        values = standard_normal(rows[row] * width + columns[column], key).mul_(std)
+        if real is not None:  # the padded vocabulary rows (dimension 0) start at zero
+            values[index[0].to(device)[row // (rows.numel() // index[0].numel())] >= real] = 0.0
+        # fp32 first, as the fp32 model's weights are, then the parameters' dtype (bf16/fp16 round those).
+        out[start - lo:start - lo + flat.numel()] = values.float().to(out.dtype)

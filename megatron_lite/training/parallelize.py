@@ -6,9 +6,10 @@
                  computing with the ops chosen once for the model (context parallelism's
                  attention among them); on the meta device: shapes and placements, no storage
   2. weights     storage on this rank's device, and there this rank's shard of the single-device
-                 initial values drawn, never a full tensor (model/initialization.py)
-  3. device      weights cast to bf16/fp16 under --bf16/--fp16
-                 (Megatron's mixed precision: fp32 main copies live in the optimizer), and with
+                 initial values drawn, never a full tensor (model/initialization.py), in bf16/fp16
+                 under --bf16/--fp16 (Megatron's mixed precision: fp32 main copies live in the
+                 optimizer); under ZeRO-3 the grad buffers draw, in step 4, only this rank's dp slice
+  3. compile     with
                  --compile each transformer layer compiled (the unit torchtitan compiles: the
                  pipeline split and the tensor-parallel mappings between layers stay eager)
   4. buffers     a grad buffer per chunk, reduced over dp x cp in buckets during the last backward
@@ -25,6 +26,7 @@ between 3 and 4, fully sharded data parallelism hooks the chunks before 4.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,7 +40,7 @@ from megatron_lite.distributed.distributed_optimizer import DistributedOptimizer
 from megatron_lite.distributed.grad_sync import needs_partial_grad_reduction
 from megatron_lite.distributed.param_sharding import ShardedParams
 from megatron_lite.distributed.parameter_server import ParameterServerGrads, ParameterServerOptimizer
-from megatron_lite.model.gpt import GPTModel, init_weights
+from megatron_lite.model.gpt import GPTModel, init_range_, init_weights
 from megatron_lite.model.ops import Ops, select_ops
 from megatron_lite.optimizer.optimizer import LocalOptimizer
 from megatron_lite.param_unit import ParamUnit
@@ -89,13 +91,14 @@ def expert_grad_divisor(par: ParallelConfig) -> int:
 def parallelize(config: Config, device: torch.device) -> TrainingModel:
     """Steps 1 to 5 for this rank (the grid must be initialised)."""
     par = config.parallel
+    zero3 = par.sharding == "optim_grads_params"
     with torch.device("meta"):  # no storage until each rank's shard is drawn, on its device
         chunks = build_chunks(config)
     for chunk in chunks:
-        chunk.materialize(device)
-        init_weights(chunk, config.model, config.train.seed)
-        for param in chunk.parameters():  # not chunk.to(dtype): the RoPE tables stay fp32
-            param.data = param.data.to(config.train.params_dtype)
+        # Not chunk.to(dtype): the RoPE tables stay fp32. ZeRO-3's parameters get storage from their buffers below.
+        chunk.materialize(device, config.train.params_dtype, storage=not zero3)
+        if not zero3:
+            init_weights(chunk, config.model, config.train.seed)
         if config.train.compile:
             mtp = chunk.mtp.layers if getattr(chunk, "mtp", None) is not None else []
             for layer in [*chunk.layers.values(), *(module.transformer_layer for module in mtp)]:
@@ -104,14 +107,14 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
     # Experts get buffers of their own, summed over the expert-data-parallel group.
     kinds = [dict(select=lambda p: not is_expert(p))] + (
         [dict(select=is_expert, group="edp", divisor=expert_grad_divisor(par))] if experts else [])
-    zero3 = par.sharding == "optim_grads_params"
     units = [c.param_units() for c in chunks] if zero3 else None
     # A parameter server reduces the same buffers its own way (no experts, no sharding there).
     grads = ParameterServerGrads if par.parameter_server else DataParallelGrads
     buffers = [grads(c, par.ddp_bucket_size, shard=par.sharded_optimizer,
                      deferred=needs_partial_grad_reduction, overlap_param_gather=par.overlap_param_gather,
                      shard_grads=par.sharding in ("optim_grads", "optim_grads_params"), shard_params=zero3,
-                     unit_of=_unit_index(units[i]) if zero3 else None, **kind)
+                     unit_of=_unit_index(units[i]) if zero3 else None,
+                     initialize=_initializer(c, config) if zero3 else None, **kind)
                for kind in kinds for i, c in enumerate(chunks)]
     if par.sharded_optimizer:
         optimizer = DistributedOptimizer(buffers, config.train, experts)
@@ -124,6 +127,12 @@ def parallelize(config: Config, device: torch.device) -> TrainingModel:
         for i in range(len(chunks)):
             ShardedParams(units[i], model.buffers_of(i))
     return model
+
+
+def _initializer(chunk: nn.Module, config: Config) -> Callable[[nn.Parameter, torch.Tensor, int, int], None]:
+    """What ZeRO-3's buffers draw the elements they keep of a parameter with: init_weights' values there."""
+    names = {p: name for name, p in chunk.named_parameters()}
+    return lambda p, out, lo, hi: init_range_(out, p, names[p], config.model, config.train.seed, lo, hi)
 
 
 def _unit_index(units: list[ParamUnit]):
