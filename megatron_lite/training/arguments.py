@@ -76,6 +76,21 @@ PRESETS: dict[str, dict] = {
                           num_query_groups=4, kv_channels=128, qk_layernorm=True, ffn_hidden_size=6144,
                           seq_length=4096, max_position_embeddings=40960, norm_epsilon=1e-6, rotary_base=1000000.0,
                           num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768, moe_aux_loss_coeff=1e-3),
+    # DeepSeek-V3 (671B, 37B active), as its config.json: multi-latent attention (q latent 1536, kv latent 512,
+    # heads of 128 + 64 rotated channels, values 128) with YaRN (factor 40 over 4096); 3 dense layers, then 58 of
+    # 256 experts of width 2048 and one shared, top-8 of sigmoid scores within 4 of 8 groups, scaled by 2.5, with
+    # the aux-loss-free expert bias; one multi-token prediction module.
+    "deepseek-v3": dict(family="llama", num_layers=61, hidden_size=7168, num_attention_heads=128,
+                        multi_latent_attention=True, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
+                        qk_pos_emb_head_dim=64, v_head_dim=128, qk_layernorm=True, ffn_hidden_size=18432,
+                        seq_length=4096, max_position_embeddings=163840, norm_epsilon=1e-6,
+                        rope_scaling_type="yarn", rope_scaling_factor=40.0,
+                        rope_scaling_original_max_position_embeddings=4096, rope_scaling_mscale=1.0,
+                        rope_scaling_mscale_all_dim=1.0, num_experts=256, moe_layer_freq=[0] * 3 + [1] * 58,
+                        moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048, moe_router_topk=8,
+                        moe_router_score_function="sigmoid", moe_router_num_groups=8, moe_router_group_topk=4,
+                        moe_router_topk_scaling_factor=2.5, moe_router_enable_expert_bias=True,
+                        moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-4, mtp_num_layers=1),
     # Small tied models, as their config.json on the Hub (random init here; from-hf imports the weights).
     # Llama-3.2-1B: trained at 8192 tokens, its 131072 context by llama3 RoPE scaling (factor 32,
     # low/high freq factors 1 and 4: the fields' defaults).
