@@ -45,8 +45,10 @@ CASES = [(Layout(tp=2), {}), (Layout(tp=2, sp=True), {}), (Layout(cp=2), {}), (L
                                   "recompute_modules": ["mla_up_proj", "core_attn"]})]
 
 
-def model_from_flags(*flags: str):
-    return parse_args([*TINY_FLAGS, "--num-query-groups", "4", *MLA_FLAGS, *flags], world_size=1).model
+def model_from_flags(*flags: str, q_latent: bool = True):
+    """The MLA test shape, with its query latent (--q-lora-rank 16) or without (queries projected directly)."""
+    mla = MLA_FLAGS if q_latent else [f for f in MLA_FLAGS if f not in ("--q-lora-rank", "16")]
+    return parse_args([*TINY_FLAGS, "--num-query-groups", "4", *mla, *flags], world_size=1).model
 
 
 def hf_attention(model, hf_rope: dict) -> tuple[DeepseekV3Attention, DeepseekV3RotaryEmbedding]:
@@ -67,30 +69,30 @@ HF_NAMES = {"linear_q_down_proj": "q_a_proj", "q_layernorm": "q_a_layernorm", "l
             "linear_kv_up_proj": "kv_b_proj", "linear_proj": "o_proj"}
 
 
-@pytest.mark.parametrize("flags, hf_rope", [
-    ([], {"rope_type": "default"}),
-    (["--q-lora-rank", "0"], {"rope_type": "default"}),
-    (YARN_FLAGS, {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+@pytest.mark.parametrize("q_latent, flags, hf_rope", [
+    (True, [], {"rope_type": "default"}),
+    (False, [], {"rope_type": "default"}),
+    (True, YARN_FLAGS, {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
                   "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}),
-    (["--rotary-scaling-factor", "40", "--mscale", "0.7", "--mscale-all-dim", "0.5", "--seq-length", "64"],
+    (True, ["--rotary-scaling-factor", "40", "--mscale", "0.7", "--mscale-all-dim", "0.5", "--seq-length", "64"],
      {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 0.7,
       "mscale_all_dim": 0.5, "beta_fast": 32.0, "beta_slow": 1.0}),
 ], ids=["q-latent", "q-direct", "deepseek-v3-yarn", "yarn-mscale-ratio"])
-def test_one_layer_equals_transformers_deepseek_v3_attention(flags: list[str], hf_rope: dict) -> None:
-    """Outputs and the input's grads, at every position of a causal sequence, to 1e-5 of their largest element
-    (fp32 rounding; a wrong scale, rotation or layout is off by percents)."""
-    if flags[:2] == ["--q-lora-rank", "0"]:
-        model = model_from_flags(*[f for f in MLA_FLAGS if f not in ("--q-lora-rank", "16")])
-        model = type(model)(**{**model.__dict__, "q_lora_rank": None})
-    else:
-        model = model_from_flags(*flags)
+def test_one_layer_equals_transformers_deepseek_v3_attention(q_latent: bool, flags: list[str], hf_rope: dict) -> None:
+    """Outputs and the input's grads, at every position of a causal sequence, to 1e-4 of their largest element
+    (fp32 rounding: up to 1.2e-5 measured over 30 weight draws; a wrong scale, rotation or layout is off by
+    percents). The weights are drawn from a seeded generator, the same on every run."""
+    model = model_from_flags(*flags, q_latent=q_latent)
+    assert (model.q_lora_rank is not None) == q_latent
     parallel_state.initialize_model_parallel(ParallelConfig())
     ours = MultiLatentAttention(model, TORCH_OPS)
     theirs, rotary_embedding = hf_attention(model, hf_rope)
+    weights = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in ours.named_parameters():
             module, field = name.rsplit(".", 1)
-            param.copy_(torch.randn_like(param) * (0.5 if "layernorm" not in module else 0.1) + ("layernorm" in module))
+            draw = torch.randn(param.shape, generator=weights)
+            param.copy_(draw * (0.5 if "layernorm" not in module else 0.1) + ("layernorm" in module))
             theirs.get_parameter(f"{HF_NAMES[module]}.{field}").copy_(param)
     s = model.seq_length
     x = torch.randn(2, s, model.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -101,7 +103,7 @@ def test_one_layer_equals_transformers_deepseek_v3_attention(flags: list[str], h
     expected, _ = theirs(x, rotary_embedding(x, positions), attention_mask=None)
     (grad_theirs,) = torch.autograd.grad(expected.square().sum(), x)
     for a, b in ((out, expected), (grad_ours, grad_theirs)):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max() / b.abs().max()
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max() / b.abs().max()
 
 
 def test_generation_with_the_kv_cache_equals_the_full_forward() -> None:

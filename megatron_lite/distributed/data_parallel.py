@@ -196,7 +196,8 @@ class DataParallelGrads:
             self._register_param_gather_waits(module)
         self.zero_grad()
 
-    def _place(self, bucket: Bucket, p: nn.Parameter, initialize) -> None:
+    def _place(self, bucket: Bucket, p: nn.Parameter,
+               initialize: Callable[[nn.Parameter, torch.Tensor, int, int], None] | None) -> None:
         """Put p's values where the buffer keeps them: all of them (a bucket it does not shard, or ZeRO-3's full
         tensor, whose shard is copied out after), or, for a parameter without storage, only those of the
         elements this rank keeps, drawn by `initialize`."""
